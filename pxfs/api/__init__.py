@@ -1,0 +1,1 @@
+"""The REST control plane (what pxctl talks to)."""

@@ -1,0 +1,146 @@
+"""REST API of a node, under /v1.  Handlers validate the body, call one
+service and return JSON; errors are ``{"error": message, "errno": n}``.
+
+    GET    /v1/cluster/status                  cluster id, this node, all nodes
+    GET    /v1/volumes                         every volume (describe form)
+    POST   /v1/volumes                         create: {"name", "size", "fs", "block_size",
+                                               "repl", "cos", "labels", "nodes"} or {"spec": inline}
+    GET    /v1/volumes/{ref}                   inspect by name or id
+    DELETE /v1/volumes/{ref}                   delete (refused while attached)
+    POST   /v1/volumes/{ref}/attach            attach on this node -> device
+    POST   /v1/volumes/{ref}/detach
+    POST   /v1/volumes/{ref}/mount             {"path": optional absolute path}
+    POST   /v1/volumes/{ref}/unmount
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from ..errors import InvalidArgument, PxfsError
+from ..volume.spec import parse_inline, spec_from_options
+
+log = logging.getLogger(__name__)
+
+_STATUS = {errno.EINVAL: 400, errno.ENOENT: 404, errno.EEXIST: 409, errno.EBUSY: 409,
+           errno.ENOSPC: 507, errno.ESTALE: 409, errno.EAGAIN: 503}
+_CREATE_FIELDS = {"name", "size", "fs", "block_size", "repl", "cos", "labels", "nodes", "shared", "spec"}
+
+
+def error_response(exc: PxfsError) -> JSONResponse:
+    return JSONResponse({"error": str(exc), "errno": exc.errno,
+                         "kind": type(exc).__name__}, status_code=_STATUS.get(exc.errno, 500))
+
+
+async def _body(request: Request, allowed: set[str]) -> dict:
+    raw = await request.body()
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidArgument("request body must be a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise InvalidArgument(f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+    return body
+
+
+def create_options(body: dict) -> dict[str, str]:
+    """REST create body -> the option map the spec parser takes."""
+    opts = {}
+    for key, value in body.items():
+        if key == "labels":
+            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+                raise InvalidArgument("labels must be an object of strings")
+            if value:
+                opts["label"] = ",".join(f"{k}={v}" for k, v in value.items())
+        elif key == "nodes":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise InvalidArgument("nodes must be a list of node ids")
+            if value:
+                opts["nodes"] = ";".join(value)
+        elif isinstance(value, bool):
+            opts[key] = "true" if value else "false"
+        elif not isinstance(value, (str, int)):
+            raise InvalidArgument(f"{key} must be a string or a whole number")
+        else:
+            opts[key] = str(value)
+    return opts
+
+
+def build_app(node) -> Starlette:
+    """``node`` offers status(), catalog, attachments, describe_all(), inspect()."""
+
+    def route(fn):
+        async def handler(request: Request):
+            try:
+                return JSONResponse(await fn(request))
+            except PxfsError as exc:
+                return error_response(exc)
+        return handler
+
+    async def status(request):
+        return await node.status()
+
+    async def list_volumes(request):
+        return await node.describe_all()
+
+    async def create(request):
+        body = await _body(request, _CREATE_FIELDS)
+        if "spec" in body:
+            if set(body) != {"spec"} or not isinstance(body["spec"], str):
+                raise InvalidArgument("'spec' must be a string and given alone")
+            spec = parse_inline(body["spec"])
+        else:
+            spec = spec_from_options(create_options(body))
+        rec = await node.catalog.create(spec)
+        return await node.inspect(str(rec["id"]))
+
+    async def inspect(request):
+        return await node.inspect(request.path_params["ref"])
+
+    async def delete(request):
+        rec = await node.catalog.delete(request.path_params["ref"])
+        return {"id": str(rec["id"]), "name": rec["name"], "deleted": True}
+
+    async def attach(request):
+        await _body(request, set())
+        return await node.attachments.attach(request.path_params["ref"])
+
+    async def detach(request):
+        await _body(request, set())
+        return await node.attachments.detach(request.path_params["ref"])
+
+    async def mount(request):
+        body = await _body(request, {"path"})
+        path = body.get("path")
+        if path is not None and not isinstance(path, str):
+            raise InvalidArgument("path must be a string")
+        return await node.attachments.mount(request.path_params["ref"], path)
+
+    async def unmount(request):
+        await _body(request, set())
+        return await node.attachments.unmount(request.path_params["ref"])
+
+    routes = [
+        Route("/v1/cluster/status", route(status), methods=["GET"]),
+        Route("/v1/volumes", route(list_volumes), methods=["GET"]),
+        Route("/v1/volumes", route(create), methods=["POST"]),
+        Route("/v1/volumes/{ref}", route(inspect), methods=["GET"]),
+        Route("/v1/volumes/{ref}", route(delete), methods=["DELETE"]),
+        Route("/v1/volumes/{ref}/attach", route(attach), methods=["POST"]),
+        Route("/v1/volumes/{ref}/detach", route(detach), methods=["POST"]),
+        Route("/v1/volumes/{ref}/mount", route(mount), methods=["POST"]),
+        Route("/v1/volumes/{ref}/unmount", route(unmount), methods=["POST"]),
+    ]
+    return Starlette(routes=routes)

@@ -1,0 +1,1 @@
+"""Local chunk storage on a node's pool."""

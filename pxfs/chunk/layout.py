@@ -1,0 +1,67 @@
+"""On-disk format of one chunk file.
+
+A chunk file holds CHUNK_SIZE bytes of one volume at offset ``idx *
+CHUNK_SIZE``.  It starts with a 4 KiB header, then the data, sparse where
+never written::
+
+    0    magic "PXCH", format u16, flags u16, volid u64, idx u32,
+         csum_block u32, gen u64                    (32 bytes, little endian)
+    64   written bitmap, one bit per CSUM_BLOCK     (32 bytes for 256 blocks)
+    96   CRC32 per CSUM_BLOCK                       (1024 bytes)
+    4096 data
+
+``gen`` is the highest replica-set generation of any write applied to the
+chunk: resync copies the chunks whose gen is at least the generation at which
+a replica fell out of sync.
+"""
+
+from __future__ import annotations
+
+import array
+import struct
+
+from .. import CHUNK_SIZE, CSUM_BLOCK
+
+MAGIC = b"PXCH"
+FORMAT = 1
+HEADER_SIZE = 4096
+NBLOCKS = CHUNK_SIZE // CSUM_BLOCK
+_FIXED = struct.Struct("<4sHHQIIQ")
+BITMAP_OFF = 64
+CRC_OFF = BITMAP_OFF + NBLOCKS // 8
+META_END = CRC_OFF + 4 * NBLOCKS
+
+
+class Header:
+    __slots__ = ("volid", "idx", "gen", "bitmap", "crcs")
+
+    def __init__(self, volid: int, idx: int, gen: int = 0, bitmap=None, crcs=None):
+        self.volid, self.idx, self.gen = volid, idx, gen
+        self.bitmap = bytearray(NBLOCKS // 8) if bitmap is None else bytearray(bitmap)
+        self.crcs = array.array("I", bytes(4 * NBLOCKS)) if crcs is None else crcs
+
+    def written(self, blk: int) -> bool:
+        return bool(self.bitmap[blk >> 3] & (1 << (blk & 7)))
+
+    def mark(self, blk: int, crc: int) -> None:
+        self.bitmap[blk >> 3] |= 1 << (blk & 7)
+        self.crcs[blk] = crc
+
+    def pack(self) -> bytes:
+        fixed = _FIXED.pack(MAGIC, FORMAT, 0, self.volid, self.idx, CSUM_BLOCK, self.gen)
+        return (fixed.ljust(BITMAP_OFF, b"\0") + bytes(self.bitmap) + self.crcs.tobytes())
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> "Header":
+        if len(raw) < META_END:
+            raise ValueError("short chunk header")
+        magic, fmt, _flags, volid, idx, cblock, gen = _FIXED.unpack_from(raw)
+        if magic != MAGIC or fmt != FORMAT or cblock != CSUM_BLOCK:
+            raise ValueError("not a pxfs chunk header")
+        crcs = array.array("I")
+        crcs.frombytes(raw[CRC_OFF:META_END])
+        return cls(volid, idx, gen, raw[BITMAP_OFF:CRC_OFF], crcs)
+
+    @staticmethod
+    def read_gen(raw: bytes) -> int:
+        return _FIXED.unpack_from(raw)[6]

@@ -1,0 +1,85 @@
+"""Turning the configured storage devices into pool roots.
+
+A directory is used as it is (development).  A block device or an image
+file is formatted ext4 with the label ``pxfs-pool`` on first use (after a
+loud warning) and mounted under ``<data_dir>/pools/<n>``; a device that holds
+any other filesystem is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import subprocess
+
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+LABEL = "pxfs-pool"
+
+
+def _blkid(dev: str) -> dict:
+    res = subprocess.run(["blkid", "-p", "-o", "export", dev], capture_output=True, text=True)
+    out = {}
+    for line in res.stdout.splitlines():
+        k, _, v = line.partition("=")
+        out[k] = v
+    return out
+
+
+def _mounted_at(dev: str) -> str | None:
+    real = os.path.realpath(dev)
+    text = subprocess.run(["findmnt", "-n", "-o", "SOURCE,TARGET", "-l"], capture_output=True,
+                          text=True).stdout
+    loops = {}
+    if os.path.isfile(real):
+        lo = subprocess.run(["losetup", "-n", "-O", "NAME", "-j", real], capture_output=True,
+                            text=True).stdout.split()
+        loops = set(lo)
+    for line in text.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and (parts[0] == real or parts[0] in loops):
+            return parts[1]
+    return None
+
+
+def prepare(devices, data_dir: str) -> list[str]:
+    """Pool roots for the devices; raises ConfigError for unusable devices."""
+    roots = []
+    for n, dev in enumerate(devices):
+        st = os.stat(dev)
+        if stat.S_ISDIR(st.st_mode):
+            roots.append(dev)
+            continue
+        if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            raise ConfigError("storage.devices", f"{dev} is neither a block device, a file nor a directory")
+        info = _blkid(dev)
+        if info.get("TYPE") and info.get("LABEL") != LABEL:
+            raise ConfigError("storage.devices", f"{dev} holds a {info['TYPE']} filesystem that pxfs "
+                              "did not make; wipe it (wipefs -a) to let pxfs use it")
+        target = os.path.join(data_dir, "pools", str(n))
+        os.makedirs(target, exist_ok=True)
+        where = _mounted_at(dev)
+        if where:
+            roots.append(where)
+            continue
+        if not info.get("TYPE"):
+            log.warning("*** %s holds no filesystem: FORMATTING IT for the pxfs pool; "
+                        "everything on it is lost ***", dev)
+            subprocess.run(["mkfs.ext4", "-q", "-F", "-L", LABEL, "-E", "lazy_itable_init=1", dev],
+                           check=True, capture_output=True)
+        opts = ["-o", "loop"] if stat.S_ISREG(st.st_mode) else []
+        res = subprocess.run(["mount", *opts, dev, target], capture_output=True, text=True)
+        if res.returncode:
+            raise ConfigError("storage.devices", f"cannot mount {dev}: {res.stderr.strip()}")
+        roots.append(target)
+    return roots
+
+
+def release(roots: list[str], data_dir: str) -> None:
+    """Unmount the pool mounts pxfs made (clean stop)."""
+    base = os.path.join(data_dir, "pools") + "/"
+    for root in roots:
+        if root.startswith(base):
+            subprocess.run(["umount", root], capture_output=True)

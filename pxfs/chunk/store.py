@@ -1,0 +1,361 @@
+"""ChunkStore: chunks of volumes on this node's pool, keyed by (volid, idx).
+
+Blocking calls; the replication layer runs them in worker threads.  Each
+CSUM_BLOCK is checked against its CRC32 on every read.  Layout on a pool
+root::
+
+    <root>/vols/<volid>/TERM            highest attach term seen (fencing)
+    <root>/vols/<volid>/<idx:08x>.chk   chunk files (see layout.py)
+
+A volume's chunks live on one root of the pool (the emptiest at first write).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import shutil
+import threading
+import zlib
+
+from .. import CHUNK_SIZE, CSUM_BLOCK
+from ..errors import ChecksumError, InvalidArgument, NoSpace, PxfsError
+from .layout import HEADER_SIZE, NBLOCKS, Header
+
+log = logging.getLogger(__name__)
+ZERO_BLOCK = bytes(CSUM_BLOCK)
+
+
+class _Chunk:
+    __slots__ = ("fd", "hdr", "lock", "dirty")
+
+    def __init__(self, fd: int, hdr: Header):
+        self.fd, self.hdr, self.lock, self.dirty = fd, hdr, threading.Lock(), False
+
+
+def _check_range(off: int, size: int) -> None:
+    if off < 0 or size < 0 or off + size > CHUNK_SIZE:
+        raise InvalidArgument(f"range {off}+{size} outside a chunk")
+
+
+class ChunkStore:
+    def __init__(self, roots: list[str], max_open: int = 512):
+        self.roots = list(roots)
+        self._open: collections.OrderedDict[tuple[int, int], _Chunk] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._max_open = max_open
+        self._voldirs: dict[int, str] = {}
+        self._dirty_dirs: set[int] = set()
+        for root in self.roots:
+            os.makedirs(os.path.join(root, "vols"), exist_ok=True)
+
+    # -- volume directories -------------------------------------------------
+    def _voldir(self, volid: int, create: bool) -> str | None:
+        d = self._voldirs.get(volid)
+        if d:
+            return d
+        for root in self.roots:
+            cand = os.path.join(root, "vols", str(volid))
+            if os.path.isdir(cand):
+                self._voldirs[volid] = cand
+                return cand
+        if not create:
+            return None
+        root = max(self.roots, key=lambda r: shutil.disk_usage(r).free)
+        cand = os.path.join(root, "vols", str(volid))
+        os.makedirs(cand, exist_ok=True)
+        self._fsync_dir(os.path.dirname(cand))
+        self._voldirs[volid] = cand
+        return cand
+
+    @staticmethod
+    def _fsync_dir(path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def volumes(self) -> list[int]:
+        out = []
+        for root in self.roots:
+            for name in os.listdir(os.path.join(root, "vols")):
+                if name.isdigit():
+                    out.append(int(name))
+        return out
+
+    # -- open chunk cache ---------------------------------------------------
+    def _get(self, volid: int, idx: int, create: bool) -> _Chunk | None:
+        key = (volid, idx)
+        with self._lock:
+            ch = self._open.get(key)
+            if ch is not None:
+                self._open.move_to_end(key)
+                return ch
+        d = self._voldir(volid, create)
+        if d is None:
+            return None
+        path = os.path.join(d, f"{idx:08x}.chk")
+        try:
+            fd = os.open(path, os.O_RDWR)
+            hdr = Header.unpack(os.pread(fd, HEADER_SIZE, 0))
+        except FileNotFoundError:
+            if not create:
+                return None
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            hdr = Header(volid, idx)
+            os.pwrite(fd, hdr.pack(), 0)
+            with self._lock:
+                self._dirty_dirs.add(volid)
+        except ValueError as exc:
+            os.close(fd)
+            raise ChecksumError(f"chunk {volid}/{idx}: bad header: {exc}") from None
+        ch = _Chunk(fd, hdr)
+        with self._lock:
+            other = self._open.get(key)
+            if other is not None:      # raced with another thread
+                os.close(fd)
+                return other
+            self._open[key] = ch
+            victims = []
+            while len(self._open) > self._max_open:
+                victims.append(self._open.popitem(last=False)[1])
+        for v in victims:
+            with v.lock:
+                if v.dirty:
+                    os.fsync(v.fd)
+                os.close(v.fd)
+                v.fd = -1
+        return ch
+
+    def _evict(self, volid: int, idx: int | None = None) -> None:
+        with self._lock:
+            keys = [k for k in self._open if k[0] == volid and (idx is None or k[1] == idx)]
+            victims = [self._open.pop(k) for k in keys]
+        for v in victims:
+            with v.lock:
+                os.close(v.fd)
+                v.fd = -1
+
+    def _locked(self, volid, idx, create):
+        """The chunk, locked; retried if it was evicted meanwhile."""
+        while True:
+            ch = self._get(volid, idx, create)
+            if ch is None:
+                return None
+            ch.lock.acquire()
+            if ch.fd >= 0:
+                return ch
+            ch.lock.release()
+
+    # -- data ------------------------------------------------------------------
+    def write(self, volid: int, idx: int, off: int, data: bytes, gen: int) -> None:
+        _check_range(off, len(data))
+        if not data:
+            return
+        first, last = off // CSUM_BLOCK, (off + len(data) - 1) // CSUM_BLOCK
+        try:
+            ch = self._locked(volid, idx, True)
+        except OSError as exc:
+            raise self._oserror(exc) from exc
+        try:
+            start = first * CSUM_BLOCK
+            head, tail = off - start, (last + 1) * CSUM_BLOCK - off - len(data)
+            if head or tail:
+                buf = bytearray(self._read_blocks(ch, first, last, verify=False))
+                buf[head:head + len(data)] = data
+            else:
+                buf = data
+            mv = memoryview(buf)
+            try:
+                os.pwrite(ch.fd, buf, HEADER_SIZE + start)
+                hdr = ch.hdr
+                for i, blk in enumerate(range(first, last + 1)):
+                    hdr.mark(blk, zlib.crc32(mv[i * CSUM_BLOCK:(i + 1) * CSUM_BLOCK]))
+                hdr.gen = max(hdr.gen, gen)
+                os.pwrite(ch.fd, hdr.pack(), 0)
+            except OSError as exc:
+                raise self._oserror(exc) from exc
+            ch.dirty = True
+        finally:
+            ch.lock.release()
+
+    @staticmethod
+    def _oserror(exc: OSError) -> PxfsError:
+        if exc.errno == 28:
+            return NoSpace("pool is full")
+        return PxfsError(f"chunk I/O failed: {exc}")
+
+    def _read_blocks(self, ch: _Chunk, first: int, last: int, verify: bool) -> bytes:
+        raw = os.pread(ch.fd, (last - first + 1) * CSUM_BLOCK, HEADER_SIZE + first * CSUM_BLOCK)
+        raw = raw.ljust((last - first + 1) * CSUM_BLOCK, b"\0")
+        out = bytearray(raw)
+        bad = []
+        for i, blk in enumerate(range(first, last + 1)):
+            sl = slice(i * CSUM_BLOCK, (i + 1) * CSUM_BLOCK)
+            if not ch.hdr.written(blk):
+                out[sl] = ZERO_BLOCK
+            elif verify and zlib.crc32(raw[sl]) != ch.hdr.crcs[blk]:
+                bad.append(blk)
+        if bad:
+            err = ChecksumError(f"chunk {ch.hdr.volid}/{ch.hdr.idx}: checksum mismatch in blocks {bad}")
+            err.blocks = bad
+            raise err
+        return bytes(out)
+
+    def read(self, volid: int, idx: int, off: int, size: int) -> bytes:
+        _check_range(off, size)
+        if size == 0:
+            return b""
+        ch = self._locked(volid, idx, False)
+        if ch is None:
+            return bytes(size)
+        try:
+            first, last = off // CSUM_BLOCK, (off + size - 1) // CSUM_BLOCK
+            data = self._read_blocks(ch, first, last, verify=True)
+        finally:
+            ch.lock.release()
+        start = off - first * CSUM_BLOCK
+        return data[start:start + size]
+
+    def get_chunk(self, volid: int, idx: int) -> tuple[int, bytes, bytes] | None:
+        """(gen, bitmap, data) of a whole chunk, verified; None if absent."""
+        ch = self._locked(volid, idx, False)
+        if ch is None:
+            return None
+        try:
+            data = self._read_blocks(ch, 0, NBLOCKS - 1, verify=True)
+            return ch.hdr.gen, bytes(ch.hdr.bitmap), data
+        finally:
+            ch.lock.release()
+
+    def put_chunk(self, volid: int, idx: int, gen: int, bitmap: bytes | None, data: bytes | None) -> None:
+        """Replace a whole chunk (resync).  ``data`` None deletes it."""
+        d = self._voldir(volid, True)
+        path = os.path.join(d, f"{idx:08x}.chk")
+        self._evict(volid, idx)
+        if data is None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            self._fsync_dir(d)
+            return
+        if len(data) != CHUNK_SIZE or bitmap is None or len(bitmap) != NBLOCKS // 8:
+            raise InvalidArgument("whole chunk expected")
+        hdr = Header(volid, idx, gen, bitmap)
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            for blk in range(NBLOCKS):
+                if hdr.written(blk):
+                    piece = data[blk * CSUM_BLOCK:(blk + 1) * CSUM_BLOCK]
+                    hdr.crcs[blk] = zlib.crc32(piece)
+                    os.pwrite(fd, piece, HEADER_SIZE + blk * CSUM_BLOCK)
+            os.pwrite(fd, hdr.pack(), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        self._fsync_dir(d)
+
+    def list_chunks(self, volid: int, min_gen: int = 0) -> dict[int, int]:
+        """{idx: gen} of this volume's chunks whose gen >= min_gen."""
+        d = self._voldir(volid, False)
+        out = {}
+        if d is None:
+            return out
+        for name in os.listdir(d):
+            if not name.endswith(".chk"):
+                continue
+            idx = int(name[:-4], 16)
+            with self._lock:
+                ch = self._open.get((volid, idx))
+            if ch is not None:
+                gen = ch.hdr.gen
+            else:
+                try:
+                    with open(os.path.join(d, name), "rb") as fh:
+                        gen = Header.read_gen(fh.read(32))
+                except (OSError, Exception):
+                    continue
+            if gen >= min_gen:
+                out[idx] = gen
+        return out
+
+    def sync(self, volid: int) -> None:
+        """Make every write to this volume so far durable."""
+        with self._lock:
+            chunks = [c for k, c in self._open.items() if k[0] == volid and c.dirty]
+            dir_dirty = volid in self._dirty_dirs
+            self._dirty_dirs.discard(volid)
+        for ch in chunks:
+            with ch.lock:
+                if ch.fd >= 0 and ch.dirty:
+                    ch.dirty = False
+                    os.fsync(ch.fd)
+        if dir_dirty:
+            d = self._voldir(volid, False)
+            if d:
+                self._fsync_dir(d)
+
+    def delete_volume(self, volid: int) -> None:
+        self._evict(volid)
+        d = self._voldir(volid, False)
+        self._voldirs.pop(volid, None)
+        if d:
+            shutil.rmtree(d, ignore_errors=True)
+
+    def usage(self, volid: int) -> int:
+        d = self._voldir(volid, False)
+        if d is None:
+            return 0
+        total = 0
+        with os.scandir(d) as it:
+            for e in it:
+                if e.name.endswith(".chk"):
+                    total += e.stat().st_blocks * 512
+        return total
+
+    # -- fencing term ------------------------------------------------------
+    def get_term(self, volid: int) -> int:
+        d = self._voldir(volid, False)
+        if d is None:
+            return 0
+        try:
+            with open(os.path.join(d, "TERM")) as fh:
+                return int(fh.read().strip() or 0)
+        except FileNotFoundError:
+            return 0
+
+    def set_term(self, volid: int, term: int) -> None:
+        d = self._voldir(volid, True)
+        tmp = os.path.join(d, "TERM.tmp")
+        with open(tmp, "w") as fh:
+            fh.write(str(term))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, os.path.join(d, "TERM"))
+        self._fsync_dir(d)
+
+    def capacity(self) -> tuple[int, int]:
+        """(used, total) bytes of the pool."""
+        used = total = 0
+        for root in self.roots:
+            du = shutil.disk_usage(root)
+            used += du.used
+            total += du.total
+        return used, total
+
+    def close(self) -> None:
+        with self._lock:
+            victims = list(self._open.values())
+            self._open.clear()
+        for v in victims:
+            with v.lock:
+                if v.fd >= 0:
+                    if v.dirty:
+                        os.fsync(v.fd)
+                    os.close(v.fd)
+                    v.fd = -1

@@ -1,0 +1,185 @@
+"""Load and validate a node's config.json into a frozen dataclass.
+
+The keys shared with Portworx's config.json are ``clusterid``, ``kvdb``,
+``storage.devices``, ``mgtiface`` and ``dataiface``; the rest are pxfs's own
+(see conf/config.json).  Every problem raises ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import ipaddress
+import json
+import os
+import re
+import socket
+import struct
+
+from .errors import ConfigError
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_LEVELS = ("debug", "info", "warning", "error")
+_KNOWN = {
+    "clusterid", "kvdb", "storage", "mgtiface", "dataiface", "node_id",
+    "api_address", "data_address", "data_dir", "fuse_mountpoint", "osd_root",
+    "log_level", "lease_ttl", "docker_socket", "loggingurl", "alertingurl",
+    "secret", "scheduler",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    clusterid: str
+    kvdb: tuple[tuple[str, int], ...]
+    devices: tuple[str, ...]
+    node_id: str
+    api_host: str
+    api_port: int
+    data_host: str
+    data_port: int
+    data_dir: str
+    fuse_mountpoint: str
+    osd_root: str
+    log_level: str
+    lease_ttl: int
+    path: str = ""
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{_urlhost(self.api_host)}:{self.api_port}"
+
+    @property
+    def data_addr(self) -> str:
+        return f"{self.data_host}:{self.data_port}"
+
+
+def _urlhost(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def iface_address(name: str) -> str:
+    """IPv4 address of a network interface (SIOCGIFADDR)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        packed = struct.pack("256s", name.encode()[:15])
+        res = fcntl.ioctl(s.fileno(), 0x8915, packed)
+    return socket.inet_ntoa(res[20:24])
+
+
+def parse_kvdb_url(url: object, key: str = "kvdb") -> tuple[str, int]:
+    if not isinstance(url, str) or not url:
+        raise ConfigError(key, "expected an etcd URL such as 'etcd:http://127.0.0.1:2379'")
+    m = re.fullmatch(r"(?:etcd:)?(?:(?:etcd|https?)://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})/?", url)
+    if not m:
+        raise ConfigError(key, f"{url!r} is not an etcd URL such as 'etcd:http://127.0.0.1:2379'")
+    port = int(m.group(2))
+    if not 0 < port < 65536:
+        raise ConfigError(key, f"port {port} out of range in {url!r}")
+    return m.group(1).strip("[]"), port
+
+
+def _address(raw: dict, key: str, default: str, iface: str | None) -> tuple[str, int]:
+    value = raw.get(key, default)
+    if not isinstance(value, str):
+        raise ConfigError(key, "expected 'HOST:PORT', e.g. '127.0.0.1:9001'")
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(key, f"{value!r} is not 'HOST:PORT' with a port in 1..65535")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(key, f"{host!r} is not an IP address") from None
+    if iface:
+        host = iface
+    return host, int(port)
+
+
+def _str(raw: dict, key: str, default: str | None = None, *, absolute=False) -> str:
+    value = raw.get(key, default)
+    if value is None:
+        raise ConfigError(key, "is required")
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, "expected a non-empty string")
+    if absolute and not os.path.isabs(value):
+        raise ConfigError(key, f"expected an absolute path, got {value!r}")
+    return value
+
+
+def _iface(raw: dict, key: str) -> str | None:
+    name = raw.get(key)
+    if name in (None, ""):
+        return None
+    if not isinstance(name, str):
+        raise ConfigError(key, "expected a network interface name such as 'eth0'")
+    try:
+        return iface_address(name)
+    except OSError:
+        raise ConfigError(key, f"no IPv4 address on network interface {name!r}") from None
+
+
+def parse(raw: object, path: str = "") -> Config:
+    """Validate a decoded config.json."""
+    if not isinstance(raw, dict):
+        raise ConfigError("<top>", "expected a JSON object")
+    unknown = sorted(set(raw) - _KNOWN)
+    if unknown:
+        raise ConfigError(unknown[0], "unknown key; known keys: " + ", ".join(sorted(_KNOWN)))
+
+    clusterid = _str(raw, "clusterid")
+    if not _ID_RE.match(clusterid):
+        raise ConfigError("clusterid", "expected 1-63 letters, digits, '.', '_' or '-'")
+
+    kvdb = raw.get("kvdb")
+    if kvdb is None:
+        raise ConfigError("kvdb", "is required: a list of etcd URLs such as ['etcd:http://127.0.0.1:2379']")
+    if isinstance(kvdb, str):
+        kvdb = [kvdb]
+    if not isinstance(kvdb, list) or not kvdb:
+        raise ConfigError("kvdb", "expected a non-empty list of etcd URLs")
+    endpoints = tuple(parse_kvdb_url(u) for u in kvdb)
+
+    storage = raw.get("storage")
+    if not isinstance(storage, dict):
+        raise ConfigError("storage", "is required: an object with a 'devices' list")
+    devices = storage.get("devices")
+    if not isinstance(devices, list) or not devices:
+        raise ConfigError("storage.devices", "expected a non-empty list of device, image-file or directory paths")
+    for dev in devices:
+        if not isinstance(dev, str) or not os.path.isabs(dev):
+            raise ConfigError("storage.devices", f"{dev!r} is not an absolute path")
+        if not os.path.exists(dev):
+            raise ConfigError("storage.devices", f"{dev} does not exist")
+    if len(set(devices)) != len(devices):
+        raise ConfigError("storage.devices", "lists a device twice")
+
+    node_id = _str(raw, "node_id", socket.gethostname().split(".")[0])
+    if not _ID_RE.match(node_id):
+        raise ConfigError("node_id", "expected 1-63 letters, digits, '.', '_' or '-'")
+    api_host, api_port = _address(raw, "api_address", "127.0.0.1:9001", _iface(raw, "mgtiface"))
+    data_host, data_port = _address(raw, "data_address", "127.0.0.1:9002", _iface(raw, "dataiface"))
+    data_dir = _str(raw, "data_dir", "/var/lib/pxfs", absolute=True)
+    fuse = _str(raw, "fuse_mountpoint", os.path.join(data_dir, "fuse"), absolute=True)
+    osd_root = _str(raw, "osd_root", "/var/lib/osd", absolute=True)
+    level = raw.get("log_level", "info")
+    if level not in _LEVELS:
+        raise ConfigError("log_level", "expected one of " + ", ".join(_LEVELS))
+    ttl = raw.get("lease_ttl", 5)
+    if not isinstance(ttl, int) or isinstance(ttl, bool) or not 2 <= ttl <= 60:
+        raise ConfigError("lease_ttl", "expected whole seconds between 2 and 60")
+    return Config(clusterid, endpoints, tuple(devices), node_id, api_host, api_port,
+                  data_host, data_port, data_dir, fuse, osd_root, level, ttl, path)
+
+
+def load(path: str) -> Config:
+    """Read and validate a config file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = json.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("<file>", f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("<file>", f"cannot read {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError("<file>", f"{path} is not valid JSON: {exc}") from None
+    return parse(raw, path)

@@ -1,0 +1,1 @@
+"""The node's FUSE view: the only place that imports pyfuse3."""

@@ -1,0 +1,1 @@
+"""Cluster metadata: the etcd key schema, the KV interface and transactions."""

@@ -1,0 +1,104 @@
+"""The KV interface over a real etcd (python3-etcd3).  The only module that
+imports etcd3 or grpc; their exceptions become MetaError here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import trio
+
+import etcd3
+import etcd3.exceptions
+import grpc
+
+from ..errors import MetaError
+from .kv import Compare, Delete, Item, Put
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def map_etcd_errors(what: str):
+    try:
+        yield
+    except etcd3.exceptions.Etcd3Exception as exc:
+        raise MetaError(f"etcd {what} failed: {exc.__class__.__name__} {exc}") from exc
+    except grpc.RpcError as exc:
+        raise MetaError(f"etcd {what} failed: {exc}") from exc
+
+
+class EtcdKV:
+    """Async KV over etcd; every blocking call runs in a worker thread."""
+
+    def __init__(self, endpoints, timeout: float = 5.0):
+        self._endpoints = list(endpoints)
+        self._timeout = timeout
+        self._limiter = trio.CapacityLimiter(8)
+        self._client = None
+        self._pick = 0
+
+    def _connect(self):
+        if self._client is None:
+            host, port = self._endpoints[self._pick % len(self._endpoints)]
+            self._client = etcd3.client(host=host, port=port, timeout=self._timeout)
+        return self._client
+
+    async def _call(self, what, fn):
+        def run():
+            with map_etcd_errors(what):
+                try:
+                    return fn(self._connect())
+                except (etcd3.exceptions.ConnectionFailedError, etcd3.exceptions.ConnectionTimeoutError):
+                    # try the next endpoint once
+                    self._client, self._pick = None, self._pick + 1
+                    return fn(self._connect())
+        return await trio.to_thread.run_sync(run, limiter=self._limiter)
+
+    @staticmethod
+    def _item(key, value, meta) -> Item:
+        return Item(key if isinstance(key, str) else key.decode(), value,
+                    meta.mod_revision, meta.create_revision, meta.lease_id)
+
+    async def get(self, key: str) -> Item | None:
+        def fn(c):
+            value, meta = c.get(key)
+            return None if meta is None else self._item(key, value, meta)
+        return await self._call("get", fn)
+
+    async def range(self, prefix: str) -> list[Item]:
+        def fn(c):
+            return [self._item(meta.key, value, meta) for value, meta in c.get_prefix(prefix)]
+        return await self._call("range", fn)
+
+    async def txn(self, compares: list[Compare], ops: list[Put | Delete]) -> bool:
+        def fn(c):
+            cmp = [c.transactions.mod(x.key) == x.mod_rev for x in compares]
+            success = [c.transactions.put(o.key, o.value, lease=o.lease or None)
+                       if isinstance(o, Put) else c.transactions.delete(o.key) for o in ops]
+            ok, _ = c.transaction(compare=cmp, success=success, failure=[])
+            return ok
+        return await self._call("txn", fn)
+
+    async def lease_grant(self, ttl: int) -> int:
+        return await self._call("lease grant", lambda c: c.lease(ttl).id)
+
+    async def lease_refresh(self, lease: int) -> bool:
+        def fn(c):
+            resp = list(c.refresh_lease(lease))
+            return bool(resp) and resp[0].TTL > 0
+        return await self._call("lease refresh", fn)
+
+    async def lease_revoke(self, lease: int) -> None:
+        def fn(c):
+            try:
+                c.revoke_lease(lease)
+            except etcd3.exceptions.Etcd3Exception:
+                pass
+        await self._call("lease revoke", fn)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await trio.to_thread.run_sync(client.close)

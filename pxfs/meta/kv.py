@@ -1,0 +1,118 @@
+"""The key-value interface the rest of pxfs uses, and MemKV, an in-memory
+implementation with etcd's semantics (revisions, leases, compare-and-swap
+transactions) for unit tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from typing import Protocol
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    key: str
+    value: bytes
+    mod_rev: int
+    create_rev: int
+    lease: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Put:
+    key: str
+    value: bytes
+    lease: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Delete:
+    key: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Compare:
+    """True when ``key``'s mod revision equals ``mod_rev`` (0: key absent)."""
+
+    key: str
+    mod_rev: int
+
+
+class KV(Protocol):
+    async def get(self, key: str) -> Item | None: ...
+    async def range(self, prefix: str) -> list[Item]: ...
+    async def txn(self, compares: list[Compare], ops: list[Put | Delete]) -> bool: ...
+    async def lease_grant(self, ttl: int) -> int: ...
+    async def lease_refresh(self, lease: int) -> bool: ...
+    async def lease_revoke(self, lease: int) -> None: ...
+    async def close(self) -> None: ...
+
+
+class MemKV:
+    """In-memory KV with etcd's semantics; leases expire on the wall clock."""
+
+    def __init__(self, clock=time.monotonic):
+        self._data: dict[str, Item] = {}
+        self._rev = 0
+        self._leases: dict[int, tuple[int, float]] = {}
+        self._ids = itertools.count(1000)
+        self._clock = clock
+
+    def _expire(self) -> None:
+        now = self._clock()
+        dead = [lid for lid, (_, exp) in self._leases.items() if exp <= now]
+        for lid in dead:
+            del self._leases[lid]
+            for k in [k for k, it in self._data.items() if it.lease == lid]:
+                del self._data[k]
+            self._rev += 1
+
+    async def get(self, key: str) -> Item | None:
+        self._expire()
+        return self._data.get(key)
+
+    async def range(self, prefix: str) -> list[Item]:
+        self._expire()
+        return [self._data[k] for k in sorted(self._data) if k.startswith(prefix)]
+
+    async def txn(self, compares, ops) -> bool:
+        self._expire()
+        for c in compares:
+            it = self._data.get(c.key)
+            if (it.mod_rev if it else 0) != c.mod_rev:
+                return False
+        for op in ops:
+            if isinstance(op, Put) and op.lease and op.lease not in self._leases:
+                raise KeyError(f"lease {op.lease} not found")
+        self._rev += 1
+        for op in ops:
+            if isinstance(op, Put):
+                old = self._data.get(op.key)
+                self._data[op.key] = Item(op.key, op.value, self._rev,
+                                          old.create_rev if old else self._rev, op.lease)
+            else:
+                self._data.pop(op.key, None)
+        return True
+
+    async def lease_grant(self, ttl: int) -> int:
+        lid = next(self._ids)
+        self._leases[lid] = (ttl, self._clock() + ttl)
+        return lid
+
+    async def lease_refresh(self, lease: int) -> bool:
+        self._expire()
+        if lease not in self._leases:
+            return False
+        ttl = self._leases[lease][0]
+        self._leases[lease] = (ttl, self._clock() + ttl)
+        return True
+
+    async def lease_revoke(self, lease: int) -> None:
+        if lease in self._leases:
+            self._leases[lease] = (0, 0.0)
+            self._expire()
+
+    async def close(self) -> None:
+        pass

@@ -1,0 +1,91 @@
+"""Node membership: a node record plus an "alive" key bound to the node's
+etcd lease.  A node whose lease expires is Offline; the keepalive service
+re-registers by itself, and tells its listeners the old lease is gone (every
+attach made under it vanished with it, so the node must stop writing).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from .. import codec
+from ..errors import MetaError
+from . import keys
+from .kv import KV, Put
+
+log = logging.getLogger(__name__)
+
+
+class Membership:
+    def __init__(self, kv: KV, cid: str, node: str, ttl: int, info_fn):
+        self.kv, self.cid, self.node, self.ttl = kv, cid, node, ttl
+        self._info_fn = info_fn          # () -> dict, the node record's contents
+        self.lease = 0
+        self._lost_listeners = []
+        self.started = time.time()
+
+    def on_lease_lost(self, fn) -> None:
+        """Register ``async fn(old_lease)`` to run when the lease was lost."""
+        self._lost_listeners.append(fn)
+
+    async def _register(self) -> None:
+        self.lease = await self.kv.lease_grant(self.ttl)
+        await self.publish()
+        await self.kv.txn([], [Put(keys.alive_key(self.cid, self.node),
+                                   codec.pack_record({"since": time.time()}), self.lease)])
+
+    async def publish(self) -> None:
+        """Write the node record (addresses, capacity)."""
+        rec = dict(self._info_fn(), id=self.node, started=self.started)
+        await self.kv.txn([], [Put(keys.node_key(self.cid, self.node), codec.pack_record(rec))])
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
+        await self._register()
+        task_status.started()
+        last_ok = time.monotonic()
+        beat = 0
+        while True:
+            await trio.sleep(max(0.3, self.ttl / 4))
+            beat += 1
+            try:
+                alive = await self.kv.lease_refresh(self.lease)
+                if alive and beat % 20 == 0:
+                    await self.publish()
+            except MetaError as exc:
+                log.warning("lease keepalive failed: %s", exc)
+                if time.monotonic() - last_ok < self.ttl:
+                    continue
+                alive = False
+            if alive:
+                last_ok = time.monotonic()
+                continue
+            old = self.lease
+            log.warning("node %s lost its etcd lease %x; fencing local attachments and rejoining",
+                        self.node, old)
+            for fn in self._lost_listeners:
+                await fn(old)
+            try:
+                await self._register()
+                last_ok = time.monotonic()
+                log.warning("node %s rejoined the cluster", self.node)
+            except MetaError as exc:
+                log.warning("rejoin failed, will retry: %s", exc)
+
+    async def revoke(self) -> None:
+        if self.lease:
+            await self.kv.lease_revoke(self.lease)
+            self.lease = 0
+
+
+async def list_nodes(kv: KV, cid: str) -> list[dict]:
+    """Every node ever registered, with ``online`` from its alive key."""
+    alive = {keys.last_part(i.key) for i in await kv.range(keys.alive_prefix(cid))}
+    out = []
+    for item in await kv.range(keys.node_prefix(cid)):
+        rec = codec.unpack_record(item.value)
+        rec["online"] = rec["id"] in alive
+        out.append(rec)
+    return out

@@ -1,0 +1,231 @@
+"""pxfsd: the node daemon.  One trio nursery holds the data-port server, the
+membership keepalive, the FUSE view, the resync service and the REST API."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import trio
+
+from . import __version__, config as config_mod
+from .chunk import pool
+from .chunk.store import ChunkStore
+from .errors import ConfigError, MetaError, PxfsError
+from .meta import keys
+from .meta.etcd import EtcdKV
+from .meta.lease import Membership, list_nodes
+from .replication.replica import ReplicaService
+from .replication.targets import LocalReplica, RemoteReplica
+from .rpc.client import Peer
+from .rpc.server import RpcServer
+from .volume.attach import Attachments
+from .volume.catalog import Catalog
+from .volume.resyncer import Resyncer
+
+log = logging.getLogger("pxfs.node")
+
+
+class Node:
+    def __init__(self, cfg: config_mod.Config, kv, roots: list[str]):
+        self.cfg, self.kv, self.roots = cfg, kv, roots
+        self.store = ChunkStore(roots)
+        self.replica = ReplicaService(self.store)
+        self.peers: dict[str, Peer] = {}
+        self._addrs: dict[str, str] = {}
+        self.membership = Membership(kv, cfg.clusterid, cfg.node_id, cfg.lease_ttl, self.info)
+        self.catalog = Catalog(kv, cfg.clusterid, cfg.node_id, self.target)
+        from .fuse.view import NodeView
+        self.view = NodeView()
+        self.attachments = Attachments(
+            self.catalog, self.membership, self.view, osd_root=cfg.osd_root,
+            fuse_mountpoint=cfg.fuse_mountpoint, state_path=os.path.join(cfg.data_dir, "attached.json"))
+        self.resyncer = Resyncer(self.catalog, self.attachments, self.membership)
+        self.membership.on_lease_lost(self.attachments.on_lease_lost)
+
+    def info(self) -> dict:
+        used, total = self.store.capacity()
+        return {"api": self.cfg.api_url, "data": self.cfg.data_addr, "pool_used": used,
+                "pool_total": total, "version": __version__, "hostname": socket.gethostname(),
+                "devices": list(self.cfg.devices)}
+
+    def target(self, node: str):
+        if node == self.cfg.node_id:
+            return LocalReplica(node, self.replica)
+        addr = self._addrs.get(node)
+        if addr is None:
+            raise PxfsError(f"no address known for node {node}; is it registered?")
+        peer = self.peers.get(node)
+        if peer is None or f"{peer.host}:{peer.port}" != addr:
+            host, _, port = addr.rpartition(":")
+            peer = self.peers[node] = Peer(host, int(port))
+        return RemoteReplica(node, peer)
+
+    async def refresh_addresses(self) -> list[dict]:
+        nodes = await list_nodes(self.kv, self.cfg.clusterid)
+        for n in nodes:
+            self._addrs[n["id"]] = n["data"]
+        return nodes
+
+    async def address_service(self, *, task_status=trio.TASK_STATUS_IGNORED):
+        await self.refresh_addresses()
+        task_status.started()
+        while True:
+            await trio.sleep(2)
+            with contextlib.suppress(PxfsError):
+                await self.refresh_addresses()
+
+    # -- views for the API ---------------------------------------------------
+    async def status(self) -> dict:
+        nodes = await self.refresh_addresses()
+        used, total = self.store.capacity()
+        return {"cluster_id": self.cfg.clusterid, "node_id": self.cfg.node_id,
+                "status": "operational", "version": __version__,
+                "this_node": {"id": self.cfg.node_id, "api": self.cfg.api_url,
+                              "data": self.cfg.data_addr, "pools": [
+                                  {"root": r, "io_priority": "LOW"} for r in self.roots],
+                              "devices": list(self.cfg.devices), "pool_used": used,
+                              "pool_total": total},
+                "nodes": [{"id": n["id"], "api": n["api"], "data": n["data"],
+                           "status": "Online" if n["online"] else "Offline",
+                           "pool_used": n.get("pool_used", 0), "pool_total": n.get("pool_total", 0)}
+                          for n in nodes]}
+
+    async def describe_all(self) -> list[dict]:
+        vols, atts, nodes, progress = await self.catalog.snapshot()
+        return [Catalog.describe(v, atts.get(v["id"]), nodes, progress)
+                for v in sorted(vols, key=lambda v: v["ctime"])]
+
+    async def inspect(self, ref: str) -> dict:
+        rec, _ = await self.catalog.get(ref)
+        vols, atts, nodes, progress = await self.catalog.snapshot()
+        desc = Catalog.describe(rec, atts.get(rec["id"]), nodes, progress)
+        desc["bytes_used"] = None
+        for r in rec["replicas"]:
+            if nodes.get(r["node"], {}).get("online"):
+                with contextlib.suppress(PxfsError):
+                    desc["bytes_used"] = await self.target(r["node"]).usage(rec["id"])
+                    break
+        loc = self.attachments.local.get(rec["id"])
+        if loc is not None:
+            s = loc.vol.stats
+            desc["io"] = {"reads": s.reads, "writes": s.writes, "bytes_read": s.bytes_read,
+                          "bytes_written": s.bytes_written, "flushes": s.flushes,
+                          "repairs": s.repairs}
+        desc["resyncs"] = [h for h in self.resyncer.history if h["volume"] == str(rec["id"])]
+        return desc
+
+    async def collect_garbage(self) -> None:
+        """Drop local chunks of volumes deleted while this node was away."""
+        known = {int(keys.last_part(i.key)) for i in await self.kv.range(keys.vol_prefix(self.cfg.clusterid))}
+        for volid in self.store.volumes():
+            if volid not in known:
+                log.info("removing chunks of deleted volume %d", volid)
+                await self.replica.delete_volume(volid)
+
+
+async def serve_api(node: Node, *, task_status=trio.TASK_STATUS_IGNORED):
+    from hypercorn.config import Config as HConfig
+    from hypercorn.trio import serve
+    from .api.app import build_app
+    hc = HConfig()
+    host = node.cfg.api_host
+    hc.bind = [f"[{host}]:{node.cfg.api_port}" if ":" in host else f"{host}:{node.cfg.api_port}"]
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("pxfs.api.server")
+    hc.loglevel = "WARNING"
+    await serve(build_app(node), hc, task_status=task_status)
+
+
+def _clean_fuse_mountpoint(path: str) -> None:
+    os.makedirs(path, exist_ok=True)
+    try:
+        os.stat(path)
+        stale = os.path.ismount(path)
+    except OSError:
+        stale = True          # "Transport endpoint is not connected": a dead earlier run
+    if stale:
+        log.warning("unmounting stale FUSE mount at %s", path)
+        subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True)
+        subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+async def run_node(cfg: config_mod.Config, roots: list[str]) -> int:
+    from .fuse import view as fuse_view
+    kv = EtcdKV(cfg.kvdb)
+    try:
+        with trio.fail_after(10):
+            await kv.range(keys.node_prefix(cfg.clusterid))
+    except (MetaError, trio.TooSlowError) as exc:
+        log.error("cannot reach etcd at %s: %s", cfg.kvdb, exc)
+        return 1
+    node = Node(cfg, kv, roots)
+    node.attachments.recover_stale()
+    _clean_fuse_mountpoint(cfg.fuse_mountpoint)
+    os.makedirs(os.path.join(cfg.osd_root, "mounts"), exist_ok=True)
+    fuse_view.mount(node.view, cfg.fuse_mountpoint)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(RpcServer(cfg.data_host, cfg.data_port, node.replica.handle).run)
+            await nursery.start(node.membership.run)
+            await nursery.start(node.address_service)
+            nursery.start_soon(fuse_view.serve)
+            await node.collect_garbage()
+            await nursery.start(node.resyncer.run)
+            await nursery.start(serve_api, node)
+            log.info("node %s up: api %s, data %s, fuse %s", cfg.node_id, cfg.api_url,
+                     cfg.data_addr, cfg.fuse_mountpoint)
+            print(f"pxfsd: node {cfg.node_id} ready", flush=True)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                async for sig in sigs:
+                    log.info("signal %d: stopping node", sig)
+                    break
+            with trio.move_on_after(30):
+                await node.attachments.shutdown()
+            with trio.move_on_after(5):
+                await node.membership.revoke()
+            nursery.cancel_scope.cancel()
+    finally:
+        with contextlib.suppress(Exception):
+            fuse_view.unmount()
+        node.store.close()
+        await kv.close()
+    return 0
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="pxfsd", description="pxfs node daemon")
+    ap.add_argument("--config", "-c", required=True, help="path of the node's config.json")
+    args = ap.parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config)
+    except ConfigError as exc:
+        print(f"pxfsd: {exc}", file=sys.stderr)
+        sys.exit(2)
+    logging.basicConfig(level=cfg.log_level.upper(),
+                        format=f"%(asctime)s {cfg.node_id} %(levelname)s %(name)s: %(message)s")
+    if os.geteuid() != 0:
+        print("pxfsd: must run as root (FUSE, loop devices, mounts)", file=sys.stderr)
+        sys.exit(2)
+    os.makedirs(cfg.data_dir, exist_ok=True)
+    try:
+        roots = pool.prepare(cfg.devices, cfg.data_dir)
+    except ConfigError as exc:
+        print(f"pxfsd: {exc}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        rc = trio.run(run_node, cfg, roots)
+    finally:
+        pool.release(roots, cfg.data_dir)
+    sys.exit(rc)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Replica service, fan-out writes, read repair and resync."""

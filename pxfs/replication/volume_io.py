@@ -1,0 +1,177 @@
+"""The data path of an attached volume: reads from one in-sync replica
+(local first) with checksum repair, writes fanned out to every in-sync and
+resyncing replica in parallel, flushes as durability barriers.
+
+A replica that fails or times out during a write or flush is reported to
+``on_replica_failure`` (which marks it out of sync in etcd) *before* the
+write is acknowledged; if that cannot be done, or no in-sync replica took
+the write, the write fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import trio
+
+from .. import CHUNK_SIZE
+from ..errors import ChecksumError, Fenced, InvalidArgument, PxfsError
+
+log = logging.getLogger(__name__)
+
+IN_SYNC, RESYNCING, OUT_OF_SYNC = "in_sync", "resyncing", "out_of_sync"
+_STRIPES = 256
+
+
+@dataclasses.dataclass
+class IoStats:
+    reads: int = 0
+    writes: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    flushes: int = 0
+    repairs: int = 0
+
+
+class ReplicatedVolume:
+    def __init__(self, volid: int, size: int, term: int, gen: int, states: dict[str, str],
+                 target_fn, on_replica_failure, *, local_node: str, timeout: float = 5.0):
+        self.volid, self.size, self.term, self.gen = volid, size, term, gen
+        self.states = dict(states)            # node -> state, as in etcd
+        self._target = target_fn              # node -> replica target
+        self._on_failure = on_replica_failure  # async (nodes) -> new gen
+        self.local_node = local_node
+        self.timeout = timeout
+        self.fenced: str | None = None
+        self.stats = IoStats()
+        self.locks = [trio.Lock() for _ in range(_STRIPES)]
+        self._state_lock = trio.Lock()
+
+    # -- helpers -------------------------------------------------------------
+    def chunk_lock(self, idx: int) -> trio.Lock:
+        return self.locks[idx % _STRIPES]
+
+    def _pieces(self, off: int, size: int):
+        end = off + size
+        pos = off
+        while pos < end:
+            idx, inoff = divmod(pos, CHUNK_SIZE)
+            n = min(CHUNK_SIZE - inoff, end - pos)
+            yield idx, inoff, pos - off, n
+            pos += n
+
+    def _check(self, off: int, size: int) -> None:
+        if self.fenced:
+            raise Fenced(self.fenced)
+        if off < 0 or size < 0:
+            raise InvalidArgument("negative offset or size")
+
+    def readers(self) -> list[str]:
+        nodes = [n for n, s in self.states.items() if s == IN_SYNC]
+        nodes.sort(key=lambda n: n != self.local_node)
+        return nodes
+
+    def writers(self) -> list[str]:
+        return [n for n, s in self.states.items() if s in (IN_SYNC, RESYNCING)]
+
+    def fence_local(self, why: str) -> None:
+        if not self.fenced:
+            log.warning("volume %s fenced on this node: %s", self.volid, why)
+            self.fenced = why
+
+    # -- reads -----------------------------------------------------------------
+    async def read(self, off: int, size: int) -> bytes:
+        self._check(off, size)
+        size = max(0, min(size, self.size - off))
+        out = bytearray(size)
+        for idx, inoff, boff, n in self._pieces(off, size):
+            out[boff:boff + n] = await self._read_piece(idx, inoff, n)
+        self.stats.reads += 1
+        self.stats.bytes_read += size
+        return bytes(out)
+
+    async def _read_piece(self, idx: int, inoff: int, n: int) -> bytes:
+        bad: list[str] = []
+        errors = []
+        for node in self.readers():
+            try:
+                data = await self._target(node).read(self.volid, idx, inoff, n, timeout=self.timeout)
+            except ChecksumError as exc:
+                log.error("volume %s: replica on %s: %s; reading another replica", self.volid, node, exc)
+                bad.append(node)
+                errors.append(exc)
+                continue
+            except PxfsError as exc:
+                errors.append(exc)
+                continue
+            for b in bad:
+                await self._repair(b, idx, inoff, data)
+            return data
+        raise PxfsError(f"volume {self.volid}: no replica could serve chunk {idx}: "
+                        + "; ".join(map(str, errors)) if errors else "no in-sync replica")
+
+    async def _repair(self, node: str, idx: int, inoff: int, data: bytes) -> None:
+        try:
+            async with self.chunk_lock(idx):
+                await self._target(node).write(self.volid, idx, inoff, data, self.term, self.gen,
+                                               timeout=self.timeout)
+            self.stats.repairs += 1
+            log.warning("volume %s: repaired chunk %d on %s from a good replica", self.volid, idx, node)
+        except PxfsError as exc:
+            log.warning("volume %s: repair on %s failed: %s", self.volid, node, exc)
+
+    # -- writes ------------------------------------------------------------------
+    async def write(self, off: int, data: bytes) -> int:
+        self._check(off, len(data))
+        if off + len(data) > self.size:
+            raise InvalidArgument("write past the end of the volume", errno=28)
+        mv = memoryview(data)
+        for idx, inoff, boff, n in self._pieces(off, len(data)):
+            piece = bytes(mv[boff:boff + n])
+            async with self.chunk_lock(idx):
+                await self._fan_out(lambda t: t.write(self.volid, idx, inoff, piece, self.term,
+                                                      self.gen, timeout=self.timeout))
+        self.stats.writes += 1
+        self.stats.bytes_written += len(data)
+        return len(data)
+
+    async def flush(self) -> None:
+        if self.fenced:
+            raise Fenced(self.fenced)
+        await self._fan_out(lambda t: t.flush(self.volid, self.term, timeout=self.timeout))
+        self.stats.flushes += 1
+
+    async def _fan_out(self, op) -> None:
+        nodes = self.writers()
+        failed: dict[str, PxfsError] = {}
+
+        async def one(node):
+            try:
+                await op(self._target(node))
+            except PxfsError as exc:
+                failed[node] = exc
+
+        async with trio.open_nursery() as nursery:
+            for node in nodes:
+                nursery.start_soon(one, node)
+        fenced = [e for e in failed.values() if isinstance(e, Fenced)]
+        if fenced:
+            self.fence_local(str(fenced[0]))
+            raise Fenced(str(fenced[0]))
+        if not failed:
+            return
+        ok = [n for n in nodes if n not in failed and self.states.get(n) == IN_SYNC]
+        if not ok:
+            raise PxfsError(f"volume {self.volid}: no in-sync replica took the write: "
+                            + "; ".join(f"{n}: {e}" for n, e in failed.items()))
+        async with self._state_lock:
+            still = [n for n in failed if self.states.get(n) in (IN_SYNC, RESYNCING)]
+            if still:
+                for n in still:
+                    log.warning("volume %s: replica on %s failed (%s); marking it out of sync",
+                                self.volid, n, failed[n])
+                # raises if the state could not be recorded: then we must not ack
+                self.gen = await self._on_failure(still)
+                for n in still:
+                    self.states[n] = OUT_OF_SYNC

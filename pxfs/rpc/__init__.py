@@ -1,0 +1,1 @@
+"""Node-to-node requests: length-prefixed msgpack frames over TCP."""

@@ -1,0 +1,1 @@
+"""Volume lifecycle: specs, create/attach/mount, replica states, resync."""

@@ -1,0 +1,301 @@
+"""Attaching volumes to this node: the attach lease and fencing term in etcd,
+the image file in the node's FUSE view, the loop device, mkfs and mount.
+
+At most one node holds ``attach/<volid>``; it is bound to the node's etcd
+lease, so it vanishes when the node dies and another node may attach.
+Every attach bumps the volume's term and sends it to the replicas, which
+then refuse writes from any older term (a paused node waking up).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+
+import trio
+
+from .. import codec
+from ..errors import Busy, Fenced, HostError, InvalidArgument, NotFound, PxfsError
+from ..meta import keys
+from ..meta.kv import Compare, Delete
+from ..meta.txn import run_txn
+from ..replication.volume_io import IN_SYNC, OUT_OF_SYNC, RESYNCING, ReplicatedVolume
+from . import hostdev
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Local:
+    volid: int
+    name: str
+    fs: str
+    vol: ReplicatedVolume
+    device: str = ""
+    mount: str = ""
+
+
+class Attachments:
+    def __init__(self, catalog, membership, view, *, osd_root: str, fuse_mountpoint: str,
+                 state_path: str, io_timeout: float = 5.0):
+        self.catalog = catalog
+        self.kv, self.cid, self.node = catalog.kv, catalog.cid, catalog.node
+        self.membership = membership
+        self.view = view                  # FUSE view: add(name, vol) / remove(name)
+        self.osd_root = osd_root
+        self.fuse_mountpoint = fuse_mountpoint
+        self.state_path = state_path
+        self.io_timeout = io_timeout
+        self.local: dict[int, Local] = {}
+        self._locks: dict[int, trio.Lock] = {}
+
+    def lock(self, volid: int) -> trio.Lock:
+        return self._locks.setdefault(volid, trio.Lock())
+
+    # -- local state file (what to clean after a crash) ---------------------
+    def _save(self) -> None:
+        state = {str(v.volid): {"name": v.name, "device": v.device, "mount": v.mount}
+                 for v in self.local.values()}
+        tmp = self.state_path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(state, fh)
+        os.replace(tmp, self.state_path)
+
+    def recover_stale(self) -> None:
+        """Undo mounts and loop devices left by an earlier run that died (sync, at start)."""
+        try:
+            with open(self.state_path) as fh:
+                state = json.load(fh)
+        except (FileNotFoundError, ValueError):
+            state = {}
+        for volid, ent in state.items():
+            if ent.get("mount") and hostdev.is_mountpoint(ent["mount"]):
+                log.warning("unmounting %s left by a previous run", ent["mount"])
+                subprocess.run(["umount", "-l", ent["mount"]], check=False)
+            hostdev.unlink_pxd(int(volid))
+        for dev in hostdev.loops_backed_by(self.fuse_mountpoint):
+            for src, tgt, _ in hostdev.mounts():
+                if src == dev:
+                    log.warning("unmounting %s (on stale %s)", tgt, dev)
+                    subprocess.run(["umount", "-l", tgt], check=False)
+            log.warning("detaching stale loop device %s", dev)
+            subprocess.run(["losetup", "-d", dev], check=False)
+        self.local.clear()
+        self._save()
+
+    # -- the failure callback used by the data path -------------------------
+    def _failure_handler(self, volid: int):
+        async def on_failure(nodes):
+            loc = self.local.get(volid)
+            term = loc.vol.term if loc else -1
+            try:
+                rec = await self.catalog.mark_out_of_sync(volid, nodes, term)
+            except Fenced as exc:
+                if loc:
+                    loc.vol.fence_local(str(exc))
+                raise
+            if loc:
+                loc.vol.states = {r["node"]: r["state"] for r in rec["replicas"]}
+            return rec["gen"]
+        return on_failure
+
+    # -- attach ----------------------------------------------------------------
+    async def attach(self, ref: str) -> dict:
+        volid = await self.catalog.resolve(ref)
+        async with self.lock(volid):
+            return await self._attach(volid)
+
+    async def _attach(self, volid: int) -> dict:
+        rec, _ = await self.catalog.get(volid)
+        loc = self.local.get(volid)
+        if loc is not None and not loc.vol.fenced:
+            return self._describe(loc)
+        if loc is not None:
+            await self._teardown(loc, release=False)
+        att = await self.catalog.attachment(volid)
+        if att is not None and not (att["node"] == self.node and att["lease"] != self.membership.lease):
+            raise Busy(f"volume {rec['name']!r} is attached on node {att['node']}")
+        lease = self.membership.lease
+
+        async def body(txn):
+            item = await txn.get(keys.vol_key(self.cid, volid))
+            if item is None:
+                raise NotFound(f"volume {volid} not found")
+            cur = await txn.get(keys.attach_key(self.cid, volid))
+            if cur is not None:
+                other = codec.unpack_record(cur.value)
+                if other["node"] != self.node:
+                    raise Busy(f"volume {rec['name']!r} is attached on node {other['node']}")
+            r = codec.unpack_record(item.value)
+            r["term"] += 1
+            changed = False
+            for rep in r["replicas"]:
+                if rep["state"] == RESYNCING:   # the old attacher's resync stops here
+                    rep["state"] = OUT_OF_SYNC
+                    changed = True
+            if changed:
+                r["gen"] += 1
+            txn.put(keys.vol_key(self.cid, volid), codec.pack_record(r))
+            txn.put(keys.attach_key(self.cid, volid),
+                    codec.pack_record({"node": self.node, "term": r["term"]}), lease)
+            return r
+        rec = await run_txn(self.kv, body, what="attach")
+        term = rec["term"]
+        states = {r["node"]: r["state"] for r in rec["replicas"]}
+        vol = ReplicatedVolume(volid, rec["size"], term, rec["gen"], states, self.catalog.targets,
+                               self._failure_handler(volid), local_node=self.node,
+                               timeout=self.io_timeout)
+        loc = Local(volid, rec["name"], rec["fs"], vol)
+        self.local[volid] = loc
+        try:
+            await self._fence_replicas(loc)
+            self.view.add(rec["name"], vol)
+            loc.device = await hostdev.loop_attach(os.path.join(self.fuse_mountpoint, rec["name"]))
+            hostdev.link_pxd(volid, loc.device)
+            self._save()
+            await self._publish(loc)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._teardown(loc, release=True)
+            raise
+        log.info("attached volume %s (%d) as %s, term %d", loc.name, volid, loc.device, term)
+        return self._describe(loc)
+
+    async def _fence_replicas(self, loc: Local) -> None:
+        """Tell every replica the new term; unreachable ones fall out of sync."""
+        vol = loc.vol
+        failed = []
+
+        async def one(node):
+            try:
+                await self.catalog.targets(node).fence(vol.volid, vol.term, timeout=min(3, self.io_timeout))
+            except PxfsError as exc:
+                log.warning("volume %s: cannot fence replica on %s: %s", loc.name, node, exc)
+                failed.append(node)
+
+        async with trio.open_nursery() as n:
+            for node in vol.writers():
+                n.start_soon(one, node)
+        if failed:
+            if not [x for x in vol.readers() if x not in failed]:
+                raise PxfsError(f"volume {loc.name!r}: no in-sync replica is reachable "
+                                f"(tried {', '.join(vol.readers()) or 'none'})")
+            vol.gen = await self._failure_handler(vol.volid)(failed)
+
+    async def _publish(self, loc: Local) -> None:
+        """Write device and mount path into the attach record."""
+        async def body(txn):
+            item = await txn.get(keys.attach_key(self.cid, loc.volid))
+            if item is None or item.lease != self.membership.lease:
+                raise Fenced(f"volume {loc.name!r} lost its attachment")
+            txn.put(keys.attach_key(self.cid, loc.volid), codec.pack_record(
+                {"node": self.node, "term": loc.vol.term, "device": loc.device, "mount": loc.mount}),
+                self.membership.lease)
+        await run_txn(self.kv, body, what="publish attach")
+
+    def _describe(self, loc: Local) -> dict:
+        return {"id": str(loc.volid), "name": loc.name, "device": loc.device,
+                "pxd": os.path.join(hostdev.PXD_DIR, f"pxd{loc.volid}"), "mount": loc.mount,
+                "node": self.node, "term": loc.vol.term}
+
+    # -- mount / unmount -------------------------------------------------------
+    async def mount(self, ref: str, path: str | None) -> dict:
+        volid = await self.catalog.resolve(ref)
+        rec, _ = await self.catalog.get(volid)
+        if path is None:
+            path = os.path.join(self.osd_root, "mounts", rec["name"])
+        if not os.path.isabs(path):
+            raise InvalidArgument(f"mount path {path!r} must be absolute")
+        path = os.path.normpath(path)
+        if rec["fs"] == "none":
+            raise InvalidArgument(f"volume {rec['name']!r} has --fs none: use its block device")
+        if volid not in self.local:
+            await self.attach(str(volid))
+        async with self.lock(volid):
+            loc = self.local.get(volid)
+            if loc is None:
+                raise NotFound(f"volume {rec['name']!r} is not attached here")
+            if loc.mount:
+                if loc.mount == path:
+                    return self._describe(loc)
+                raise Busy(f"volume {loc.name!r} is already mounted at {loc.mount}")
+            if hostdev.is_mountpoint(path):
+                raise Busy(f"{path} is already a mount point")
+            found = await hostdev.fs_type(loc.device)
+            if not found:
+                log.info("formatting %s (%s) with %s", loc.name, loc.device, loc.fs)
+                await hostdev.mkfs(loc.device, loc.fs, loc.name)
+            elif found != loc.fs:
+                raise HostError(f"volume {loc.name!r} holds {found}, not {loc.fs}")
+            await hostdev.mount(loc.device, path, loc.fs)
+            loc.mount = path
+            self._save()
+            await self._publish(loc)
+            return self._describe(loc)
+
+    async def unmount(self, ref: str) -> dict:
+        volid = await self.catalog.resolve(ref)
+        async with self.lock(volid):
+            loc = self.local.get(volid)
+            if loc is None or not loc.mount:
+                raise NotFound(f"volume {ref!r} is not mounted on this node")
+            await hostdev.umount(loc.mount)
+            loc.mount = ""
+            self._save()
+            if not loc.vol.fenced:
+                await self._publish(loc)
+            return self._describe(loc)
+
+    # -- detach ----------------------------------------------------------------
+    async def detach(self, ref: str) -> dict:
+        volid = await self.catalog.resolve(ref)
+        async with self.lock(volid):
+            loc = self.local.get(volid)
+            if loc is None:
+                att = await self.catalog.attachment(volid)
+                where = f"on node {att['node']}" if att else "anywhere"
+                raise NotFound(f"volume {ref!r} is not attached on this node (attached {where})")
+            if loc.mount:
+                raise Busy(f"volume {loc.name!r} is mounted at {loc.mount}; unmount it first")
+            out = self._describe(loc)
+            await self._teardown(loc, release=True)
+            return out
+
+    async def _teardown(self, loc: Local, release: bool) -> None:
+        if loc.device:
+            await hostdev.loop_detach(loc.device)
+        hostdev.unlink_pxd(loc.volid)
+        if not loc.vol.fenced:
+            try:
+                await loc.vol.flush()
+            except PxfsError as exc:
+                log.warning("flush at detach of %s failed: %s", loc.name, exc)
+        self.view.remove(loc.name)
+        self.local.pop(loc.volid, None)
+        self._save()
+        if release:
+            item = await self.kv.get(keys.attach_key(self.cid, loc.volid))
+            if item is not None and item.lease == self.membership.lease:
+                await self.kv.txn([Compare(item.key, item.mod_rev)], [Delete(item.key)])
+        log.info("detached volume %s", loc.name)
+
+    # -- node events ------------------------------------------------------------
+    async def on_lease_lost(self, old_lease: int) -> None:
+        for loc in self.local.values():
+            loc.vol.fence_local("this node lost its etcd lease; the volume may be attached elsewhere")
+
+    async def shutdown(self) -> None:
+        """Unmount and detach everything (clean node stop)."""
+        for loc in list(self.local.values()):
+            try:
+                if loc.mount:
+                    await hostdev.umount(loc.mount, lazy=False)
+                    loc.mount = ""
+            except HostError as exc:
+                log.warning("cannot unmount %s: %s; unmounting lazily", loc.mount, exc)
+                await hostdev.umount(loc.mount, lazy=True)
+                loc.mount = ""
+            await self._teardown(loc, release=True)

@@ -1,0 +1,215 @@
+"""The volume catalog in etcd: create, find, list, inspect, delete, and the
+replica-state transitions (out of sync, resyncing, in sync) that decide who
+holds good data.  Replica states live only here, never in the replicas.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+from .. import codec
+from ..errors import AlreadyExists, Busy, Fenced, InvalidArgument, NoSpace, NotFound, PxfsError
+from ..meta import keys
+from ..meta.kv import KV, Delete
+from ..meta.lease import list_nodes
+from ..meta.txn import run_txn
+from ..replication.volume_io import IN_SYNC, OUT_OF_SYNC, RESYNCING
+from .spec import VolumeSpec, cos_name
+
+log = logging.getLogger(__name__)
+
+
+def new_volume_id() -> int:
+    return random.randint(10 ** 17, 10 ** 18 - 1)
+
+
+class Catalog:
+    def __init__(self, kv: KV, cid: str, node: str, targets):
+        self.kv, self.cid, self.node = kv, cid, node
+        self.targets = targets            # node id -> replica target
+
+    # -- lookups -------------------------------------------------------------
+    async def resolve(self, ref: str | int) -> int:
+        ref = str(ref)
+        if ref.isdigit():
+            return int(ref)
+        item = await self.kv.get(keys.volname_key(self.cid, ref))
+        if item is None:
+            raise NotFound(f"volume {ref!r} not found")
+        return int(codec.unpack(item.value))
+
+    async def get(self, ref: str | int) -> tuple[dict, int]:
+        volid = await self.resolve(ref)
+        item = await self.kv.get(keys.vol_key(self.cid, volid))
+        if item is None:
+            raise NotFound(f"volume {ref!r} not found")
+        return codec.unpack_record(item.value), item.mod_rev
+
+    async def attachment(self, volid: int) -> dict | None:
+        item = await self.kv.get(keys.attach_key(self.cid, volid))
+        if item is None:
+            return None
+        rec = codec.unpack_record(item.value)
+        rec["lease"] = item.lease
+        rec["mod_rev"] = item.mod_rev
+        return rec
+
+    # -- create / delete -----------------------------------------------------
+    async def create(self, spec: VolumeSpec) -> dict:
+        nodes = await list_nodes(self.kv, self.cid)
+        online = [n for n in nodes if n["online"]]
+        if spec.nodes:
+            known = {n["id"]: n for n in nodes}
+            for n in spec.nodes:
+                if n not in known:
+                    raise InvalidArgument(f"nodes: no node {n!r} in this cluster")
+                if not known[n]["online"]:
+                    raise NoSpace(f"nodes: node {n!r} is offline")
+            chosen = list(spec.nodes)
+        else:
+            if spec.repl > len(online):
+                raise NoSpace(f"cannot create a volume with repl {spec.repl}: only "
+                              f"{len(online)} node(s) online")
+            # emptiest pools first; ties broken at random to spread volumes
+            online.sort(key=lambda n: (-(n.get("pool_total", 0) - n.get("pool_used", 0)),
+                                       random.random()))
+            chosen = [n["id"] for n in online[:spec.repl]]
+        rec = spec.to_record()
+        rec.update(id=new_volume_id(), ctime=time.time(), shared=False, encrypted=False, scale=1,
+                   gen=1, term=0, replicas=[{"node": n, "state": IN_SYNC, "missed_from": 0}
+                                            for n in chosen])
+
+        async def body(txn):
+            if await txn.get(keys.volname_key(self.cid, spec.name)):
+                raise AlreadyExists(f"volume {spec.name!r} already exists")
+            await txn.get(keys.vol_key(self.cid, rec["id"]))
+            txn.put(keys.volname_key(self.cid, spec.name), codec.pack(rec["id"]))
+            txn.put(keys.vol_key(self.cid, rec["id"]), codec.pack_record(rec))
+        await run_txn(self.kv, body, what=f"create volume {spec.name}")
+        log.info("created volume %s (%d) on %s", spec.name, rec["id"], ",".join(chosen))
+        return rec
+
+    async def delete(self, ref: str) -> dict:
+        rec, rev = await self.get(ref)
+        att = await self.attachment(rec["id"])
+        if att is not None:
+            raise Busy(f"volume {rec['name']!r} is attached on {att['node']}; detach it first")
+
+        async def body(txn):
+            txn.expect(keys.vol_key(self.cid, rec["id"]), rev)
+            if await txn.get(keys.attach_key(self.cid, rec["id"])):
+                raise Busy(f"volume {rec['name']!r} is attached; detach it first")
+            txn.delete(keys.vol_key(self.cid, rec["id"]))
+            txn.delete(keys.volname_key(self.cid, rec["name"]))
+        await run_txn(self.kv, body, tries=1, what="delete volume")
+        for r in rec["replicas"]:
+            try:
+                await self.targets(r["node"]).delete_volume(rec["id"])
+            except PxfsError as exc:
+                # an offline node drops the chunks of unknown volumes when it starts
+                log.info("replica data of %s on %s left for its node to remove: %s",
+                         rec["id"], r["node"], exc)
+        for item in await self.kv.range(keys.resync_prefix(self.cid) + f"{rec['id']}/"):
+            await self.kv.txn([], [Delete(item.key)])
+        return rec
+
+    # -- replica states ------------------------------------------------------
+    async def mark_out_of_sync(self, volid: int, nodes: list[str], term: int) -> dict:
+        """Record that ``nodes`` missed writes; returns the new record.  Fails
+        (Fenced/MetaError) if this node no longer holds the attach term."""
+        async def body(txn):
+            item = await txn.get(keys.vol_key(self.cid, volid))
+            if item is None:
+                raise NotFound(f"volume {volid} vanished")
+            rec = codec.unpack_record(item.value)
+            if rec["term"] != term:
+                raise Fenced(f"volume {volid} was attached elsewhere (term {rec['term']} > {term})")
+            for r in rec["replicas"]:
+                if r["node"] in nodes and r["state"] != OUT_OF_SYNC:
+                    mf = rec["gen"] if r["state"] == IN_SYNC else min(r["missed_from"], rec["gen"])
+                    r.update(state=OUT_OF_SYNC, missed_from=mf)
+            rec["gen"] += 1
+            txn.put(keys.vol_key(self.cid, volid), codec.pack_record(rec))
+            return rec
+        return await run_txn(self.kv, body, what="mark replica out of sync")
+
+    async def set_replica_state(self, volid: int, node: str, state: str, *, term: int | None = None,
+                                expect_rev: int | None = None, require_detached=False) -> dict:
+        async def body(txn):
+            item = await txn.get(keys.vol_key(self.cid, volid))
+            if item is None:
+                raise NotFound(f"volume {volid} vanished")
+            if expect_rev is not None and item.mod_rev != expect_rev:
+                raise Busy(f"volume {volid} changed meanwhile")
+            if require_detached and await txn.get(keys.attach_key(self.cid, volid)):
+                raise Busy(f"volume {volid} was attached meanwhile")
+            rec = codec.unpack_record(item.value)
+            if term is not None and rec["term"] != term:
+                raise Fenced(f"volume {volid} was attached elsewhere")
+            for r in rec["replicas"]:
+                if r["node"] == node:
+                    r["state"] = state
+                    if state == IN_SYNC:
+                        r["missed_from"] = 0
+            if state == IN_SYNC:
+                rec["gen"] += 1
+            txn.put(keys.vol_key(self.cid, volid), codec.pack_record(rec))
+            return rec
+        return await run_txn(self.kv, body, what=f"set replica state {state}")
+
+    # -- listing ---------------------------------------------------------------
+    async def snapshot(self) -> tuple[list[dict], dict, dict, dict]:
+        """(volumes, attachments by volid, nodes by id, resync progress)."""
+        vols = [codec.unpack_record(i.value) for i in await self.kv.range(keys.vol_prefix(self.cid))]
+        atts = {}
+        for i in await self.kv.range(keys.attach_prefix(self.cid)):
+            atts[int(keys.last_part(i.key))] = codec.unpack_record(i.value)
+        nodes = {n["id"]: n for n in await list_nodes(self.kv, self.cid)}
+        progress = {}
+        for i in await self.kv.range(keys.resync_prefix(self.cid)):
+            volid, node = i.key.split("/")[-2:]
+            progress[(int(volid), node)] = codec.unpack_record(i.value)
+        return vols, atts, nodes, progress
+
+    @staticmethod
+    def describe(rec: dict, att: dict | None, nodes: dict, progress: dict) -> dict:
+        """The public view of a volume (REST/pxctl)."""
+        replicas = []
+        degraded = False
+        healthy = 0
+        for r in rec["replicas"]:
+            node = nodes.get(r["node"], {})
+            online = bool(node.get("online"))
+            state = r["state"]
+            view = {"node": r["node"], "address": node.get("data", ""), "state": state}
+            if state == RESYNCING:
+                p = progress.get((rec["id"], r["node"]), {})
+                view.update(done_bytes=p.get("done", 0), total_bytes=p.get("total", 0),
+                            percent=p.get("percent", 0.0))
+            if not online:
+                view["state"] = "offline" if state == IN_SYNC else state
+                view["online"] = False
+            else:
+                view["online"] = True
+            if state == IN_SYNC and online:
+                healthy += 1
+            else:
+                degraded = True
+            replicas.append(view)
+        status = "down" if healthy == 0 else "degraded" if degraded else "up"
+        where = f"attached on {att['node']}" if att else "detached"
+        local = att is not None and att["node"] in [r["node"] for r in rec["replicas"]]
+        return {
+            "id": str(rec["id"]), "name": rec["name"], "size": rec["size"], "fs": rec["fs"],
+            "block_size": rec["block_size"], "ha": rec["repl"], "cos": rec["cos"],
+            "io_priority": cos_name(rec["cos"]), "labels": rec["labels"], "shared": rec["shared"],
+            "encrypted": rec["encrypted"], "scale": rec["scale"], "ctime": rec["ctime"],
+            "status": status, "state": where, "status_text": f"{status} - {where}",
+            "attached_on": att["node"] if att else None,
+            "device_path": att.get("device", "") if att else "",
+            "mount_path": att.get("mount", "") if att else "",
+            "data_local": local if att else None,
+            "term": rec["term"], "gen": rec["gen"], "replicas": replicas,
+        }

@@ -1,0 +1,108 @@
+"""Host block-device plumbing: loop devices over the FUSE image files,
+mkfs, mount and umount, run as async subprocesses so the FUSE loop keeps
+serving the I/O they cause."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+
+import trio
+
+from ..errors import HostError
+
+log = logging.getLogger(__name__)
+PXD_DIR = "/dev/pxd"
+
+
+async def run(*argv: str, check: bool = True) -> str:
+    try:
+        res = await trio.run_process(list(argv), capture_stdout=True, capture_stderr=True,
+                                     check=False)
+    except OSError as exc:
+        raise HostError(f"{argv[0]}: {exc}") from exc
+    if check and res.returncode:
+        msg = (res.stderr or res.stdout).decode(errors="replace").strip().splitlines()
+        raise HostError(f"{' '.join(argv[:2])} failed: {msg[-1] if msg else res.returncode}")
+    return res.stdout.decode(errors="replace").strip()
+
+
+async def loop_attach(path: str) -> str:
+    return await run("losetup", "--find", "--show", "--direct-io=on", path)
+
+
+async def loop_detach(dev: str) -> None:
+    await run("losetup", "-d", dev, check=False)
+
+
+def loops_backed_by(prefix: str) -> list[str]:
+    """Loop devices whose backing file lies under ``prefix`` (sync: startup)."""
+    out = []
+    try:
+        text = subprocess.run(["losetup", "-n", "-O", "NAME,BACK-FILE", "-l"], capture_output=True,
+                              text=True, check=False).stdout
+    except OSError:
+        return out
+    for line in text.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[1].strip().startswith(prefix.rstrip("/") + "/"):
+            out.append(parts[0])
+    return out
+
+
+def mounts() -> list[tuple[str, str, str]]:
+    """(source, target, fstype) of every mount, octal escapes decoded."""
+    out = []
+    with open("/proc/self/mounts") as fh:
+        for line in fh:
+            f = line.split()
+            dec = [x.encode().decode("unicode_escape") for x in f[:3]]
+            out.append((dec[0], dec[1], dec[2]))
+    return out
+
+
+def is_mountpoint(path: str) -> bool:
+    path = os.path.realpath(path)
+    return any(t == path for _, t, _ in mounts())
+
+
+async def fs_type(dev: str) -> str:
+    """The filesystem type on ``dev`` ('' when none)."""
+    return await run("blkid", "-p", "-o", "value", "-s", "TYPE", dev, check=False)
+
+
+async def mkfs(dev: str, fs: str, label: str) -> None:
+    if fs == "ext4":
+        await run("mkfs.ext4", "-q", "-F", "-L", label[:16], "-E", "nodiscard,lazy_itable_init=1", dev)
+    elif fs == "xfs":
+        await run("mkfs.xfs", "-q", "-f", "-K", "-L", label[:12], dev)
+    else:
+        raise HostError(f"cannot format {fs}")
+
+
+async def mount(dev: str, path: str, fs: str) -> None:
+    await trio.to_thread.run_sync(lambda: os.makedirs(path, exist_ok=True))
+    await run("mount", "-t", fs, dev, path)
+
+
+async def umount(path: str, lazy: bool = False) -> None:
+    await run("umount", *(["-l"] if lazy else []), path)
+
+
+def link_pxd(volid: int, dev: str) -> str:
+    os.makedirs(PXD_DIR, exist_ok=True)
+    link = os.path.join(PXD_DIR, f"pxd{volid}")
+    try:
+        os.unlink(link)
+    except FileNotFoundError:
+        pass
+    os.symlink(dev, link)
+    return link
+
+
+def unlink_pxd(volid: int) -> None:
+    try:
+        os.unlink(os.path.join(PXD_DIR, f"pxd{volid}"))
+    except FileNotFoundError:
+        pass

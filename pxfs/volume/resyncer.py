@@ -1,0 +1,139 @@
+"""The resync service: finds replicas marked out of sync whose node is back
+online and brings them up to date.  The node a volume is attached on runs the
+resync live (writes keep flowing, chunk by chunk under the chunk locks); a
+detached volume is pulled by the stale replica's own node.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from .. import codec
+from ..errors import PxfsError
+from ..meta import keys
+from ..meta.kv import Delete, Put
+from ..replication.resync import resync_replica
+from ..replication.volume_io import IN_SYNC, OUT_OF_SYNC, RESYNCING
+
+log = logging.getLogger(__name__)
+
+
+class Resyncer:
+    def __init__(self, catalog, attachments, membership, *, interval: float = 1.0):
+        self.catalog, self.attachments, self.membership = catalog, attachments, membership
+        self.kv, self.cid, self.node = catalog.kv, catalog.cid, catalog.node
+        self.interval = interval
+        self.running: set[tuple[int, str]] = set()
+        self.history: list[dict] = []     # finished resyncs, for tests and the API
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                try:
+                    await self._scan(nursery)
+                except PxfsError as exc:
+                    log.warning("resync scan failed: %s", exc)
+                await trio.sleep(self.interval)
+
+    async def _scan(self, nursery) -> None:
+        vols, atts, nodes, _ = await self.catalog.snapshot()
+        for rec in vols:
+            att = atts.get(rec["id"])
+            for r in rec["replicas"]:
+                key = (rec["id"], r["node"])
+                if r["state"] != OUT_OF_SYNC or key in self.running:
+                    continue
+                if not nodes.get(r["node"], {}).get("online"):
+                    continue
+                loc = self.attachments.local.get(rec["id"])
+                if att and att["node"] == self.node and loc and not loc.vol.fenced:
+                    self.running.add(key)
+                    nursery.start_soon(self._guard, key, self._live, loc, r["node"])
+                elif not att and r["node"] == self.node:
+                    self.running.add(key)
+                    nursery.start_soon(self._guard, key, self._offline, rec["id"])
+
+    async def _guard(self, key, fn, *args):
+        try:
+            await fn(*args)
+        except PxfsError as exc:
+            log.warning("resync of volume %s to %s stopped: %s", key[0], key[1], exc)
+        finally:
+            self.running.discard(key)
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.kv.txn([], [Delete(keys.resync_key(self.cid, key[0], key[1]))])
+                except PxfsError:
+                    pass
+
+    def _reporter(self, volid: int, node: str):
+        async def report(p):
+            rec = {"done": p.done, "total": p.total, "percent": p.percent, "chunks": p.chunks,
+                   "started": p.started}
+            await self.kv.txn([], [Put(keys.resync_key(self.cid, volid, node),
+                                       codec.pack_record(rec), self.membership.lease)])
+        return report
+
+    async def _live(self, loc, node: str) -> None:
+        vol = loc.vol
+        sources = [n for n in vol.readers() if n != node]
+        if not sources:
+            return
+        rec = await self.catalog.set_replica_state(vol.volid, node, RESYNCING, term=vol.term)
+        missed = next(r["missed_from"] for r in rec["replicas"] if r["node"] == node)
+        vol.states[node] = RESYNCING
+        log.info("volume %s: resyncing replica on %s from %s (writes since gen %d)",
+                 loc.name, node, sources[0], missed)
+        try:
+            prog = await resync_replica(vol.volid, self.catalog.targets(sources[0]),
+                                        self.catalog.targets(node), missed_from=missed,
+                                        term=vol.term, lock_fn=vol.chunk_lock,
+                                        report=self._reporter(vol.volid, node))
+        except PxfsError:
+            if vol.states.get(node) == RESYNCING and not vol.fenced:
+                vol.gen = await self.attachments._failure_handler(vol.volid)([node])
+            raise
+        if vol.states.get(node) != RESYNCING:
+            return                                # a write to it failed meanwhile
+        async with vol._state_lock:
+            rec = await self.catalog.set_replica_state(vol.volid, node, IN_SYNC, term=vol.term)
+            vol.states = {r["node"]: r["state"] for r in rec["replicas"]}
+            vol.gen = rec["gen"]
+        self._done(vol.volid, node, prog)
+
+    async def _offline(self, volid: int) -> None:
+        rec, rev = await self.catalog.get(volid)
+        me = next(r for r in rec["replicas"] if r["node"] == self.node)
+        sources = [r["node"] for r in rec["replicas"] if r["state"] == IN_SYNC]
+        if not sources:
+            return
+        rec = await self.catalog.set_replica_state(volid, self.node, RESYNCING, expect_rev=rev,
+                                                   require_detached=True)
+        _, rev = await self.catalog.get(volid)
+        log.info("volume %s: pulling changes since gen %d from %s", rec["name"], me["missed_from"],
+                 sources[0])
+        try:
+            prog = await resync_replica(volid, self.catalog.targets(sources[0]),
+                                        self.catalog.targets(self.node),
+                                        missed_from=me["missed_from"], term=rec["term"],
+                                        report=self._reporter(volid, self.node))
+            await self.catalog.set_replica_state(volid, self.node, IN_SYNC, expect_rev=rev,
+                                                 require_detached=True)
+        except PxfsError:
+            try:
+                await self.catalog.set_replica_state(volid, self.node, OUT_OF_SYNC, expect_rev=rev,
+                                                     require_detached=True)
+            except PxfsError:
+                pass
+            raise
+        self._done(volid, self.node, prog)
+
+    def _done(self, volid, node, prog) -> None:
+        log.info("volume %s: replica on %s in sync again (%d chunks, %d bytes copied)",
+                 volid, node, prog.chunks, prog.done)
+        self.history.append({"volume": str(volid), "node": node, "chunks": prog.chunks,
+                             "bytes": prog.done})
+        del self.history[:-100]

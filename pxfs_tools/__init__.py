@@ -1,0 +1,1 @@
+"""Operator tools: pxctl, the local-cluster launcher."""

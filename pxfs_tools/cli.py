@@ -1,0 +1,330 @@
+"""pxctl: the command line of pxfs, shaped after Portworx's pxctl.
+
+    pxctl [-j] [--host URL] status
+    pxctl volume create NAME [--size 10] [--repl 2] [--fs ext4] [--block_size 32] [--cos 1]
+                             [--label k=v,k2=v2] [--nodes n1,n2]
+    pxctl volume list | inspect VOL | delete VOL
+    pxctl host attach VOL | detach VOL | mount VOL [--path P] | unmount VOL
+
+Exit status: 0 success, 1 the operation failed, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from urllib.parse import quote
+
+import click
+
+from .client import ApiError, Client
+
+DEFAULT_HOST = "http://127.0.0.1:9001"
+
+
+def human(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" or n == int(n) else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class Ctx:
+    def __init__(self, host: str, as_json: bool):
+        self.client = Client(host)
+        self.json = as_json
+
+    def out(self, data, text_fn):
+        if self.json:
+            click.echo(json.dumps(data, indent=2, sort_keys=True))
+        else:
+            text_fn(data)
+
+
+def _run(ctx: Ctx, fn, render):
+    try:
+        data = fn()
+    except ApiError as exc:
+        click.echo(f"pxctl: {exc}", err=True)
+        sys.exit(1)
+    ctx.out(data, render)
+
+
+def _global_opts(f):
+    f = click.option("-j", "--json", "as_json", is_flag=True, default=None, help="machine-readable output")(f)
+    f = click.option("--host", default=None, help="node API URL (env PXCTL_HOST)")(f)
+    return f
+
+
+def _ctx(click_ctx, host, as_json) -> Ctx:
+    parent = click_ctx.find_object(dict) or {}
+    host = host or parent.get("host") or os.environ.get("PXCTL_HOST") or DEFAULT_HOST
+    if as_json is None:
+        as_json = parent.get("json", False)
+    return Ctx(host, as_json)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-j", "--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--host", default=None, help="node API URL (env PXCTL_HOST, default http://127.0.0.1:9001)")
+@click.pass_context
+def cli(ctx, as_json, host):
+    """pxfs control."""
+    ctx.obj = {"json": as_json, "host": host}
+
+
+# -- status -------------------------------------------------------------------
+def _render_status(s):
+    me = s["this_node"]
+    click.echo("Status: PX is operational")
+    click.echo(f"Node ID: {me['id']}")
+    click.echo(f"\tAPI: {me['api']}  Data: {me['data']}")
+    click.echo(f"\tLocal Storage Pool: {len(me['pools'])} pool")
+    click.echo("\tPOOL\tIO_PRIORITY\tSIZE\tUSED\tSTATUS")
+    click.echo(f"\t0\tLOW\t\t{human(me['pool_total'])}\t{human(me['pool_used'])}\tOnline")
+    click.echo(f"\tLocal Storage Devices: {len(me['devices'])} device(s)")
+    for i, d in enumerate(me["devices"]):
+        click.echo(f"\t0:{i + 1}\t{d}")
+    click.echo("Cluster Summary")
+    click.echo(f"\tCluster ID: {s['cluster_id']}")
+    rows = [("ID", "API", "DATA", "USED", "CAPACITY", "STATUS")]
+    used = total = 0
+    for n in s["nodes"]:
+        st = n["status"] + (" (This node)" if n["id"] == me["id"] else "")
+        rows.append((n["id"], n["api"], n["data"], human(n["pool_used"]), human(n["pool_total"]), st))
+        if n["status"] == "Online":
+            used += n["pool_used"]
+            total += n["pool_total"]
+    for line in _table(rows):
+        click.echo("\t" + line)
+    click.echo("Global Storage Pool")
+    click.echo(f"\tTotal Used    \t:  {human(used)}")
+    click.echo(f"\tTotal Capacity\t:  {human(total)}")
+
+
+def _table(rows):
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+@cli.command()
+@_global_opts
+@click.pass_context
+def status(click_ctx, host, as_json):
+    """Show the cluster and this node."""
+    ctx = _ctx(click_ctx, host, as_json)
+    _run(ctx, lambda: ctx.client.get("/v1/cluster/status"), _render_status)
+
+
+# -- volume -------------------------------------------------------------------
+@cli.group("volume")
+def volume():
+    """Manage volumes."""
+
+
+cli.add_command(volume, "v")
+
+
+@volume.command("create")
+@click.argument("name")
+@click.option("-s", "--size", default=None, help="size, GiB by default; units M, MiB, G, GiB, T (default 1)")
+@click.option("--fs", default=None, help="ext4, xfs or none (default ext4)")
+@click.option("-b", "--block_size", default=None, help="block size in KiB (default 32)")
+@click.option("-r", "--repl", default=None, help="replication factor 1..3 (default 1)")
+@click.option("--cos", "--io_priority", "cos", default=None, help="class of service 1..9 or low/medium/high")
+@click.option("-l", "--label", default=None, help="labels k=v,k2=v2")
+@click.option("--nodes", default=None, help="pin replicas: node ids n1,n2")
+@click.option("--shared", is_flag=True, default=False, help="shared namespace volume")
+@_global_opts
+@click.pass_context
+def volume_create(click_ctx, name, size, fs, block_size, repl, cos, label, nodes, shared, host, as_json):
+    """Create a volume."""
+    ctx = _ctx(click_ctx, host, as_json)
+    body = {"name": name}
+    for key, value in (("size", size), ("fs", fs), ("block_size", block_size), ("repl", repl),
+                       ("cos", cos)):
+        if value is not None:
+            body[key] = value
+    if label is not None:
+        labels = {}
+        for part in label.split(","):
+            k, eq, v = part.partition("=")
+            if not eq or not k:
+                click.echo(f"pxctl: --label {part!r}: expected key=value", err=True)
+                sys.exit(2)
+            labels[k] = v
+        body["labels"] = labels
+    if nodes is not None:
+        body["nodes"] = [n for n in nodes.replace(";", ",").split(",")]
+    if shared:
+        body["shared"] = True
+    _run(ctx, lambda: ctx.client.post("/v1/volumes", body),
+         lambda v: click.echo(f"Volume successfully created: {v['id']}"))
+
+
+def _status_text(v):
+    text = v["status_text"]
+    if v.get("attached_on") and v.get("data_local") is False:
+        text += " *"
+    return text
+
+
+def _render_list(vols):
+    rows = [("ID", "NAME", "SIZE", "HA", "SHARED", "ENCRYPTED", "IO_PRIORITY", "SCALE", "STATUS")]
+    star = False
+    for v in vols:
+        rows.append((v["id"], v["name"], human(v["size"]), v["ha"], "yes" if v["shared"] else "no",
+                     "yes" if v["encrypted"] else "no", v["io_priority"], v["scale"], _status_text(v)))
+        star = star or _status_text(v).endswith("*")
+    for line in _table(rows):
+        click.echo(line)
+    if star:
+        click.echo("* Data is not local to the node on which volume is attached.")
+
+
+@volume.command("list")
+@_global_opts
+@click.pass_context
+def volume_list(click_ctx, host, as_json):
+    """List volumes."""
+    ctx = _ctx(click_ctx, host, as_json)
+    _run(ctx, lambda: ctx.client.get("/v1/volumes"), _render_list)
+
+
+volume.add_command(volume_list, "l")
+
+
+def _replica_text(r):
+    if r["state"] == "resyncing":
+        return (f"resyncing {r.get('percent', 0):.1f}% ({human(r.get('done_bytes', 0))}"
+                f" of {human(r.get('total_bytes', 0))})")
+    return {"in_sync": "in sync", "out_of_sync": "out of sync"}.get(r["state"], r["state"])
+
+
+def _render_inspect(v):
+    ts = datetime.datetime.fromtimestamp(v["ctime"]).strftime("%Y-%m-%d %H:%M:%S")
+    rows = [("Volume", v["id"]), ("Name", v["name"]), ("Size", human(v["size"])),
+            ("Format", v["fs"]), ("HA", v["ha"]), ("Block size", human(v["block_size"])),
+            ("IO Priority", v["io_priority"]), ("Creation time", ts),
+            ("Shared", "yes" if v["shared"] else "no"), ("Status", v["status"].upper()),
+            ("State", f"Attached: {v['attached_on']}" if v["attached_on"] else "detached"),
+            ("Device Path", v["device_path"] or "-"), ("Mount Path", v["mount_path"] or "-"),
+            ("Labels", ",".join(f"{k}={x}" for k, x in v["labels"].items()) or "-"),
+            ("Bytes used", human(v.get("bytes_used"))), ("Attach term", v["term"])]
+    if v.get("io"):
+        io = v["io"]
+        rows += [("Reads", io["reads"]), ("Bytes Read", io["bytes_read"]),
+                 ("Writes", io["writes"]), ("Bytes Written", io["bytes_written"])]
+    w = max(len(k) for k, _ in rows)
+    for k, x in rows:
+        click.echo(f"{k.ljust(w)} : {x}")
+    click.echo("Replica sets on nodes:")
+    click.echo("\tSet 0")
+    for r in v["replicas"]:
+        click.echo(f"\t  Node : {r['node']} ({r['address']})  {_replica_text(r)}")
+    click.echo(f"Replication Status : {'Detached' if not v['attached_on'] else v['status'].capitalize()}")
+
+
+@volume.command("inspect")
+@click.argument("volumes", nargs=-1, required=True)
+@_global_opts
+@click.pass_context
+def volume_inspect(click_ctx, volumes, host, as_json):
+    """Show a volume's spec, attach state and replicas."""
+    ctx = _ctx(click_ctx, host, as_json)
+    data = []
+    for ref in volumes:
+        try:
+            data.append(ctx.client.get(f"/v1/volumes/{quote(ref, safe='')}"))
+        except ApiError as exc:
+            click.echo(f"pxctl: {exc}", err=True)
+            sys.exit(1)
+    if ctx.json:
+        click.echo(json.dumps(data[0] if len(data) == 1 else data, indent=2, sort_keys=True))
+    else:
+        for i, v in enumerate(data):
+            if i:
+                click.echo()
+            _render_inspect(v)
+
+
+volume.add_command(volume_inspect, "i")
+
+
+@volume.command("delete")
+@click.argument("ref")
+@_global_opts
+@click.pass_context
+def volume_delete(click_ctx, ref, host, as_json):
+    """Delete a detached volume and its data."""
+    ctx = _ctx(click_ctx, host, as_json)
+    _run(ctx, lambda: ctx.client.delete(f"/v1/volumes/{quote(ref, safe='')}"),
+         lambda v: click.echo(f"Volume {v['name']} successfully deleted."))
+
+
+# -- host ---------------------------------------------------------------------
+@cli.group("host")
+def host_group():
+    """Attach, detach, mount and unmount volumes on a node."""
+
+
+@host_group.command("attach")
+@click.argument("ref")
+@_global_opts
+@click.pass_context
+def host_attach(click_ctx, ref, host, as_json):
+    """Attach a volume to this node; prints the block device."""
+    ctx = _ctx(click_ctx, host, as_json)
+    _run(ctx, lambda: ctx.client.post(f"/v1/volumes/{quote(ref, safe='')}/attach"),
+         lambda v: click.echo(f"Volume successfully attached at: {v['device']}"))
+
+
+@host_group.command("detach")
+@click.argument("ref")
+@_global_opts
+@click.pass_context
+def host_detach(click_ctx, ref, host, as_json):
+    """Detach a volume from this node."""
+    ctx = _ctx(click_ctx, host, as_json)
+    _run(ctx, lambda: ctx.client.post(f"/v1/volumes/{quote(ref, safe='')}/detach"),
+         lambda v: click.echo(f"Volume {v['name']} successfully detached"))
+
+
+@host_group.command("mount")
+@click.argument("ref")
+@click.option("--path", default=None, help="mount point (default <osd root>/mounts/<name>)")
+@_global_opts
+@click.pass_context
+def host_mount(click_ctx, ref, path, host, as_json):
+    """Format on first use and mount a volume on this node."""
+    ctx = _ctx(click_ctx, host, as_json)
+    body = {"path": os.path.abspath(path)} if path else {}
+    _run(ctx, lambda: ctx.client.post(f"/v1/volumes/{quote(ref, safe='')}/mount", body),
+         lambda v: click.echo(f"Volume {v['name']} successfully mounted at {v['mount']}"))
+
+
+@host_group.command("unmount")
+@click.argument("ref")
+@_global_opts
+@click.pass_context
+def host_unmount(click_ctx, ref, host, as_json):
+    """Unmount a volume on this node."""
+    ctx = _ctx(click_ctx, host, as_json)
+    _run(ctx, lambda: ctx.client.post(f"/v1/volumes/{quote(ref, safe='')}/unmount"),
+         lambda v: click.echo(f"Volume {v['name']} successfully unmounted"))
+
+
+def main():
+    try:
+        cli(standalone_mode=True)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""pxfs-cluster: start and stop a local cluster (one etcd, N pxfs nodes on
+loopback) under a work directory.  Used by the README, the tests and the
+benchmarks; several clusters can run on one machine at once.
+
+    pxfs-cluster up --nodes 3 --workdir DIR      prints {"etcd", "nodes": [...]}
+    pxfs-cluster stop-node ID --workdir DIR [--kill]
+    pxfs-cluster start-node ID --workdir DIR
+    pxfs-cluster down --workdir DIR
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import click
+import httpx
+
+STATE = "cluster.json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:   # a zombie of ours counts as gone
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return True
+        except ChildProcessError:
+            pass
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _load(workdir: str) -> dict:
+    try:
+        with open(os.path.join(workdir, STATE)) as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise click.ClickException(f"no cluster in {workdir} (no {STATE})") from None
+
+
+def _save(workdir: str, state: dict) -> None:
+    tmp = os.path.join(workdir, STATE + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(state, fh, indent=2)
+    os.replace(tmp, os.path.join(workdir, STATE))
+
+
+def _public(state: dict) -> dict:
+    keys = ("id", "api", "data", "pid", "fuse", "osd_root", "config", "log")
+    return {"etcd": state["etcd"], "clusterid": state["clusterid"], "workdir": state["workdir"],
+            "nodes": [{k: n[k] for k in keys} for n in state["nodes"]]}
+
+
+def start_etcd(workdir: str, fast: bool) -> tuple[str, int]:
+    cport, pport = free_port(), free_port()
+    url, peer = f"http://127.0.0.1:{cport}", f"http://127.0.0.1:{pport}"
+    log = open(os.path.join(workdir, "etcd.log"), "ab")
+    argv = ["etcd", "--name", "pxfs-etcd", "--data-dir", os.path.join(workdir, "etcd"),
+            "--listen-client-urls", url, "--advertise-client-urls", url,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"pxfs-etcd={peer}", "--log-level", "warn"]
+    if fast:
+        argv.append("--unsafe-no-fsync")
+    try:
+        proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
+    except FileNotFoundError:
+        raise click.ClickException("etcd is not installed (apt-get install etcd-server)") from None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return url, proc.pid
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise click.ClickException(f"etcd did not start; see {workdir}/etcd.log")
+
+
+def _spawn(node: dict) -> int:
+    log = open(node["log"], "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "pxfs.node", "--config", node["config"]],
+                            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    return proc.pid
+
+
+def _wait_ready(node: dict, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(node["api"] + "/v1/cluster/status", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if not _alive(node["pid"]):
+            break
+        time.sleep(0.1)
+    tail = open(node["log"], errors="replace").read()[-2000:]
+    raise click.ClickException(f"node {node['id']} did not come up; log {node['log']}:\n{tail}")
+
+
+@click.group()
+def cli():
+    """Run a local pxfs cluster."""
+
+
+@cli.command()
+@click.option("--nodes", "count", default=3, type=click.IntRange(1, 9), show_default=True)
+@click.option("--workdir", required=True, type=click.Path(file_okay=False))
+@click.option("--drive-size", default="16G", show_default=True, help="sparse drive file per node")
+@click.option("--etcd", "etcd_url", default=None, help="use this etcd instead of starting one")
+@click.option("--lease-ttl", default=5, type=click.IntRange(2, 60), show_default=True)
+@click.option("--fast/--durable-etcd", default=False, help="start etcd with --unsafe-no-fsync (tests)")
+@click.option("--dir-drives", is_flag=True, help="use plain directories as drives (no loop mounts)")
+def up(count, workdir, drive_size, etcd_url, lease_ttl, fast, dir_drives):
+    """Start etcd and N nodes; print the cluster as JSON."""
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    if os.path.exists(os.path.join(workdir, STATE)):
+        raise click.ClickException(f"{workdir} already holds a cluster; run down first")
+    state = {"workdir": workdir, "clusterid": "pxfs-" + secrets.token_hex(4), "nodes": [],
+             "etcd_pid": None}
+    if etcd_url:
+        state["etcd"] = etcd_url
+    else:
+        state["etcd"], state["etcd_pid"] = start_etcd(workdir, fast)
+    _save(workdir, state)
+    try:
+        for i in range(1, count + 1):
+            nid = f"node{i}"
+            ndir = os.path.join(workdir, nid)
+            os.makedirs(ndir, exist_ok=True)
+            if dir_drives:
+                drive = os.path.join(ndir, "drive0")
+                os.makedirs(drive, exist_ok=True)
+            else:
+                drive = os.path.join(ndir, "drive0.img")
+                subprocess.run(["truncate", "-s", drive_size, drive], check=True)
+            api, data = free_port(), free_port()
+            cfg = {"clusterid": state["clusterid"], "kvdb": [f"etcd:{state['etcd']}"],
+                   "storage": {"devices": [drive]}, "node_id": nid,
+                   "api_address": f"127.0.0.1:{api}", "data_address": f"127.0.0.1:{data}",
+                   "data_dir": os.path.join(ndir, "data"),
+                   "fuse_mountpoint": os.path.join(ndir, "fuse"),
+                   "osd_root": os.path.join(ndir, "osd"), "lease_ttl": lease_ttl,
+                   "log_level": "info"}
+            cpath = os.path.join(ndir, "config.json")
+            with open(cpath, "w") as fh:
+                json.dump(cfg, fh, indent=2)
+            node = {"id": nid, "api": f"http://127.0.0.1:{api}", "data": f"127.0.0.1:{data}",
+                    "pid": None, "fuse": cfg["fuse_mountpoint"], "osd_root": cfg["osd_root"],
+                    "config": cpath, "log": os.path.join(ndir, "pxfsd.log")}
+            node["pid"] = _spawn(node)
+            state["nodes"].append(node)
+            _save(workdir, state)
+        for node in state["nodes"]:
+            _wait_ready(node)
+    except BaseException:
+        _down(state)
+        raise
+    click.echo(json.dumps(_public(state)))
+
+
+def _find(state, nid):
+    for n in state["nodes"]:
+        if n["id"] == nid:
+            return n
+    raise click.ClickException(f"no node {nid!r} in this cluster")
+
+
+def _stop(node: dict, kill: bool) -> None:
+    pid = node.get("pid")
+    if not _alive(pid):
+        node["pid"] = None
+        return
+    os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
+    if not _wait_exit(pid, 5 if kill else 60):
+        os.kill(pid, signal.SIGKILL)
+        _wait_exit(pid, 10)
+    node["pid"] = None
+
+
+@cli.command("stop-node")
+@click.argument("nid")
+@click.option("--workdir", required=True)
+@click.option("--kill", is_flag=True, help="SIGKILL instead of SIGTERM")
+def stop_node(nid, workdir, kill):
+    """Stop one node (its drives are kept)."""
+    workdir = os.path.abspath(workdir)
+    state = _load(workdir)
+    node = _find(state, nid)
+    _stop(node, kill)
+    _save(workdir, state)
+
+
+@cli.command("start-node")
+@click.argument("nid")
+@click.option("--workdir", required=True)
+def start_node(nid, workdir):
+    """Start a stopped node again with its old drives."""
+    workdir = os.path.abspath(workdir)
+    state = _load(workdir)
+    node = _find(state, nid)
+    if _alive(node.get("pid")):
+        raise click.ClickException(f"node {nid} is running (pid {node['pid']})")
+    node["pid"] = _spawn(node)
+    _save(workdir, state)
+    _wait_ready(node)
+    click.echo(json.dumps(node))
+
+
+def _cleanup_mounts(workdir: str) -> None:
+    """Lazily unmount whatever is still mounted under the work dir, detach
+    loop devices backed by files there (innermost first)."""
+    prefix = workdir.rstrip("/") + "/"
+    loops = []
+    text = subprocess.run(["losetup", "-n", "-O", "NAME,BACK-FILE", "-l"], capture_output=True,
+                          text=True).stdout
+    for line in text.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[1].strip().startswith(prefix):
+            loops.append(parts[0])
+    for _ in range(3):
+        mounts = []
+        with open("/proc/self/mounts") as fh:
+            for line in fh:
+                src, tgt = line.split()[:2]
+                tgt = tgt.encode().decode("unicode_escape")
+                if tgt.startswith(prefix) or src in loops:
+                    mounts.append(tgt)
+        if not mounts:
+            break
+        for tgt in sorted(mounts, key=len, reverse=True):
+            subprocess.run(["umount", "-l", tgt], capture_output=True)
+    for dev in loops:
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+    if os.path.isdir("/dev/pxd"):
+        for name in os.listdir("/dev/pxd"):
+            link = os.path.join("/dev/pxd", name)
+            if os.path.islink(link) and os.readlink(link) in loops:
+                os.unlink(link)
+
+
+def _down(state: dict) -> None:
+    for node in state["nodes"]:
+        try:
+            _stop(node, kill=False)
+        except OSError:
+            pass
+    _cleanup_mounts(state["workdir"])
+    if state.get("etcd_pid") and _alive(state["etcd_pid"]):
+        os.kill(state["etcd_pid"], signal.SIGTERM)
+        if not _wait_exit(state["etcd_pid"], 10):
+            os.kill(state["etcd_pid"], signal.SIGKILL)
+    state["etcd_pid"] = None
+
+
+@cli.command()
+@click.option("--workdir", required=True)
+def down(workdir):
+    """Stop every process this cluster started and unmount what it mounted."""
+    workdir = os.path.abspath(workdir)
+    state = _load(workdir)
+    _down(state)
+    os.unlink(os.path.join(workdir, STATE))
+
+
+def main():
+    cli()
+
+
+if __name__ == "__main__":
+    main()
