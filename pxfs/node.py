@@ -145,16 +145,18 @@ async def serve_api(node: Node, *, task_status=trio.TASK_STATUS_IGNORED):
 
 
 def _clean_fuse_mountpoint(path: str) -> None:
-    os.makedirs(path, exist_ok=True)
     try:
         os.stat(path)
         stale = os.path.ismount(path)
+    except FileNotFoundError:
+        stale = False
     except OSError:
         stale = True          # "Transport endpoint is not connected": a dead earlier run
     if stale:
         log.warning("unmounting stale FUSE mount at %s", path)
         subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True)
         subprocess.run(["umount", "-l", path], capture_output=True)
+    os.makedirs(path, exist_ok=True)
 
 
 async def run_node(cfg: config_mod.Config, roots: list[str]) -> int:
@@ -179,6 +181,7 @@ async def run_node(cfg: config_mod.Config, roots: list[str]) -> int:
             nursery.start_soon(fuse_view.serve)
             await node.collect_garbage()
             await nursery.start(node.resyncer.run)
+            await nursery.start(node.attachments.checkpoint_service)
             await nursery.start(serve_api, node)
             log.info("node %s up: api %s, data %s, fuse %s", cfg.node_id, cfg.api_url,
                      cfg.data_addr, cfg.fuse_mountpoint)

@@ -6,6 +6,12 @@ A replica that fails or times out during a write or flush is reported to
 ``on_replica_failure`` (which marks it out of sync in etcd) *before* the
 write is acknowledged; if that cannot be done, or no in-sync replica took
 the write, the write fails.
+
+Every write is stamped ``gen << 32 | epoch``: ``gen`` is the replica-set
+generation from etcd, ``epoch`` counts this attachment's flushes.  After a
+flush succeeded on all in-sync replicas, every stamp below ``durable`` is on
+stable storage everywhere; a replica that fails later has missed at most the
+chunks stamped ``durable`` or higher, and resync copies only those.
 """
 
 from __future__ import annotations
@@ -40,15 +46,25 @@ class ReplicatedVolume:
         self.volid, self.size, self.term, self.gen = volid, size, term, gen
         self.states = dict(states)            # node -> state, as in etcd
         self._target = target_fn              # node -> replica target
-        self._on_failure = on_replica_failure  # async (nodes) -> new gen
+        self._on_failure = on_replica_failure  # async (nodes, missed_from) -> new gen
         self.local_node = local_node
         self.timeout = timeout
         self.fenced: str | None = None
         self.stats = IoStats()
         self.locks = [trio.Lock() for _ in range(_STRIPES)]
+        self.epoch = 0
+        self._inflight: dict[int, int] = {}   # stamp -> writes in flight
+        self.durable = gen << 32
         self._state_lock = trio.Lock()
 
     # -- helpers -------------------------------------------------------------
+    def stamp(self) -> int:
+        return (self.gen << 32) | self.epoch
+
+    def set_gen(self, gen: int) -> None:
+        if gen != self.gen:
+            self.gen, self.epoch = gen, 0
+
     def chunk_lock(self, idx: int) -> trio.Lock:
         return self.locks[idx % _STRIPES]
 
@@ -114,7 +130,7 @@ class ReplicatedVolume:
     async def _repair(self, node: str, idx: int, inoff: int, data: bytes) -> None:
         try:
             async with self.chunk_lock(idx):
-                await self._target(node).write(self.volid, idx, inoff, data, self.term, self.gen,
+                await self._target(node).write(self.volid, idx, inoff, data, self.term, self.stamp(),
                                                timeout=self.timeout)
             self.stats.repairs += 1
             log.warning("volume %s: repaired chunk %d on %s from a good replica", self.volid, idx, node)
@@ -127,11 +143,19 @@ class ReplicatedVolume:
         if off + len(data) > self.size:
             raise InvalidArgument("write past the end of the volume", errno=28)
         mv = memoryview(data)
-        for idx, inoff, boff, n in self._pieces(off, len(data)):
-            piece = bytes(mv[boff:boff + n])
-            async with self.chunk_lock(idx):
-                await self._fan_out(lambda t: t.write(self.volid, idx, inoff, piece, self.term,
-                                                      self.gen, timeout=self.timeout))
+        epoch = self.stamp()
+        self._inflight[epoch] = self._inflight.get(epoch, 0) + 1
+        try:
+            for idx, inoff, boff, n in self._pieces(off, len(data)):
+                piece = bytes(mv[boff:boff + n])
+                async with self.chunk_lock(idx):
+                    stamp = self.stamp()
+                    await self._fan_out(lambda t: t.write(self.volid, idx, inoff, piece, self.term,
+                                                          stamp, timeout=self.timeout))
+        finally:
+            self._inflight[epoch] -= 1
+            if not self._inflight[epoch]:
+                del self._inflight[epoch]
         self.stats.writes += 1
         self.stats.bytes_written += len(data)
         return len(data)
@@ -139,7 +163,11 @@ class ReplicatedVolume:
     async def flush(self) -> None:
         if self.fenced:
             raise Fenced(self.fenced)
+        # writes still in flight may miss this flush: durability stops below them
+        low = min(self._inflight, default=self.stamp())
+        self.epoch += 1
         await self._fan_out(lambda t: t.flush(self.volid, self.term, timeout=self.timeout))
+        self.durable = max(self.durable, low)
         self.stats.flushes += 1
 
     async def _fan_out(self, op) -> None:
@@ -172,6 +200,6 @@ class ReplicatedVolume:
                     log.warning("volume %s: replica on %s failed (%s); marking it out of sync",
                                 self.volid, n, failed[n])
                 # raises if the state could not be recorded: then we must not ack
-                self.gen = await self._on_failure(still)
+                self.set_gen(await self._on_failure(still, self.durable))
                 for n in still:
                     self.states[n] = OUT_OF_SYNC

@@ -88,11 +88,11 @@ class Attachments:
 
     # -- the failure callback used by the data path -------------------------
     def _failure_handler(self, volid: int):
-        async def on_failure(nodes):
+        async def on_failure(nodes, missed_from):
             loc = self.local.get(volid)
             term = loc.vol.term if loc else -1
             try:
-                rec = await self.catalog.mark_out_of_sync(volid, nodes, term)
+                rec = await self.catalog.mark_out_of_sync(volid, nodes, term, missed_from)
             except Fenced as exc:
                 if loc:
                     loc.vol.fence_local(str(exc))
@@ -131,13 +131,10 @@ class Attachments:
                     raise Busy(f"volume {rec['name']!r} is attached on node {other['node']}")
             r = codec.unpack_record(item.value)
             r["term"] += 1
-            changed = False
+            r["gen"] += 1          # a new stamp space for this attachment
             for rep in r["replicas"]:
                 if rep["state"] == RESYNCING:   # the old attacher's resync stops here
                     rep["state"] = OUT_OF_SYNC
-                    changed = True
-            if changed:
-                r["gen"] += 1
             txn.put(keys.vol_key(self.cid, volid), codec.pack_record(r))
             txn.put(keys.attach_key(self.cid, volid),
                     codec.pack_record({"node": self.node, "term": r["term"]}), lease)
@@ -183,7 +180,27 @@ class Attachments:
             if not [x for x in vol.readers() if x not in failed]:
                 raise PxfsError(f"volume {loc.name!r}: no in-sync replica is reachable "
                                 f"(tried {', '.join(vol.readers()) or 'none'})")
-            vol.gen = await self._failure_handler(vol.volid)(failed)
+            # they may lack what the previous attachment wrote after its last checkpoint
+            rec, _ = await self.catalog.get(vol.volid)
+            vol.set_gen(await self._failure_handler(vol.volid)(failed, rec.get("durable", 0)))
+
+    async def checkpoint_service(self, *, interval: float = 2.0,
+                                 task_status=trio.TASK_STATUS_IGNORED):
+        """Record each attachment's durable stamp in etcd now and then, so that
+        after this node dies resync copies only what it wrote since."""
+        task_status.started()
+        recorded: dict[int, int] = {}
+        while True:
+            await trio.sleep(interval)
+            for loc in list(self.local.values()):
+                vol = loc.vol
+                if vol.fenced or recorded.get(loc.volid) == vol.durable:
+                    continue
+                try:
+                    await self.catalog.checkpoint(loc.volid, vol.term, vol.durable)
+                    recorded[loc.volid] = vol.durable
+                except PxfsError as exc:
+                    log.info("checkpoint of %s failed: %s", loc.name, exc)
 
     async def _publish(self, loc: Local) -> None:
         """Write device and mount path into the attach record."""

@@ -116,9 +116,11 @@ class Catalog:
         return rec
 
     # -- replica states ------------------------------------------------------
-    async def mark_out_of_sync(self, volid: int, nodes: list[str], term: int) -> dict:
-        """Record that ``nodes`` missed writes; returns the new record.  Fails
-        (Fenced/MetaError) if this node no longer holds the attach term."""
+    async def mark_out_of_sync(self, volid: int, nodes: list[str], term: int,
+                               missed_from: int) -> dict:
+        """Record that ``nodes`` may have missed the writes stamped
+        ``missed_from`` or later; returns the new record.  Fails (Fenced) if
+        this node no longer holds the attach term."""
         async def body(txn):
             item = await txn.get(keys.vol_key(self.cid, volid))
             if item is None:
@@ -128,12 +130,25 @@ class Catalog:
                 raise Fenced(f"volume {volid} was attached elsewhere (term {rec['term']} > {term})")
             for r in rec["replicas"]:
                 if r["node"] in nodes and r["state"] != OUT_OF_SYNC:
-                    mf = rec["gen"] if r["state"] == IN_SYNC else min(r["missed_from"], rec["gen"])
+                    mf = missed_from if r["state"] == IN_SYNC else min(r["missed_from"], missed_from)
                     r.update(state=OUT_OF_SYNC, missed_from=mf)
             rec["gen"] += 1
             txn.put(keys.vol_key(self.cid, volid), codec.pack_record(rec))
             return rec
         return await run_txn(self.kv, body, what="mark replica out of sync")
+
+    async def checkpoint(self, volid: int, term: int, durable: int) -> None:
+        """Record the attachment's durable stamp (used when it dies)."""
+        async def body(txn):
+            item = await txn.get(keys.vol_key(self.cid, volid))
+            if item is None:
+                return
+            rec = codec.unpack_record(item.value)
+            if rec["term"] != term or rec.get("durable", 0) >= durable:
+                return
+            rec["durable"] = durable
+            txn.put(keys.vol_key(self.cid, volid), codec.pack_record(rec))
+        await run_txn(self.kv, body, what="checkpoint")
 
     async def set_replica_state(self, volid: int, node: str, state: str, *, term: int | None = None,
                                 expect_rev: int | None = None, require_detached=False) -> dict:

@@ -94,14 +94,14 @@ class Resyncer:
                                         report=self._reporter(vol.volid, node))
         except PxfsError:
             if vol.states.get(node) == RESYNCING and not vol.fenced:
-                vol.gen = await self.attachments._failure_handler(vol.volid)([node])
+                vol.set_gen(await self.attachments._failure_handler(vol.volid)([node], missed))
             raise
         if vol.states.get(node) != RESYNCING:
             return                                # a write to it failed meanwhile
         async with vol._state_lock:
             rec = await self.catalog.set_replica_state(vol.volid, node, IN_SYNC, term=vol.term)
             vol.states = {r["node"]: r["state"] for r in rec["replicas"]}
-            vol.gen = rec["gen"]
+            vol.set_gen(rec["gen"])
         self._done(vol.volid, node, prog)
 
     async def _offline(self, volid: int) -> None:
