@@ -163,8 +163,9 @@ class ReplicatedVolume:
     async def flush(self) -> None:
         if self.fenced:
             raise Fenced(self.fenced)
-        # writes still in flight may miss this flush: durability stops below them
-        low = min(self._inflight, default=self.stamp())
+        # every write that completed before this flush is covered by it; one
+        # still in flight may not be, so durability stops below the oldest
+        low = min(self._inflight, default=self.stamp() + 1)
         self.epoch += 1
         await self._fan_out(lambda t: t.flush(self.volid, self.term, timeout=self.timeout))
         self.durable = max(self.durable, low)

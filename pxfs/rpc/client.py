@@ -30,24 +30,31 @@ class Peer:
         self._max_idle = max_idle
 
     async def call(self, op: str, *, timeout: float | None = None, **args) -> dict:
+        """Send one request and return its reply.  Every op is idempotent, so a
+        request that failed on a pooled connection (the peer may have
+        restarted since) is sent once more on a fresh one."""
         msg = dict(args, op=op, id=next(_ids))
         frame = encode(msg)
-        conn = None
-        try:
-            with trio.fail_after(timeout or self.timeout):
-                conn = self._idle.pop() if self._idle else _Conn(
-                    await trio.open_tcp_stream(self.host, self.port))
-                await conn.stream.send_all(frame)
-                reply = await conn.reader.receive()
-        except trio.TooSlowError:
+        with trio.move_on_after(timeout or self.timeout) as scope:
+            while True:
+                reused = bool(self._idle)
+                conn = self._idle.pop() if reused else None
+                try:
+                    if conn is None:
+                        conn = _Conn(await trio.open_tcp_stream(self.host, self.port))
+                    await conn.stream.send_all(frame)
+                    reply = await conn.reader.receive()
+                    if reply is None or reply.get("id") != msg["id"]:
+                        raise PeerUnavailable("connection closed")
+                    break
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+                        PeerUnavailable, FrameError) as exc:
+                    await self._drop(conn)
+                    if not reused:
+                        raise PeerUnavailable(f"{self.host}:{self.port}: {op}: {exc}") from None
+        if scope.cancelled_caught:
             await self._drop(conn)
-            raise PeerUnavailable(f"{self.host}:{self.port} did not answer {op} in time") from None
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, PeerUnavailable, FrameError) as exc:
-            await self._drop(conn)
-            raise PeerUnavailable(f"{self.host}:{self.port}: {op}: {exc}") from None
-        if reply is None or reply.get("id") != msg["id"]:
-            await self._drop(conn)
-            raise PeerUnavailable(f"{self.host}:{self.port}: {op}: connection closed")
+            raise PeerUnavailable(f"{self.host}:{self.port} did not answer {op} in time")
         if len(self._idle) < self._max_idle:
             self._idle.append(conn)
         else:

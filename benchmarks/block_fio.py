@@ -1,0 +1,632 @@
+#!/usr/bin/env python3
+"""Block-volume benchmark: the same fio jobs on
+
+  (a) ext4 on a loop device (--direct-io=on) over a sparse file on the local
+      disk: the baseline;
+  (b) ext4 on a pxfs volume with repl=1, mounted on node1 of a local 3-node
+      cluster (``pxfs-cluster up``, image-file drives);
+  (c) the same with repl=2.
+
+Jobs (files inside each mounted filesystem, direct=1):
+
+  seqwrite   1 MiB sequential write, libaio QD4, end_fsync=1        MiB/s
+  seqread    1 MiB sequential read of that file, libaio QD4           MiB/s
+             (caches dropped first)
+  randwrite  4 KiB random write, psync, fsync after every write         IOPS
+  randread   4 KiB random read, libaio QD16 (caches dropped first)      IOPS
+
+Usage::
+
+    python3 benchmarks/block_fio.py [--size 1G] [--runtime 15] [--workdir DIR] [--json]
+
+Needs root, fio, etcd, losetup, mkfs.ext4 and the pxfs console scripts
+(``pxfs-cluster``, ``pxctl``).  Everything it creates is torn down at the end,
+also on error and Ctrl-C: volumes unmounted, cluster stopped (``pxfs-cluster
+down``), baseline unmounted and its loop device detached.
+
+``--profile DIR`` additionally samples pxfsd of node1 with py-spy while the
+write jobs run against (c), stores the collapsed stacks there and prints a
+summary of where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+# --------------------------------------------------------------------------- jobs
+JOBS = [
+    {"key": "seqwrite", "label": "seq write 1M QD4 end_fsync", "unit": "MiB/s", "dir": "write",
+     "args": ["--rw=write", "--bs=1M", "--ioengine=libaio", "--iodepth=4", "--direct=1",
+              "--end_fsync=1"], "time_based": False, "drop_caches": False},
+    {"key": "seqread", "label": "seq read 1M QD4", "unit": "MiB/s", "dir": "read",
+     "args": ["--rw=read", "--bs=1M", "--ioengine=libaio", "--iodepth=4", "--direct=1"],
+     "time_based": False, "drop_caches": True},
+    {"key": "randwrite", "label": "rand write 4K fsync=1", "unit": "IOPS", "dir": "write",
+     "args": ["--rw=randwrite", "--bs=4k", "--ioengine=psync", "--iodepth=1", "--direct=1",
+              "--fsync=1"], "time_based": True, "drop_caches": False},
+    {"key": "randread", "label": "rand read 4K QD16", "unit": "IOPS", "dir": "read",
+     "args": ["--rw=randread", "--bs=4k", "--ioengine=libaio", "--iodepth=16", "--direct=1"],
+     "time_based": True, "drop_caches": True},
+]
+JOB_KEYS = [j["key"] for j in JOBS]
+TARGETS = {"a": "ext4-loop (a)", "b": "pxfs repl=1 (b)", "c": "pxfs repl=2 (c)"}
+DATAFILE = "fio-bench.dat"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 512M, 1G)")
+    mult = {"": 1, "k": 1 << 10, "m": MiB, "g": GiB, "t": 1 << 40}[m.group(2).lower()]
+    n = int(float(m.group(1)) * mult)
+    if n < 16 * MiB:
+        raise argparse.ArgumentTypeError("size must be at least 16M")
+    return n // MiB * MiB
+
+
+class Interrupted(BaseException):
+    """SIGTERM/SIGHUP: unwind like Ctrl-C so that the cleanup runs."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(f"signal {signum}")
+
+
+# --------------------------------------------------------------------------- helpers
+def tool(name: str, module: str) -> list[str]:
+    path = shutil.which(name)
+    return [path] if path else [sys.executable, "-m", module]
+
+
+PXCTL = tool("pxctl", "pxfs_tools.cli")
+PXFS_CLUSTER = tool("pxfs-cluster", "pxfs_tools.cluster")
+
+
+def run(argv: list[str], *, timeout: float = 120, check: bool = True, quiet: bool = False) -> str:
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode:
+        raise RuntimeError(f"{' '.join(argv)} failed ({res.returncode}): "
+                           f"{(res.stderr or res.stdout).strip()[-1500:]}")
+    if not quiet and res.returncode:
+        log(f"  (ignored) {' '.join(argv)}: {(res.stderr or res.stdout).strip()[-300:]}")
+    return res.stdout
+
+
+def pxctl(api: str, *args: str, timeout: float = 180, check: bool = True) -> str:
+    return run([*PXCTL, "--host", api, *args], timeout=timeout, check=check)
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as fh:
+        fh.write("3\n")
+
+
+def mounts_under(prefix: str) -> list[str]:
+    prefix = prefix.rstrip("/") + "/"
+    out = []
+    with open("/proc/self/mounts") as fh:
+        for line in fh:
+            tgt = line.split()[1].encode().decode("unicode_escape")
+            if tgt.startswith(prefix):
+                out.append(tgt)
+    return out
+
+
+def loops_under(prefix: str) -> list[str]:
+    prefix = prefix.rstrip("/") + "/"
+    text = subprocess.run(["losetup", "-n", "-O", "NAME,BACK-FILE", "-l"], capture_output=True,
+                          text=True).stdout
+    out = []
+    for line in text.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[1].strip().startswith(prefix):
+            out.append(parts[0])
+    return out
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """utime+stime of a process (all threads)."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            f = fh.read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- the bench
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.workdir = os.path.abspath(args.workdir)
+        self.cluster_dir = os.path.join(self.workdir, "cluster")
+        self.base_dir = os.path.join(self.workdir, "baseline")
+        self.mnt = {t: os.path.join(self.workdir, "mnt", t) for t in "abc"}
+        self.vol_gib = max(2, math.ceil(args.size * 1.25 / GiB) + 1)
+        self.loopdev: str | None = None
+        self.base_mounted = False
+        self.cluster: dict | None = None
+        self.cluster_started = False
+        self.volumes: dict[str, str] = {}       # target -> volume name
+        self.mounted: dict[str, str] = {}       # target -> mount path (pxfs)
+        self.results: dict = {t: {} for t in "abc"}
+        self.info: dict = {}
+        self.profiles: dict = {}
+        self.t0 = time.monotonic()
+
+    # -- setup ---------------------------------------------------------------
+    def setup_baseline(self) -> None:
+        os.makedirs(self.base_dir, exist_ok=True)
+        img = os.path.join(self.base_dir, "disk.img")
+        run(["truncate", "-s", f"{self.vol_gib}G", img])
+        self.loopdev = run(["losetup", "--find", "--show", "--direct-io=on", img]).strip()
+        log(f"(a) baseline: {img} on {self.loopdev} (direct-io), {self.vol_gib} GiB")
+        # the same mkfs options pxfs uses for its volumes (pxfs/volume/hostdev.py)
+        run(["mkfs.ext4", "-q", "-F", "-L", "bench-base", "-E", "nodiscard,lazy_itable_init=1",
+             self.loopdev], timeout=300)
+        os.makedirs(self.mnt["a"], exist_ok=True)
+        run(["mount", "-t", "ext4", self.loopdev, self.mnt["a"]])
+        self.base_mounted = True
+
+    def setup_cluster(self) -> None:
+        os.makedirs(self.cluster_dir, exist_ok=True)
+        log(f"starting a 3-node pxfs cluster in {self.cluster_dir}")
+        self.cluster_started = True
+        out = run([*PXFS_CLUSTER, "up", "--nodes", "3", "--workdir", self.cluster_dir], timeout=180)
+        self.cluster = json.loads(out.strip().splitlines()[-1])
+        self.node1 = self.cluster["nodes"][0]
+        self.api = self.node1["api"]
+        for target, repl in (("b", 1), ("c", 2)):
+            if target not in self.args.targets:
+                continue
+            name = f"bench-r{repl}"
+            extra = []
+            if self.args.placement == "local":
+                extra = ["--nodes", ",".join(n["id"] for n in self.cluster["nodes"][:repl])]
+            pxctl(self.api, "volume", "create", name, "--size", str(self.vol_gib), "--repl", str(repl),
+                  *extra)
+            self.volumes[target] = name
+            os.makedirs(self.mnt[target], exist_ok=True)
+            t = time.monotonic()
+            pxctl(self.api, "host", "mount", name, "--path", self.mnt[target])
+            self.mounted[target] = self.mnt[target]
+            desc = json.loads(pxctl(self.api, "-j", "volume", "inspect", name))
+            reps = [f"{r['node']}:{r['state']}" for r in desc["replicas"]]
+            self.info[f"volume_{target}"] = {"name": name, "id": desc["id"], "repl": repl,
+                                            "replicas": reps, "device": desc["device_path"],
+                                            "data_local": desc.get("data_local")}
+            log(f"({target}) volume {name} repl={repl} on {', '.join(reps)} -> {desc['device_path']},"
+                f" mounted at {self.mnt[target]} in {time.monotonic() - t:.1f}s")
+
+    def settle(self) -> None:
+        """Let ext4's lazy inode-table init and the journal settle: wait until the
+        pxfs volumes stop receiving writes (at most --settle seconds)."""
+        if not self.volumes or self.args.settle <= 0:
+            return
+        deadline = time.monotonic() + self.args.settle
+        last, quiet_since = None, time.monotonic()
+        while time.monotonic() < deadline:
+            cur = []
+            for name in self.volumes.values():
+                io = json.loads(pxctl(self.api, "-j", "volume", "inspect", name)).get("io") or {}
+                cur.append(io.get("bytes_written", 0))
+            if cur != last:
+                last, quiet_since = cur, time.monotonic()
+            elif time.monotonic() - quiet_since >= 3:
+                return
+            time.sleep(1)
+        log("  volumes still receiving background writes; going on anyway")
+
+    # -- jobs ------------------------------------------------------------------
+    def node_pids(self) -> dict[str, int]:
+        if not self.cluster:
+            return {}
+        with open(os.path.join(self.cluster_dir, "cluster.json")) as fh:
+            state = json.load(fh)
+        return {n["id"]: n["pid"] for n in state["nodes"] if n.get("pid")}
+
+    def budget_left(self) -> float:
+        return self.args.budget - (time.monotonic() - self.t0)
+
+    def fio(self, target: str, job: dict, size: int) -> dict:
+        path = os.path.join(self.mnt[target], DATAFILE)
+        out = os.path.join(self.workdir, f"fio-{target}-{job['key']}.json")
+        argv = ["fio", f"--name={job['key']}", f"--filename={path}", f"--size={size}",
+                f"--runtime={self.args.runtime}", "--group_reporting", "--numjobs=1",
+                "--output-format=json", f"--output={out}", *job["args"]]
+        if job["time_based"]:
+            argv.append("--time_based")
+        if job["drop_caches"]:
+            drop_caches()
+        pids = self.node_pids() if target in "bc" else {}
+        cpu0 = {n: cpu_seconds(p) for n, p in pids.items()}
+        prof = None
+        if self.args.profile and target == "c" and job["key"] in self.args.profile_jobs:
+            prof = self.start_profile(job["key"], pids)
+        t = time.monotonic()
+        try:
+            res = subprocess.run(argv, capture_output=True, text=True,
+                                 timeout=self.args.runtime * 3 + 120)
+        finally:
+            if prof:
+                self.stop_profile(job["key"], prof)
+        wall = time.monotonic() - t
+        if res.returncode:
+            raise RuntimeError(f"fio {job['key']} on ({target}) failed: {res.stderr.strip()[-1500:]}")
+        with open(out) as fh:
+            text = fh.read()
+        data = json.loads(text[text.index("{"):])       # fio may prefix warnings
+        j = data["jobs"][0]
+        d = j[job["dir"]]
+        r = {"bw_mib_s": d["bw_bytes"] / MiB, "iops": d["iops"], "io_bytes": d["io_bytes"],
+             "runtime_s": d["runtime"] / 1000, "wall_s": wall,
+             "lat_ms": {"mean": d["lat_ns"]["mean"] / 1e6},
+             "fio_cpu": {"usr": j["usr_cpu"], "sys": j["sys_cpu"]}}
+        pct = d.get("clat_ns", {}).get("percentile") or {}
+        for k, name in (("50.000000", "p50"), ("99.000000", "p99")):
+            if k in pct:
+                r["lat_ms"][name] = pct[k] / 1e6
+        sync = j.get("sync") or {}
+        if sync.get("total_ios"):
+            r["fsync_lat_ms"] = {"mean": sync["lat_ns"]["mean"] / 1e6}
+        if pids:
+            r["node_cpu_pct"] = {}
+            for n, p in pids.items():
+                c1 = cpu_seconds(p)
+                if c1 is not None and cpu0.get(n) is not None:
+                    r["node_cpu_pct"][n] = round(100 * (c1 - cpu0[n]) / wall, 1)
+        r["value"] = r["bw_mib_s"] if job["unit"] == "MiB/s" else r["iops"]
+        return r
+
+    def run_target(self, target: str) -> None:
+        log(f"({target}) {TARGETS[target]}: running {', '.join(self.args.jobs)}")
+        path = os.path.join(self.mnt[target], DATAFILE)
+        if os.path.exists(path):
+            os.unlink(path)
+        size = self.args.size
+        for job in JOBS:
+            if job["key"] not in self.args.jobs:
+                continue
+            if self.budget_left() < self.args.runtime + 30:
+                log(f"  time budget used up: skipping {job['key']} on ({target})")
+                self.results[target][job["key"]] = {"skipped": "time budget"}
+                continue
+            if job["key"] != "seqwrite" and not os.path.exists(path):
+                self.prepare_file(target, size)
+            r = self.fio(target, job, size)
+            self.results[target][job["key"]] = r
+            extra = ""
+            if "node_cpu_pct" in r:
+                extra = "  pxfsd CPU " + " ".join(f"{n}={v:.0f}%" for n, v in r["node_cpu_pct"].items())
+            log(f"  {job['key']:9s} {r['value']:10.1f} {job['unit']:5s} (p50 "
+                f"{r['lat_ms'].get('p50', float('nan')):.2f} ms, {r['runtime_s']:.1f}s){extra}")
+            if job["key"] == "seqwrite" and r["io_bytes"] < size:
+                # the write hit --runtime: later jobs use only what was written
+                # (the rest of the file is preallocated, reads of it would be free)
+                size = max(MiB, r["io_bytes"] // MiB * MiB)
+                log(f"  seqwrite stopped at --runtime; later jobs use the first {size // MiB} MiB")
+                self.results[target]["effective_size"] = size
+        self.results[target].setdefault("effective_size", size)
+
+    def prepare_file(self, target: str, size: int) -> None:
+        path = os.path.join(self.mnt[target], DATAFILE)
+        log(f"  laying out {size // MiB} MiB in {path}")
+        run(["fio", "--name=prep", f"--filename={path}", f"--size={size}", "--rw=write", "--bs=1M",
+             "--ioengine=libaio", "--iodepth=4", "--direct=1", "--end_fsync=1",
+             "--output-format=terse"], timeout=max(60, self.budget_left()))
+
+    # -- profiling (py-spy on node1 while jobs run against (c)) --------------
+    def start_profile(self, key: str, pids: dict[str, int]):
+        spy = shutil.which("py-spy")
+        if spy is None:
+            log("  py-spy not installed (pip install py-spy): not profiling")
+            return None
+        os.makedirs(self.args.profile, exist_ok=True)
+        procs = []
+        for node in self.args.profile_nodes:
+            pid = pids.get(node)
+            if not pid:
+                continue
+            base = os.path.join(self.args.profile, f"{key}-{node}")
+            argv = [spy, "record", "-p", str(pid), "-r", str(self.args.profile_rate), "-d",
+                    str(self.args.runtime), "--threads", "-f", "raw", "-o", base + ".txt"]
+            if self.args.profile_idle:
+                argv.append("--idle")
+            procs.append((node, base, subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                                       stderr=open(base + ".log", "w"))))
+        return procs
+
+    def stop_profile(self, key: str, procs) -> None:
+        for node, base, p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)      # the job ended early: py-spy writes out on SIGINT
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            if os.path.exists(base + ".txt"):
+                self.profiles[f"{key}-{node}"] = summarize_profile(base + ".txt")
+
+    # -- teardown ----------------------------------------------------------------
+    def cleanup(self) -> list[str]:
+        """Undo everything; returns what could not be undone."""
+        if self.cluster:
+            for target in list(self.mounted):
+                try:
+                    pxctl(self.api, "host", "unmount", self.volumes[target], timeout=90, check=False)
+                    pxctl(self.api, "host", "detach", self.volumes[target], timeout=90, check=False)
+                except Exception as exc:       # noqa: BLE001 - cleanup goes on
+                    log(f"  cleanup: {target}: {exc}")
+                self.mounted.pop(target, None)
+        node_pids = self.node_pids_safe()
+        if self.cluster_started and os.path.exists(os.path.join(self.cluster_dir, "cluster.json")):
+            try:
+                log("stopping the cluster (pxfs-cluster down)")
+                run([*PXFS_CLUSTER, "down", "--workdir", self.cluster_dir], timeout=180, check=False)
+            except Exception as exc:           # noqa: BLE001
+                log(f"  cleanup: pxfs-cluster down: {exc}")
+        if self.base_mounted:
+            run(["umount", self.mnt["a"]], check=False, timeout=120)
+            self.base_mounted = False
+        if self.loopdev:
+            run(["losetup", "-d", self.loopdev], check=False, timeout=60)
+            self.loopdev = None
+        # last resort: anything still mounted / attached under our work dir
+        for _ in range(3):
+            left = mounts_under(self.workdir)
+            if not left:
+                break
+            for tgt in sorted(left, key=len, reverse=True):
+                subprocess.run(["umount", "-l", tgt], capture_output=True)
+        for dev in loops_under(self.workdir):
+            subprocess.run(["losetup", "-d", dev], capture_output=True)
+        problems = [f"still mounted: {m}" for m in mounts_under(self.workdir)]
+        problems += [f"loop device still attached: {d}" for d in loops_under(self.workdir)]
+        for nid, pid in node_pids.items():
+            if pid and cpu_seconds(pid) is not None and _not_zombie(pid):
+                problems.append(f"node {nid} (pid {pid}) still running")
+        return problems
+
+    def node_pids_safe(self) -> dict[str, int]:
+        try:
+            return self.node_pids()
+        except (OSError, ValueError):
+            return {}
+
+
+# --------------------------------------------------------------------------- profiles
+CATEGORIES = [   # first match on a stack (leaf first) wins
+    ("crc32", re.compile(r"crc32|_read_blocks")),
+    ("msgpack/codec", re.compile(r"msgpack|pxfs/codec\.py|rpc/frames\.py")),
+    ("chunk store pwrite/pread/fsync", re.compile(r"pxfs/chunk/store\.py")),
+    ("RPC (data port)", re.compile(r"pxfs/rpc/")),
+    ("thread offload (trio.to_thread)", re.compile(r"trio/_threads\.py|trio/_core/_thread_cache\.py")),
+    ("replication fan-out", re.compile(r"replication/volume_io\.py")),
+    ("FUSE dispatch (pyfuse3)", re.compile(r"pyfuse3|fuse/view\.py")),
+    ("trio scheduler/IO", re.compile(r"trio/")),
+]
+
+
+def summarize_profile(path: str, top: int = 12) -> dict:
+    """Summarise py-spy's collapsed stacks ('thread;frame;...;leaf count')."""
+    leaf = collections.Counter()
+    incl = collections.Counter()
+    cats = collections.Counter()
+    threads = collections.Counter()
+    total = 0
+    with open(path) as fh:
+        for line in fh:
+            stack, _, n = line.rstrip("\n").rpartition(" ")
+            if not stack or not n.isdigit():
+                continue
+            n = int(n)
+            frames = stack.split(";")
+            thread = frames[0] if frames[0].startswith(("thread", "process")) else ""
+            if thread:
+                frames = frames[1:]
+            total += n
+            threads["main/trio" if any("trio/_core/_run.py" in f for f in frames) else
+                    "worker" if any("_thread_cache.py" in f for f in frames) else "other"] += n
+            if frames:
+                leaf[frames[-1]] += n
+            for f in set(re.sub(r":\d+\)$", ")", f) for f in frames):
+                incl[f] += n
+            for f in reversed(frames):
+                for cname, rx in CATEGORIES:
+                    if rx.search(f):
+                        cats[cname] += n
+                        break
+                else:
+                    continue
+                break
+            else:
+                cats["other"] += n
+    pct = (lambda c: round(100 * c / total, 1)) if total else (lambda c: 0.0)
+    return {"samples": total, "file": path,
+            "threads_pct": {k: pct(v) for k, v in threads.most_common()},
+            "categories_pct": {k: pct(v) for k, v in cats.most_common()},
+            "top_self": [(f, pct(c)) for f, c in leaf.most_common(top)],
+            "top_inclusive": [(f, pct(c)) for f, c in incl.most_common(top)]}
+
+
+# --------------------------------------------------------------------------- report
+def table(bench: Bench) -> str:
+    res = bench.results
+    head = ["job", "unit", TARGETS["a"], TARGETS["b"], "ratio b/a", TARGETS["c"], "ratio c/a"]
+    rows = [head]
+
+    def val(t, k):
+        r = res.get(t, {}).get(k)
+        return r.get("value") if isinstance(r, dict) else None
+
+    for job in JOBS:
+        if job["key"] not in bench.args.jobs:
+            continue
+        a, b, c = (val(t, job["key"]) for t in "abc")
+        fmt = (lambda v: "-" if v is None else f"{v:.1f}") if job["unit"] == "MiB/s" else \
+              (lambda v: "-" if v is None else f"{v:.0f}")
+        ratio = lambda x: "-" if x is None or not a else f"{x / a:.2f}"  # noqa: E731
+        rows.append([job["label"], job["unit"], fmt(a), fmt(b), ratio(b), fmt(c), ratio(c)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [" | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def print_profiles(profiles: dict) -> None:
+    for name, p in profiles.items():
+        print(f"\npy-spy {name}: {p['samples']} samples ({p['file']})")
+        print("  threads:    " + ", ".join(f"{k} {v}%" for k, v in p["threads_pct"].items()))
+        print("  categories: " + ", ".join(f"{k} {v}%" for k, v in p["categories_pct"].items()))
+        print("  hottest leaf frames:")
+        for f, v in p["top_self"][:8]:
+            print(f"    {v:5.1f}%  {f}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=parse_size, default=parse_size("1G"),
+                    help="size of the fio data file per target (default 1G)")
+    ap.add_argument("--runtime", type=int, default=15, help="seconds per fio job (default 15)")
+    ap.add_argument("--workdir", default=None,
+                    help="work directory on the local disk (default: a new /var/tmp/pxfs-bench-*)")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    ap.add_argument("--targets", default="abc", help="subset of a,b,c to run (default abc)")
+    ap.add_argument("--jobs", default=",".join(JOB_KEYS),
+                    help=f"subset of {','.join(JOB_KEYS)} (default all)")
+    ap.add_argument("--placement", choices=("local", "auto"), default="local",
+                    help="local: pin the replicas to node1 (and node2 for repl=2), so that (b) "
+                         "is local to the attaching node; auto: let pxfs place them (default local)")
+    ap.add_argument("--settle", type=float, default=60,
+                    help="wait up to this many seconds for the pxfs volumes to go quiet after "
+                         "mkfs/mount (default 60)")
+    ap.add_argument("--budget", type=float, default=540,
+                    help="skip remaining jobs once this many seconds have passed (default 540)")
+    ap.add_argument("--profile", metavar="DIR", default=None,
+                    help="py-spy record node1 while the write jobs run against (c); raw stacks in DIR")
+    ap.add_argument("--profile-jobs", default="seqwrite,randwrite")
+    ap.add_argument("--profile-nodes", default="node1")
+    ap.add_argument("--profile-rate", type=int, default=100)
+    ap.add_argument("--profile-idle", action="store_true", help="include idle threads (wall-clock view)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, fio output)")
+    args = ap.parse_args(argv)
+    args.targets = "".join(t for t in "abc" if t in args.targets)
+    args.jobs = [k for k in JOB_KEYS if k in args.jobs.split(",")]
+    args.profile_jobs = args.profile_jobs.split(",")
+    args.profile_nodes = args.profile_nodes.split(",")
+    if args.profile:
+        args.profile = os.path.abspath(args.profile)
+    if os.geteuid() != 0:
+        ap.error("must run as root (loop devices, mounts, drop_caches)")
+    for binary in ("fio", "losetup", "mkfs.ext4", "etcd"):
+        if shutil.which(binary) is None:
+            ap.error(f"{binary} is not installed")
+    own_workdir = args.workdir is None
+    if own_workdir:
+        args.workdir = tempfile.mkdtemp(prefix="pxfs-bench-", dir="/var/tmp")
+    else:
+        os.makedirs(args.workdir, exist_ok=True)
+
+    bench = Bench(args)
+    others = subprocess.run(["pgrep", "-f", "pxfs.node"], capture_output=True, text=True).stdout.split()
+    bench.info.update({"size": args.size, "runtime": args.runtime, "volume_gib": bench.vol_gib,
+                       "placement": args.placement, "workdir": bench.workdir,
+                       "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),
+                       "other_pxfsd_running": len(others),
+                       "jobs": {j["key"]: " ".join(j["args"]) + (" --time_based" if j["time_based"] else "")
+                                for j in JOBS}})
+    if others:
+        log(f"note: {len(others)} other pxfsd processes are running on this machine: figures will be noisy")
+    old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
+    ok = False
+    problems: list[str] = []
+    try:
+        if "a" in args.targets:
+            bench.setup_baseline()
+        if "b" in args.targets or "c" in args.targets:
+            bench.setup_cluster()
+            bench.settle()
+        for t in args.targets:
+            bench.info[f"loadavg_before_{t}"] = os.getloadavg()
+            bench.run_target(t)
+        ok = True
+    except (KeyboardInterrupt, Interrupted) as exc:
+        log(f"interrupted ({exc or 'Ctrl-C'}): cleaning up")
+    except Exception as exc:      # noqa: BLE001 - report, clean up, exit 1
+        log(f"error: {exc}")
+        if bench.cluster:
+            for n in bench.cluster["nodes"]:
+                log(f"  log of {n['id']}: {n['log']}")
+    finally:
+        # no interruptions while tearing down
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+        try:
+            problems = bench.cleanup()
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            for s, h in old.items():
+                signal.signal(s, h)
+        for p in problems:
+            log(f"CLEANUP PROBLEM: {p}")
+        if own_workdir and ok and not problems and not args.keep:
+            shutil.rmtree(bench.workdir, ignore_errors=True)
+        elif not problems:
+            for root, _dirs, files in os.walk(bench.workdir):   # drop the big sparse images
+                for f in files:
+                    if f.endswith(".img") and not args.keep:
+                        os.unlink(os.path.join(root, f))
+            log(f"work directory kept: {bench.workdir}")
+
+    out = {"info": bench.info, "results": bench.results, "profiles": bench.profiles,
+           "complete": ok, "cleanup_problems": problems,
+           "ratios": {k: {f"{t}/a": (bench.results[t][k]["value"] / bench.results["a"][k]["value"])
+                          for t in "bc"
+                          if bench.results.get(t, {}).get(k, {}).get("value") is not None
+                          and bench.results.get("a", {}).get(k, {}).get("value")}
+                      for k in args.jobs}}
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        print(f"\nfio on ext4, file {args.size // MiB} MiB, runtime {args.runtime}s, "
+              f"volumes {bench.vol_gib} GiB, placement {args.placement}")
+        print(table(bench))
+        if bench.profiles:
+            print_profiles(bench.profiles)
+    return 0 if ok and not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""Node configuration (pxfs/config.py): a valid config.json, then each key
+wrong in turn.  Every problem is a ConfigError that names the key; pxfsd
+turns it into a one-line message and exit status 2 before touching disk."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pxfs import config
+from pxfs.errors import ConfigError, InvalidArgument
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def raw(tmp_path):
+    dev = tmp_path / "pool0"
+    dev.mkdir()
+    return {
+        "clusterid": "c1",
+        "kvdb": ["etcd:http://127.0.0.1:2379"],
+        "storage": {"devices": [str(dev)]},
+        "node_id": "n1",
+        "api_address": "127.0.0.1:9001",
+        "data_address": "127.0.0.1:9002",
+        "data_dir": str(tmp_path / "data"),
+        "osd_root": str(tmp_path / "osd"),
+        "log_level": "info",
+        "lease_ttl": 5,
+    }
+
+
+def bad(raw, key, **changes):
+    """parse() of ``raw`` with ``changes`` (None deletes) must name ``key``."""
+    cfg = dict(raw)
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    with pytest.raises(ConfigError) as ei:
+        config.parse(cfg)
+    assert ei.value.key == key
+    assert f"config key {key!r}" in str(ei.value)
+    return str(ei.value)
+
+
+# -- valid --------------------------------------------------------------------------
+def test_valid_config(raw, tmp_path):
+    cfg = config.parse(raw, "/etc/pxfs/config.json")
+    assert cfg.clusterid == "c1"
+    assert cfg.kvdb == (("127.0.0.1", 2379),)
+    assert cfg.devices == (str(tmp_path / "pool0"),)
+    assert cfg.node_id == "n1"
+    assert (cfg.api_host, cfg.api_port) == ("127.0.0.1", 9001)
+    assert (cfg.data_host, cfg.data_port) == ("127.0.0.1", 9002)
+    assert cfg.data_dir == str(tmp_path / "data")
+    assert cfg.fuse_mountpoint == str(tmp_path / "data" / "fuse")
+    assert cfg.log_level == "info" and cfg.lease_ttl == 5
+    assert cfg.api_url == "http://127.0.0.1:9001" and cfg.data_addr == "127.0.0.1:9002"
+    assert cfg.path == "/etc/pxfs/config.json"
+
+
+def test_valid_config_defaults_and_forms(raw):
+    for k in ("node_id", "api_address", "data_address", "log_level", "lease_ttl"):
+        del raw[k]
+    raw["kvdb"] = "http://[::1]:2379"          # a single string, IPv6, no etcd: prefix
+    raw["api_address"] = "[::1]:9101"
+    cfg = config.parse(raw)
+    assert cfg.kvdb == (("::1", 2379),)
+    assert cfg.node_id and cfg.lease_ttl == 5 and cfg.log_level == "info"
+    assert cfg.api_url == "http://[::1]:9101"
+    assert (cfg.data_host, cfg.data_port) == ("127.0.0.1", 9002)
+
+
+def test_multiple_kvdb_endpoints(raw):
+    raw["kvdb"] = ["etcd:http://10.0.0.1:2379", "etcd://10.0.0.2:2379", "10.0.0.3:2379/"]
+    assert config.parse(raw).kvdb == (("10.0.0.1", 2379), ("10.0.0.2", 2379), ("10.0.0.3", 2379))
+
+
+def test_mgtiface_sets_api_host(raw):
+    raw["mgtiface"] = "lo"
+    raw["api_address"] = "0.0.0.0:9001"
+    assert config.parse(raw).api_host == "127.0.0.1"
+
+
+def test_load_valid_file(raw, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    cfg = config.load(str(path))
+    assert cfg.clusterid == "c1" and cfg.path == str(path)
+
+
+# -- each key wrong in turn ------------------------------------------------------
+def test_missing_clusterid(raw):
+    assert "required" in bad(raw, "clusterid", clusterid=None)
+
+
+@pytest.mark.parametrize("value", ["", "bad id", "-lead", "a" * 64, 7, "c/1"])
+def test_bad_clusterid(raw, value):
+    bad(raw, "clusterid", clusterid=value)
+
+
+def test_missing_kvdb(raw):
+    assert "required" in bad(raw, "kvdb", kvdb=None)
+
+
+@pytest.mark.parametrize("value", ["", [], {}, 5, ["ftp://1.2.3.4:2379"], ["127.0.0.1"],
+                                   ["http://127.0.0.1:2379/v3/x"], ["etcd:http://a b:1"], [5]])
+def test_bad_kvdb_url(raw, value):
+    bad(raw, "kvdb", kvdb=value)
+
+
+@pytest.mark.parametrize("url", ["etcd:http://127.0.0.1:0", "etcd:http://127.0.0.1:65536",
+                                 "etcd:http://127.0.0.1:99999", "etcd:http://127.0.0.1:123456"])
+def test_kvdb_bad_port(raw, url):
+    bad(raw, "kvdb", kvdb=[url])
+
+
+@pytest.mark.parametrize("value", [None, "/dev/sdb", ["/dev/sdb"]])
+def test_storage_missing_or_not_an_object(raw, value):
+    bad(raw, "storage", storage=value)
+
+
+def test_storage_devices_missing(raw):
+    bad(raw, "storage.devices", storage={})
+
+
+def test_storage_devices_empty(raw):
+    bad(raw, "storage.devices", storage={"devices": []})
+
+
+def test_storage_devices_relative(raw):
+    assert "absolute" in bad(raw, "storage.devices", storage={"devices": ["pool0"]})
+
+
+def test_storage_devices_not_a_string(raw):
+    bad(raw, "storage.devices", storage={"devices": [3]})
+
+
+def test_storage_devices_nonexistent(raw, tmp_path):
+    missing = str(tmp_path / "nope")
+    assert "does not exist" in bad(raw, "storage.devices", storage={"devices": [missing]})
+
+
+def test_storage_devices_duplicated(raw):
+    dev = raw["storage"]["devices"][0]
+    assert "twice" in bad(raw, "storage.devices", storage={"devices": [dev, dev]})
+
+
+def test_storage_devices_duplicated_spelled_differently(raw):
+    # the same directory with a trailing slash is still the same pool root
+    dev = raw["storage"]["devices"][0]
+    assert "twice" in bad(raw, "storage.devices", storage={"devices": [dev, dev + "/"]})
+
+
+@pytest.mark.parametrize("value", ["", "n 1", "-n", "n/1", "x" * 64, 1])
+def test_bad_node_id(raw, value):
+    bad(raw, "node_id", node_id=value)
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1", "127.0.0.1:", "localhost:9001", "127.0.0.1:http",
+                                   "127.0.0.1:70000", "::1", 9001, "1.2.3.4:-1"])
+def test_api_address_not_host_port(raw, value):
+    bad(raw, "api_address", api_address=value)
+
+
+def test_data_address_port_zero(raw):
+    assert "1..65535" in bad(raw, "data_address", data_address="127.0.0.1:0")
+
+
+@pytest.mark.parametrize("key", ["data_dir", "fuse_mountpoint", "osd_root"])
+def test_relative_paths(raw, key):
+    assert "absolute" in bad(raw, key, **{key: "var/lib/pxfs"})
+
+
+@pytest.mark.parametrize("value", ["verbose", "", 10, "INFO "])
+def test_bad_log_level(raw, value):
+    bad(raw, "log_level", log_level=value)
+
+
+@pytest.mark.parametrize("value", [0, 1, 61, 3600, -5, True, False, 5.0, "5"])
+def test_bad_lease_ttl(raw, value):
+    bad(raw, "lease_ttl", lease_ttl=value)
+
+
+@pytest.mark.parametrize("value", [2, 60])
+def test_lease_ttl_bounds_accepted(raw, value):
+    raw["lease_ttl"] = value
+    assert config.parse(raw).lease_ttl == value
+
+
+def test_unknown_top_level_key(raw):
+    msg = bad(raw, "clusterId", clusterId="c1")
+    assert "unknown key" in msg and "clusterid" in msg
+
+
+@pytest.mark.parametrize("key", ["mgtiface", "dataiface"])
+def test_iface_naming_a_missing_interface(raw, key):
+    assert "pxfs-no-such0" in bad(raw, key, **{key: "pxfs-no-such0"})
+
+
+def test_top_level_not_an_object():
+    with pytest.raises(ConfigError) as ei:
+        config.parse(["clusterid", "c1"])
+    assert ei.value.key == "<top>"
+
+
+def test_config_error_is_invalid_argument(raw):
+    with pytest.raises(InvalidArgument):
+        config.parse(dict(raw, lease_ttl=0))
+
+
+# -- the file ----------------------------------------------------------------------
+def test_file_not_json(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"clusterid": "c1",')
+    with pytest.raises(ConfigError) as ei:
+        config.load(str(path))
+    assert ei.value.key == "<file>"
+    assert str(path) in str(ei.value) and "not valid JSON" in str(ei.value)
+
+
+def test_file_not_utf8(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_bytes(b'{"clusterid": "\xff\xfe"}')
+    with pytest.raises(ConfigError) as ei:
+        config.load(str(path))
+    assert ei.value.key == "<file>" and str(path) in str(ei.value)
+
+
+def test_file_missing(tmp_path):
+    path = tmp_path / "nope.json"
+    with pytest.raises(ConfigError) as ei:
+        config.load(str(path))
+    assert ei.value.key == "<file>"
+    assert str(path) in str(ei.value) and "does not exist" in str(ei.value)
+
+
+def test_file_is_a_directory(tmp_path):
+    with pytest.raises(ConfigError) as ei:
+        config.load(str(tmp_path))
+    assert ei.value.key == "<file>"
+
+
+def test_load_names_the_bad_key(raw, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dict(raw, log_level="loud")))
+    with pytest.raises(ConfigError) as ei:
+        config.load(str(path))
+    assert ei.value.key == "log_level"
+
+
+# -- pxfsd refuses a bad config: exit 2, one line, nothing created --------------------
+def run_pxfsd(path):
+    return subprocess.run([sys.executable, "-m", "pxfs.node", "--config", str(path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"lease_ttl": 1}, "lease_ttl"),
+    ({"data_address": "127.0.0.1:0"}, "data_address"),
+    ({"kvdb": ["etcd:http://127.0.0.1:99999"]}, "kvdb"),
+    ({"unknown_thing": 1}, "unknown_thing"),
+])
+def test_pxfsd_bad_config_exits_2(raw, tmp_path, change, key):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dict(raw, **change)))
+    res = run_pxfsd(path)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("pxfsd: ") and repr(key) in lines[0]
+    assert "Traceback" not in res.stderr and res.stdout == ""
+    for k in ("data_dir", "osd_root"):
+        assert not os.path.exists(raw[k])
+
+
+def test_pxfsd_missing_config_file(tmp_path):
+    res = run_pxfsd(tmp_path / "nope.json")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nope.json" in lines[0] and "does not exist" in lines[0]
+
+
+def test_pxfsd_unusable_device_creates_nothing(raw, tmp_path):
+    # /dev/null passes the existence check but is neither a block device, a file
+    # nor a directory: pxfsd must refuse it before it creates its data_dir.
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dict(raw, storage={"devices": ["/dev/null"]})))
+    res = run_pxfsd(path)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    if os.geteuid() == 0:
+        assert "'storage.devices'" in lines[0]
+    assert not os.path.exists(raw["data_dir"])

@@ -1,0 +1,354 @@
+"""End-to-end: real etcd, real pxfsd processes, FUSE, loop devices, mkfs and
+mount, driven through pxctl as a user would."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import needs_mounts
+
+pytestmark = needs_mounts
+MiB = 1 << 20
+
+
+def dd_write(dev: str, pattern: bytes, offset_mib: int, count_mib: int) -> None:
+    """Write ``count_mib`` MiB of a repeated pattern with O_DIRECT, then fsync."""
+    block = (pattern * (MiB // len(pattern) + 1))[:MiB]
+    fd = os.open(dev, os.O_WRONLY)
+    try:
+        for i in range(count_mib):
+            os.pwrite(fd, block, (offset_mib + i) * MiB)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def dd_read(dev: str, offset_mib: int, count_mib: int) -> bytes:
+    res = subprocess.run(["dd", f"if={dev}", "bs=1M", f"skip={offset_mib}", f"count={count_mib}",
+                          "iflag=direct", "status=none"], capture_output=True, check=True)
+    return res.stdout
+
+
+def replica_states(c, node, vol):
+    return {r["node"]: r["state"] for r in c.pxctl(node, "volume", "inspect", vol)["replicas"]}
+
+
+def test_status_create_list_inspect(make_cluster):
+    c = make_cluster(3)
+    st = c.pxctl("node1", "status")
+    assert st["node_id"] == "node1"
+    assert sorted(n["id"] for n in st["nodes"]) == ["node1", "node2", "node3"]
+    assert all(n["status"] == "Online" and n["pool_total"] > 0 for n in st["nodes"])
+    text = c.pxctl("node1", "status", as_json=False)
+    assert "Status: PX is operational" in text and st["cluster_id"] in text
+
+    v = c.pxctl("node1", "volume", "create", "dbvol", "--size", "2", "--repl", "2", "--fs", "ext4",
+                "--label", "app=db")
+    assert len(v["id"]) == 18 and v["id"].isdigit()
+    assert v["size"] == 2 << 30 and v["ha"] == 2 and v["labels"] == {"app": "db"}
+    assert v["block_size"] == 32 * 1024 and v["io_priority"] == "LOW"
+    assert v["status_text"] == "up - detached"
+    out = c.pxctl("node2", "volume", "list", as_json=False)
+    header = out.splitlines()[0].split()
+    assert header == ["ID", "NAME", "SIZE", "HA", "SHARED", "ENCRYPTED", "IO_PRIORITY", "SCALE", "STATUS"]
+    assert "dbvol" in out and "up - detached" in out
+    # thin: nothing used until written
+    ins = c.pxctl("node3", "volume", "inspect", v["id"])
+    assert ins["name"] == "dbvol" and ins["bytes_used"] == 0
+    assert len(ins["replicas"]) == 2 and all(r["state"] == "in_sync" for r in ins["replicas"])
+    # defaults
+    d = c.pxctl("node1", "volume", "create", "defaults")
+    assert (d["size"], d["fs"], d["ha"], d["block_size"]) == (1 << 30, "ext4", 1, 32 * 1024)
+    # inline spec through the REST API
+    import httpx
+    r = httpx.post(c.api("node1") + "/v1/volumes", json={"spec": "size=100M,ha=2,name=mysql_vol,bs=64"})
+    assert r.status_code == 200, r.text
+    assert r.json()["block_size"] == 64 * 1024 and r.json()["ha"] == 2
+
+
+def test_repl_limited_by_online_nodes(make_cluster):
+    c = make_cluster(2)
+    res = c.pxctl("node1", "volume", "create", "v3", "--repl", "3", check=False)
+    assert res.returncode == 1
+    assert "only 2 node(s) online" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    c.stop_node("node2")
+    res = c.pxctl("node1", "volume", "create", "v2", "--repl", "2", check=False)
+    assert res.returncode == 1 and "only 1 node(s) online" in res.stderr
+    assert c.pxctl("node1", "volume", "list") == []
+
+
+BAD_CREATES = [
+    (["--size", "abc"], "size"), (["--size", "0"], "minimum"), (["--size", "100T"], "maximum"),
+    (["--size", "5X"], "size"), (["--fs", "btrfs"], "fs"), (["--block_size", "3"], "block_size"),
+    (["--block_size", "48"], "power of two"), (["--repl", "0"], "repl"), (["--repl", "4"], "repl"),
+    (["--repl", "two"], "repl"), (["--cos", "10"], "cos"), (["--cos", "urgent"], "cos"),
+    (["--label", "novalue"], "label"), (["--nodes", "nodeX"], "nodeX"),
+    (["--nodes", "node1,node1"], "twice"), (["--repl", "1", "--nodes", "node1,node2"], "repl"),
+]
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", "bad\x01name", "x" * 200, "123456", ".hidden"])
+def test_bad_names_rejected(make_cluster, name):
+    c = make_cluster(1)
+    res = c.pxctl("node1", "volume", "create", name, check=False)
+    assert res.returncode == 1 and res.stderr.startswith("pxctl: ") and "name" in res.stderr
+    assert c.pxctl("node1", "volume", "list") == []
+
+
+def test_bad_create_flags_rejected(make_cluster):
+    c = make_cluster(2)
+    for args, word in BAD_CREATES:
+        res = c.pxctl("node1", "volume", "create", "v", *args, check=False)
+        assert res.returncode != 0, args
+        assert word in res.stderr, (args, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    import httpx
+    for body in ({"spec": "size=1,name=a,colour=red"}, {"spec": "size=big,name=a"},
+                 {"spec": "repl=2"}, {"name": "a", "size": [1]}, {"name": "a", "bogus": 1},
+                 {"name": "a", "labels": ["x"]}):
+        r = httpx.post(c.api("node1") + "/v1/volumes", json=body)
+        assert r.status_code == 400 and r.json()["error"], body
+    r = httpx.post(c.api("node1") + "/v1/volumes", content=b"{not json")
+    assert r.status_code == 400
+    assert c.pxctl("node1", "volume", "list") == []
+
+
+def test_concurrent_create_same_name(make_cluster):
+    c = make_cluster(2)
+    results = []
+
+    def create(node):
+        results.append(c.pxctl(node, "volume", "create", "race", "--repl", "2", check=False))
+
+    for _ in range(3):
+        threads = [threading.Thread(target=create, args=(n,)) for n in ("node1", "node2") * 2]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ok = [r for r in results if r.returncode == 0]
+        assert len(ok) == 1, [r.stderr for r in results]
+        assert all("already exists" in r.stderr for r in results if r.returncode)
+        assert len(c.pxctl("node1", "volume", "list")) == 1
+        c.pxctl("node1", "volume", "delete", "race")
+        results.clear()
+
+
+def test_attach_mount_detach_delete(make_cluster):
+    c = make_cluster(2)
+    c.pxctl("node1", "volume", "create", "v", "--size", "512M", "--repl", "2")
+    a = c.pxctl("node1", "host", "attach", "v")
+    assert a["device"].startswith("/dev/loop") and os.path.realpath(a["pxd"]) == a["device"]
+    # a volume is attached on at most one node
+    res = c.pxctl("node2", "host", "attach", "v", check=False)
+    assert res.returncode == 1 and "attached on node node1" in res.stderr
+    m = c.pxctl("node1", "host", "mount", "v")
+    assert m["mount"] == os.path.join(c.nodes["node1"]["osd_root"], "mounts", "v")
+    with open(os.path.join(m["mount"], "hello"), "w") as fh:
+        fh.write("hello pxfs")
+        fh.flush()
+        os.fsync(fh.fileno())
+    assert "attached on node1" in c.pxctl("node2", "volume", "inspect", "v")["status_text"]
+    res = c.pxctl("node1", "volume", "delete", "v", check=False)
+    assert res.returncode == 1 and "attached" in res.stderr
+    res = c.pxctl("node1", "host", "detach", "v", check=False)
+    assert res.returncode == 1 and "unmount it first" in res.stderr
+    c.pxctl("node1", "host", "unmount", "v")
+    c.pxctl("node1", "host", "detach", "v")
+    assert not os.path.exists(a["pxd"])
+    # the data is there on another node
+    m2 = c.pxctl("node2", "host", "mount", "v")
+    assert open(os.path.join(m2["mount"], "hello")).read() == "hello pxfs"
+    ins = c.pxctl("node1", "volume", "inspect", "v")
+    assert ins["bytes_used"] > 0 and ins["attached_on"] == "node2"
+    c.pxctl("node2", "host", "unmount", "v")
+    c.pxctl("node2", "host", "detach", "v")
+    c.pxctl("node2", "volume", "delete", "v")
+    assert c.pxctl("node1", "volume", "list") == []
+    for n in ("node1", "node2"):
+        vols = os.path.join(c.workdir, n, "drive0", "vols")
+        assert os.listdir(vols) == [], f"chunks of the deleted volume left on {n}"
+
+
+WRITER = r'''
+import hashlib, os, sys, time
+path, log = sys.argv[1], sys.argv[2]
+fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+lfd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+i = 0
+while i < 100000:
+    block = hashlib.sha256(str(i).encode()).digest() * 2048          # 64 KiB
+    os.pwrite(fd, block, i * len(block))
+    os.fsync(fd)
+    os.write(lfd, b"%d\n" % i)
+    os.fsync(lfd)
+    i += 1
+'''
+
+
+def test_failover_after_sigkill_keeps_every_fsynced_write(make_cluster):
+    c = make_cluster(3)
+    c.pxctl("node1", "volume", "create", "dbvol", "--size", "2", "--repl", "2", "--nodes", "node1,node2")
+    c.pxctl("node1", "host", "attach", "dbvol")
+    mnt = c.pxctl("node1", "host", "mount", "dbvol")["mount"]
+    log = os.path.join(c.workdir, "writer.log")
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, os.path.join(mnt, "data"), log],
+                              stderr=subprocess.DEVNULL)
+    try:
+        c.wait_for(lambda: os.path.exists(log) and len(open(log).read().split()) >= 20,
+                   what="writer progress")
+        c.stop_node("node1", kill=True)                 # the attached node dies mid-write
+        t0 = time.monotonic()
+    finally:
+        time.sleep(0.5)
+        writer.kill()
+        writer.wait()
+    done = [int(x) for x in open(log).read().split()]
+    assert done == list(range(len(done)))
+    # another node attaches within seconds, the same data is there
+    c.wait_for(lambda: c.pxctl("node2", "host", "attach", "dbvol", check=False).returncode == 0,
+               timeout=20, what="attach on node2")
+    assert time.monotonic() - t0 < 10, "failover took longer than 10 s"
+    mnt2 = c.pxctl("node2", "host", "mount", "dbvol")["mount"]
+    with open(os.path.join(mnt2, "data"), "rb") as fh:
+        for i in done:
+            block = fh.read(64 * 1024)
+            assert block == hashlib.sha256(str(i).encode()).digest() * 2048, f"fsynced block {i} lost"
+    states = replica_states(c, "node2", "dbvol")
+    assert states["node1"] in ("offline", "out_of_sync")
+    assert c.pxctl("node3", "volume", "inspect", "dbvol")["status"] == "degraded"
+    # the volume keeps working degraded
+    with open(os.path.join(mnt2, "after"), "wb") as fh:
+        fh.write(b"x" * MiB)
+        fh.flush()
+        os.fsync(fh.fileno())
+    # the node comes back, resyncs by itself, and rejoins
+    c.start_node("node1")
+    c.wait_for(lambda: replica_states(c, "node2", "dbvol")["node1"] == "in_sync", timeout=60,
+               what="node1 back in sync")
+    assert c.pxctl("node1", "volume", "inspect", "dbvol")["status"] == "up"
+    st = c.pxctl("node3", "status")
+    assert all(n["status"] == "Online" for n in st["nodes"])
+
+
+def test_fencing_paused_node_cannot_overwrite(make_cluster):
+    c = make_cluster(3)
+    c.pxctl("node1", "volume", "create", "fv", "--size", "256M", "--repl", "2", "--fs", "none",
+            "--nodes", "node1,node2")
+    dev1 = c.pxctl("node1", "host", "attach", "fv")["device"]
+    dd_write(dev1, b"A", 0, 4)
+    c.signal("node1", signal.SIGSTOP)
+    try:
+        c.wait_for(lambda: c.pxctl("node2", "host", "attach", "fv", check=False).returncode == 0,
+                   timeout=30, what="failover attach")
+        dev2 = c.pxctl("node2", "host", "attach", "fv")["device"]
+        assert c.pxctl("node2", "volume", "inspect", "fv")["term"] == 2
+        dd_write(dev2, b"B", 0, 4)
+        # the paused node has a write queued when it wakes up
+        stale = subprocess.Popen([sys.executable, "-c",
+                                  "import os,sys; fd=os.open(sys.argv[1], os.O_WRONLY|os.O_DIRECT);"
+                                  "import mmap; m=mmap.mmap(-1, 1<<20); m.write(b'C'*(1<<20));"
+                                  "os.pwrite(fd, m, 0); os.fsync(fd)", dev1],
+                                 stderr=subprocess.PIPE)
+        time.sleep(1)
+    finally:
+        c.signal("node1", signal.SIGCONT)
+    rc = stale.wait(60)
+    assert rc != 0, "the stale node's write was acknowledged"
+    assert dd_read(dev2, 0, 4) == b"B" * (4 * MiB)
+    # node1's replica catches up and the data is still B everywhere
+    c.wait_for(lambda: replica_states(c, "node2", "fv")["node1"] == "in_sync", timeout=60,
+               what="node1 resynced")
+    c.pxctl("node2", "host", "detach", "fv")
+    c.stop_node("node2", kill=True)
+    c.wait_for(lambda: c.pxctl("node3", "host", "attach", "fv", check=False).returncode == 0,
+               timeout=30, what="attach on node3")
+    dev3 = c.pxctl("node3", "host", "attach", "fv")["device"]
+    assert dd_read(dev3, 0, 4) == b"B" * (4 * MiB)
+
+
+def test_resync_copies_only_what_changed(make_cluster):
+    c = make_cluster(3)
+    size_mib = 512
+    c.pxctl("node1", "volume", "create", "rv", "--size", f"{size_mib}M", "--repl", "2", "--fs", "none",
+            "--nodes", "node2,node3")
+    dev = c.pxctl("node1", "host", "attach", "rv")["device"]
+    ins = c.pxctl("node1", "volume", "inspect", "rv")
+    assert ins["data_local"] is False
+    assert "*" in c.pxctl("node1", "volume", "list", as_json=False)   # data is not local
+    dd_write(dev, b"0123456789abcdef", 0, size_mib)              # the whole volume, once
+    c.stop_node("node3", kill=True)
+    changed = size_mib // 10
+    dd_write(dev, b"changed!", 200, changed)                      # 10 % while node3 is out
+    assert replica_states(c, "node1", "rv")["node3"] in ("offline", "out_of_sync")
+    c.start_node("node3")
+    seen = set()
+
+    def synced():
+        ins = c.pxctl("node1", "volume", "inspect", "rv")
+        r = {x["node"]: x for x in ins["replicas"]}["node3"]
+        seen.add(r["state"])
+        return r["state"] == "in_sync" and ins
+    ins = c.wait_for(synced, timeout=90, what="node3 in sync")
+    copied = sum(h["bytes"] for h in ins["resyncs"] if h["node"] == "node3")
+    assert changed * MiB <= copied <= (changed + 4) * MiB, f"resync copied {copied} bytes"
+    # now lose the other replica: everything must come from the resynced one
+    c.stop_node("node2", kill=True)
+    data = dd_read(dev, 0, size_mib)
+    base = (b"0123456789abcdef" * (MiB // 16))
+    for i in range(size_mib):
+        want = (b"changed!" * (MiB // 8)) if 200 <= i < 200 + changed else base
+        assert data[i * MiB:(i + 1) * MiB] == want, f"MiB {i} differs"
+
+
+def test_garbage_on_data_port_closes_only_that_connection(make_cluster):
+    c = make_cluster(2)
+    c.pxctl("node1", "volume", "create", "g", "--size", "128M", "--repl", "2", "--fs", "none")
+    dev = c.pxctl("node1", "host", "attach", "g")["device"]
+    host, port = c.nodes["node2"]["data"].split(":")
+    for garbage in (b"\xff\xff\xff\xff" + b"x" * 100, b"\x00\x00\x00\x03abc", os.urandom(4096),
+                    b"\x00\x00\x00\x01\x01"):
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(garbage)
+            s.settimeout(5)
+            try:
+                assert s.recv(100) == b""            # closed by the node
+            except ConnectionResetError:
+                pass
+    dd_write(dev, b"ok", 0, 2)
+    assert dd_read(dev, 0, 2) == b"ok" * MiB
+    assert all(s == "in_sync" for s in replica_states(c, "node1", "g").values())
+
+
+def test_node_restart_rejoins(make_cluster):
+    c = make_cluster(2, dir_drives=False)          # image-file drives, formatted by pxfs
+    c.stop_node("node2")
+    st = c.pxctl("node1", "status")
+    assert {n["id"]: n["status"] for n in st["nodes"]}["node2"] == "Offline"
+    c.start_node("node2")
+    st = c.pxctl("node1", "status")
+    assert all(n["status"] == "Online" for n in st["nodes"])
+
+
+def test_pxfsd_refuses_foreign_filesystem(tmp_path, etcd_url):
+    img = tmp_path / "foreign.img"
+    subprocess.run(["truncate", "-s", "64M", str(img)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-L", "userdata", str(img)], check=True)
+    cfg = {"clusterid": "x", "kvdb": [f"etcd:{etcd_url}"], "storage": {"devices": [str(img)]},
+           "data_dir": str(tmp_path / "data"), "fuse_mountpoint": str(tmp_path / "fuse")}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    res = subprocess.run([sys.executable, "-m", "pxfs.node", "--config", str(tmp_path / "c.json")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert "storage.devices" in res.stderr and "ext4" in res.stderr
+    assert not (tmp_path / "fuse").exists()
