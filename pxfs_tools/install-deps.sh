@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install everything pxfs needs on Debian 12 (system packages + Python packages).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+if [ "$(id -u)" != 0 ]; then echo "run as root (FUSE, loop devices and mounts need it)" >&2; exit 1; fi
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends \
+    etcd-server fuse3 libfuse3-dev pkg-config gcc python3-dev \
+    e2fsprogs xfsprogs util-linux mount fio iproute2 procps >/dev/null
+python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+# the packaged etcd starts a service on the default port; pxfs-cluster runs its own
+systemctl disable --now etcd >/dev/null 2>&1 || true
+echo "pxfs installed: $(command -v pxctl) $(command -v pxfsd) $(command -v pxfs-cluster)"

@@ -1,0 +1,192 @@
+"""Data-port framing (pxfs/rpc/frames.py) and the msgpack codec
+(pxfs/codec.py), over in-memory trio streams."""
+
+import random
+import struct
+
+import msgpack
+import pytest
+import trio
+import trio.testing
+
+from pxfs import CHUNK_SIZE, MAX_FRAME, codec
+from pxfs.errors import FrameError, InvalidArgument
+from pxfs.rpc.frames import FrameReader, encode
+
+
+def pair():
+    a, b = trio.testing.memory_stream_pair()
+    return a, FrameReader(b)
+
+
+def raw_frame(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+# -- codec -------------------------------------------------------------------------
+def test_codec_round_trip():
+    obj = {"op": "write", "data": b"\x00\xff" * 10, "n": 2**63, "neg": -1, "s": "h\u00e9",
+           "l": [1, 2.5, None, True], "m": {1: "int key"}}
+    assert codec.unpack(codec.pack(obj)) == obj
+
+
+def test_codec_bytes_and_str_stay_distinct():
+    out = codec.unpack(codec.pack({"b": b"abc", "s": "abc"}))
+    assert isinstance(out["b"], bytes) and isinstance(out["s"], str)
+
+
+def test_codec_record_round_trip():
+    raw = codec.pack_record({"name": "v", "size": 5})
+    assert codec.unpack(raw)["v"] == codec.RECORD_VERSION
+    assert codec.unpack_record(raw) == {"name": "v", "size": 5}
+
+
+@pytest.mark.parametrize("data", [codec.pack({"name": "v"}), codec.pack([1]), codec.pack(3)])
+def test_codec_record_without_version(data):
+    with pytest.raises(InvalidArgument):
+        codec.unpack_record(data)
+
+
+@pytest.mark.parametrize("data", [b"", b"\xc1", codec.pack(1) + b"\x01", b"\x92\x01",
+                                  b"\xa2\xff\xfe", b"\x81\x91\x01\x01"])
+def test_codec_garbage_is_invalid_argument(data):
+    with pytest.raises(InvalidArgument, match="undecodable record"):
+        codec.unpack(data)
+
+
+def test_codec_random_garbage_only_raises_invalid_argument():
+    rng = random.Random(4)
+    for _ in range(20000):
+        data = rng.randbytes(rng.randint(1, 32))
+        try:
+            codec.unpack(data)
+        except InvalidArgument:
+            pass
+
+
+# -- frames ------------------------------------------------------------------------
+async def test_round_trip():
+    a, reader = pair()
+    msg = {"op": "write", "id": 7, "vol": 3, "data": bytes(range(256)) * 4}
+    await a.send_all(encode(msg))
+    assert await reader.receive() == msg
+
+
+async def test_several_frames_in_one_send():
+    a, reader = pair()
+    msgs = [{"id": i, "op": "ping"} for i in range(5)]
+    await a.send_all(b"".join(encode(m) for m in msgs))
+    for m in msgs:
+        assert await reader.receive() == m
+
+
+async def test_frame_split_into_single_bytes():
+    a, reader = pair()
+    msg = {"id": 1, "op": "read", "size": 4096}
+    frame = encode(msg)
+
+    async def dribble():
+        for i in range(len(frame)):
+            await a.send_all(frame[i:i + 1])
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(dribble)
+        assert await reader.receive() == msg
+
+
+async def test_whole_chunk_fits_in_a_frame():
+    a, reader = pair()
+    msg = {"op": "put_chunk", "id": 1, "vol": 1, "idx": 2**32 - 1, "gen": 2**63,
+           "bitmap": b"\xff" * 32, "data": b"\xa5" * CHUNK_SIZE, "term": 9, "present": True}
+    frame = encode(msg)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.send_all, frame)
+        assert await reader.receive() == msg
+
+
+def test_encode_refuses_oversized():
+    with pytest.raises(FrameError, match="exceeds"):
+        encode({"data": bytes(MAX_FRAME)})
+
+
+def test_encode_length_prefix():
+    frame = encode({"id": 1})
+    (n,) = struct.unpack(">I", frame[:4])
+    assert n == len(frame) - 4
+    assert msgpack.unpackb(frame[4:]) == {"id": 1}
+
+
+async def test_clean_eof_is_none():
+    a, reader = pair()
+    await a.send_eof()
+    assert await reader.receive() is None
+
+
+async def test_clean_eof_after_a_frame():
+    a, reader = pair()
+    await a.send_all(encode({"id": 1}))
+    await a.send_eof()
+    assert await reader.receive() == {"id": 1}
+    assert await reader.receive() is None
+
+
+@pytest.mark.parametrize("n", [MAX_FRAME + 1, 2**32 - 1])
+async def test_oversized_length_prefix(n):
+    a, reader = pair()
+    await a.send_all(struct.pack(">I", n))        # no body follows: refused on the prefix
+    with pytest.raises(FrameError, match="exceeds"):
+        await reader.receive()
+
+
+async def test_frame_of_exactly_max_frame_is_allowed():
+    a, reader = pair()
+    overhead = len(codec.pack({"pad": bytes(70000)})) - 70000
+    body = codec.pack({"pad": bytes(MAX_FRAME - overhead)})
+    assert len(body) == MAX_FRAME
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.send_all, raw_frame(body))
+        assert len((await reader.receive())["pad"]) == MAX_FRAME - overhead
+
+
+@pytest.mark.parametrize("body", [codec.pack([1, 2, 3]), codec.pack("op"), codec.pack(5),
+                                  codec.pack(None), codec.pack(b"\x80")])
+async def test_non_map_body(body):
+    a, reader = pair()
+    await a.send_all(raw_frame(body))
+    with pytest.raises(FrameError, match="not a map"):
+        await reader.receive()
+
+
+@pytest.mark.parametrize("body", [b"\xc1", b"", codec.pack({"id": 1}) + b"\x00", b"\x82\x01"])
+async def test_undecodable_body(body):
+    a, reader = pair()
+    await a.send_all(raw_frame(body))
+    with pytest.raises(FrameError):
+        await reader.receive()
+
+
+async def test_truncated_body():
+    a, reader = pair()
+    frame = encode({"id": 1, "data": b"x" * 100})
+    await a.send_all(frame[:50])
+    await a.send_eof()
+    with pytest.raises(FrameError, match="closed inside a frame"):
+        await reader.receive()
+
+
+async def test_truncated_length_prefix():
+    a, reader = pair()
+    await a.send_all(b"\x00\x00")
+    await a.send_eof()
+    with pytest.raises(FrameError, match="closed inside a frame"):
+        await reader.receive()
+
+
+async def test_truncated_after_good_frame():
+    a, reader = pair()
+    await a.send_all(encode({"id": 1}) + encode({"id": 2})[:-1])
+    await a.send_eof()
+    assert await reader.receive() == {"id": 1}
+    with pytest.raises(FrameError):
+        await reader.receive()
