@@ -1,0 +1,324 @@
+"""KV conformance suite (pxfs/meta): every test runs on MemKV and on a real
+etcd through the ``kv`` fixture, so MemKV keeps etcd's semantics.  Also the
+optimistic transaction runner (meta/txn.py) and membership (meta/lease.py)."""
+
+import trio
+
+import pytest
+
+from pxfs import codec
+from pxfs.errors import MetaError, TxnConflict
+from pxfs.meta import keys
+from pxfs.meta.kv import Compare, Delete, Put
+from pxfs.meta.lease import Membership, list_nodes
+from pxfs.meta.txn import Txn, run_txn
+
+LEASE_TTL = 2
+
+
+async def put(kv, key, value, lease=0):
+    assert await kv.txn([], [Put(key, value, lease)])
+
+
+async def wait_gone(kv, key, timeout=10.0):
+    """Poll until ``key`` is gone (lease expiry is on the store's own clock)."""
+    with trio.fail_after(timeout):
+        while await kv.get(key) is not None:
+            await trio.sleep(0.1)
+
+
+# -- get / range -------------------------------------------------------------------
+async def test_get_absent(kv, cid):
+    assert await kv.get(keys.node_key(cid, "nobody")) is None
+
+
+async def test_put_get(kv, cid):
+    key = keys.node_key(cid, "n1")
+    await put(kv, key, b"\x00value\xff")
+    item = await kv.get(key)
+    assert item.key == key and item.value == b"\x00value\xff"
+    assert item.mod_rev > 0 and item.create_rev == item.mod_rev and item.lease == 0
+
+
+async def test_update_keeps_create_rev(kv, cid):
+    key = keys.vol_key(cid, 1)
+    await put(kv, key, b"1")
+    first = await kv.get(key)
+    await put(kv, key, b"2")
+    second = await kv.get(key)
+    assert second.value == b"2"
+    assert second.mod_rev > first.mod_rev
+    assert second.create_rev == first.create_rev
+
+
+async def test_range_by_prefix_sorted(kv, cid):
+    for n in ("n3", "n1", "n2"):
+        await put(kv, keys.node_key(cid, n), n.encode())
+    await put(kv, keys.alive_key(cid, "n1"), b"x")
+    await put(kv, keys.node_key(cid + "x", "n9"), b"other cluster")
+    items = await kv.range(keys.node_prefix(cid))
+    assert [i.key for i in items] == [keys.node_key(cid, n) for n in ("n1", "n2", "n3")]
+    assert [i.value for i in items] == [b"n1", b"n2", b"n3"]
+    assert len(await kv.range(keys.cluster_prefix(cid))) == 4
+
+
+async def test_range_empty(kv, cid):
+    assert await kv.range(keys.vol_prefix(cid)) == []
+
+
+# -- transactions -------------------------------------------------------------------
+async def test_create_if_absent_once(kv, cid):
+    key = keys.volname_key(cid, "v")
+    assert await kv.txn([Compare(key, 0)], [Put(key, b"1")]) is True
+    assert await kv.txn([Compare(key, 0)], [Put(key, b"2")]) is False
+    assert (await kv.get(key)).value == b"1"
+
+
+async def test_compare_mod_rev(kv, cid):
+    key = keys.vol_key(cid, 2)
+    await put(kv, key, b"a")
+    item = await kv.get(key)
+    assert await kv.txn([Compare(key, item.mod_rev)], [Put(key, b"b")]) is True
+    # the revision we read is stale now
+    assert await kv.txn([Compare(key, item.mod_rev)], [Put(key, b"c")]) is False
+    assert await kv.txn([Compare(key, 0)], [Put(key, b"c")]) is False
+    assert (await kv.get(key)).value == b"b"
+
+
+async def test_failed_compare_applies_nothing(kv, cid):
+    a, b = keys.vol_key(cid, 1), keys.vol_key(cid, 2)
+    await put(kv, a, b"a")
+    ra = (await kv.get(a)).mod_rev
+    # a matches, b (absent) is compared against a wrong revision: no op applied
+    ok = await kv.txn([Compare(a, ra), Compare(b, 12345)], [Put(a, b"A"), Put(b, b"B")])
+    assert ok is False
+    assert (await kv.get(a)).value == b"a" and await kv.get(b) is None
+
+
+async def test_multi_op_txn_is_atomic_and_one_revision(kv, cid):
+    a, b = keys.vol_key(cid, 1), keys.volname_key(cid, "v")
+    assert await kv.txn([Compare(a, 0), Compare(b, 0)], [Put(a, b"rec"), Put(b, b"1")])
+    ia, ib = await kv.get(a), await kv.get(b)
+    assert ia.mod_rev == ib.mod_rev
+
+
+async def test_delete(kv, cid):
+    key = keys.attach_key(cid, 3)
+    await put(kv, key, b"x")
+    item = await kv.get(key)
+    assert await kv.txn([Compare(key, item.mod_rev)], [Delete(key)])
+    assert await kv.get(key) is None
+    assert await kv.range(keys.attach_prefix(cid)) == []
+    # deleting an absent key is not an error; it is absent again for compares
+    assert await kv.txn([Compare(key, 0)], [Delete(key)])
+
+
+async def test_put_after_delete_new_create_rev(kv, cid):
+    key = keys.attach_key(cid, 4)
+    await put(kv, key, b"x")
+    first = await kv.get(key)
+    assert await kv.txn([], [Delete(key)])
+    await put(kv, key, b"y")
+    assert (await kv.get(key)).create_rev > first.create_rev
+
+
+# -- leases --------------------------------------------------------------------------
+async def test_key_with_lease_expires(kv, cid):
+    key = keys.alive_key(cid, "n1")
+    lease = await kv.lease_grant(LEASE_TTL)
+    await put(kv, key, b"alive", lease)
+    item = await kv.get(key)
+    assert item is not None and item.lease == lease
+    await put(kv, keys.node_key(cid, "n1"), b"no lease")
+    with trio.fail_after(LEASE_TTL + 6):
+        await wait_gone(kv, key)
+    assert (await kv.get(keys.node_key(cid, "n1"))).value == b"no lease"
+
+
+async def test_lease_refresh_keeps_key(kv, cid):
+    key = keys.alive_key(cid, "n1")
+    lease = await kv.lease_grant(LEASE_TTL)
+    await put(kv, key, b"alive", lease)
+    for _ in range(8):              # 4 s, twice the TTL
+        await trio.sleep(LEASE_TTL / 4)
+        assert await kv.lease_refresh(lease) is True
+    assert await kv.get(key) is not None
+
+
+async def test_lease_refresh_after_expiry_is_false(kv, cid):
+    key = keys.alive_key(cid, "n1")
+    lease = await kv.lease_grant(LEASE_TTL)
+    await put(kv, key, b"alive", lease)
+    await wait_gone(kv, key, timeout=LEASE_TTL + 6)
+    assert await kv.lease_refresh(lease) is False
+    assert await kv.get(key) is None
+
+
+async def test_lease_revoke_removes_keys(kv, cid):
+    lease = await kv.lease_grant(30)
+    await put(kv, keys.alive_key(cid, "n1"), b"1", lease)
+    await put(kv, keys.attach_key(cid, 1), b"1", lease)
+    await kv.lease_revoke(lease)
+    assert await kv.get(keys.alive_key(cid, "n1")) is None
+    assert await kv.get(keys.attach_key(cid, 1)) is None
+    assert await kv.lease_refresh(lease) is False
+    await kv.lease_revoke(lease)        # revoking twice is harmless
+
+
+async def test_put_with_dead_lease_is_meta_error(kv, cid):
+    lease = await kv.lease_grant(30)
+    await kv.lease_revoke(lease)
+    with pytest.raises(MetaError):
+        await kv.txn([], [Put(keys.attach_key(cid, 1), b"x", lease)])
+    assert await kv.get(keys.attach_key(cid, 1)) is None
+
+
+# -- run_txn -------------------------------------------------------------------------
+async def test_run_txn_returns_body_result(kv, cid):
+    key = keys.vol_key(cid, 1)
+
+    async def body(txn: Txn):
+        assert await txn.get(key) is None
+        txn.put(key, b"made")
+        return "result"
+
+    assert await run_txn(kv, body) == "result"
+    assert (await kv.get(key)).value == b"made"
+
+
+async def test_run_txn_concurrent_increments(kv, cid):
+    key = keys.vol_key(cid, 99)
+    runs = 0
+
+    async def body(txn: Txn):
+        nonlocal runs
+        runs += 1
+        item = await txn.get(key)
+        n = codec.unpack(item.value) if item else 0
+        await trio.sleep(0)          # let the other task read the same revision
+        txn.put(key, codec.pack(n + 1))
+
+    async def worker():
+        for _ in range(20):
+            await run_txn(kv, body, what="increment")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker)
+        nursery.start_soon(worker)
+    assert codec.unpack((await kv.get(key)).value) == 40
+    assert runs > 40                 # some bodies lost the race and ran again
+
+
+async def test_run_txn_gives_up_with_txn_conflict(kv, cid):
+    key = keys.vol_key(cid, 5)
+    runs = 0
+
+    async def body(txn: Txn):
+        nonlocal runs
+        runs += 1
+        await txn.get(key)
+        await put(kv, key, str(runs).encode())     # someone else always wins
+        txn.put(key, b"never")
+
+    with pytest.raises(TxnConflict, match="lost its race 3 times"):
+        await run_txn(kv, body, tries=3, what="doomed")
+    assert runs == 3
+    assert (await kv.get(key)).value == b"3"
+
+
+async def test_txn_expect_and_delete(kv, cid):
+    key = keys.vol_key(cid, 6)
+    await put(kv, key, b"x")
+    rev = (await kv.get(key)).mod_rev
+    txn = Txn(kv)
+    txn.expect(key, rev)
+    txn.delete(key)
+    assert await txn.commit()
+    txn = Txn(kv)
+    txn.expect(key, rev)             # stale now
+    txn.put(key, b"y")
+    assert not await txn.commit()
+    assert await kv.get(key) is None
+
+
+# -- membership ----------------------------------------------------------------------
+def info():
+    return {"api": "http://127.0.0.1:9001", "data": "127.0.0.1:9002", "pool_used": 1,
+            "pool_total": 2}
+
+
+async def start_membership(nursery, kv, cid, node):
+    m = Membership(kv, cid, node, LEASE_TTL, info)
+    scope = trio.CancelScope()
+
+    async def run(task_status=trio.TASK_STATUS_IGNORED):
+        with scope:
+            await m.run(task_status=task_status)
+
+    await nursery.start(run)
+    return m, scope
+
+
+async def test_list_nodes_empty(kv, cid):
+    assert await list_nodes(kv, cid) == []
+
+
+async def test_registered_node_online_then_offline_after_revoke(kv, cid):
+    async with trio.open_nursery() as nursery:
+        m1, s1 = await start_membership(nursery, kv, cid, "n1")
+        m2, s2 = await start_membership(nursery, kv, cid, "n2")
+        nodes = {n["id"]: n for n in await list_nodes(kv, cid)}
+        assert set(nodes) == {"n1", "n2"}
+        assert nodes["n1"]["online"] and nodes["n2"]["online"]
+        assert nodes["n1"]["data"] == "127.0.0.1:9002" and "started" in nodes["n1"]
+        assert (await kv.get(keys.alive_key(cid, "n1"))).lease == m1.lease
+        s1.cancel()                  # n1 stops its keepalive, then its lease goes
+        await kv.lease_revoke(m1.lease)
+        nodes = {n["id"]: n for n in await list_nodes(kv, cid)}
+        assert set(nodes) == {"n1", "n2"}          # still known, now offline
+        assert not nodes["n1"]["online"] and nodes["n2"]["online"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_membership_revoke(kv, cid):
+    async with trio.open_nursery() as nursery:
+        m, scope = await start_membership(nursery, kv, cid, "n1")
+        scope.cancel()
+        await m.revoke()
+        assert m.lease == 0
+        [n] = await list_nodes(kv, cid)
+        assert n["id"] == "n1" and not n["online"]
+
+
+async def test_keepalive_holds_the_lease(kv, cid):
+    async with trio.open_nursery() as nursery:
+        m, _ = await start_membership(nursery, kv, cid, "n1")
+        lease = m.lease
+        await trio.sleep(LEASE_TTL * 2)
+        [n] = await list_nodes(kv, cid)
+        assert n["online"] and m.lease == lease
+        nursery.cancel_scope.cancel()
+
+
+async def test_lost_lease_calls_listeners_and_rejoins(kv, cid):
+    lost = []
+    got = trio.Event()
+
+    async def listener(old):
+        lost.append(old)
+        got.set()
+
+    async with trio.open_nursery() as nursery:
+        m = Membership(kv, cid, "n1", LEASE_TTL, info)
+        m.on_lease_lost(listener)
+        await nursery.start(m.run)
+        old = m.lease
+        await kv.lease_revoke(old)           # the lease vanishes behind the node's back
+        with trio.fail_after(LEASE_TTL * 3):
+            await got.wait()
+        assert lost == [old]
+        with trio.fail_after(LEASE_TTL * 3):
+            while not (await list_nodes(kv, cid))[0]["online"]:
+                await trio.sleep(0.05)
+        assert m.lease not in (0, old)
+        nursery.cancel_scope.cancel()
