@@ -147,6 +147,10 @@ def test_concurrent_create_same_name(make_cluster):
 def test_attach_mount_detach_delete(make_cluster):
     c = make_cluster(2)
     c.pxctl("node1", "volume", "create", "v", "--size", "512M", "--repl", "2")
+    # a mount that fails undoes the attach it made
+    res = c.pxctl("node1", "host", "mount", "v", "--path", "/proc", check=False)
+    assert res.returncode == 1 and "already a mount point" in res.stderr
+    assert c.pxctl("node1", "volume", "inspect", "v")["attached_on"] is None
     a = c.pxctl("node1", "host", "attach", "v")
     assert a["device"].startswith("/dev/loop") and os.path.realpath(a["pxd"]) == a["device"]
     # a volume is attached on at most one node

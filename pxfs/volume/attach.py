@@ -229,8 +229,18 @@ class Attachments:
         path = os.path.normpath(path)
         if rec["fs"] == "none":
             raise InvalidArgument(f"volume {rec['name']!r} has --fs none: use its block device")
-        if volid not in self.local:
+        attached_here = volid in self.local
+        if not attached_here:
             await self.attach(str(volid))
+        try:
+            return await self._mount(volid, rec, path)
+        except BaseException:
+            if not attached_here and volid in self.local:   # undo our own attach
+                with trio.CancelScope(shield=True):
+                    await self.detach(str(volid))
+            raise
+
+    async def _mount(self, volid: int, rec: dict, path: str) -> dict:
         async with self.lock(volid):
             loc = self.local.get(volid)
             if loc is None:
