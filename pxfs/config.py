@@ -14,6 +14,7 @@ import json
 import os
 import re
 import socket
+import stat
 import struct
 
 from .errors import ConfigError
@@ -150,7 +151,10 @@ def parse(raw: object, path: str = "") -> Config:
             raise ConfigError("storage.devices", f"{dev!r} is not an absolute path")
         if not os.path.exists(dev):
             raise ConfigError("storage.devices", f"{dev} does not exist")
-    if len(set(devices)) != len(devices):
+        mode = os.stat(dev).st_mode
+        if not (stat.S_ISBLK(mode) or stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise ConfigError("storage.devices", f"{dev} is not a block device, image file or directory")
+    if len({os.path.realpath(d) for d in devices}) != len(devices):
         raise ConfigError("storage.devices", "lists a device twice")
 
     node_id = _str(raw, "node_id", socket.gethostname().split(".")[0])

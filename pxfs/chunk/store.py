@@ -34,9 +34,18 @@ class _Chunk:
         self.fd, self.hdr, self.lock, self.dirty = fd, hdr, threading.Lock(), False
 
 
+MAX_IDX = (1 << 32) - 1
+MAX_VOLID = (1 << 64) - 1
+
+
 def _check_range(off: int, size: int) -> None:
     if off < 0 or size < 0 or off + size > CHUNK_SIZE:
         raise InvalidArgument(f"range {off}+{size} outside a chunk")
+
+
+def _check_id(volid: int, idx: int) -> None:
+    if not 0 <= volid <= MAX_VOLID or not 0 <= idx <= MAX_IDX:
+        raise InvalidArgument(f"chunk id {volid}/{idx} out of range")
 
 
 class ChunkStore:
@@ -151,6 +160,7 @@ class ChunkStore:
 
     # -- data ------------------------------------------------------------------
     def write(self, volid: int, idx: int, off: int, data: bytes, gen: int) -> None:
+        _check_id(volid, idx)
         _check_range(off, len(data))
         if not data:
             return
@@ -163,7 +173,11 @@ class ChunkStore:
             start = first * CSUM_BLOCK
             head, tail = off - start, (last + 1) * CSUM_BLOCK - off - len(data)
             if head or tail:
+                # the bytes kept from a partial block must be good, or the new
+                # checksum would bless corruption
                 buf = bytearray(self._read_blocks(ch, first, last, verify=False))
+                for blk in {first if head else -1, last if tail else -1} - {-1}:
+                    self._read_blocks(ch, blk, blk, verify=True)
                 buf[head:head + len(data)] = data
             else:
                 buf = data
@@ -205,6 +219,7 @@ class ChunkStore:
         return bytes(out)
 
     def read(self, volid: int, idx: int, off: int, size: int) -> bytes:
+        _check_id(volid, idx)
         _check_range(off, size)
         if size == 0:
             return b""
@@ -221,6 +236,7 @@ class ChunkStore:
 
     def get_chunk(self, volid: int, idx: int) -> tuple[int, bytes, bytes] | None:
         """(gen, bitmap, data) of a whole chunk, verified; None if absent."""
+        _check_id(volid, idx)
         ch = self._locked(volid, idx, False)
         if ch is None:
             return None
@@ -232,6 +248,7 @@ class ChunkStore:
 
     def put_chunk(self, volid: int, idx: int, gen: int, bitmap: bytes | None, data: bytes | None) -> None:
         """Replace a whole chunk (resync).  ``data`` None deletes it."""
+        _check_id(volid, idx)
         d = self._voldir(volid, True)
         path = os.path.join(d, f"{idx:08x}.chk")
         self._evict(volid, idx)

@@ -96,6 +96,9 @@ class EtcdKV:
                 c.revoke_lease(lease)
             except etcd3.exceptions.Etcd3Exception:
                 pass
+            except grpc.RpcError as exc:      # already expired or revoked
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
         await self._call("lease revoke", fn)
 
     async def close(self) -> None:

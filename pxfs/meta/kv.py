@@ -10,6 +10,8 @@ import itertools
 import time
 from typing import Protocol
 
+from ..errors import MetaError
+
 
 @dataclasses.dataclass(frozen=True)
 class Item:
@@ -85,7 +87,7 @@ class MemKV:
                 return False
         for op in ops:
             if isinstance(op, Put) and op.lease and op.lease not in self._leases:
-                raise KeyError(f"lease {op.lease} not found")
+                raise MetaError(f"etcd txn failed: lease {op.lease} not found")
         self._rev += 1
         for op in ops:
             if isinstance(op, Put):

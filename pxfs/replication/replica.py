@@ -123,8 +123,8 @@ class ReplicaService:
 
 def _int(msg, key) -> int:
     v = msg.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise InvalidArgument(f"field {key!r} must be a non-negative integer")
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < (1 << 64):
+        raise InvalidArgument(f"field {key!r} must be an integer in 0..2**64-1")
     return v
 
 

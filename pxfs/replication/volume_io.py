@@ -21,7 +21,7 @@ import logging
 
 import trio
 
-from .. import CHUNK_SIZE
+from .. import CHUNK_SIZE, CSUM_BLOCK
 from ..errors import ChecksumError, Fenced, InvalidArgument, PxfsError
 
 log = logging.getLogger(__name__)
@@ -107,12 +107,17 @@ class ReplicatedVolume:
         self.stats.bytes_read += size
         return bytes(out)
 
-    async def _read_piece(self, idx: int, inoff: int, n: int) -> bytes:
+    async def _read_piece(self, idx: int, inoff: int, n: int, *, locked: bool = False) -> bytes:
+        """Read from the first in-sync replica that can serve the range; a
+        replica whose checksum fails is repaired with whole blocks from the
+        good copy."""
+        a0 = inoff - inoff % CSUM_BLOCK
+        a1 = -(-(inoff + n) // CSUM_BLOCK) * CSUM_BLOCK
         bad: list[str] = []
         errors = []
         for node in self.readers():
             try:
-                data = await self._target(node).read(self.volid, idx, inoff, n, timeout=self.timeout)
+                data = await self._target(node).read(self.volid, idx, a0, a1 - a0, timeout=self.timeout)
             except ChecksumError as exc:
                 log.error("volume %s: replica on %s: %s; reading another replica", self.volid, node, exc)
                 bad.append(node)
@@ -122,16 +127,20 @@ class ReplicatedVolume:
                 errors.append(exc)
                 continue
             for b in bad:
-                await self._repair(b, idx, inoff, data)
-            return data
+                await self._repair(b, idx, a0, data, locked)
+            return data[inoff - a0:inoff - a0 + n]
         raise PxfsError(f"volume {self.volid}: no replica could serve chunk {idx}: "
                         + "; ".join(map(str, errors)) if errors else "no in-sync replica")
 
-    async def _repair(self, node: str, idx: int, inoff: int, data: bytes) -> None:
+    async def _repair(self, node: str, idx: int, inoff: int, data: bytes, locked: bool) -> None:
         try:
-            async with self.chunk_lock(idx):
-                await self._target(node).write(self.volid, idx, inoff, data, self.term, self.stamp(),
-                                               timeout=self.timeout)
+            if locked:
+                await self._target(node).write(self.volid, idx, inoff, data, self.term,
+                                               self.stamp(), timeout=self.timeout)
+            else:
+                async with self.chunk_lock(idx):
+                    await self._target(node).write(self.volid, idx, inoff, data, self.term,
+                                                   self.stamp(), timeout=self.timeout)
             self.stats.repairs += 1
             log.warning("volume %s: repaired chunk %d on %s from a good replica", self.volid, idx, node)
         except PxfsError as exc:
@@ -149,6 +158,14 @@ class ReplicatedVolume:
             for idx, inoff, boff, n in self._pieces(off, len(data)):
                 piece = bytes(mv[boff:boff + n])
                 async with self.chunk_lock(idx):
+                    if inoff % CSUM_BLOCK or (inoff + n) % CSUM_BLOCK:
+                        # partial blocks: merge with verified old data here so
+                        # that replicas only ever take whole, checked blocks
+                        a0 = inoff - inoff % CSUM_BLOCK
+                        a1 = -(-(inoff + n) // CSUM_BLOCK) * CSUM_BLOCK
+                        old = bytearray(await self._read_piece(idx, a0, a1 - a0, locked=True))
+                        old[inoff - a0:inoff - a0 + n] = piece
+                        piece, inoff = bytes(old), a0
                     stamp = self.stamp()
                     await self._fan_out(lambda t: t.write(self.volid, idx, inoff, piece, self.term,
                                                           stamp, timeout=self.timeout))

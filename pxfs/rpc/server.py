@@ -44,6 +44,9 @@ class RpcServer:
                     reply.update(id=rid, ok=True)
                 except PxfsError as exc:
                     reply = {"id": rid, "ok": False, "err": type(exc).__name__, "msg": str(exc)}
+                except Exception as exc:      # a bug: loud, but only this request fails
+                    log.exception("data-port request %s failed unexpectedly", op)
+                    reply = {"id": rid, "ok": False, "err": "PxfsError", "msg": f"internal error: {exc}"}
                 await stream.send_all(encode(reply))
         except (RpcError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return

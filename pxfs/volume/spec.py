@@ -8,6 +8,7 @@ into a {keyword: string} map and calls it.
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import re
 
 from ..errors import InvalidArgument
@@ -74,7 +75,7 @@ def parse_size(value: object) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise InvalidArgument(f"size {text!r}: expected a number of GiB or a number with "
                               "a unit M, MiB, G, GiB or T (e.g. 10, 512M, 2G)")
-    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    size = int(decimal.Decimal(m.group(1)) * _UNITS[m.group(2).lower()])
     size -= size % 4096
     if size < MIN_SIZE:
         raise InvalidArgument(f"size {text!r} is below the minimum of 64 MiB")

@@ -1,0 +1,317 @@
+"""The local chunk store (pxfs/chunk/store.py) on a tmp directory: data,
+checksums, thin files, whole-chunk copies, fencing terms, eviction."""
+
+import os
+
+import pytest
+
+from pxfs import CHUNK_SIZE, CSUM_BLOCK
+from pxfs.chunk.layout import HEADER_SIZE, NBLOCKS
+from pxfs.chunk.store import ChunkStore
+from pxfs.errors import ChecksumError, InvalidArgument
+
+VOL = 7
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = ChunkStore([str(tmp_path / "pool")])
+    yield s
+    s.close()
+
+
+def chunk_path(root, volid, idx):
+    return os.path.join(str(root), "vols", str(volid), f"{idx:08x}.chk")
+
+
+def pattern(n, seed=1):
+    return bytes((i * 31 + seed) & 0xFF for i in range(n))
+
+
+def flip_byte(path, pos):
+    with open(path, "r+b") as fh:
+        fh.seek(pos)
+        b = fh.read(1)
+        fh.seek(pos)
+        fh.write(bytes([b[0] ^ 0xFF]))
+
+
+# -- data --------------------------------------------------------------------------
+@pytest.mark.parametrize("off, size", [
+    (0, CSUM_BLOCK),                       # exactly one block
+    (100, 10),                             # inside one block
+    (CSUM_BLOCK - 7, 20),                  # across a block boundary
+    (3 * CSUM_BLOCK + 5, 5 * CSUM_BLOCK),  # several blocks, both ends unaligned
+    (CHUNK_SIZE - 3, 3),                   # the chunk's last bytes
+    (0, CHUNK_SIZE),                       # the whole chunk
+])
+def test_write_read_round_trip(store, off, size):
+    data = pattern(size)
+    store.write(VOL, 0, off, data, gen=1)
+    assert store.read(VOL, 0, off, size) == data
+    # the bytes around the write are still zero
+    lo, hi = max(0, off - 9), min(CHUNK_SIZE, off + size + 9)
+    around = store.read(VOL, 0, lo, hi - lo)
+    assert around == bytes(off - lo) + data + bytes(hi - off - size)
+
+
+def test_overlapping_writes(store):
+    store.write(VOL, 0, 0, b"a" * 10000, gen=1)
+    store.write(VOL, 0, 5000, b"b" * 100, gen=1)
+    want = b"a" * 5000 + b"b" * 100 + b"a" * 4900
+    assert store.read(VOL, 0, 0, 10000) == want
+
+
+def test_data_survives_a_new_instance(tmp_path):
+    root = str(tmp_path / "pool")
+    s = ChunkStore([root])
+    s.write(VOL, 3, 777, pattern(9000), gen=1)
+    s.sync(VOL)
+    s.close()
+    s2 = ChunkStore([root])
+    assert s2.read(VOL, 3, 777, 9000) == pattern(9000)
+    s2.close()
+
+
+def test_thin_reads_zeros(store):
+    assert store.read(VOL, 5, 0, 4096) == bytes(4096)          # no volume at all
+    store.write(VOL, 0, 0, b"x", gen=1)
+    assert store.read(VOL, 1, 1000, 50) == bytes(50)           # no such chunk
+    assert store.read(VOL, 0, CSUM_BLOCK, 8192) == bytes(8192)  # unwritten blocks
+
+
+def test_chunk_file_is_sparse(store, tmp_path):
+    store.write(VOL, 0, 0, b"head", gen=1)
+    store.write(VOL, 0, CHUNK_SIZE - 4, b"tail", gen=1)
+    store.sync(VOL)
+    st = os.stat(chunk_path(tmp_path / "pool", VOL, 0))
+    assert st.st_size == HEADER_SIZE + CHUNK_SIZE
+    assert st.st_blocks * 512 <= 64 * 1024                   # header + two blocks, not 1 MiB
+    assert store.read(VOL, 0, CHUNK_SIZE // 2, 4096) == bytes(4096)
+    assert store.usage(VOL) == st.st_blocks * 512
+
+
+def test_empty_write_and_read(store):
+    store.write(VOL, 0, 10, b"", gen=1)
+    assert store.read(VOL, 0, 10, 0) == b""
+    assert store.list_chunks(VOL) == {}
+
+
+@pytest.mark.parametrize("off, size", [(CHUNK_SIZE - 1, 2), (CHUNK_SIZE, 1), (-1, 1),
+                                       (0, CHUNK_SIZE + 1)])
+def test_write_beyond_chunk(store, off, size):
+    with pytest.raises(InvalidArgument, match="outside a chunk"):
+        store.write(VOL, 0, off, b"x" * size, gen=1)
+    assert store.list_chunks(VOL) == {}
+
+
+@pytest.mark.parametrize("volid, idx", [(VOL, 2**32), (VOL, -1)])
+def test_write_bad_chunk_id(store, volid, idx):
+    # ids that do not fit the chunk header (u64 volid, u32 idx) are bad input,
+    # not a struct.error escaping from the store
+    with pytest.raises(InvalidArgument):
+        store.write(volid, idx, 0, b"x", gen=1)
+
+
+@pytest.mark.parametrize("off, size", [(CHUNK_SIZE - 1, 2), (-1, 1), (0, -1)])
+def test_read_beyond_chunk(store, off, size):
+    with pytest.raises(InvalidArgument):
+        store.read(VOL, 0, off, size)
+
+
+# -- checksums ---------------------------------------------------------------------
+def test_corrupt_byte_raises_checksum_error(store, tmp_path):
+    store.write(VOL, 0, 0, pattern(3 * CSUM_BLOCK), gen=1)
+    store.sync(VOL)
+    flip_byte(chunk_path(tmp_path / "pool", VOL, 0), HEADER_SIZE + CSUM_BLOCK + 123)
+    with pytest.raises(ChecksumError) as ei:
+        store.read(VOL, 0, CSUM_BLOCK + 100, 50)
+    assert ei.value.blocks == [1]
+    # the blocks on either side are still good
+    assert store.read(VOL, 0, 0, CSUM_BLOCK) == pattern(CSUM_BLOCK)
+    assert store.read(VOL, 0, 2 * CSUM_BLOCK, CSUM_BLOCK) == pattern(3 * CSUM_BLOCK)[2 * CSUM_BLOCK:]
+    with pytest.raises(ChecksumError):
+        store.get_chunk(VOL, 0)
+
+
+def test_corruption_seen_by_a_new_instance(tmp_path):
+    root = str(tmp_path / "pool")
+    s = ChunkStore([root])
+    s.write(VOL, 0, 0, pattern(CSUM_BLOCK), gen=1)
+    s.close()
+    flip_byte(chunk_path(root, VOL, 0), HEADER_SIZE + 5)
+    s2 = ChunkStore([root])
+    with pytest.raises(ChecksumError):
+        s2.read(VOL, 0, 0, 10)
+    s2.close()
+
+
+def test_bad_header_is_checksum_error(tmp_path):
+    root = str(tmp_path / "pool")
+    s = ChunkStore([root])
+    s.write(VOL, 0, 0, b"x", gen=1)
+    s.close()
+    flip_byte(chunk_path(root, VOL, 0), 0)            # the magic
+    s2 = ChunkStore([root])
+    with pytest.raises(ChecksumError, match="bad header"):
+        s2.read(VOL, 0, 0, 1)
+    s2.close()
+
+
+def test_partial_write_does_not_hide_corruption(store, tmp_path):
+    # A write that covers only part of a corrupted block must not recompute
+    # the block's CRC over the bad bytes: the corruption would become silent.
+    store.write(VOL, 0, 0, pattern(CSUM_BLOCK), gen=1)
+    store.sync(VOL)
+    flip_byte(chunk_path(tmp_path / "pool", VOL, 0), HEADER_SIZE + 3000)
+    try:
+        store.write(VOL, 0, 100, b"new", gen=2)
+    except ChecksumError:
+        return                                      # refusing the write is fine too
+    with pytest.raises(ChecksumError):
+        store.read(VOL, 0, 0, CSUM_BLOCK)
+
+
+# -- generations and whole chunks ---------------------------------------------------
+def test_list_chunks_filters_by_gen(store):
+    stamps = {0: 5, 1: 10, 2: 7, 9: 1 << 32}
+    for idx, gen in stamps.items():
+        store.write(VOL, idx, 0, b"x", gen=gen)
+    assert store.list_chunks(VOL) == stamps
+    assert store.list_chunks(VOL, 7) == {1: 10, 2: 7, 9: 1 << 32}
+    assert store.list_chunks(VOL, 11) == {9: 1 << 32}
+    assert store.list_chunks(VOL, (1 << 32) + 1) == {}
+    assert store.list_chunks(VOL + 1) == {}
+
+
+def test_gen_only_grows(store):
+    store.write(VOL, 0, 0, b"x", gen=10)
+    store.write(VOL, 0, 0, b"y", gen=3)
+    assert store.list_chunks(VOL) == {0: 10}
+
+
+def test_list_chunks_from_disk(tmp_path):
+    root = str(tmp_path / "pool")
+    s = ChunkStore([root])
+    s.write(VOL, 0, 0, b"x", gen=4)
+    s.write(VOL, 1, 0, b"x", gen=8)
+    s.close()
+    s2 = ChunkStore([root])                         # nothing open: gens read from headers
+    assert s2.list_chunks(VOL, 5) == {1: 8}
+    s2.close()
+
+
+def test_get_put_chunk_round_trip(store, tmp_path):
+    store.write(VOL, 2, 10, pattern(5000), gen=42)
+    store.write(VOL, 2, CHUNK_SIZE - CSUM_BLOCK, pattern(CSUM_BLOCK, 9), gen=40)
+    gen, bitmap, data = store.get_chunk(VOL, 2)
+    assert gen == 42 and len(bitmap) == NBLOCKS // 8 and len(data) == CHUNK_SIZE
+    assert bitmap[0] == 0b11 and bitmap[-1] == 0x80 and not any(bitmap[1:-1])
+
+    other = ChunkStore([str(tmp_path / "other")])
+    other.put_chunk(VOL, 2, gen, bitmap, data)
+    assert other.get_chunk(VOL, 2) == (gen, bitmap, data)
+    assert other.read(VOL, 2, 10, 5000) == pattern(5000)
+    assert other.list_chunks(VOL) == {2: 42}
+    # unwritten blocks stay holes in the copy
+    st = os.stat(chunk_path(tmp_path / "other", VOL, 2))
+    assert st.st_blocks * 512 <= 64 * 1024
+    other.close()
+
+
+def test_put_chunk_replaces_an_open_chunk(store):
+    store.write(VOL, 0, 0, b"old" * 1000, gen=1)
+    assert store.read(VOL, 0, 0, 3) == b"old"
+    bitmap = bytes([1]) + bytes(NBLOCKS // 8 - 1)
+    data = b"N" * CSUM_BLOCK + bytes(CHUNK_SIZE - CSUM_BLOCK)
+    store.put_chunk(VOL, 0, 9, bitmap, data)
+    assert store.read(VOL, 0, 0, CSUM_BLOCK) == b"N" * CSUM_BLOCK
+    assert store.list_chunks(VOL) == {0: 9}
+
+
+def test_put_chunk_none_deletes(store, tmp_path):
+    store.write(VOL, 4, 0, b"data", gen=3)
+    store.put_chunk(VOL, 4, 0, None, None)
+    assert not os.path.exists(chunk_path(tmp_path / "pool", VOL, 4))
+    assert store.get_chunk(VOL, 4) is None
+    assert store.read(VOL, 4, 0, 4) == bytes(4)
+    assert store.list_chunks(VOL) == {}
+    store.put_chunk(VOL, 4, 0, None, None)          # deleting again is fine
+
+
+def test_get_chunk_absent(store):
+    assert store.get_chunk(VOL, 0) is None
+
+
+@pytest.mark.parametrize("bitmap, data", [(bytes(NBLOCKS // 8), bytes(10)),
+                                          (None, bytes(CHUNK_SIZE)),
+                                          (bytes(3), bytes(CHUNK_SIZE))])
+def test_put_chunk_refuses_partial(store, bitmap, data):
+    with pytest.raises(InvalidArgument, match="whole chunk"):
+        store.put_chunk(VOL, 0, 1, bitmap, data)
+
+
+# -- terms, volumes ------------------------------------------------------------------
+def test_term_persists(tmp_path):
+    root = str(tmp_path / "pool")
+    s = ChunkStore([root])
+    assert s.get_term(VOL) == 0
+    s.set_term(VOL, 5)
+    assert s.get_term(VOL) == 5
+    s.close()
+    s2 = ChunkStore([root])
+    assert s2.get_term(VOL) == 5
+    s2.set_term(VOL, 6)
+    assert ChunkStore([root]).get_term(VOL) == 6
+    s2.close()
+
+
+def test_delete_volume(store, tmp_path):
+    store.write(VOL, 0, 0, b"a", gen=1)
+    store.write(VOL, 1, 0, b"b", gen=1)
+    store.write(VOL + 1, 0, 0, b"keep", gen=1)
+    store.set_term(VOL, 3)
+    assert sorted(store.volumes()) == [VOL, VOL + 1]
+    store.delete_volume(VOL)
+    assert store.volumes() == [VOL + 1]
+    assert not os.path.exists(os.path.join(str(tmp_path / "pool"), "vols", str(VOL)))
+    assert store.read(VOL, 0, 0, 1) == b"\0"
+    assert store.list_chunks(VOL) == {} and store.get_term(VOL) == 0 and store.usage(VOL) == 0
+    assert store.read(VOL + 1, 0, 0, 4) == b"keep"
+    # the volume id can be used again
+    store.write(VOL, 0, 0, b"again", gen=1)
+    assert store.read(VOL, 0, 0, 5) == b"again"
+    store.delete_volume(12345)                      # unknown volume: nothing to do
+
+
+def test_two_roots(tmp_path):
+    roots = [str(tmp_path / "a"), str(tmp_path / "b")]
+    s = ChunkStore(roots)
+    s.write(1, 0, 0, b"one", gen=1)
+    s.write(2, 0, 0, b"two", gen=1)
+    s.close()
+    s2 = ChunkStore(roots)
+    assert s2.read(1, 0, 0, 3) == b"one" and s2.read(2, 0, 0, 3) == b"two"
+    assert sorted(s2.volumes()) == [1, 2]
+    s2.close()
+
+
+# -- open-file cache -----------------------------------------------------------------
+def test_lru_eviction_keeps_data(tmp_path):
+    root = str(tmp_path / "pool")
+    s = ChunkStore([root], max_open=2)
+    for idx in range(6):
+        s.write(VOL, idx, idx * 100, pattern(5000, idx), gen=idx + 1)
+        assert len(s._open) <= 2
+    for idx in range(6):
+        assert s.read(VOL, idx, idx * 100, 5000) == pattern(5000, idx)
+    assert s.list_chunks(VOL) == {i: i + 1 for i in range(6)}
+    # writes to an evicted chunk continue where they left off
+    s.write(VOL, 0, 0, b"Z", gen=9)
+    assert s.read(VOL, 0, 0, 1) == b"Z" and s.read(VOL, 0, 1, 4999) == pattern(5000, 0)[1:]
+    s.sync(VOL)
+    s.close()
+    s2 = ChunkStore([root])
+    for idx in range(1, 6):
+        assert s2.read(VOL, idx, idx * 100, 5000) == pattern(5000, idx)
+    s2.close()

@@ -1,0 +1,427 @@
+"""Replication with several nodes inside one trio process: each node is a
+ChunkStore on tmp_path + ReplicaService + RpcServer on a loopback port.
+Node "a" is local to the volume (LocalReplica); the others are reached over
+the data port (RemoteReplica).  Covers fan-out writes, read repair,
+failure reporting, fencing, incremental resync and garbage on the data port."""
+
+import logging
+import random
+import struct
+
+import pytest
+import trio
+
+from pxfs import CHUNK_SIZE, CSUM_BLOCK, codec
+from pxfs.chunk.layout import HEADER_SIZE
+from pxfs.chunk.store import ChunkStore
+from pxfs.errors import Fenced, MetaError, PxfsError
+from pxfs.replication.replica import ReplicaService
+from pxfs.replication.resync import resync_replica
+from pxfs.replication.targets import LocalReplica, RemoteReplica
+from pxfs.replication.volume_io import IN_SYNC, OUT_OF_SYNC, RESYNCING, ReplicatedVolume
+from pxfs.rpc.client import Peer
+from pxfs.rpc.frames import FrameReader, encode
+from pxfs.rpc.server import RpcServer
+
+VOL = 11
+SIZE = 64 << 20
+
+
+def pattern(n, seed=1):
+    return bytes((i * 31 + seed) & 0xFF for i in range(n))
+
+
+class Node:
+    """One node's data path: store, replica service, data-port server."""
+
+    def __init__(self, name, root):
+        self.name, self.root = name, root
+        self.store = ChunkStore([root])
+        self.svc = ReplicaService(self.store)
+        self.server = self.peer = None
+        self.port = 0
+
+    async def start(self, nursery, port=0):
+        self.server = RpcServer("127.0.0.1", port, self.svc.handle)
+        self._scope = trio.CancelScope()
+        self._stopped = trio.Event()
+
+        async def run(task_status=trio.TASK_STATUS_IGNORED):
+            try:
+                with self._scope:
+                    await self.server.run(task_status=task_status)
+            finally:
+                self._stopped.set()
+
+        listeners = await nursery.start(run)
+        self.port = listeners[0].socket.getsockname()[1]
+        self.peer = Peer("127.0.0.1", self.port, timeout=3)
+
+    async def stop(self):
+        self._scope.cancel()
+        await self._stopped.wait()
+
+    async def restart(self, nursery):
+        """A new process on the same disk: fresh store, service and port."""
+        self.store.close()
+        self.store = ChunkStore([self.root])
+        self.svc = ReplicaService(self.store)
+        await self.peer.aclose()
+        await self.start(nursery)
+
+    def chunk_file(self, idx):
+        return f"{self.root}/vols/{VOL}/{idx:08x}.chk"
+
+    def corrupt(self, idx, off):
+        """Flip one data byte of a chunk file on disk."""
+        with open(self.chunk_file(idx), "r+b") as fh:
+            fh.seek(HEADER_SIZE + off)
+            b = fh.read(1)
+            fh.seek(HEADER_SIZE + off)
+            fh.write(bytes([b[0] ^ 0xFF]))
+
+
+class Cluster:
+    def __init__(self, nodes, nursery):
+        self.nodes, self.nursery = nodes, nursery
+        self.failures = []
+
+    def target(self, name):
+        node = self.nodes[name]
+        if name == "a":
+            return LocalReplica(name, node.svc)
+        return RemoteReplica(name, node.peer)
+
+    def volume(self, *, term=1, gen=1, states=None, local="a", on_failure=None):
+        vol = None
+
+        async def record_failure(nodes, missed_from):
+            await trio.sleep(0.05)          # the write must wait for this
+            self.failures.append((sorted(nodes), missed_from))
+            return vol.gen + 1
+
+        vol = ReplicatedVolume(VOL, SIZE, term, gen, states or {n: IN_SYNC for n in self.nodes},
+                               self.target, on_failure or record_failure, local_node=local,
+                               timeout=3)
+        return vol
+
+
+@pytest.fixture
+async def cluster(tmp_path):
+    async with trio.open_nursery() as nursery:
+        nodes = {}
+        for name in "abc":
+            nodes[name] = Node(name, str(tmp_path / name))
+            await nodes[name].start(nursery)
+        yield Cluster(nodes, nursery)
+        nursery.cancel_scope.cancel()
+    for n in nodes.values():
+        await n.peer.aclose()
+        n.store.close()
+
+
+# -- fan-out writes -----------------------------------------------------------------
+async def test_write_reaches_every_replica(cluster):
+    vol = cluster.volume()
+    off, data = CHUNK_SIZE - 1000, pattern(5000)          # spans chunks 0 and 1
+    assert await vol.write(off, data) == len(data)
+    for node in cluster.nodes.values():
+        assert node.store.read(VOL, 0, off, 1000) == data[:1000]
+        assert node.store.read(VOL, 1, 0, 4000) == data[1000:]
+        assert node.store.list_chunks(VOL) == {0: 1 << 32, 1: 1 << 32}
+        assert node.store.get_term(VOL) == 1
+    assert await vol.read(off, len(data)) == data
+    assert (vol.stats.writes, vol.stats.bytes_written) == (1, 5000)
+    assert cluster.failures == []
+
+
+async def test_write_skips_out_of_sync_but_feeds_resyncing(cluster):
+    vol = cluster.volume(states={"a": IN_SYNC, "b": RESYNCING, "c": OUT_OF_SYNC})
+    await vol.write(0, b"hello")
+    assert cluster.nodes["a"].store.read(VOL, 0, 0, 5) == b"hello"
+    assert cluster.nodes["b"].store.read(VOL, 0, 0, 5) == b"hello"
+    assert cluster.nodes["c"].store.list_chunks(VOL) == {}
+    assert vol.readers() == ["a"]
+
+
+async def test_read_prefers_local_replica(cluster):
+    vol = cluster.volume()
+    await vol.write(0, b"x" * 100)
+    before = {n: node.svc.stats["reads"] for n, node in cluster.nodes.items()}
+    assert await vol.read(0, 100) == b"x" * 100
+    after = {n: node.svc.stats["reads"] for n, node in cluster.nodes.items()}
+    assert after["a"] == before["a"] + 1
+    assert after["b"] == before["b"] and after["c"] == before["c"]
+
+
+async def test_write_past_end_refused(cluster):
+    vol = cluster.volume()
+    with pytest.raises(PxfsError):
+        await vol.write(SIZE - 1, b"xx")
+    assert all(n.store.list_chunks(VOL) == {} for n in cluster.nodes.values())
+
+
+# -- read repair ---------------------------------------------------------------------
+@pytest.mark.parametrize("local", ["a", "b"])       # b: ChecksumError crosses the wire
+async def test_read_repairs_corrupt_replica(cluster, local, caplog):
+    vol = cluster.volume(local=local)
+    data = pattern(3 * CSUM_BLOCK)
+    await vol.write(0, data)
+    await vol.flush()
+    bad = cluster.nodes[local]
+    bad.corrupt(0, CSUM_BLOCK + 17)
+    with pytest.raises(PxfsError):
+        bad.store.read(VOL, 0, 0, len(data))
+    with caplog.at_level(logging.WARNING, logger="pxfs.replication.volume_io"):
+        assert await vol.read(0, len(data)) == data
+    assert vol.stats.repairs == 1
+    assert bad.store.read(VOL, 0, 0, len(data)) == data         # fixed on disk
+    assert "repaired chunk 0" in caplog.text
+    # a second read finds nothing to repair
+    assert await vol.read(0, len(data)) == data
+    assert vol.stats.repairs == 1
+
+
+async def test_read_repair_after_partial_block_read(cluster):
+    # The read covers 10 bytes of a corrupted block.  The repair must leave the
+    # whole block good (or still detectably bad), never a bad byte with a fresh CRC.
+    vol = cluster.volume()
+    data = pattern(CSUM_BLOCK)
+    await vol.write(0, data)
+    bad = cluster.nodes["a"]
+    bad.corrupt(0, 3000)
+    assert await vol.read(100, 10) == data[100:110]
+    assert vol.stats.repairs == 1
+    try:
+        got = bad.store.read(VOL, 0, 0, CSUM_BLOCK)
+    except PxfsError:
+        return                                   # still detected: acceptable
+    assert got == data
+
+
+async def test_read_fails_when_every_replica_is_corrupt(cluster):
+    vol = cluster.volume()
+    await vol.write(0, pattern(CSUM_BLOCK))
+    for node in cluster.nodes.values():
+        node.corrupt(0, 5)
+    with pytest.raises(PxfsError, match="no replica could serve chunk 0"):
+        await vol.read(0, CSUM_BLOCK)
+    assert vol.stats.repairs == 0
+
+
+# -- a replica that fails during a write ------------------------------------------------
+async def test_stopped_replica_reported_before_write_returns(cluster):
+    vol = cluster.volume()
+    await cluster.nodes["c"].stop()
+    durable = vol.durable
+    assert await vol.write(0, b"data") == 4
+    assert cluster.failures == [(["c"], durable)]      # awaited before the ack
+    assert vol.states == {"a": IN_SYNC, "b": IN_SYNC, "c": OUT_OF_SYNC}
+    assert vol.gen == 2 and vol.epoch == 0
+    for n in "ab":
+        assert cluster.nodes[n].store.read(VOL, 0, 0, 4) == b"data"
+    # later writes no longer try c
+    await vol.write(4096, b"more")
+    assert len(cluster.failures) == 1
+    assert cluster.nodes["b"].store.list_chunks(VOL) == {0: 2 << 32}
+
+
+async def test_stopped_replica_and_failed_report_fails_write(cluster):
+    async def cannot_record(nodes, missed_from):
+        raise MetaError("etcd is down")
+
+    vol = cluster.volume(on_failure=cannot_record)
+    await cluster.nodes["b"].stop()
+    with pytest.raises(MetaError):
+        await vol.write(0, b"data")
+    assert vol.states["b"] == IN_SYNC
+
+
+async def test_no_in_sync_replica_took_the_write(cluster):
+    vol = cluster.volume(states={"a": RESYNCING, "b": IN_SYNC})
+    await cluster.nodes["b"].stop()
+    with pytest.raises(PxfsError, match="no in-sync replica took the write"):
+        await vol.write(0, b"d" * 4096)          # whole block: straight to the fan-out
+    assert cluster.failures == []
+
+
+async def test_stopped_replica_during_flush(cluster):
+    vol = cluster.volume()
+    await vol.write(0, b"data")
+    await cluster.nodes["b"].stop()
+    await vol.flush()
+    assert [f[0] for f in cluster.failures] == [["b"]]
+    assert vol.states["b"] == OUT_OF_SYNC
+
+
+# -- fencing -------------------------------------------------------------------------
+async def test_fenced_by_newer_term(cluster):
+    await cluster.target("b").fence(VOL, 5)
+    assert cluster.nodes["b"].store.get_term(VOL) == 5
+    old = cluster.volume(term=4)
+    with pytest.raises(Fenced):
+        await old.write(0, b"stale")
+    assert old.fenced
+    assert cluster.nodes["b"].store.list_chunks(VOL) == {}
+    assert cluster.nodes["b"].svc.stats["fenced"] == 1
+    with pytest.raises(Fenced):
+        await old.read(0, 5)
+    with pytest.raises(Fenced):
+        await old.flush()
+    assert cluster.failures == []                 # fencing is not a replica failure
+    new = cluster.volume(term=5)
+    await new.write(0, b"fresh")
+    assert cluster.nodes["b"].store.read(VOL, 0, 0, 5) == b"fresh"
+
+
+async def test_term_survives_restart(cluster):
+    await cluster.target("c").fence(VOL, 7)
+    await cluster.nodes["c"].stop()
+    await cluster.nodes["c"].restart(cluster.nursery)
+    with pytest.raises(Fenced):
+        await cluster.target("c").write(VOL, 0, 0, b"x", 6, 1)
+
+
+# -- resync --------------------------------------------------------------------------
+async def take_c_out_and_write(cluster):
+    """Chunks 0..9 written and flushed, c stops, then chunks 3 and 7 change."""
+    vol = cluster.volume()
+    for idx in range(10):
+        await vol.write(idx * CHUNK_SIZE, pattern(8192, idx))
+    await vol.flush()
+    await cluster.nodes["c"].stop()
+    await vol.write(3 * CHUNK_SIZE + 100, b"three")
+    await vol.write(7 * CHUNK_SIZE + 5000, b"seven")
+    [(nodes, missed_from)] = cluster.failures
+    assert nodes == ["c"]
+    await cluster.nodes["c"].restart(cluster.nursery)
+    return vol, missed_from
+
+
+async def test_resync_brings_replica_up_to_date(cluster):
+    vol, missed_from = await take_c_out_and_write(cluster)
+    c = cluster.nodes["c"]
+    assert c.store.read(VOL, 3, 100, 5) != b"three"
+    reports = []
+
+    async def report(p):
+        reports.append(p.percent)
+
+    await resync_replica(VOL, cluster.target("a"), cluster.target("c"), missed_from=missed_from,
+                         term=vol.term, lock_fn=vol.chunk_lock, report=report)
+    a = cluster.nodes["a"]
+    for idx in range(10):
+        assert c.store.get_chunk(VOL, idx) == a.store.get_chunk(VOL, idx), idx
+    assert c.store.read(VOL, 7, 5000, 5) == b"seven"
+    assert reports[-1] == 100.0
+
+
+async def test_resync_copies_only_chunks_written_since_failure(cluster):
+    vol, missed_from = await take_c_out_and_write(cluster)
+    prog = await resync_replica(VOL, cluster.target("a"), cluster.target("c"),
+                                missed_from=missed_from, term=vol.term)
+    assert prog.chunks == 2, (prog, cluster.nodes["a"].store.list_chunks(VOL), missed_from)
+    assert prog.total == prog.done == 2 * CHUNK_SIZE
+    assert cluster.nodes["c"].svc.stats["chunks_put"] == 2
+
+
+async def test_resync_deletes_chunks_gone_from_source(cluster):
+    vol = cluster.volume()
+    await vol.write(0, b"x")
+    await vol.write(CHUNK_SIZE, b"y")
+    # chunk 1 vanished on the source (trimmed) after c fell out at stamp 0
+    await cluster.target("a").put_chunk(VOL, 1, 0, None, None, vol.term)
+    prog = await resync_replica(VOL, cluster.target("a"), cluster.target("c"), missed_from=0,
+                                term=vol.term)
+    assert prog.chunks == 2
+    assert cluster.nodes["c"].store.list_chunks(VOL) == {0: 1 << 32}
+
+
+# -- garbage on the data port ----------------------------------------------------------
+def _frame(body):
+    return struct.pack(">I", len(body)) + body
+
+
+GARBAGE = {
+    "random": random.Random(7).randbytes(300),
+    "huge_length": struct.pack(">I", 0xFFFFFFF0) + b"\x00" * 64,
+    "non_map": _frame(codec.pack([1, 2, 3])),
+    "undecodable": _frame(b"\xc1\xc1\xc1"),
+    "map_without_op": _frame(codec.pack({"hello": "world"})),
+    "truncated": encode({"op": "ping", "id": 1})[:-2],
+}
+
+
+async def _send_raw_until_closed(port, payload):
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    try:
+        await stream.send_all(payload)
+        await stream.send_eof()
+        with trio.fail_after(5):
+            while True:
+                try:
+                    if not await stream.receive_some(65536):
+                        return                      # the server closed the connection
+                except trio.BrokenResourceError:
+                    return
+    finally:
+        await stream.aclose()
+
+
+@pytest.mark.parametrize("kind", sorted(GARBAGE))
+async def test_garbage_frame_closes_only_that_connection(cluster, kind):
+    b = cluster.nodes["b"]
+    other = Peer("127.0.0.1", b.port)
+    await other.call("ping")                        # an established connection
+    await _send_raw_until_closed(b.port, GARBAGE[kind])
+    assert b.server.frames_rejected == 1
+    assert (await other.call("ping"))["ok"]         # the old connection still works
+    fresh = Peer("127.0.0.1", b.port)
+    assert (await fresh.call("ping"))["ok"]         # and new ones are accepted
+    await cluster.target("b").write(VOL, 0, 0, b"ok", 1, 1)
+    assert b.store.read(VOL, 0, 0, 2) == b"ok"
+    await other.aclose()
+    await fresh.aclose()
+
+
+async def test_good_requests_before_garbage_are_answered(cluster):
+    b = cluster.nodes["b"]
+    stream = await trio.open_tcp_stream("127.0.0.1", b.port)
+    reader = FrameReader(stream)
+    await stream.send_all(encode({"op": "ping", "id": 41}) + _frame(b"\xc1"))
+    with trio.fail_after(5):
+        assert (await reader.receive()) == {"id": 41, "ok": True}
+        assert await reader.receive() is None
+    await stream.aclose()
+    assert b.server.frames_rejected == 1
+
+
+async def test_bad_field_is_an_error_reply(cluster):
+    peer = cluster.nodes["b"].peer
+    with pytest.raises(PxfsError, match="'vol'"):
+        await peer.call("write", vol=-1, idx=0, off=0, data=b"x", term=1, gen=1)
+    with pytest.raises(PxfsError, match="unknown op"):
+        await peer.call("format_disk")
+    assert (await peer.call("ping"))["ok"]
+
+
+async def test_out_of_range_chunk_index_does_not_kill_server(cluster):
+    # idx does not fit the u32 of the chunk header; the request must fail on
+    # its own and the data port must keep serving everyone else.
+    b = cluster.nodes["b"]
+    with pytest.raises(PxfsError):
+        await Peer("127.0.0.1", b.port).call("write", vol=VOL, idx=2**32, off=0, data=b"x",
+                                             term=1, gen=1)
+    assert (await Peer("127.0.0.1", b.port).call("ping"))["ok"]
+
+
+async def test_peer_survives_server_restart_on_same_port(cluster):
+    # A pooled connection the server closed must not fail the next call.
+    b = cluster.nodes["b"]
+    peer = Peer("127.0.0.1", b.port)
+    await peer.call("ping")
+    port = b.port
+    await b.stop()
+    await b.start(cluster.nursery, port=port)
+    assert (await peer.call("ping"))["ok"]
+    await peer.aclose()
