@@ -13,6 +13,8 @@ A volume's chunks live on one root of the pool (the emptiest at first write).
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import logging
 import os
 import shutil
@@ -25,6 +27,10 @@ from .layout import HEADER_SIZE, NBLOCKS, Header
 
 log = logging.getLogger(__name__)
 ZERO_BLOCK = bytes(CSUM_BLOCK)
+try:
+    _syncfs = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).syncfs
+except (OSError, AttributeError):
+    _syncfs = None
 
 
 class _Chunk:
@@ -56,6 +62,7 @@ class ChunkStore:
         self._max_open = max_open
         self._voldirs: dict[int, str] = {}
         self._dirty_dirs: set[int] = set()
+        self._unsynced: dict[int, list[int]] = {}   # volid -> fds of evicted dirty chunks
         for root in self.roots:
             os.makedirs(os.path.join(root, "vols"), exist_ok=True)
 
@@ -132,9 +139,11 @@ class ChunkStore:
                 victims.append(self._open.popitem(last=False)[1])
         for v in victims:
             with v.lock:
-                if v.dirty:
-                    os.fsync(v.fd)
-                os.close(v.fd)
+                if v.dirty:     # the next sync() of its volume flushes and closes it
+                    with self._lock:
+                        self._unsynced.setdefault(v.hdr.volid, []).append(v.fd)
+                else:
+                    os.close(v.fd)
                 v.fd = -1
         return ch
 
@@ -302,22 +311,50 @@ class ChunkStore:
         return out
 
     def sync(self, volid: int) -> None:
-        """Make every write to this volume so far durable."""
+        """Make every write to this volume so far durable.
+
+        The chunk locks are held only to pick the dirty files (their fds are
+        dup'ed), not during the flush, so writes go on meanwhile.  Several
+        dirty files are flushed with one syncfs (one journal commit) instead
+        of one fdatasync each.
+        """
         with self._lock:
             chunks = [c for k, c in self._open.items() if k[0] == volid and c.dirty]
             dir_dirty = volid in self._dirty_dirs
             self._dirty_dirs.discard(volid)
+        fds = [(None, fd) for fd in self._take_unsynced(volid)]
         for ch in chunks:
             with ch.lock:
                 if ch.fd >= 0 and ch.dirty:
                     ch.dirty = False
-                    os.fsync(ch.fd)
+                    fds.append((ch, os.dup(ch.fd)))
+        try:
+            if len(fds) > 2 and _syncfs is not None:
+                if _syncfs(fds[0][1]) != 0:
+                    raise OSError(ctypes.get_errno(), "syncfs failed")
+            else:
+                for _, fd in fds:
+                    os.fdatasync(fd)
+        except OSError as exc:
+            for ch, _ in fds:
+                if ch is not None:
+                    ch.dirty = True
+            raise self._oserror(exc) from exc
+        finally:
+            for _, fd in fds:
+                os.close(fd)
         if dir_dirty:
             d = self._voldir(volid, False)
             if d:
                 self._fsync_dir(d)
 
+    def _take_unsynced(self, volid: int) -> list[int]:
+        with self._lock:
+            return self._unsynced.pop(volid, [])
+
     def delete_volume(self, volid: int) -> None:
+        for fd in self._take_unsynced(volid):
+            os.close(fd)
         self._evict(volid)
         d = self._voldir(volid, False)
         self._voldirs.pop(volid, None)
@@ -369,6 +406,11 @@ class ChunkStore:
         with self._lock:
             victims = list(self._open.values())
             self._open.clear()
+            pending = [fd for fds in self._unsynced.values() for fd in fds]
+            self._unsynced.clear()
+        for fd in pending:
+            os.fsync(fd)
+            os.close(fd)
         for v in victims:
             with v.lock:
                 if v.fd >= 0:
