@@ -198,9 +198,13 @@ class ReplicatedVolume:
             except PxfsError as exc:
                 failed[node] = exc
 
-        async with trio.open_nursery() as nursery:
-            for node in nodes:
-                nursery.start_soon(one, node)
+        if len(nodes) == 1:
+            await one(nodes[0])          # no nursery needed for a single replica
+        else:
+            async with trio.open_nursery() as nursery:
+                for node in nodes[1:]:
+                    nursery.start_soon(one, node)
+                await one(nodes[0])      # the local replica, on this task
         fenced = [e for e in failed.values() if isinstance(e, Fenced)]
         if fenced:
             self.fence_local(str(fenced[0]))
