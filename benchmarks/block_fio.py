@@ -9,9 +9,10 @@
 
 Jobs (files inside each mounted filesystem, direct=1):
 
-  seqwrite   1 MiB sequential write, libaio QD4, end_fsync=1        MiB/s
-  seqread    1 MiB sequential read of that file, libaio QD4           MiB/s
-             (caches dropped first)
+  seqwrite   1 MiB sequential write, libaio QD4, end_fsync=1, time  MiB/s
+             based (first pass allocates, later passes overwrite)
+  seqread    1 MiB sequential read of that file, one pass, libaio     MiB/s
+             QD4 (caches dropped first)
   randwrite  4 KiB random write, psync, fsync after every write         IOPS
   randread   4 KiB random read, libaio QD16 (caches dropped first)      IOPS
 
@@ -24,9 +25,18 @@ Needs root, fio, etcd, losetup, mkfs.ext4 and the pxfs console scripts
 also on error and Ctrl-C: volumes unmounted, cluster stopped (``pxfs-cluster
 down``), baseline unmounted and its loop device detached.
 
-``--profile DIR`` additionally samples pxfsd of node1 with py-spy while the
-write jobs run against (c), stores the collapsed stacks there and prints a
-summary of where the time goes.
+Before and after each pxfs target the script checks that every node is alive
+and every replica in sync; if not, the figures are marked NOT VALID (a repl=2
+volume with a dead peer silently runs as repl=1), the work directory with the
+node logs is kept and the exit status is 1.  Per job it also records host CPU
+and per-node pxfsd CPU (user+sys), fio latencies and fsync latencies (JSON).
+
+``--profile DIR`` additionally samples pxfsd (node1 by default) with py-spy
+while the write jobs run against (c), stores the collapsed stacks (.txt) and
+flame graphs (.svg) there and prints a summary of where the time goes: per
+thread role, the share of busy samples in FUSE dispatch, RPC, msgpack, thread
+offload, crc32, pwrite, fsync..., and the hottest stacks.  Set PYTHONPATH to
+benchmark another pxfs tree (the nodes inherit it).
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ GiB = 1 << 30
 JOBS = [
     {"key": "seqwrite", "label": "seq write 1M QD4 end_fsync", "unit": "MiB/s", "dir": "write",
      "args": ["--rw=write", "--bs=1M", "--ioengine=libaio", "--iodepth=4", "--direct=1",
-              "--end_fsync=1"], "time_based": False, "drop_caches": False},
+              "--end_fsync=1"], "time_based": True, "drop_caches": False},
     {"key": "seqread", "label": "seq read 1M QD4", "unit": "MiB/s", "dir": "read",
      "args": ["--rw=read", "--bs=1M", "--ioengine=libaio", "--iodepth=4", "--direct=1"],
      "time_based": False, "drop_caches": True},
@@ -110,6 +120,36 @@ def run(argv: list[str], *, timeout: float = 120, check: bool = True, quiet: boo
     return res.stdout
 
 
+def run_group(argv: list[str], timeout: float) -> tuple[int, str]:
+    """Run fio in its own process group; on timeout, error or interrupt stop
+    the whole group (fio forks its job processes) before going on."""
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        _, err = p.communicate(timeout=timeout)
+        return p.returncode, err
+    except BaseException:
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                p.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # the group may outlive its leader for a moment
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(p.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        raise
+
+
 def pxctl(api: str, *args: str, timeout: float = 180, check: bool = True) -> str:
     return run([*PXCTL, "--host", api, *args], timeout=timeout, check=check)
 
@@ -143,16 +183,30 @@ def loops_under(prefix: str) -> list[str]:
     return out
 
 
-def cpu_seconds(pid: int | None) -> float | None:
-    """utime+stime of a process (all threads)."""
+def host_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    with open("/proc/stat") as fh:
+        f = [int(x) for x in fh.readline().split()[1:]]
+    idle = f[3] + (f[4] if len(f) > 4 else 0)        # idle + iowait
+    return sum(f) - idle, sum(f)
+
+
+def cpu_times(pid: int | None) -> tuple[float, float] | None:
+    """(utime, stime) seconds of a process (all threads)."""
     if not pid:
         return None
     try:
         with open(f"/proc/{pid}/stat") as fh:
             f = fh.read().rsplit(")", 1)[1].split()
-        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        hz = os.sysconf("SC_CLK_TCK")
+        return int(f[11]) / hz, int(f[12]) / hz
     except (OSError, IndexError, ValueError):
         return None
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    t = cpu_times(pid)
+    return None if t is None else t[0] + t[1]
 
 
 def _not_zombie(pid: int) -> bool:
@@ -181,6 +235,7 @@ class Bench:
         self.results: dict = {t: {} for t in "abc"}
         self.info: dict = {}
         self.profiles: dict = {}
+        self.anomalies: dict[str, list[str]] = {}
         self.t0 = time.monotonic()
 
     # -- setup ---------------------------------------------------------------
@@ -191,10 +246,11 @@ class Bench:
         self.loopdev = run(["losetup", "--find", "--show", "--direct-io=on", img]).strip()
         log(f"(a) baseline: {img} on {self.loopdev} (direct-io), {self.vol_gib} GiB")
         # the same mkfs options pxfs uses for its volumes (pxfs/volume/hostdev.py)
-        run(["mkfs.ext4", "-q", "-F", "-L", "bench-base", "-E", "nodiscard,lazy_itable_init=1",
-             self.loopdev], timeout=300)
+        run(["mkfs.ext4", "-q", "-F", "-O", "fast_commit", "-L", "bench-base", "-E", "nodiscard,lazy_itable_init=1",
+             *self.args.baseline_mkfs_opts.split(), self.loopdev], timeout=300)
         os.makedirs(self.mnt["a"], exist_ok=True)
-        run(["mount", "-t", "ext4", self.loopdev, self.mnt["a"]])
+        opts = ["-o", self.args.baseline_mount_opts] if self.args.baseline_mount_opts else []
+        run(["mount", "-t", "ext4", *opts, self.loopdev, self.mnt["a"]])
         self.base_mounted = True
 
     def setup_cluster(self) -> None:
@@ -246,13 +302,38 @@ class Bench:
             time.sleep(1)
         log("  volumes still receiving background writes; going on anyway")
 
+    def health(self, target: str) -> list[str]:
+        """What is wrong with the cluster as seen by this target's volume: dead
+        nodes, replicas not in sync (a repl=2 volume would silently run as
+        repl=1)."""
+        problems = []
+        if target not in self.volumes:
+            return problems
+        try:
+            with open(os.path.join(self.cluster_dir, "cluster.json")) as fh:
+                state = json.load(fh)
+            for n in state["nodes"]:
+                if not n.get("pid") or not _not_zombie(n["pid"]):
+                    problems.append(f"{n['id']} is not running (see {n['log']})")
+            desc = json.loads(pxctl(self.api, "-j", "volume", "inspect", self.volumes[target]))
+            for r in desc["replicas"]:
+                if r["state"] != "in_sync":
+                    problems.append(f"replica on {r['node']} is {r['state']}")
+        except Exception as exc:        # noqa: BLE001 - reported, not fatal
+            problems.append(f"health check failed: {exc}")
+        return problems
+
     # -- jobs ------------------------------------------------------------------
-    def node_pids(self) -> dict[str, int]:
-        if not self.cluster:
+    def node_pids(self, with_etcd: bool = False) -> dict[str, int]:
+        path = os.path.join(self.cluster_dir, "cluster.json")
+        if not os.path.exists(path):
             return {}
-        with open(os.path.join(self.cluster_dir, "cluster.json")) as fh:
+        with open(path) as fh:
             state = json.load(fh)
-        return {n["id"]: n["pid"] for n in state["nodes"] if n.get("pid")}
+        pids = {n["id"]: n["pid"] for n in state["nodes"] if n.get("pid")}
+        if with_etcd and state.get("etcd_pid"):
+            pids["etcd"] = state["etcd_pid"]
+        return pids
 
     def budget_left(self) -> float:
         return self.args.budget - (time.monotonic() - self.t0)
@@ -268,20 +349,20 @@ class Bench:
         if job["drop_caches"]:
             drop_caches()
         pids = self.node_pids() if target in "bc" else {}
-        cpu0 = {n: cpu_seconds(p) for n, p in pids.items()}
+        cpu0 = {n: cpu_times(p) for n, p in pids.items()}
+        host0 = host_cpu()
         prof = None
         if self.args.profile and target == "c" and job["key"] in self.args.profile_jobs:
             prof = self.start_profile(job["key"], pids)
         t = time.monotonic()
         try:
-            res = subprocess.run(argv, capture_output=True, text=True,
-                                 timeout=self.args.runtime * 3 + 120)
+            rc, err = run_group(argv, timeout=self.args.runtime * 3 + 120)
         finally:
             if prof:
                 self.stop_profile(job["key"], prof)
         wall = time.monotonic() - t
-        if res.returncode:
-            raise RuntimeError(f"fio {job['key']} on ({target}) failed: {res.stderr.strip()[-1500:]}")
+        if rc:
+            raise RuntimeError(f"fio {job['key']} on ({target}) failed: {err.strip()[-1500:]}")
         with open(out) as fh:
             text = fh.read()
         data = json.loads(text[text.index("{"):])       # fio may prefix warnings
@@ -298,17 +379,33 @@ class Bench:
         sync = j.get("sync") or {}
         if sync.get("total_ios"):
             r["fsync_lat_ms"] = {"mean": sync["lat_ns"]["mean"] / 1e6}
+        host1 = host_cpu()
+        r["host_cpu_busy_pct"] = round(100 * (host1[0] - host0[0]) / max(1, host1[1] - host0[1]), 1)
         if pids:
-            r["node_cpu_pct"] = {}
+            r["node_cpu_pct"], r["node_cpu_sys_pct"] = {}, {}
             for n, p in pids.items():
-                c1 = cpu_seconds(p)
+                c1 = cpu_times(p)
                 if c1 is not None and cpu0.get(n) is not None:
-                    r["node_cpu_pct"][n] = round(100 * (c1 - cpu0[n]) / wall, 1)
+                    r["node_cpu_pct"][n] = round(100 * (sum(c1) - sum(cpu0[n])) / wall, 1)
+                    r["node_cpu_sys_pct"][n] = round(100 * (c1[1] - cpu0[n][1]) / wall, 1)
         r["value"] = r["bw_mib_s"] if job["unit"] == "MiB/s" else r["iops"]
         return r
 
     def run_target(self, target: str) -> None:
         log(f"({target}) {TARGETS[target]}: running {', '.join(self.args.jobs)}")
+        try:
+            self._run_target(target)
+        finally:
+            bad = self.health(target)
+            if bad:
+                self.anomalies.setdefault(target, []).extend(bad)
+                log(f"  WARNING ({target}): {'; '.join(bad)}: its figures are not valid")
+
+    def _run_target(self, target: str) -> None:
+        bad = self.health(target)
+        if bad:
+            self.anomalies.setdefault(target, []).extend(bad)
+            log(f"  WARNING ({target}) before its jobs: {'; '.join(bad)}")
         path = os.path.join(self.mnt[target], DATAFILE)
         if os.path.exists(path):
             os.unlink(path)
@@ -324,9 +421,9 @@ class Bench:
                 self.prepare_file(target, size)
             r = self.fio(target, job, size)
             self.results[target][job["key"]] = r
-            extra = ""
+            extra = f"  host CPU {r['host_cpu_busy_pct']:.0f}%"
             if "node_cpu_pct" in r:
-                extra = "  pxfsd CPU " + " ".join(f"{n}={v:.0f}%" for n, v in r["node_cpu_pct"].items())
+                extra += ", pxfsd " + " ".join(f"{n}={v:.0f}%" for n, v in r["node_cpu_pct"].items())
             log(f"  {job['key']:9s} {r['value']:10.1f} {job['unit']:5s} (p50 "
                 f"{r['lat_ms'].get('p50', float('nan')):.2f} ms, {r['runtime_s']:.1f}s){extra}")
             if job["key"] == "seqwrite" and r["io_bytes"] < size:
@@ -340,9 +437,12 @@ class Bench:
     def prepare_file(self, target: str, size: int) -> None:
         path = os.path.join(self.mnt[target], DATAFILE)
         log(f"  laying out {size // MiB} MiB in {path}")
-        run(["fio", "--name=prep", f"--filename={path}", f"--size={size}", "--rw=write", "--bs=1M",
-             "--ioengine=libaio", "--iodepth=4", "--direct=1", "--end_fsync=1",
-             "--output-format=terse"], timeout=max(60, self.budget_left()))
+        rc, err = run_group(["fio", "--name=prep", f"--filename={path}", f"--size={size}",
+                             "--rw=write", "--bs=1M", "--ioengine=libaio", "--iodepth=4",
+                             "--direct=1", "--end_fsync=1", "--output-format=terse"],
+                            timeout=max(60, self.budget_left()))
+        if rc:
+            raise RuntimeError(f"laying out {path} failed: {err.strip()[-1500:]}")
 
     # -- profiling (py-spy on node1 while jobs run against (c)) --------------
     def start_profile(self, key: str, pids: dict[str, int]):
@@ -357,16 +457,22 @@ class Bench:
             if not pid:
                 continue
             base = os.path.join(self.args.profile, f"{key}-{node}")
-            argv = [spy, "record", "-p", str(pid), "-r", str(self.args.profile_rate), "-d",
-                    str(self.args.runtime), "--threads", "-f", "raw", "-o", base + ".txt"]
+            common = [spy, "record", "-p", str(pid), "-r", str(self.args.profile_rate), "-d",
+                      str(self.args.runtime), "--nonblocking"]
             if self.args.profile_idle:
-                argv.append("--idle")
-            procs.append((node, base, subprocess.Popen(argv, stdout=subprocess.DEVNULL,
-                                                       stderr=open(base + ".log", "w"))))
+                common.append("--idle")
+            # raw collapsed stacks (summarised below) and a flame graph to look at;
+            # --nonblocking lets two samplers share the process and perturbs it less
+            for argv, suffix in ((common + ["--threads", "-f", "raw", "-o", base + ".txt"], ".log"),
+                                 (common + ["-f", "flamegraph", "-o", base + ".svg"], ".svg.log")):
+                procs.append((node, base, subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                                           stderr=open(base + suffix, "w")),
+                              time.monotonic()))
         return procs
 
     def stop_profile(self, key: str, procs) -> None:
-        for node, base, p in procs:
+        started = procs[0][3] if procs else time.monotonic()
+        for node, base, p, _t in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)      # the job ended early: py-spy writes out on SIGINT
             try:
@@ -374,8 +480,10 @@ class Bench:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-            if os.path.exists(base + ".txt"):
-                self.profiles[f"{key}-{node}"] = summarize_profile(base + ".txt")
+            if os.path.exists(base + ".txt") and f"{key}-{node}" not in self.profiles:
+                prof = summarize_profile(base + ".txt", self.args.profile_rate)
+                prof["duration"] = time.monotonic() - started
+                self.profiles[f"{key}-{node}"] = prof
 
     # -- teardown ----------------------------------------------------------------
     def cleanup(self) -> list[str]:
@@ -414,36 +522,101 @@ class Bench:
         problems += [f"loop device still attached: {d}" for d in loops_under(self.workdir)]
         for nid, pid in node_pids.items():
             if pid and cpu_seconds(pid) is not None and _not_zombie(pid):
-                problems.append(f"node {nid} (pid {pid}) still running")
+                problems.append(f"{nid} (pid {pid}) still running")
         return problems
 
     def node_pids_safe(self) -> dict[str, int]:
         try:
-            return self.node_pids()
+            return self.node_pids(with_etcd=True)
         except (OSError, ValueError):
             return {}
 
 
 # --------------------------------------------------------------------------- profiles
-CATEGORIES = [   # first match on a stack (leaf first) wins
-    ("crc32", re.compile(r"crc32|_read_blocks")),
-    ("msgpack/codec", re.compile(r"msgpack|pxfs/codec\.py|rpc/frames\.py")),
-    ("chunk store pwrite/pread/fsync", re.compile(r"pxfs/chunk/store\.py")),
-    ("RPC (data port)", re.compile(r"pxfs/rpc/")),
-    ("thread offload (trio.to_thread)", re.compile(r"trio/_threads\.py|trio/_core/_thread_cache\.py")),
-    ("replication fan-out", re.compile(r"replication/volume_io\.py")),
-    ("FUSE dispatch (pyfuse3)", re.compile(r"pyfuse3|fuse/view\.py")),
-    ("trio scheduler/IO", re.compile(r"trio/")),
+# Leaf frames that mean "waiting, not working" (py-spy's own idle detection
+# misses these inside this VM): trio's epoll wait, an idle worker thread.
+IDLE = re.compile(r"EpollIOManager\.get_events|WorkerThread\._work \(|Condition\.wait|"
+                  r"_wait_once|_thread_cache\.py:1[56]\d\)$|queue\.py|SimpleQueue|Thread\._bootstrap|"
+                  r"threading\.py:\d+\)$")
+# Leaf-first: the first frame that matches a rule names the sample's category.
+RULES = [
+    ("msgpack", re.compile(r"msgpack/|pxfs/codec\.py")),
+    ("RPC framing/sockets", re.compile(r"pxfs/rpc/|trio/_socket\.py|trio/_highlevel_socket\.py")),
+    ("thread offload (to_thread)", re.compile(r"trio/_threads\.py|_thread_cache\.py|"
+                                              r"_wakeup_socketpair\.py|_entry_queue\.py|outcome/")),
+    ("FUSE dispatch (pyfuse3)", re.compile(r"pyfuse3|pxfs/fuse/")),
+    ("replication/volume logic", re.compile(r"pxfs/replication/|pxfs/volume/")),
+    ("chunk store (python)", re.compile(r"pxfs/chunk/")),
+    ("etcd/grpc", re.compile(r"grpc/|etcd3/|pxfs/meta/")),
+    ("trio scheduler", re.compile(r"trio/")),
 ]
+_FRAME = re.compile(r"^(?P<fn>.*) \((?P<file>[^()]*?):(?P<line>\d+)\)$")
 
 
-def summarize_profile(path: str, top: int = 12) -> dict:
-    """Summarise py-spy's collapsed stacks ('thread;frame;...;leaf count')."""
-    leaf = collections.Counter()
-    incl = collections.Counter()
-    cats = collections.Counter()
-    threads = collections.Counter()
-    total = 0
+def _pkg_root() -> str:
+    """Where the pxfs the nodes run comes from (PYTHONPATH may point elsewhere)."""
+    import importlib.util
+    spec = importlib.util.find_spec("pxfs")
+    if spec and spec.origin:
+        return os.path.dirname(os.path.dirname(spec.origin))
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+_PKG_ROOT = _pkg_root()
+_src_cache: dict[str, list[str]] = {}
+
+
+def _source_line(file: str, line: int) -> str:
+    if not file.startswith("pxfs/"):
+        return ""
+    if file not in _src_cache:
+        try:
+            with open(os.path.join(_PKG_ROOT, file)) as fh:
+                _src_cache[file] = fh.read().splitlines()
+        except OSError:
+            _src_cache[file] = []
+    lines = _src_cache[file]
+    return lines[line - 1] if 0 < line <= len(lines) else ""
+
+
+def _syscall(frame: str) -> str | None:
+    """'fsync', 'pwrite', ... when a pxfs frame's source line makes that call."""
+    m = _FRAME.match(frame)
+    if not m:
+        return None
+    src = _source_line(m["file"], int(m["line"]))
+    for word, cat in (("crc32", "crc32 (zlib)"), ("fdatasync", "fsync/fdatasync"),
+                      ("fsync", "fsync/fdatasync"), ("pwrite", "pwrite"), ("pread", "pread"),
+                      ("os.open", "open/close"), ("os.close", "open/close")):
+        if word in src:
+            return cat
+    return None
+
+
+def _category(frames: list[str]) -> str:
+    sc = _syscall(frames[-1]) if frames else None
+    if sc:
+        return sc
+    for f in reversed(frames):
+        for name, rx in RULES:
+            if rx.search(f):
+                return name
+    return "other"
+
+
+def _role(thread: str, frames: list[str]) -> str:
+    if "MainThread" in thread or any("trio/_core/_run.py" in f for f in frames):
+        return "main (trio)"
+    if any(re.search(r"grpc/|etcd3/|pxfs/meta/", f) for f in frames) or "grpc" in thread:
+        return "other threads"
+    return "workers"
+
+
+def summarize_profile(path: str, rate: int = 100, top: int = 10) -> dict:
+    """Summarise py-spy's collapsed stacks ('thread (tid): name;frame;...;leaf count'):
+    per thread role, the share of busy samples per category, the hottest leaf
+    frames and the hottest (trimmed) stacks."""
+    roles: dict[str, dict] = {}
     with open(path) as fh:
         for line in fh:
             stack, _, n = line.rstrip("\n").rpartition(" ")
@@ -451,32 +624,35 @@ def summarize_profile(path: str, top: int = 12) -> dict:
                 continue
             n = int(n)
             frames = stack.split(";")
-            thread = frames[0] if frames[0].startswith(("thread", "process")) else ""
-            if thread:
-                frames = frames[1:]
-            total += n
-            threads["main/trio" if any("trio/_core/_run.py" in f for f in frames) else
-                    "worker" if any("_thread_cache.py" in f for f in frames) else "other"] += n
+            thread = frames.pop(0) if frames and frames[0].startswith(("thread", "process")) else ""
+            role = _role(thread, frames)
+            r = roles.setdefault(role, {"samples": 0, "idle": 0, "cats": collections.Counter(),
+                                        "leaf": collections.Counter(),
+                                        "stacks": collections.Counter()})
+            r["samples"] += n
+            if frames and IDLE.search(frames[-1]):
+                r["idle"] += n
+                continue
+            r["cats"][_category(frames)] += n
             if frames:
-                leaf[frames[-1]] += n
-            for f in set(re.sub(r":\d+\)$", ")", f) for f in frames):
-                incl[f] += n
-            for f in reversed(frames):
-                for cname, rx in CATEGORIES:
-                    if rx.search(f):
-                        cats[cname] += n
-                        break
-                else:
-                    continue
-                break
-            else:
-                cats["other"] += n
-    pct = (lambda c: round(100 * c / total, 1)) if total else (lambda c: 0.0)
-    return {"samples": total, "file": path,
-            "threads_pct": {k: pct(v) for k, v in threads.most_common()},
-            "categories_pct": {k: pct(v) for k, v in cats.most_common()},
-            "top_self": [(f, pct(c)) for f, c in leaf.most_common(top)],
-            "top_inclusive": [(f, pct(c)) for f, c in incl.most_common(top)]}
+                r["leaf"][frames[-1]] += n
+            # trim the runner/bootstrap prefix: keep the last pxfs-relevant frames
+            keep = [f for f in frames if not re.search(r"runpy|threading\.py|trio/_core/_run\.py|"
+                                                       r"pxfs/node\.py|_ki\.py", f)]
+            if not keep:
+                keep = frames[-1:] or ["(no frames)"]
+            r["stacks"][" <- ".join(re.sub(r" \((?:.*/)?([^/]+\.py):(\d+)\)$", r" \1:\2", f)
+                                    for f in reversed(keep[-5:]))] += n
+    out = {"file": path, "rate": rate, "roles": {}}
+    for role, r in sorted(roles.items()):
+        busy = r["samples"] - r["idle"]
+        pct = (lambda c, b=busy: round(100 * c / b, 1) if b else 0.0)
+        out["roles"][role] = {
+            "samples": r["samples"], "busy_samples": busy,
+            "categories_pct_of_busy": {k: pct(v) for k, v in r["cats"].most_common()},
+            "top_leaf_pct_of_busy": [(f, pct(v)) for f, v in r["leaf"].most_common(top)],
+            "top_stacks_pct_of_busy": [(f, pct(v)) for f, v in r["stacks"].most_common(top)]}
+    return out
 
 
 # --------------------------------------------------------------------------- report
@@ -496,22 +672,29 @@ def table(bench: Bench) -> str:
         fmt = (lambda v: "-" if v is None else f"{v:.1f}") if job["unit"] == "MiB/s" else \
               (lambda v: "-" if v is None else f"{v:.0f}")
         ratio = lambda x: "-" if x is None or not a else f"{x / a:.2f}"  # noqa: E731
-        rows.append([job["label"], job["unit"], fmt(a), fmt(b), ratio(b), fmt(c), ratio(c)])
+        mark = (lambda t, txt: txt + " !" if bench.anomalies.get(t) and txt != "-" else txt)
+        rows.append([job["label"], job["unit"], mark("a", fmt(a)), mark("b", fmt(b)), ratio(b),
+                     mark("c", fmt(c)), ratio(c)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [" | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
+    for t, probs in bench.anomalies.items():
+        lines.append(f"! ({t}) NOT VALID: {'; '.join(probs)}")
     return "\n".join(lines)
 
 
 def print_profiles(profiles: dict) -> None:
     for name, p in profiles.items():
-        print(f"\npy-spy {name}: {p['samples']} samples ({p['file']})")
-        print("  threads:    " + ", ".join(f"{k} {v}%" for k, v in p["threads_pct"].items()))
-        print("  categories: " + ", ".join(f"{k} {v}%" for k, v in p["categories_pct"].items()))
-        print("  hottest leaf frames:")
-        for f, v in p["top_self"][:8]:
-            print(f"    {v:5.1f}%  {f}")
+        print(f"\npy-spy {name} ({p['file']}, {p.get('duration', 0):.0f}s at {p['rate']} Hz)")
+        for role, r in p["roles"].items():
+            if role == "other threads" or not r["busy_samples"]:
+                continue
+            busy = r["busy_samples"] / p["rate"] / max(p.get("duration") or 1, 1e-9)
+            print(f"  {role}: busy {busy:.2f} thread-seconds per second ({r['busy_samples']} samples)")
+            print("    " + ", ".join(f"{k} {v}%" for k, v in r["categories_pct_of_busy"].items()))
+            for f, v in r["top_stacks_pct_of_busy"][:6]:
+                print(f"    {v:5.1f}%  {f}")
 
 
 def main(argv=None) -> int:
@@ -523,6 +706,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None,
                     help="work directory on the local disk (default: a new /var/tmp/pxfs-bench-*)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    ap.add_argument("--json-file", metavar="FILE", help="also write the JSON results to FILE")
     ap.add_argument("--targets", default="abc", help="subset of a,b,c to run (default abc)")
     ap.add_argument("--jobs", default=",".join(JOB_KEYS),
                     help=f"subset of {','.join(JOB_KEYS)} (default all)")
@@ -536,10 +720,15 @@ def main(argv=None) -> int:
                     help="skip remaining jobs once this many seconds have passed (default 540)")
     ap.add_argument("--profile", metavar="DIR", default=None,
                     help="py-spy record node1 while the write jobs run against (c); raw stacks in DIR")
-    ap.add_argument("--profile-jobs", default="seqwrite,randwrite")
-    ap.add_argument("--profile-nodes", default="node1")
-    ap.add_argument("--profile-rate", type=int, default=100)
+    ap.add_argument("--profile-jobs", default="seqwrite,randwrite",
+                    help="jobs to profile (default seqwrite,randwrite)")
+    ap.add_argument("--profile-nodes", default="node1", help="nodes to sample, e.g. node1,node2")
+    ap.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
     ap.add_argument("--profile-idle", action="store_true", help="include idle threads (wall-clock view)")
+    ap.add_argument("--baseline-mkfs-opts", default="",
+                    help="extra mkfs.ext4 options for (a), to match a pxfs that formats differently "
+                         "(e.g. '-O fast_commit'); by default (a) is formatted like pxfs/volume/hostdev.py")
+    ap.add_argument("--baseline-mount-opts", default="", help="mount -o options for (a)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, fio output)")
     args = ap.parse_args(argv)
     args.targets = "".join(t for t in "abc" if t in args.targets)
@@ -561,7 +750,10 @@ def main(argv=None) -> int:
 
     bench = Bench(args)
     others = subprocess.run(["pgrep", "-f", "pxfs.node"], capture_output=True, text=True).stdout.split()
-    bench.info.update({"size": args.size, "runtime": args.runtime, "volume_gib": bench.vol_gib,
+    rev = subprocess.run(["git", "-C", _PKG_ROOT, "describe", "--always", "--dirty"],
+                         capture_output=True, text=True).stdout.strip()
+    bench.info.update({"pxfs_source": _PKG_ROOT, "git": rev or None, "size": args.size,
+                       "runtime": args.runtime, "volume_gib": bench.vol_gib,
                        "placement": args.placement, "workdir": bench.workdir,
                        "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),
                        "other_pxfsd_running": len(others),
@@ -583,7 +775,7 @@ def main(argv=None) -> int:
             bench.run_target(t)
         ok = True
     except (KeyboardInterrupt, Interrupted) as exc:
-        log(f"interrupted ({exc or 'Ctrl-C'}): cleaning up")
+        log(f"interrupted ({str(exc) or 'Ctrl-C'}): cleaning up")
     except Exception as exc:      # noqa: BLE001 - report, clean up, exit 1
         log(f"error: {exc}")
         if bench.cluster:
@@ -601,7 +793,7 @@ def main(argv=None) -> int:
                 signal.signal(s, h)
         for p in problems:
             log(f"CLEANUP PROBLEM: {p}")
-        if own_workdir and ok and not problems and not args.keep:
+        if own_workdir and ok and not problems and not bench.anomalies and not args.keep:
             shutil.rmtree(bench.workdir, ignore_errors=True)
         elif not problems:
             for root, _dirs, files in os.walk(bench.workdir):   # drop the big sparse images
@@ -611,12 +803,15 @@ def main(argv=None) -> int:
             log(f"work directory kept: {bench.workdir}")
 
     out = {"info": bench.info, "results": bench.results, "profiles": bench.profiles,
-           "complete": ok, "cleanup_problems": problems,
+           "complete": ok, "cleanup_problems": problems, "anomalies": bench.anomalies,
            "ratios": {k: {f"{t}/a": (bench.results[t][k]["value"] / bench.results["a"][k]["value"])
                           for t in "bc"
                           if bench.results.get(t, {}).get(k, {}).get("value") is not None
                           and bench.results.get("a", {}).get(k, {}).get("value")}
                       for k in args.jobs}}
+    if args.json_file:
+        with open(args.json_file, "w") as fh:
+            json.dump(out, fh, indent=2, default=str)
     if args.json:
         print(json.dumps(out, indent=2, default=str))
     else:
@@ -625,7 +820,7 @@ def main(argv=None) -> int:
         print(table(bench))
         if bench.profiles:
             print_profiles(bench.profiles)
-    return 0 if ok and not problems else 1
+    return 0 if ok and not problems and not bench.anomalies else 1
 
 
 if __name__ == "__main__":

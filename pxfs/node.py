@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -217,6 +218,10 @@ def main(argv=None) -> None:
     if os.geteuid() != 0:
         print("pxfsd: must run as root (FUSE, loop devices, mounts)", file=sys.stderr)
         sys.exit(2)
+    # many short FUSE/RPC handlers and worker threads share the GIL: switch often
+    sys.setswitchinterval(0.0005)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
     os.makedirs(cfg.data_dir, exist_ok=True)
     try:
         roots = pool.prepare(cfg.devices, cfg.data_dir)

@@ -69,8 +69,19 @@ def prepare(devices, data_dir: str) -> list[str]:
                         "everything on it is lost ***", dev)
             subprocess.run(["mkfs.ext4", "-q", "-F", "-L", LABEL, "-E", "lazy_itable_init=1", dev],
                            check=True, capture_output=True)
-        opts = ["-o", "loop"] if stat.S_ISREG(st.st_mode) else []
-        res = subprocess.run(["mount", *opts, dev, target], capture_output=True, text=True)
+        source = dev
+        if stat.S_ISREG(st.st_mode):
+            # direct I/O on the loop device avoids caching every page twice
+            # (once for the pool filesystem, once for the image file)
+            res = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", dev],
+                                 capture_output=True, text=True)
+            if res.returncode:
+                raise ConfigError("storage.devices", f"cannot loop-attach {dev}: {res.stderr.strip()}")
+            source = res.stdout.strip()
+        res = subprocess.run(["mount", source, target], capture_output=True, text=True)
+        if source != dev:
+            # autoclear: the loop device goes away when the pool is unmounted
+            subprocess.run(["losetup", "-d", source], capture_output=True)
         if res.returncode:
             raise ConfigError("storage.devices", f"cannot mount {dev}: {res.stderr.strip()}")
         roots.append(target)

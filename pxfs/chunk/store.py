@@ -55,7 +55,7 @@ def _check_id(volid: int, idx: int) -> None:
 
 
 class ChunkStore:
-    def __init__(self, roots: list[str], max_open: int = 512):
+    def __init__(self, roots: list[str], max_open: int = 4096):
         self.roots = list(roots)
         self._open: collections.OrderedDict[tuple[int, int], _Chunk] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -63,6 +63,8 @@ class ChunkStore:
         self._voldirs: dict[int, str] = {}
         self._dirty_dirs: set[int] = set()
         self._unsynced: dict[int, list[int]] = {}   # volid -> fds of evicted dirty chunks
+        self._dirty: collections.defaultdict[int, set] = collections.defaultdict(set)
+        self._open_lock = threading.Lock()
         for root in self.roots:
             os.makedirs(os.path.join(root, "vols"), exist_ok=True)
 
@@ -109,13 +111,39 @@ class ChunkStore:
             if ch is not None:
                 self._open.move_to_end(key)
                 return ch
+        # opening is serialized so no thread sees a chunk file between its
+        # creation and its header write
+        with self._open_lock:
+            with self._lock:
+                ch = self._open.get(key)
+            if ch is not None:
+                return ch
+            ch = self._open_file(volid, idx, create)
+            if ch is None:
+                return None
+            with self._lock:
+                self._open[key] = ch
+                victims = []
+                while len(self._open) > self._max_open:
+                    victims.append(self._open.popitem(last=False)[1])
+        for v in victims:
+            with v.lock:
+                if v.dirty:     # the next sync() of its volume flushes and closes it
+                    with self._lock:
+                        self._unsynced.setdefault(v.hdr.volid, []).append(v.fd)
+                        self._dirty[v.hdr.volid].discard(v)
+                else:
+                    os.close(v.fd)
+                v.fd = -1
+        return ch
+
+    def _open_file(self, volid: int, idx: int, create: bool) -> _Chunk | None:
         d = self._voldir(volid, create)
         if d is None:
             return None
         path = os.path.join(d, f"{idx:08x}.chk")
         try:
             fd = os.open(path, os.O_RDWR)
-            hdr = Header.unpack(os.pread(fd, HEADER_SIZE, 0))
         except FileNotFoundError:
             if not create:
                 return None
@@ -124,33 +152,20 @@ class ChunkStore:
             os.pwrite(fd, hdr.pack(), 0)
             with self._lock:
                 self._dirty_dirs.add(volid)
+            return _Chunk(fd, hdr)
+        try:
+            hdr = Header.unpack(os.pread(fd, HEADER_SIZE, 0))
         except ValueError as exc:
             os.close(fd)
             raise ChecksumError(f"chunk {volid}/{idx}: bad header: {exc}") from None
-        ch = _Chunk(fd, hdr)
-        with self._lock:
-            other = self._open.get(key)
-            if other is not None:      # raced with another thread
-                os.close(fd)
-                return other
-            self._open[key] = ch
-            victims = []
-            while len(self._open) > self._max_open:
-                victims.append(self._open.popitem(last=False)[1])
-        for v in victims:
-            with v.lock:
-                if v.dirty:     # the next sync() of its volume flushes and closes it
-                    with self._lock:
-                        self._unsynced.setdefault(v.hdr.volid, []).append(v.fd)
-                else:
-                    os.close(v.fd)
-                v.fd = -1
-        return ch
+        return _Chunk(fd, hdr)
 
     def _evict(self, volid: int, idx: int | None = None) -> None:
         with self._lock:
             keys = [k for k in self._open if k[0] == volid and (idx is None or k[1] == idx)]
             victims = [self._open.pop(k) for k in keys]
+            for v in victims:
+                self._dirty[volid].discard(v)
         for v in victims:
             with v.lock:
                 os.close(v.fd)
@@ -200,7 +215,10 @@ class ChunkStore:
                 os.pwrite(ch.fd, hdr.pack(), 0)
             except OSError as exc:
                 raise self._oserror(exc) from exc
-            ch.dirty = True
+            if not ch.dirty:
+                ch.dirty = True
+                with self._lock:
+                    self._dirty[volid].add(ch)
         finally:
             ch.lock.release()
 
@@ -319,7 +337,7 @@ class ChunkStore:
         of one fdatasync each.
         """
         with self._lock:
-            chunks = [c for k, c in self._open.items() if k[0] == volid and c.dirty]
+            chunks = list(self._dirty.pop(volid, ()))
             dir_dirty = volid in self._dirty_dirs
             self._dirty_dirs.discard(volid)
         fds = [(None, fd) for fd in self._take_unsynced(volid)]
@@ -336,9 +354,11 @@ class ChunkStore:
                 for _, fd in fds:
                     os.fdatasync(fd)
         except OSError as exc:
-            for ch, _ in fds:
-                if ch is not None:
-                    ch.dirty = True
+            with self._lock:
+                for ch, _ in fds:
+                    if ch is not None:
+                        ch.dirty = True
+                        self._dirty[volid].add(ch)
             raise self._oserror(exc) from exc
         finally:
             for _, fd in fds:

@@ -55,6 +55,7 @@ class ReplicatedVolume:
         self.epoch = 0
         self._inflight: dict[int, int] = {}   # stamp -> writes in flight
         self.durable = gen << 32
+        self._unflushed = False               # a write completed since the last flush
         self._state_lock = trio.Lock()
 
     # -- helpers -------------------------------------------------------------
@@ -127,18 +128,22 @@ class ReplicatedVolume:
                 errors.append(exc)
                 continue
             for b in bad:
-                await self._repair(b, idx, a0, data, locked)
+                await self._repair(b, node, idx, a0, data, locked)
             return data[inoff - a0:inoff - a0 + n]
         raise PxfsError(f"volume {self.volid}: no replica could serve chunk {idx}: "
                         + "; ".join(map(str, errors)) if errors else "no in-sync replica")
 
-    async def _repair(self, node: str, idx: int, inoff: int, data: bytes, locked: bool) -> None:
+    async def _repair(self, node: str, good: str, idx: int, inoff: int, data: bytes,
+                      locked: bool) -> None:
         try:
             if locked:
                 await self._target(node).write(self.volid, idx, inoff, data, self.term,
                                                self.stamp(), timeout=self.timeout)
             else:
                 async with self.chunk_lock(idx):
+                    # a write may have landed since the read: copy what is there now
+                    data = await self._target(good).read(self.volid, idx, inoff, len(data),
+                                                         timeout=self.timeout)
                     await self._target(node).write(self.volid, idx, inoff, data, self.term,
                                                    self.stamp(), timeout=self.timeout)
             self.stats.repairs += 1
@@ -173,6 +178,7 @@ class ReplicatedVolume:
             self._inflight[epoch] -= 1
             if not self._inflight[epoch]:
                 del self._inflight[epoch]
+        self._unflushed = True
         self.stats.writes += 1
         self.stats.bytes_written += len(data)
         return len(data)
@@ -182,9 +188,16 @@ class ReplicatedVolume:
             raise Fenced(self.fenced)
         # every write that completed before this flush is covered by it; one
         # still in flight may not be, so durability stops below the oldest
+        if not self._unflushed and not self._inflight:
+            return                # nothing written since the last flush succeeded
         low = min(self._inflight, default=self.stamp() + 1)
         self.epoch += 1
-        await self._fan_out(lambda t: t.flush(self.volid, self.term, timeout=self.timeout))
+        self._unflushed = False
+        try:
+            await self._fan_out(lambda t: t.flush(self.volid, self.term, timeout=self.timeout))
+        except BaseException:
+            self._unflushed = True
+            raise
         self.durable = max(self.durable, low)
         self.stats.flushes += 1
 

@@ -74,7 +74,10 @@ async def fs_type(dev: str) -> str:
 
 async def mkfs(dev: str, fs: str, label: str) -> None:
     if fs == "ext4":
-        await run("mkfs.ext4", "-q", "-F", "-L", label[:16], "-E", "nodiscard,lazy_itable_init=1", dev)
+        # fast_commit: an fsync costs fewer journal writes and flushes, each a
+        # round trip to every replica
+        await run("mkfs.ext4", "-q", "-F", "-O", "fast_commit", "-L", label[:16],
+                  "-E", "nodiscard,lazy_itable_init=1", dev)
     elif fs == "xfs":
         await run("mkfs.xfs", "-q", "-f", "-K", "-L", label[:12], dev)
     else:
