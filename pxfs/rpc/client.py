@@ -9,7 +9,7 @@ import logging
 import trio
 
 from ..errors import FrameError, PeerUnavailable, from_wire
-from .frames import FrameReader, encode
+from .frames import FrameReader, encode_parts
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -34,7 +34,7 @@ class Peer:
         request that failed on a pooled connection (the peer may have
         restarted since) is sent once more on a fresh one."""
         msg = dict(args, op=op, id=next(_ids))
-        frame = encode(msg)
+        head, payload = encode_parts(msg)
         with trio.move_on_after(timeout or self.timeout) as scope:
             while True:
                 reused = bool(self._idle)
@@ -42,7 +42,9 @@ class Peer:
                 try:
                     if conn is None:
                         conn = _Conn(await trio.open_tcp_stream(self.host, self.port))
-                    await conn.stream.send_all(frame)
+                    await conn.stream.send_all(head)
+                    if payload is not None:
+                        await conn.stream.send_all(payload)
                     reply = await conn.reader.receive()
                     if reply is None or reply.get("id") != msg["id"]:
                         raise PeerUnavailable("connection closed")

@@ -1,5 +1,7 @@
 """Framing on the data port: a 4-byte big-endian length, then that many bytes
-of msgpack holding a map.  Requests are ``{"op": str, "id": int, ...}``;
+of msgpack holding a map.  A frame whose length has the top bit set carries
+a large ``data`` field raw: the length (flag cleared) is followed by a 4-byte
+header length, the msgpack map without ``data``, then the data.  Requests are ``{"op": str, "id": int, ...}``;
 replies ``{"id": int, "ok": True, ...}`` or ``{"id", "ok": False, "err":
 <error class name>, "msg": str}``.  Frames over MAX_FRAME, or whose body is
 not a map, are malformed: the connection carrying them is closed.
@@ -15,19 +17,43 @@ from .. import MAX_FRAME, codec
 from ..errors import FrameError, InvalidArgument, PeerUnavailable
 
 _LEN = struct.Struct(">I")
+_RAW = 0x80000000          # length flag: a header length and a raw payload follow
+RAW_MIN = 4096             # payloads from this size travel outside msgpack
 
 
-def encode(msg: dict) -> bytes:
+def encode_parts(msg: dict) -> tuple[bytes, bytes | None]:
+    """(head, payload): a large ``data`` field is sent raw after the msgpack
+    header, so neither side copies it through msgpack."""
+    data = msg.get("data")
+    if isinstance(data, (bytes, bytearray, memoryview)) and len(data) >= RAW_MIN:
+        head = codec.pack({k: v for k, v in msg.items() if k != "data"})
+        total = 4 + len(head) + len(data)
+        if total > MAX_FRAME:
+            raise FrameError(f"frame of {total} bytes exceeds {MAX_FRAME}")
+        return _LEN.pack(_RAW | total) + _LEN.pack(len(head)) + head, data
     body = codec.pack(msg)
     if len(body) > MAX_FRAME:
         raise FrameError(f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
-    return _LEN.pack(len(body)) + body
+    return _LEN.pack(len(body)) + body, None
+
+
+def encode(msg: dict) -> bytes:
+    head, payload = encode_parts(msg)
+    return head + bytes(payload) if payload is not None else head
+
+
+async def send(stream, msg: dict) -> None:
+    head, payload = encode_parts(msg)
+    await stream.send_all(head)
+    if payload is not None:
+        await stream.send_all(payload)
 
 
 class FrameReader:
     def __init__(self, stream: trio.abc.ReceiveStream):
         self._stream = stream
         self._buf = bytearray()
+        self._sock = getattr(stream, "socket", None)
 
     async def _fill(self, n: int) -> bool:
         while len(self._buf) < n:
@@ -42,21 +68,61 @@ class FrameReader:
             self._buf += chunk
         return True
 
+    async def _read_payload(self, n: int) -> bytearray:
+        """Exactly n bytes, received straight into one buffer when possible."""
+        out = bytearray(n)
+        have = min(n, len(self._buf))
+        out[:have] = self._buf[:have]
+        del self._buf[:have]
+        view = memoryview(out)
+        while have < n:
+            try:
+                if self._sock is not None:
+                    got = await self._sock.recv_into(view[have:])
+                else:
+                    chunk = await self._stream.receive_some(n - have)
+                    got = len(chunk)
+                    view[have:have + got] = chunk
+            except (trio.BrokenResourceError, OSError) as exc:
+                raise PeerUnavailable(f"connection broken: {exc}") from exc
+            if not got:
+                raise FrameError("connection closed inside a frame")
+            have += got
+        return out
+
     async def receive(self) -> dict | None:
         """The next frame's map, or None at a clean end of stream."""
         if not await self._fill(4):
             return None
         (n,) = _LEN.unpack_from(self._buf)
+        raw, n = bool(n & _RAW), n & ~_RAW
         if n > MAX_FRAME:
             raise FrameError(f"frame of {n} bytes exceeds {MAX_FRAME}")
-        if not await self._fill(4 + n):
-            raise FrameError("connection closed inside a frame")
-        body = bytes(self._buf[4:4 + n])
-        del self._buf[:4 + n]
+        payload = None
+        if raw:
+            if not await self._fill(8):
+                raise FrameError("connection closed inside a frame")
+            (hlen,) = _LEN.unpack_from(self._buf, 4)
+            if hlen > n - 4:
+                raise FrameError("frame header longer than the frame")
+            if not await self._fill(8 + hlen):
+                raise FrameError("connection closed inside a frame")
+            body = bytes(self._buf[8:8 + hlen])
+            del self._buf[:8 + hlen]
+            payload = await self._read_payload(n - 4 - hlen)
+        else:
+            if not await self._fill(4 + n):
+                raise FrameError("connection closed inside a frame")
+            body = bytes(self._buf[4:4 + n])
+            del self._buf[:4 + n]
         try:
             msg = codec.unpack(body)
         except InvalidArgument as exc:
             raise FrameError(str(exc)) from None
         if not isinstance(msg, dict):
             raise FrameError("frame body is not a map")
+        if payload is not None:
+            if "data" in msg:
+                raise FrameError("frame has data twice")
+            msg["data"] = payload
         return msg

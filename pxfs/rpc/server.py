@@ -8,7 +8,7 @@ import logging
 import trio
 
 from ..errors import FrameError, PxfsError, RpcError
-from .frames import FrameReader, encode
+from .frames import FrameReader, send
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class RpcServer:
                 except Exception as exc:      # a bug: loud, but only this request fails
                     log.exception("data-port request %s failed unexpectedly", op)
                     reply = {"id": rid, "ok": False, "err": "PxfsError", "msg": f"internal error: {exc}"}
-                await stream.send_all(encode(reply))
+                await send(stream, reply)
         except (RpcError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return
         finally:
