@@ -315,3 +315,31 @@ def test_lru_eviction_keeps_data(tmp_path):
     for idx in range(1, 6):
         assert s2.read(VOL, idx, idx * 100, 5000) == pattern(5000, idx)
     s2.close()
+
+
+def test_nowait_io_refuses_to_block(tmp_path):
+    """Inline (trio-thread) I/O never opens files or waits for a busy chunk."""
+    store = ChunkStore([str(tmp_path)])
+    store.write(1, 0, 0, b"x" * 4096, 1)
+    store.close()
+    store = ChunkStore([str(tmp_path)])
+    with pytest.raises(BlockingIOError):
+        store.read(1, 0, 0, 4096, nowait=True)       # not open yet
+    assert store.read(1, 0, 0, 4096) == b"x" * 4096   # opens it
+    assert store.read(1, 0, 0, 4096, nowait=True) == b"x" * 4096
+    ch = store._open[(1, 0)]
+    with ch.lock:                                      # another thread holds it
+        with pytest.raises(BlockingIOError):
+            store.write(1, 0, 0, b"y" * 4096, 2, nowait=True)
+    store.write(1, 0, 0, b"y" * 4096, 2, nowait=True)
+    assert store.read(1, 0, 0, 4096) == b"y" * 4096
+
+
+async def test_replica_service_falls_back_to_a_thread(tmp_path):
+    from pxfs.replication.replica import ReplicaService
+    store = ChunkStore([str(tmp_path)])
+    svc = ReplicaService(store)
+    await svc.write(7, 3, 0, b"z" * 8192, 1, 1)
+    store.close()
+    svc = ReplicaService(ChunkStore([str(tmp_path)]))
+    assert await svc.read(7, 3, 0, 8192) == b"z" * 8192

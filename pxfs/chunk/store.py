@@ -171,9 +171,20 @@ class ChunkStore:
                 os.close(v.fd)
                 v.fd = -1
 
-    def _locked(self, volid, idx, create):
-        """The chunk, locked; retried if it was evicted meanwhile."""
+    def _locked(self, volid, idx, create, nowait=False):
+        """The chunk, locked; retried if it was evicted meanwhile.  With
+        ``nowait``, raise BlockingIOError instead of opening a file or
+        waiting for another thread's lock (the caller then uses a thread)."""
         while True:
+            if nowait:
+                with self._lock:
+                    ch = self._open.get((volid, idx))
+                if ch is None or not ch.lock.acquire(blocking=False):
+                    raise BlockingIOError("chunk not open or busy")
+                if ch.fd >= 0:
+                    return ch
+                ch.lock.release()
+                continue
             ch = self._get(volid, idx, create)
             if ch is None:
                 return None
@@ -183,14 +194,17 @@ class ChunkStore:
             ch.lock.release()
 
     # -- data ------------------------------------------------------------------
-    def write(self, volid: int, idx: int, off: int, data: bytes, gen: int) -> None:
+    def write(self, volid: int, idx: int, off: int, data: bytes, gen: int, *,
+              nowait: bool = False) -> None:
         _check_id(volid, idx)
         _check_range(off, len(data))
         if not data:
             return
         first, last = off // CSUM_BLOCK, (off + len(data) - 1) // CSUM_BLOCK
         try:
-            ch = self._locked(volid, idx, True)
+            ch = self._locked(volid, idx, True, nowait)
+        except BlockingIOError:
+            raise
         except OSError as exc:
             raise self._oserror(exc) from exc
         try:
@@ -228,8 +242,15 @@ class ChunkStore:
             return NoSpace("pool is full")
         return PxfsError(f"chunk I/O failed: {exc}")
 
-    def _read_blocks(self, ch: _Chunk, first: int, last: int, verify: bool) -> bytes:
-        raw = os.pread(ch.fd, (last - first + 1) * CSUM_BLOCK, HEADER_SIZE + first * CSUM_BLOCK)
+    def _read_blocks(self, ch: _Chunk, first: int, last: int, verify: bool,
+                     nowait: bool = False) -> bytes:
+        n, pos = (last - first + 1) * CSUM_BLOCK, HEADER_SIZE + first * CSUM_BLOCK
+        if nowait:      # page cache only: EAGAIN (BlockingIOError) if it would wait for the disk
+            buf = bytearray(n)
+            got = os.preadv(ch.fd, [buf], pos, os.RWF_NOWAIT)
+            raw = bytes(buf[:got])
+        else:
+            raw = os.pread(ch.fd, n, pos)
         raw = raw.ljust((last - first + 1) * CSUM_BLOCK, b"\0")
         out = bytearray(raw)
         bad = []
@@ -245,17 +266,17 @@ class ChunkStore:
             raise err
         return bytes(out)
 
-    def read(self, volid: int, idx: int, off: int, size: int) -> bytes:
+    def read(self, volid: int, idx: int, off: int, size: int, *, nowait: bool = False) -> bytes:
         _check_id(volid, idx)
         _check_range(off, size)
         if size == 0:
             return b""
-        ch = self._locked(volid, idx, False)
+        ch = self._locked(volid, idx, False, nowait)
         if ch is None:
             return bytes(size)
         try:
             first, last = off // CSUM_BLOCK, (off + size - 1) // CSUM_BLOCK
-            data = self._read_blocks(ch, first, last, verify=True)
+            data = self._read_blocks(ch, first, last, verify=True, nowait=nowait)
         finally:
             ch.lock.release()
         start = off - first * CSUM_BLOCK

@@ -49,18 +49,22 @@ class ReplicaService:
     # -- operations (also the RPC surface) -------------------------------------
     async def write(self, volid, idx, off, data, term, gen):
         await self.check_term(volid, term)
-        if len(data) <= INLINE_IO:
+        try:
+            if len(data) > INLINE_IO:
+                raise BlockingIOError
             # a small pwrite into the page cache costs less than a thread hop
-            self.store.write(volid, idx, off, data, gen)
-        else:
+            self.store.write(volid, idx, off, data, gen, nowait=True)
+        except BlockingIOError:
             await self._run(self.store.write, volid, idx, off, data, gen)
         self.stats["writes"] += 1
         self.stats["bytes_written"] += len(data)
 
     async def read(self, volid, idx, off, size):
-        if size <= INLINE_IO:
-            data = self.store.read(volid, idx, off, size)
-        else:
+        try:
+            if size > INLINE_IO:
+                raise BlockingIOError
+            data = self.store.read(volid, idx, off, size, nowait=True)
+        except BlockingIOError:    # not cached, file not open, or chunk busy
             data = await self._run(self.store.read, volid, idx, off, size)
         self.stats["reads"] += 1
         self.stats["bytes_read"] += size
