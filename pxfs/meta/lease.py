@@ -52,7 +52,7 @@ class Membership:
             beat += 1
             try:
                 alive = await self.kv.lease_refresh(self.lease)
-                if alive and beat % 20 == 0:
+                if alive and beat % 4 == 0:      # capacity figures stay fresh
                     await self.publish()
             except MetaError as exc:
                 log.warning("lease keepalive failed: %s", exc)
