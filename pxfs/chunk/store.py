@@ -248,7 +248,9 @@ class ChunkStore:
         if nowait:      # page cache only: EAGAIN (BlockingIOError) if it would wait for the disk
             buf = bytearray(n)
             got = os.preadv(ch.fd, [buf], pos, os.RWF_NOWAIT)
-            raw = bytes(buf[:got])
+            if got < n:         # partly cached (or EOF): let a thread do the plain read
+                raise BlockingIOError("partly cached")
+            raw = bytes(buf)
         else:
             raw = os.pread(ch.fd, n, pos)
         raw = raw.ljust((last - first + 1) * CSUM_BLOCK, b"\0")
@@ -277,6 +279,10 @@ class ChunkStore:
         try:
             first, last = off // CSUM_BLOCK, (off + size - 1) // CSUM_BLOCK
             data = self._read_blocks(ch, first, last, verify=True, nowait=nowait)
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            raise self._oserror(exc) from exc
         finally:
             ch.lock.release()
         start = off - first * CSUM_BLOCK
@@ -291,6 +297,8 @@ class ChunkStore:
         try:
             data = self._read_blocks(ch, 0, NBLOCKS - 1, verify=True)
             return ch.hdr.gen, bytes(ch.hdr.bitmap), data
+        except OSError as exc:
+            raise self._oserror(exc) from exc
         finally:
             ch.lock.release()
 
@@ -311,6 +319,18 @@ class ChunkStore:
             raise InvalidArgument("whole chunk expected")
         hdr = Header(volid, idx, gen, bitmap)
         tmp = path + ".tmp"
+        try:
+            self._put_file(tmp, path, hdr, data)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise self._oserror(exc) from exc
+        self._fsync_dir(d)
+
+    @staticmethod
+    def _put_file(tmp: str, path: str, hdr: Header, data: bytes) -> None:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             for blk in range(NBLOCKS):
@@ -323,7 +343,6 @@ class ChunkStore:
         finally:
             os.close(fd)
         os.rename(tmp, path)
-        self._fsync_dir(d)
 
     def list_chunks(self, volid: int, min_gen: int = 0) -> dict[int, int]:
         """{idx: gen} of this volume's chunks whose gen >= min_gen."""
@@ -361,12 +380,14 @@ class ChunkStore:
             chunks = list(self._dirty.pop(volid, ()))
             dir_dirty = volid in self._dirty_dirs
             self._dirty_dirs.discard(volid)
-        fds = [(None, fd) for fd in self._take_unsynced(volid)]
+        fds = []
         for ch in chunks:
             with ch.lock:
                 if ch.fd >= 0 and ch.dirty:
                     ch.dirty = False
                     fds.append((ch, os.dup(ch.fd)))
+        # after the loop: a chunk evicted meanwhile moved its fd here under its lock
+        fds += [(None, fd) for fd in self._take_unsynced(volid)]
         try:
             if len(fds) > 2 and _syncfs is not None:
                 if _syncfs(fds[0][1]) != 0:
@@ -425,6 +446,12 @@ class ChunkStore:
             return 0
 
     def set_term(self, volid: int, term: int) -> None:
+        try:
+            self._set_term(volid, term)
+        except OSError as exc:
+            raise self._oserror(exc) from exc
+
+    def _set_term(self, volid: int, term: int) -> None:
         d = self._voldir(volid, True)
         tmp = os.path.join(d, "TERM.tmp")
         with open(tmp, "w") as fh:

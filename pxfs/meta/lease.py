@@ -32,10 +32,17 @@ class Membership:
         self._lost_listeners.append(fn)
 
     async def _register(self) -> None:
-        self.lease = await self.kv.lease_grant(self.ttl)
-        await self.publish()
-        await self.kv.txn([], [Put(keys.alive_key(self.cid, self.node),
-                                   codec.pack_record({"since": time.time()}), self.lease)])
+        lease = await self.kv.lease_grant(self.ttl)
+        rec = dict(self._info_fn(), id=self.node, started=self.started)
+        try:
+            await self.kv.txn([], [
+                Put(keys.node_key(self.cid, self.node), codec.pack_record(rec)),
+                Put(keys.alive_key(self.cid, self.node), codec.pack_record({"since": time.time()}),
+                    lease)])
+        except MetaError:
+            await self.kv.lease_revoke(lease)
+            raise
+        self.lease = lease
 
     async def publish(self) -> None:
         """Write the node record (addresses, capacity)."""

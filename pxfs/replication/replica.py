@@ -15,8 +15,8 @@ from ..errors import Fenced, FrameError, InvalidArgument
 
 log = logging.getLogger(__name__)
 
-#: Requests up to this size run on the trio thread: their pread/pwrite hits
-#: the page cache and is cheaper than a hop to a worker thread.
+#: Reads up to this size are tried on the trio thread, from the page cache
+#: only (RWF_NOWAIT); anything that would wait goes to a worker thread.
 INLINE_IO = 64 * 1024
 
 
@@ -35,7 +35,9 @@ class ReplicaService:
     async def check_term(self, volid: int, term: int) -> None:
         known = self._terms.get(volid)
         if known is None:
-            known = self._terms[volid] = await self._run(self.store.get_term, volid)
+            loaded = await self._run(self.store.get_term, volid)
+            # a fence may have raised the cached term while we were loading it
+            known = self._terms[volid] = max(loaded, self._terms.get(volid, 0))
         if term < known:
             self.stats["fenced"] += 1
             raise Fenced(f"volume {volid}: attach term {term} is older than {known}")
@@ -49,13 +51,9 @@ class ReplicaService:
     # -- operations (also the RPC surface) -------------------------------------
     async def write(self, volid, idx, off, data, term, gen):
         await self.check_term(volid, term)
-        try:
-            if len(data) > INLINE_IO:
-                raise BlockingIOError
-            # a small pwrite into the page cache costs less than a thread hop
-            self.store.write(volid, idx, off, data, gen, nowait=True)
-        except BlockingIOError:
-            await self._run(self.store.write, volid, idx, off, data, gen)
+        # always in a thread: a buffered pwrite can sleep in dirty-page
+        # throttling or on the journal, which must not stall the event loop
+        await self._run(self.store.write, volid, idx, off, data, gen)
         self.stats["writes"] += 1
         self.stats["bytes_written"] += len(data)
 

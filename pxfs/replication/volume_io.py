@@ -56,6 +56,7 @@ class ReplicatedVolume:
         self._inflight: dict[int, int] = {}   # stamp -> writes in flight
         self.durable = gen << 32
         self._unflushed = False               # a write completed since the last flush
+        self._flush_lock = trio.Lock()
         self._state_lock = trio.Lock()
 
     # -- helpers -------------------------------------------------------------
@@ -186,10 +187,14 @@ class ReplicatedVolume:
     async def flush(self) -> None:
         if self.fenced:
             raise Fenced(self.fenced)
-        # every write that completed before this flush is covered by it; one
-        # still in flight may not be, so durability stops below the oldest
+        async with self._flush_lock:       # a second flush waits for the first's outcome
+            await self._flush()
+
+    async def _flush(self) -> None:
         if not self._unflushed and not self._inflight:
             return                # nothing written since the last flush succeeded
+        # every write that completed before this flush is covered by it; one
+        # still in flight may not be, so durability stops below the oldest
         low = min(self._inflight, default=self.stamp() + 1)
         self.epoch += 1
         self._unflushed = False

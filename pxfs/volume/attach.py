@@ -36,6 +36,7 @@ class Local:
     vol: ReplicatedVolume
     device: str = ""
     mount: str = ""
+    ready: bool = True
 
 
 class Attachments:
@@ -130,6 +131,7 @@ class Attachments:
                 if other["node"] != self.node:
                     raise Busy(f"volume {rec['name']!r} is attached on node {other['node']}")
             r = codec.unpack_record(item.value)
+            r["prev_durable"] = r.get("durable", 0)   # the dying attachment's last checkpoint
             r["term"] += 1
             r["gen"] += 1          # a new stamp space for this attachment
             for rep in r["replicas"]:
@@ -140,15 +142,18 @@ class Attachments:
                     codec.pack_record({"node": self.node, "term": r["term"]}), lease)
             return r
         rec = await run_txn(self.kv, body, what="attach")
+        prev_durable = rec.pop("prev_durable", 0)
         term = rec["term"]
         states = {r["node"]: r["state"] for r in rec["replicas"]}
         vol = ReplicatedVolume(volid, rec["size"], term, rec["gen"], states, self.catalog.targets,
                                self._failure_handler(volid), local_node=self.node,
                                timeout=self.io_timeout)
         loc = Local(volid, rec["name"], rec["fs"], vol)
+        loc.ready = False               # no checkpoints before fencing is done
         self.local[volid] = loc
         try:
-            await self._fence_replicas(loc)
+            await self._fence_replicas(loc, prev_durable)
+            loc.ready = True
             self.view.add(rec["name"], vol)
             loc.device = await hostdev.loop_attach(os.path.join(self.fuse_mountpoint, rec["name"]))
             hostdev.link_pxd(volid, loc.device)
@@ -161,7 +166,7 @@ class Attachments:
         log.info("attached volume %s (%d) as %s, term %d", loc.name, volid, loc.device, term)
         return self._describe(loc)
 
-    async def _fence_replicas(self, loc: Local) -> None:
+    async def _fence_replicas(self, loc: Local, prev_durable: int) -> None:
         """Tell every replica the new term; unreachable ones fall out of sync."""
         vol = loc.vol
         failed = []
@@ -181,8 +186,7 @@ class Attachments:
                 raise PxfsError(f"volume {loc.name!r}: no in-sync replica is reachable "
                                 f"(tried {', '.join(vol.readers()) or 'none'})")
             # they may lack what the previous attachment wrote after its last checkpoint
-            rec, _ = await self.catalog.get(vol.volid)
-            vol.set_gen(await self._failure_handler(vol.volid)(failed, rec.get("durable", 0)))
+            vol.set_gen(await self._failure_handler(vol.volid)(failed, prev_durable))
 
     async def checkpoint_service(self, *, interval: float = 2.0,
                                  task_status=trio.TASK_STATUS_IGNORED):
@@ -194,7 +198,7 @@ class Attachments:
             await trio.sleep(interval)
             for loc in list(self.local.values()):
                 vol = loc.vol
-                if vol.fenced or recorded.get(loc.volid) == vol.durable:
+                if vol.fenced or not loc.ready or recorded.get(loc.volid) == vol.durable:
                     continue
                 try:
                     await self.catalog.checkpoint(loc.volid, vol.term, vol.durable)

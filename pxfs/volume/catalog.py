@@ -151,7 +151,10 @@ class Catalog:
         await run_txn(self.kv, body, what="checkpoint")
 
     async def set_replica_state(self, volid: int, node: str, state: str, *, term: int | None = None,
-                                expect_rev: int | None = None, require_detached=False) -> dict:
+                                expect_rev: int | None = None, require_detached=False,
+                                expect_state: str | None = None) -> dict:
+        """Set one replica's state; returns the new record with its
+        ``mod_rev``.  Refuses (Busy) if the replica is not in ``expect_state``."""
         async def body(txn):
             item = await txn.get(keys.vol_key(self.cid, volid))
             if item is None:
@@ -165,6 +168,8 @@ class Catalog:
                 raise Fenced(f"volume {volid} was attached elsewhere")
             for r in rec["replicas"]:
                 if r["node"] == node:
+                    if expect_state is not None and r["state"] != expect_state:
+                        raise Busy(f"replica on {node} is {r['state']}, not {expect_state}")
                     r["state"] = state
                     if state == IN_SYNC:
                         r["missed_from"] = 0
@@ -172,7 +177,11 @@ class Catalog:
                 rec["gen"] += 1
             txn.put(keys.vol_key(self.cid, volid), codec.pack_record(rec))
             return rec
-        return await run_txn(self.kv, body, what=f"set replica state {state}")
+        rec = await run_txn(self.kv, body, what=f"set replica state {state}")
+        item = await self.kv.get(keys.vol_key(self.cid, volid))
+        if item is None or codec.unpack_record(item.value) != rec:
+            raise Busy(f"volume {volid} changed right after the replica state did")
+        return dict(rec, mod_rev=item.mod_rev)
 
     # -- listing ---------------------------------------------------------------
     async def snapshot(self) -> tuple[list[dict], dict, dict, dict]:

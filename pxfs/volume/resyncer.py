@@ -61,6 +61,8 @@ class Resyncer:
             await fn(*args)
         except PxfsError as exc:
             log.warning("resync of volume %s to %s stopped: %s", key[0], key[1], exc)
+        except Exception:       # a bug must not take the node down with it
+            log.exception("resync of volume %s to %s failed", key[0], key[1])
         finally:
             self.running.discard(key)
             with trio.CancelScope(shield=True):
@@ -82,9 +84,16 @@ class Resyncer:
         sources = [n for n in vol.readers() if n != node]
         if not sources:
             return
-        rec = await self.catalog.set_replica_state(vol.volid, node, RESYNCING, term=vol.term)
-        missed = next(r["missed_from"] for r in rec["replicas"] if r["node"] == node)
-        vol.states[node] = RESYNCING
+        async with vol._state_lock:
+            rec = await self.catalog.set_replica_state(vol.volid, node, RESYNCING, term=vol.term,
+                                                       expect_state=OUT_OF_SYNC)
+            missed = next(r["missed_from"] for r in rec["replicas"] if r["node"] == node)
+            vol.states[node] = RESYNCING
+        # writes that chose their replicas before this point may still be in
+        # flight without the new one: wait for them (each holds its chunk lock)
+        for lock in vol.locks:
+            async with lock:
+                pass
         log.info("volume %s: resyncing replica on %s from %s (writes since gen %d)",
                  loc.name, node, sources[0], missed)
         try:
@@ -96,10 +105,11 @@ class Resyncer:
             if vol.states.get(node) == RESYNCING and not vol.fenced:
                 vol.set_gen(await self.attachments._failure_handler(vol.volid)([node], missed))
             raise
-        if vol.states.get(node) != RESYNCING:
-            return                                # a write to it failed meanwhile
         async with vol._state_lock:
-            rec = await self.catalog.set_replica_state(vol.volid, node, IN_SYNC, term=vol.term)
+            if vol.states.get(node) != RESYNCING:
+                return                            # a write to it failed meanwhile
+            rec = await self.catalog.set_replica_state(vol.volid, node, IN_SYNC, term=vol.term,
+                                                       expect_state=RESYNCING)
             vol.states = {r["node"]: r["state"] for r in rec["replicas"]}
             vol.set_gen(rec["gen"])
         self._done(vol.volid, node, prog)
@@ -112,7 +122,7 @@ class Resyncer:
             return
         rec = await self.catalog.set_replica_state(volid, self.node, RESYNCING, expect_rev=rev,
                                                    require_detached=True)
-        _, rev = await self.catalog.get(volid)
+        rev = rec.pop("mod_rev")
         log.info("volume %s: pulling changes since gen %d from %s", rec["name"], me["missed_from"],
                  sources[0])
         try:
