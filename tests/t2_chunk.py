@@ -343,3 +343,27 @@ async def test_replica_service_falls_back_to_a_thread(tmp_path):
     store.close()
     svc = ReplicaService(ChunkStore([str(tmp_path)]))
     assert await svc.read(7, 3, 0, 8192) == b"z" * 8192
+
+
+def test_sync_covers_chunks_evicted_while_dirty(tmp_path):
+    store = ChunkStore([str(tmp_path)], max_open=1)
+    store.write(5, 0, 0, b"a" * 4096, 1)
+    store.write(5, 1, 0, b"b" * 4096, 1)         # evicts chunk 0 while it is dirty
+    assert store._unsynced.get(5)
+    store.sync(5)
+    assert not store._unsynced.get(5) and not store._dirty.get(5)
+    assert store.read(5, 0, 0, 4096) == b"a" * 4096
+
+
+def test_partly_cached_nowait_read_is_not_a_checksum_error(tmp_path):
+    store = ChunkStore([str(tmp_path)])
+    store.write(6, 0, 0, os.urandom(64 * 1024), 1)
+    store.sync(6)
+    fd = store._open[(6, 0)].fd
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)      # drop it from the page cache
+    store.read(6, 0, 0, 4096)                                # cache the first block only
+    try:
+        store.read(6, 0, 0, 64 * 1024, nowait=True)
+    except BlockingIOError:
+        pass                                                 # falls back to a thread: fine
+    assert len(store.read(6, 0, 0, 64 * 1024)) == 64 * 1024
