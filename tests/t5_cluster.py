@@ -356,3 +356,22 @@ def test_pxfsd_refuses_foreign_filesystem(tmp_path, etcd_url):
     assert res.returncode == 2
     assert "storage.devices" in res.stderr and "ext4" in res.stderr
     assert not (tmp_path / "fuse").exists()
+
+
+def test_unclean_end_reconciles_in_sync_replicas(make_cluster):
+    c = make_cluster(3)
+    c.pxctl("node1", "volume", "create", "uv", "--size", "128M", "--repl", "2", "--fs", "none",
+            "--nodes", "node2,node3")
+    dev = c.pxctl("node1", "host", "attach", "uv")["device"]
+    dd_write(dev, b"u", 0, 8)
+    c.stop_node("node1", kill=True)              # dies without a clean detach
+    c.wait_for(lambda: c.pxctl("node2", "host", "attach", "uv", check=False).returncode == 0,
+               timeout=30, what="attach on node2")
+    log2 = open(c.nodes["node2"]["log"]).read()
+    assert "ended uncleanly" in log2
+    dev2 = c.pxctl("node2", "host", "attach", "uv")["device"]
+    assert dd_read(dev2, 0, 8) == b"u" * (8 * MiB)
+    assert all(s == "in_sync" for s in replica_states(c, "node2", "uv").values())
+    c.pxctl("node2", "host", "detach", "uv")     # clean: the next attach need not reconcile
+    c.pxctl("node3", "host", "attach", "uv")
+    assert "ended uncleanly" not in open(c.nodes["node3"]["log"]).read()

@@ -23,6 +23,7 @@ from ..meta import keys
 from ..meta.kv import Compare, Delete
 from ..meta.txn import run_txn
 from ..replication.volume_io import IN_SYNC, OUT_OF_SYNC, RESYNCING, ReplicatedVolume
+from ..replication.resync import resync_replica
 from . import hostdev
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,8 @@ class Attachments:
                     raise Busy(f"volume {rec['name']!r} is attached on node {other['node']}")
             r = codec.unpack_record(item.value)
             r["prev_durable"] = r.get("durable", 0)   # the dying attachment's last checkpoint
+            r["prev_clean"] = r.get("clean", True)    # did it end with a flushed detach?
+            r["clean"] = False
             r["term"] += 1
             r["gen"] += 1          # a new stamp space for this attachment
             for rep in r["replicas"]:
@@ -143,6 +146,7 @@ class Attachments:
             return r
         rec = await run_txn(self.kv, body, what="attach")
         prev_durable = rec.pop("prev_durable", 0)
+        prev_clean = rec.pop("prev_clean", True)
         term = rec["term"]
         states = {r["node"]: r["state"] for r in rec["replicas"]}
         vol = ReplicatedVolume(volid, rec["size"], term, rec["gen"], states, self.catalog.targets,
@@ -153,6 +157,8 @@ class Attachments:
         self.local[volid] = loc
         try:
             await self._fence_replicas(loc, prev_durable)
+            if not prev_clean:
+                await self._reconcile(loc, prev_durable)
             loc.ready = True
             self.view.add(rec["name"], vol)
             loc.device = await hostdev.loop_attach(os.path.join(self.fuse_mountpoint, rec["name"]))
@@ -205,6 +211,30 @@ class Attachments:
                     recorded[loc.volid] = vol.durable
                 except PxfsError as exc:
                     log.info("checkpoint of %s failed: %s", loc.name, exc)
+
+    async def _reconcile(self, loc: Local, prev_durable: int) -> None:
+        """The previous attachment died: a write it never acknowledged may
+        have reached only some in-sync replicas.  Make them agree by copying
+        every chunk stamped since its last checkpoint from one of them."""
+        vol = loc.vol
+        readers = vol.readers()
+        if len(readers) < 2:
+            return
+        source, failed, copied = readers[0], [], 0
+        for node in readers[1:]:
+            try:
+                prog = await resync_replica(vol.volid, self.catalog.targets(source),
+                                            self.catalog.targets(node), missed_from=prev_durable,
+                                            term=vol.term)
+                copied += prog.chunks
+            except PxfsError as exc:
+                log.warning("volume %s: cannot reconcile replica on %s: %s", loc.name, node, exc)
+                failed.append(node)
+        if failed:
+            vol.set_gen(await self._failure_handler(vol.volid)(failed, prev_durable))
+        log.info("volume %s: previous attachment ended uncleanly; %d chunk(s) written since its "
+                 "last checkpoint copied from %s to the other in-sync replicas",
+                 loc.name, copied, source)
 
     async def _publish(self, loc: Local) -> None:
         """Write device and mount path into the attach record."""
@@ -299,11 +329,18 @@ class Attachments:
         if loc.device:
             await hostdev.loop_detach(loc.device)
         hostdev.unlink_pxd(loc.volid)
+        clean = False
         if not loc.vol.fenced:
             try:
                 await loc.vol.flush()
+                clean = release
             except PxfsError as exc:
                 log.warning("flush at detach of %s failed: %s", loc.name, exc)
+        if clean:
+            try:    # the next attach need not reconcile the replicas
+                await self.catalog.checkpoint(loc.volid, loc.vol.term, loc.vol.durable, clean=True)
+            except PxfsError as exc:
+                log.info("clean-detach checkpoint of %s failed: %s", loc.name, exc)
         self.view.remove(loc.name)
         self.local.pop(loc.volid, None)
         self._save()

@@ -137,16 +137,19 @@ class Catalog:
             return rec
         return await run_txn(self.kv, body, what="mark replica out of sync")
 
-    async def checkpoint(self, volid: int, term: int, durable: int) -> None:
-        """Record the attachment's durable stamp (used when it dies)."""
+    async def checkpoint(self, volid: int, term: int, durable: int, *, clean: bool = False) -> None:
+        """Record the attachment's durable stamp (used when it dies); ``clean``
+        at a detach after a successful final flush."""
         async def body(txn):
             item = await txn.get(keys.vol_key(self.cid, volid))
             if item is None:
                 return
             rec = codec.unpack_record(item.value)
-            if rec["term"] != term or rec.get("durable", 0) >= durable:
+            if rec["term"] != term or (rec.get("durable", 0) >= durable and not clean):
                 return
-            rec["durable"] = durable
+            rec["durable"] = max(durable, rec.get("durable", 0))
+            if clean:
+                rec["clean"] = True
             txn.put(keys.vol_key(self.cid, volid), codec.pack_record(rec))
         await run_txn(self.kv, body, what="checkpoint")
 
