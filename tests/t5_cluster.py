@@ -39,6 +39,12 @@ def dd_read(dev: str, offset_mib: int, count_mib: int) -> bytes:
     return res.stdout
 
 
+def attach_after_failover(c, node: str, vol: str, timeout: float) -> None:
+    """Attach ``vol`` on ``node`` as soon as the old attachment's lease is gone."""
+    c.wait_for(lambda: c.pxctl(node, "host", "attach", vol, check=False).returncode == 0,
+               timeout=timeout, what=f"attach of {vol} on {node}")
+
+
 def replica_states(c, node, vol):
     return {r["node"]: r["state"] for r in c.pxctl(node, "volume", "inspect", vol)["replicas"]}
 
@@ -220,8 +226,7 @@ def test_failover_after_sigkill_keeps_every_fsynced_write(make_cluster):
     done = [int(x) for x in open(log).read().split()]
     assert done == list(range(len(done)))
     # another node attaches within seconds, the same data is there
-    c.wait_for(lambda: c.pxctl("node2", "host", "attach", "dbvol", check=False).returncode == 0,
-               timeout=20, what="attach on node2")
+    attach_after_failover(c, "node2", "dbvol", timeout=20)
     assert time.monotonic() - t0 < 10, "failover took longer than 10 s"
     mnt2 = c.pxctl("node2", "host", "mount", "dbvol")["mount"]
     with open(os.path.join(mnt2, "data"), "rb") as fh:
@@ -253,8 +258,7 @@ def test_fencing_paused_node_cannot_overwrite(make_cluster):
     dd_write(dev1, b"A", 0, 4)
     c.signal("node1", signal.SIGSTOP)
     try:
-        c.wait_for(lambda: c.pxctl("node2", "host", "attach", "fv", check=False).returncode == 0,
-                   timeout=30, what="failover attach")
+        attach_after_failover(c, "node2", "fv", timeout=30)
         dev2 = c.pxctl("node2", "host", "attach", "fv")["device"]
         assert c.pxctl("node2", "volume", "inspect", "fv")["term"] == 2
         dd_write(dev2, b"B", 0, 4)
@@ -275,8 +279,7 @@ def test_fencing_paused_node_cannot_overwrite(make_cluster):
                what="node1 resynced")
     c.pxctl("node2", "host", "detach", "fv")
     c.stop_node("node2", kill=True)
-    c.wait_for(lambda: c.pxctl("node3", "host", "attach", "fv", check=False).returncode == 0,
-               timeout=30, what="attach on node3")
+    attach_after_failover(c, "node3", "fv", timeout=30)
     dev3 = c.pxctl("node3", "host", "attach", "fv")["device"]
     assert dd_read(dev3, 0, 4) == b"B" * (4 * MiB)
 
@@ -365,8 +368,7 @@ def test_unclean_end_reconciles_in_sync_replicas(make_cluster):
     dev = c.pxctl("node1", "host", "attach", "uv")["device"]
     dd_write(dev, b"u", 0, 8)
     c.stop_node("node1", kill=True)              # dies without a clean detach
-    c.wait_for(lambda: c.pxctl("node2", "host", "attach", "uv", check=False).returncode == 0,
-               timeout=30, what="attach on node2")
+    attach_after_failover(c, "node2", "uv", timeout=30)
     log2 = open(c.nodes["node2"]["log"]).read()
     assert "ended uncleanly" in log2
     dev2 = c.pxctl("node2", "host", "attach", "uv")["device"]

@@ -22,7 +22,7 @@ from ..errors import Busy, Fenced, HostError, InvalidArgument, NotFound, PxfsErr
 from ..meta import keys
 from ..meta.kv import Compare, Delete
 from ..meta.txn import run_txn
-from ..replication.volume_io import IN_SYNC, OUT_OF_SYNC, RESYNCING, ReplicatedVolume
+from ..replication.volume_io import OUT_OF_SYNC, RESYNCING, ReplicatedVolume
 from ..replication.resync import resync_replica
 from . import hostdev
 
