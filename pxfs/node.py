@@ -18,7 +18,7 @@ import trio
 from . import __version__, config as config_mod
 from .chunk import pool
 from .chunk.store import ChunkStore
-from .errors import ConfigError, MetaError, PxfsError
+from .errors import ConfigError, MetaError, PeerUnavailable, PxfsError
 from .meta import keys
 from .meta.etcd import EtcdKV
 from .meta.lease import Membership, list_nodes
@@ -31,6 +31,24 @@ from .volume.catalog import Catalog
 from .volume.resyncer import Resyncer
 
 log = logging.getLogger("pxfs.node")
+
+
+class _LatePeer:
+    """A peer whose address was not known yet: read the membership once
+    before the first request."""
+
+    def __init__(self, node: "Node", name: str):
+        self._node, self._name = node, name
+
+    async def call(self, op: str, **kw) -> dict:
+        peer = self._node._peer(self._name)
+        if peer is None:
+            with contextlib.suppress(PxfsError):
+                await self._node.refresh_addresses()
+            peer = self._node._peer(self._name)
+        if peer is None:
+            raise PeerUnavailable(f"no address known for node {self._name}; is it registered?")
+        return await peer.call(op, **kw)
 
 
 class Node:
@@ -59,14 +77,19 @@ class Node:
     def target(self, node: str):
         if node == self.cfg.node_id:
             return LocalReplica(node, self.replica)
+        peer = self._peer(node)
+        # a node that registered since the last refresh is looked up on use
+        return RemoteReplica(node, peer if peer is not None else _LatePeer(self, node))
+
+    def _peer(self, node: str) -> Peer | None:
         addr = self._addrs.get(node)
         if addr is None:
-            raise PxfsError(f"no address known for node {node}; is it registered?")
+            return None
         peer = self.peers.get(node)
         if peer is None or f"{peer.host}:{peer.port}" != addr:
             host, _, port = addr.rpartition(":")
             peer = self.peers[node] = Peer(host, int(port))
-        return RemoteReplica(node, peer)
+        return peer
 
     async def refresh_addresses(self) -> list[dict]:
         nodes = await list_nodes(self.kv, self.cfg.clusterid)

@@ -2,12 +2,13 @@
 checksums, thin files, whole-chunk copies, fencing terms, eviction."""
 
 import os
+import subprocess
 
 import pytest
 
 from pxfs import CHUNK_SIZE, CSUM_BLOCK
 from pxfs.chunk.layout import HEADER_SIZE, NBLOCKS
-from pxfs.chunk.store import ChunkStore
+from pxfs.chunk.store import ChunkStore, block_crcs
 from pxfs.errors import ChecksumError, InvalidArgument
 
 VOL = 7
@@ -331,8 +332,70 @@ def test_nowait_io_refuses_to_block(tmp_path):
     with ch.lock:                                      # another thread holds it
         with pytest.raises(BlockingIOError):
             store.write(1, 0, 0, b"y" * 4096, 2, nowait=True)
-    store.write(1, 0, 0, b"y" * 4096, 2, nowait=True)
-    assert store.read(1, 0, 0, 4096) == b"y" * 4096
+
+
+@pytest.fixture(scope="module")
+def xfs_dir(tmp_path_factory):
+    """A small XFS filesystem on a loop device: the pool format, which takes
+    buffered writes with RWF_NOWAIT."""
+    base = tmp_path_factory.mktemp("xfs")
+    img, mnt = base / "img", base / "mnt"
+    mnt.mkdir()
+    subprocess.run(["truncate", "-s", "512M", str(img)], check=True)
+    subprocess.run(["mkfs.xfs", "-q", str(img)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_nowait_writes_on_xfs(xfs_dir):
+    store = ChunkStore([str(xfs_dir)])
+    store.write(1, 0, 0, b"x" * 8192, 1)                 # opens (and creates) it
+    store.write(1, 0, 4096, b"y" * 4096, 2, nowait=True)  # page cache takes it at once
+    assert store.nowait_writes
+    with pytest.raises(BlockingIOError):                 # partial blocks need a read
+        store.write(1, 0, 10, b"z", 3, nowait=True)
+    with pytest.raises(BlockingIOError):                 # chunk not open
+        store.write(1, 1, 0, b"z" * 4096, 3, nowait=True)
+    assert store.read(1, 0, 0, 8192) == b"x" * 4096 + b"y" * 4096
+    store.sync(1)
+    store.close()
+    again = ChunkStore([str(xfs_dir)])
+    assert again.read(1, 0, 0, 8192) == b"x" * 4096 + b"y" * 4096
+    assert again.list_chunks(1) == {0: 2}
+    again.close()
+
+
+def test_nowait_writes_refused_by_ext4(tmp_path):
+    """ext4 refuses buffered RWF_NOWAIT writes: the store notes it once and
+    the write changes nothing (the caller retries in a thread)."""
+    if subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True,
+                      text=True).stdout.strip() != "ext2/ext3":
+        pytest.skip("tmp_path is not on ext4")
+    store = ChunkStore([str(tmp_path)])
+    store.write(1, 0, 0, b"x" * 4096, 1)
+    with pytest.raises(BlockingIOError):
+        store.write(1, 0, 0, b"y" * 4096, 2, nowait=True)
+    assert not store.nowait_writes
+    assert store.read(1, 0, 0, 4096) == b"x" * 4096
+    assert store.list_chunks(1) == {0: 1}
+
+
+def test_given_checksums_are_stored_and_checked_on_read(tmp_path):
+    """A replica stores the CRCs computed where the data entered pxfs: a
+    block damaged on its way is caught by its first read."""
+    store = ChunkStore([str(tmp_path)])
+    good = b"a" * 4096 + b"b" * 4096
+    crcs = block_crcs(good)
+    damaged = b"a" * 4096 + b"B" + b"b" * 4095
+    store.write(1, 0, 0, damaged, 1, crcs=crcs)
+    assert store.read(1, 0, 0, 4096) == b"a" * 4096
+    with pytest.raises(ChecksumError) as err:
+        store.read(1, 0, 4096, 4096)
+    assert err.value.blocks == [1]
+    for off, data, c in [(1, good, crcs), (0, good[:100], crcs), (0, good, crcs[:4])]:
+        with pytest.raises(InvalidArgument):
+            store.write(1, 0, off, data, 1, crcs=c)
 
 
 async def test_replica_service_falls_back_to_a_thread(tmp_path):

@@ -47,6 +47,13 @@ class Header:
         self.bitmap[blk >> 3] |= 1 << (blk & 7)
         self.crcs[blk] = crc
 
+    def mark_range(self, first: int, crcs: bytes) -> None:
+        """Mark blocks first.. written with the packed CRC32s ``crcs``."""
+        n = len(crcs) // 4
+        self.crcs[first:first + n] = array.array("I", crcs)
+        for blk in range(first, first + n):
+            self.bitmap[blk >> 3] |= 1 << (blk & 7)
+
     def pack(self) -> bytes:
         fixed = _FIXED.pack(MAGIC, FORMAT, 0, self.volid, self.idx, CSUM_BLOCK, self.gen)
         return (fixed.ljust(BITMAP_OFF, b"\0") + bytes(self.bitmap) + self.crcs.tobytes())

@@ -12,9 +12,11 @@ A volume's chunks live on one root of the pool (the emptiest at first write).
 
 from __future__ import annotations
 
+import array
 import collections
 import ctypes
 import ctypes.util
+import errno
 import logging
 import os
 import shutil
@@ -31,6 +33,15 @@ try:
     _syncfs = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).syncfs
 except (OSError, AttributeError):
     _syncfs = None
+
+
+def block_crcs(data) -> bytes:
+    """The CRC32 of each CSUM_BLOCK of ``data`` (whole blocks), packed as
+    the chunk header stores them."""
+    mv = memoryview(data)
+    crc = zlib.crc32
+    return array.array("I", [crc(mv[i:i + CSUM_BLOCK])
+                             for i in range(0, len(mv), CSUM_BLOCK)]).tobytes()
 
 
 class _Chunk:
@@ -65,6 +76,9 @@ class ChunkStore:
         self._unsynced: dict[int, list[int]] = {}   # volid -> fds of evicted dirty chunks
         self._dirty: collections.defaultdict[int, set] = collections.defaultdict(set)
         self._open_lock = threading.Lock()
+        #: the pool filesystem takes RWF_NOWAIT buffered writes (XFS does,
+        #: ext4 does not); cleared on the first refusal
+        self.nowait_writes = hasattr(os, "RWF_NOWAIT")
         for root in self.roots:
             os.makedirs(os.path.join(root, "vols"), exist_ok=True)
 
@@ -195,14 +209,28 @@ class ChunkStore:
 
     # -- data ------------------------------------------------------------------
     def write(self, volid: int, idx: int, off: int, data: bytes, gen: int, *,
-              nowait: bool = False) -> None:
+              crcs: bytes | None = None, nowait: bool = False, inline: bool = False) -> None:
+        """Write ``data`` at ``off`` in the chunk.  ``crcs`` are the CRC32s
+        of its blocks computed where the data entered pxfs (then the range
+        must be whole blocks); they are stored as given, so a block damaged
+        on the way is caught by the first read, not blessed here.  With
+        ``nowait`` the data goes in only if the page cache takes it at once
+        (RWF_NOWAIT), else BlockingIOError and nothing changed.  With
+        ``inline``, BlockingIOError only if the chunk is not open, is busy
+        or the range is not whole blocks (nothing that reads or opens)."""
         _check_id(volid, idx)
         _check_range(off, len(data))
         if not data:
             return
         first, last = off // CSUM_BLOCK, (off + len(data) - 1) // CSUM_BLOCK
+        if crcs is not None and (off % CSUM_BLOCK or len(data) % CSUM_BLOCK
+                                 or len(crcs) != 4 * (last - first + 1)):
+            raise InvalidArgument("checksums are given for whole blocks only, one CRC32 per block")
+        if (nowait and not self.nowait_writes) or (
+                (nowait or inline) and (off % CSUM_BLOCK or len(data) % CSUM_BLOCK)):
+            raise BlockingIOError("cannot write without waiting")
         try:
-            ch = self._locked(volid, idx, True, nowait)
+            ch = self._locked(volid, idx, True, nowait or inline)
         except BlockingIOError:
             raise
         except OSError as exc:
@@ -219,14 +247,20 @@ class ChunkStore:
                 buf[head:head + len(data)] = data
             else:
                 buf = data
-            mv = memoryview(buf)
+            if crcs is None:
+                crcs = block_crcs(buf)
             try:
-                os.pwrite(ch.fd, buf, HEADER_SIZE + start)
+                if nowait:
+                    self._write_nowait(ch.fd, buf, HEADER_SIZE + start)
+                else:
+                    os.pwrite(ch.fd, buf, HEADER_SIZE + start)
                 hdr = ch.hdr
-                for i, blk in enumerate(range(first, last + 1)):
-                    hdr.mark(blk, zlib.crc32(mv[i * CSUM_BLOCK:(i + 1) * CSUM_BLOCK]))
+                hdr.mark_range(first, crcs)
                 hdr.gen = max(hdr.gen, gen)
+                # the header page was written by every earlier write: cached
                 os.pwrite(ch.fd, hdr.pack(), 0)
+            except BlockingIOError:
+                raise
             except OSError as exc:
                 raise self._oserror(exc) from exc
             if not ch.dirty:
@@ -235,6 +269,18 @@ class ChunkStore:
                     self._dirty[volid].add(ch)
         finally:
             ch.lock.release()
+
+    def _write_nowait(self, fd: int, buf, pos: int) -> None:
+        try:
+            n = os.pwritev(fd, [buf], pos, os.RWF_NOWAIT)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                # ext4 and others: buffered writes cannot be tried without waiting
+                self.nowait_writes = False
+                raise BlockingIOError("the pool filesystem cannot write without waiting") from None
+            raise
+        if n < len(buf):        # the page cache took only part: finish the rest now
+            os.pwrite(fd, memoryview(buf)[n:], pos + n)
 
     @staticmethod
     def _oserror(exc: OSError) -> PxfsError:

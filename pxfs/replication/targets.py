@@ -14,8 +14,8 @@ class LocalReplica:
     def __init__(self, node: str, svc: ReplicaService):
         self.node, self._svc = node, svc
 
-    async def write(self, volid, idx, off, data, term, gen, timeout=None):
-        await self._svc.write(volid, idx, off, data, term, gen)
+    async def write(self, volid, idx, off, data, term, gen, crcs=None, timeout=None):
+        await self._svc.write(volid, idx, off, data, term, gen, crcs)
 
     async def read(self, volid, idx, off, size, timeout=None):
         return await self._svc.read(volid, idx, off, size)
@@ -48,9 +48,10 @@ class RemoteReplica:
     def __init__(self, node: str, peer: Peer):
         self.node, self._peer = node, peer
 
-    async def write(self, volid, idx, off, data, term, gen, timeout=None):
+    async def write(self, volid, idx, off, data, term, gen, crcs=None, timeout=None):
+        args = {} if crcs is None else {"crcs": crcs}
         await self._peer.call("write", vol=volid, idx=idx, off=off, data=data, term=term,
-                              gen=gen, timeout=timeout)
+                              gen=gen, timeout=timeout, **args)
 
     async def read(self, volid, idx, off, size, timeout=None):
         return (await self._peer.call("read", vol=volid, idx=idx, off=off, size=size,

@@ -22,6 +22,7 @@ import logging
 import trio
 
 from .. import CHUNK_SIZE, CSUM_BLOCK
+from ..chunk.store import block_crcs
 from ..errors import ChecksumError, Fenced, InvalidArgument, PxfsError
 
 log = logging.getLogger(__name__)
@@ -173,8 +174,11 @@ class ReplicatedVolume:
                         old[inoff - a0:inoff - a0 + n] = piece
                         piece, inoff = bytes(old), a0
                     stamp = self.stamp()
+                    # checksummed once, here, and stored as they are by every
+                    # replica: a copy damaged on its way fails its first read
+                    crcs = block_crcs(piece)
                     await self._fan_out(lambda t: t.write(self.volid, idx, inoff, piece, self.term,
-                                                          stamp, timeout=self.timeout))
+                                                          stamp, crcs, timeout=self.timeout))
         finally:
             self._inflight[epoch] -= 1
             if not self._inflight[epoch]:
