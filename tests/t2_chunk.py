@@ -106,7 +106,7 @@ def test_write_beyond_chunk(store, off, size):
     assert store.list_chunks(VOL) == {}
 
 
-@pytest.mark.parametrize("volid, idx", [(VOL, 2**32), (VOL, -1)])
+@pytest.mark.parametrize("volid, idx", [(VOL, 2**64), (VOL, -1)])
 def test_write_bad_chunk_id(store, volid, idx):
     # ids that do not fit the chunk header (u64 volid, u32 idx) are bad input,
     # not a struct.error escaping from the store
@@ -430,3 +430,22 @@ def test_partly_cached_nowait_read_is_not_a_checksum_error(tmp_path):
     except BlockingIOError:
         pass                                                 # falls back to a thread: fine
     assert len(store.read(6, 0, 0, 64 * 1024)) == 64 * 1024
+
+
+def test_large_chunk_index_and_format_1_headers(tmp_path):
+    """Shared volumes key file data by (inode << 24 | chunk): 64-bit indexes;
+    chunk files written by format 1 (32-bit idx) are still read."""
+    import struct
+    from pxfs.chunk.layout import Header
+    store = ChunkStore([str(tmp_path)])
+    big = (123456789 << 24) | 5
+    store.write(VOL, big, 0, b"q" * 4096, gen=3)
+    store.close()
+    again = ChunkStore([str(tmp_path)])
+    assert again.read(VOL, big, 0, 4096) == b"q" * 4096
+    assert again.list_chunks(VOL) == {big: 3}
+    old = Header(VOL, 7, 9).pack()
+    v1 = struct.pack("<4sHHQIIQ", b"PXCH", 1, 0, VOL, 7, CSUM_BLOCK, 9)
+    raw = v1.ljust(64, b"\0") + old[64:]
+    h = Header.unpack(raw)
+    assert (h.volid, h.idx, h.gen) == (VOL, 7, 9) and Header.read_gen(raw) == 9

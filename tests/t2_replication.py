@@ -406,11 +406,11 @@ async def test_bad_field_is_an_error_reply(cluster):
 
 
 async def test_out_of_range_chunk_index_does_not_kill_server(cluster):
-    # idx does not fit the u32 of the chunk header; the request must fail on
-    # its own and the data port must keep serving everyone else.
+    # idx must be a u64; the request must fail on its own and the data port
+    # must keep serving everyone else.
     b = cluster.nodes["b"]
     with pytest.raises(PxfsError):
-        await Peer("127.0.0.1", b.port).call("write", vol=VOL, idx=2**32, off=0, data=b"x",
+        await Peer("127.0.0.1", b.port).call("write", vol=VOL, idx=-1, off=0, data=b"x",
                                              term=1, gen=1)
     assert (await Peer("127.0.0.1", b.port).call("ping"))["ok"]
 

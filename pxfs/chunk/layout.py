@@ -4,8 +4,8 @@ A chunk file holds CHUNK_SIZE bytes of one volume at offset ``idx *
 CHUNK_SIZE``.  It starts with a 4 KiB header, then the data, sparse where
 never written::
 
-    0    magic "PXCH", format u16, flags u16, volid u64, idx u32,
-         csum_block u32, gen u64                    (32 bytes, little endian)
+    0    magic "PXCH", format u16, flags u16, volid u64, idx u64,
+         csum_block u32, gen u64                    (36 bytes, little endian)
     64   written bitmap, one bit per CSUM_BLOCK     (32 bytes for 256 blocks)
     96   CRC32 per CSUM_BLOCK                       (1024 bytes)
     4096 data
@@ -23,10 +23,11 @@ import struct
 from .. import CHUNK_SIZE, CSUM_BLOCK
 
 MAGIC = b"PXCH"
-FORMAT = 1
+FORMAT = 2                 # 2: 64-bit idx (shared volumes key file data by inode)
 HEADER_SIZE = 4096
 NBLOCKS = CHUNK_SIZE // CSUM_BLOCK
-_FIXED = struct.Struct("<4sHHQIIQ")
+_FIXED = struct.Struct("<4sHHQQIQ")
+_FIXED_V1 = struct.Struct("<4sHHQIIQ")     # format 1: 32-bit idx, still read
 BITMAP_OFF = 64
 CRC_OFF = BITMAP_OFF + NBLOCKS // 8
 META_END = CRC_OFF + 4 * NBLOCKS
@@ -62,8 +63,8 @@ class Header:
     def unpack(cls, raw: bytes) -> "Header":
         if len(raw) < META_END:
             raise ValueError("short chunk header")
-        magic, fmt, _flags, volid, idx, cblock, gen = _FIXED.unpack_from(raw)
-        if magic != MAGIC or fmt != FORMAT or cblock != CSUM_BLOCK:
+        magic, fmt, _flags, volid, idx, cblock, gen = _fixed(raw).unpack_from(raw)
+        if magic != MAGIC or cblock != CSUM_BLOCK:
             raise ValueError("not a pxfs chunk header")
         crcs = array.array("I")
         crcs.frombytes(raw[CRC_OFF:META_END])
@@ -71,4 +72,13 @@ class Header:
 
     @staticmethod
     def read_gen(raw: bytes) -> int:
-        return _FIXED.unpack_from(raw)[6]
+        return _fixed(raw).unpack_from(raw)[6]
+
+
+def _fixed(raw: bytes) -> struct.Struct:
+    fmt = struct.unpack_from("<H", raw, 4)[0] if len(raw) >= 6 else 0
+    if fmt == FORMAT:
+        return _FIXED
+    if fmt == 1:
+        return _FIXED_V1
+    raise ValueError(f"unknown chunk format {fmt}")

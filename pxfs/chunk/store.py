@@ -51,7 +51,7 @@ class _Chunk:
         self.fd, self.hdr, self.lock, self.dirty = fd, hdr, threading.Lock(), False
 
 
-MAX_IDX = (1 << 32) - 1
+MAX_IDX = (1 << 64) - 1
 MAX_VOLID = (1 << 64) - 1
 
 
@@ -407,7 +407,7 @@ class ChunkStore:
             else:
                 try:
                     with open(os.path.join(d, name), "rb") as fh:
-                        gen = Header.read_gen(fh.read(32))
+                        gen = Header.read_gen(fh.read(64))
                 except (OSError, Exception):
                     continue
             if gen >= min_gen:
