@@ -18,7 +18,7 @@ import trio
 from . import __version__, config as config_mod
 from .chunk import pool
 from .chunk.store import ChunkStore
-from .errors import ConfigError, MetaError, PeerUnavailable, PxfsError
+from .errors import ConfigError, InvalidArgument, MetaError, PeerUnavailable, PxfsError
 from .meta import keys
 from .meta.etcd import EtcdKV
 from .meta.lease import Membership, list_nodes
@@ -29,6 +29,7 @@ from .rpc.server import RpcServer
 from .volume.attach import Attachments
 from .volume.catalog import Catalog
 from .volume.resyncer import Resyncer
+from .volume.sharedmount import SharedMounts
 
 log = logging.getLogger("pxfs.node")
 
@@ -66,6 +67,7 @@ class Node:
             self.catalog, self.membership, self.view, osd_root=cfg.osd_root,
             fuse_mountpoint=cfg.fuse_mountpoint, state_path=os.path.join(cfg.data_dir, "attached.json"))
         self.resyncer = Resyncer(self.catalog, self.attachments, self.membership)
+        self.shared_mounts = SharedMounts(self.catalog, cfg.api_url, cfg.osd_root)
         self.membership.on_lease_lost(self.attachments.on_lease_lost)
 
     def info(self) -> dict:
@@ -104,6 +106,32 @@ class Node:
             await trio.sleep(2)
             with contextlib.suppress(PxfsError):
                 await self.refresh_addresses()
+
+    # -- host operations: block volumes attach, shared volumes mount ------------
+    async def attach(self, ref: str) -> dict:
+        rec, _ = await self.catalog.get(ref)
+        if rec.get("shared"):
+            raise InvalidArgument(f"volume {rec['name']!r} is shared: mount it with `pxctl host "
+                                  "mount` or `mount -t fuse.pxfs`; there is no block device")
+        return await self.attachments.attach(ref)
+
+    async def mount(self, ref: str, path: str | None) -> dict:
+        rec, _ = await self.catalog.get(ref)
+        if rec.get("shared"):
+            return await self.shared_mounts.mount(rec, path)
+        return await self.attachments.mount(ref, path)
+
+    async def unmount(self, ref: str, path: str | None = None) -> dict:
+        rec, _ = await self.catalog.get(ref)
+        if rec.get("shared"):
+            return await self.shared_mounts.unmount(rec, path)
+        return await self.attachments.unmount(ref)
+
+    def cluster_config(self) -> dict:
+        """What a shared-volume mount process needs to join the cluster."""
+        return {"clusterid": self.cfg.clusterid, "node_id": self.cfg.node_id,
+                "kvdb": [f"etcd:http://{h}:{p}" for h, p in self.cfg.kvdb],
+                "data": self.cfg.data_addr, "api": self.cfg.api_url}
 
     # -- views for the API ---------------------------------------------------
     async def status(self) -> dict:

@@ -310,12 +310,14 @@ def host_mount(click_ctx, ref, path, host, as_json):
 
 @host_group.command("unmount")
 @click.argument("ref")
+@click.option("--path", default=None, help="shared volumes: only the mount at this path")
 @_global_opts
 @click.pass_context
-def host_unmount(click_ctx, ref, host, as_json):
+def host_unmount(click_ctx, ref, path, host, as_json):
     """Unmount a volume on this node."""
     ctx = _ctx(click_ctx, host, as_json)
-    _run(ctx, lambda: ctx.client.post(f"/v1/volumes/{quote(ref, safe='')}/unmount"),
+    body = {"path": path} if path else None
+    _run(ctx, lambda: ctx.client.post(f"/v1/volumes/{quote(ref, safe='')}/unmount", body),
          lambda v: click.echo(f"Volume {v['name']} successfully unmounted"))
 
 

@@ -65,6 +65,40 @@ async def test_range_empty(kv, cid):
     assert await kv.range(keys.vol_prefix(cid)) == []
 
 
+async def test_range_limit(kv, cid):
+    for n in ("n3", "n1", "n2"):
+        await put(kv, keys.node_key(cid, n), n.encode())
+    items = await kv.range(keys.node_prefix(cid), limit=2)
+    assert [i.value for i in items] == [b"n1", b"n2"]
+
+
+async def test_delete_prefix(kv, cid):
+    for n in ("a", "b"):
+        await put(kv, keys.node_key(cid, n), b"x")
+    await put(kv, keys.vol_key(cid, 1), b"v")
+    assert await kv.delete_prefix(keys.node_prefix(cid)) == 2
+    assert await kv.range(keys.node_prefix(cid)) == []
+    assert (await kv.get(keys.vol_key(cid, 1))).value == b"v"
+    assert await kv.delete_prefix(keys.node_prefix(cid)) == 0
+
+
+def test_name_encoding_is_injective():
+    names = [b"a", b"%", b"%25", b"caf\xc3\xa9", b"\xff\xfe", b"a b", b"~x", b"..."]
+    enc = [keys.encode_name(n) for n in names]
+    assert len(set(enc)) == len(names)
+    assert all("/" not in e for e in enc)
+    assert [keys.decode_name(e) for e in enc] == names
+
+
+async def test_get_many_one_revision(kv, cid):
+    a, b, c = (keys.node_key(cid, n) for n in ("a", "b", "c"))
+    assert await kv.txn([], [Put(a, b"A"), Put(c, b"C")])
+    got = await kv.get_many([c, b, a])
+    assert [g.value if g else None for g in got] == [b"C", None, b"A"]
+    assert got[0].mod_rev == got[2].mod_rev == (await kv.get(a)).mod_rev
+    assert await kv.get_many([]) == []
+
+
 # -- transactions -------------------------------------------------------------------
 async def test_create_if_absent_once(kv, cid):
     key = keys.volname_key(cid, "v")

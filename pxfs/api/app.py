@@ -92,6 +92,9 @@ def build_app(node) -> Starlette:
     async def status(request):
         return await node.status()
 
+    async def cluster_config(request):
+        return node.cluster_config()
+
     async def list_volumes(request):
         return await node.describe_all()
 
@@ -115,7 +118,7 @@ def build_app(node) -> Starlette:
 
     async def attach(request):
         await _body(request, set())
-        return await node.attachments.attach(request.path_params["ref"])
+        return await node.attach(request.path_params["ref"])
 
     async def detach(request):
         await _body(request, set())
@@ -126,14 +129,18 @@ def build_app(node) -> Starlette:
         path = body.get("path")
         if path is not None and not isinstance(path, str):
             raise InvalidArgument("path must be a string")
-        return await node.attachments.mount(request.path_params["ref"], path)
+        return await node.mount(request.path_params["ref"], path)
 
     async def unmount(request):
-        await _body(request, set())
-        return await node.attachments.unmount(request.path_params["ref"])
+        body = await _body(request, {"path"})
+        path = body.get("path")
+        if path is not None and not isinstance(path, str):
+            raise InvalidArgument("path must be a string")
+        return await node.unmount(request.path_params["ref"], path)
 
     routes = [
         Route("/v1/cluster/status", route(status), methods=["GET"]),
+        Route("/v1/cluster/config", route(cluster_config), methods=["GET"]),
         Route("/v1/volumes", route(list_volumes), methods=["GET"]),
         Route("/v1/volumes", route(create), methods=["POST"]),
         Route("/v1/volumes/{ref}", route(inspect), methods=["GET"]),

@@ -390,6 +390,26 @@ class ChunkStore:
             os.close(fd)
         os.rename(tmp, path)
 
+    def drop_chunks(self, volid: int, first: int, count: int) -> int:
+        """Delete chunks first..first+count-1 (a shared volume's file that
+        went or shrank); the number that existed."""
+        _check_id(volid, first)
+        _check_id(volid, first + max(count, 1) - 1)
+        d = self._voldir(volid, False)
+        if d is None or count <= 0:
+            return 0
+        gone = 0
+        for idx in range(first, first + count):
+            self._evict(volid, idx)
+            try:
+                os.unlink(os.path.join(d, f"{idx:08x}.chk"))
+                gone += 1
+            except FileNotFoundError:
+                pass
+        if gone:
+            self._fsync_dir(d)
+        return gone
+
     def list_chunks(self, volid: int, min_gen: int = 0) -> dict[int, int]:
         """{idx: gen} of this volume's chunks whose gen >= min_gen."""
         d = self._voldir(volid, False)

@@ -67,10 +67,21 @@ class EtcdKV:
             return None if meta is None else self._item(key, value, meta)
         return await self._call("get", fn)
 
-    async def range(self, prefix: str) -> list[Item]:
+    async def range(self, prefix: str, limit: int = 0) -> list[Item]:
         def fn(c):
-            return [self._item(meta.key, value, meta) for value, meta in c.get_prefix(prefix)]
+            return [self._item(meta.key, value, meta)
+                    for value, meta in c.get_prefix(prefix, limit=limit or None)]
         return await self._call("range", fn)
+
+    async def get_many(self, keys: list[str]) -> list[Item | None]:
+        if not keys:
+            return []
+
+        def fn(c):
+            _, responses = c.transaction(compare=[], success=[c.transactions.get(k) for k in keys],
+                                         failure=[])
+            return [self._item(k, r[0][0], r[0][1]) if r else None for k, r in zip(keys, responses)]
+        return await self._call("get_many", fn)
 
     async def txn(self, compares: list[Compare], ops: list[Put | Delete]) -> bool:
         def fn(c):
@@ -80,6 +91,9 @@ class EtcdKV:
             ok, _ = c.transaction(compare=cmp, success=success, failure=[])
             return ok
         return await self._call("txn", fn)
+
+    async def delete_prefix(self, prefix: str) -> int:
+        return await self._call("delete_prefix", lambda c: c.delete_prefix(prefix).deleted)
 
     async def lease_grant(self, ttl: int) -> int:
         return await self._call("lease grant", lambda c: c.lease(ttl).id)

@@ -44,7 +44,9 @@ class Compare:
 
 class KV(Protocol):
     async def get(self, key: str) -> Item | None: ...
-    async def range(self, prefix: str) -> list[Item]: ...
+    async def range(self, prefix: str, limit: int = 0) -> list[Item]: ...
+    async def get_many(self, keys: list[str]) -> list[Item | None]: ...
+    async def delete_prefix(self, prefix: str) -> int: ...
     async def txn(self, compares: list[Compare], ops: list[Put | Delete]) -> bool: ...
     async def lease_grant(self, ttl: int) -> int: ...
     async def lease_refresh(self, lease: int) -> bool: ...
@@ -75,9 +77,16 @@ class MemKV:
         self._expire()
         return self._data.get(key)
 
-    async def range(self, prefix: str) -> list[Item]:
+    async def range(self, prefix: str, limit: int = 0) -> list[Item]:
+        """Items under ``prefix`` in key order; at most ``limit`` if given."""
         self._expire()
-        return [self._data[k] for k in sorted(self._data) if k.startswith(prefix)]
+        out = [self._data[k] for k in sorted(self._data) if k.startswith(prefix)]
+        return out[:limit] if limit else out
+
+    async def get_many(self, keys: list[str]) -> list[Item | None]:
+        """Several keys read at one revision (one round trip on etcd)."""
+        self._expire()
+        return [self._data.get(k) for k in keys]
 
     async def txn(self, compares, ops) -> bool:
         self._expire()
@@ -97,6 +106,16 @@ class MemKV:
             else:
                 self._data.pop(op.key, None)
         return True
+
+    async def delete_prefix(self, prefix: str) -> int:
+        """Delete every key under ``prefix`` in one revision; the count."""
+        self._expire()
+        doomed = [k for k in self._data if k.startswith(prefix)]
+        if doomed:
+            self._rev += 1
+            for k in doomed:
+                del self._data[k]
+        return len(doomed)
 
     async def lease_grant(self, ttl: int) -> int:
         lid = next(self._ids)

@@ -95,6 +95,10 @@ class ReplicaService:
         await self._run(self.store.put_chunk, volid, idx, gen, bitmap, data)
         self.stats["chunks_put"] += 1
 
+    async def drop_chunks(self, volid, first, count, term):
+        await self.check_term(volid, term)
+        return await self._run(self.store.drop_chunks, volid, first, count)
+
     async def list_chunks(self, volid, min_gen):
         return await self._run(self.store.list_chunks, volid, min_gen)
 
@@ -133,6 +137,9 @@ class ReplicaService:
                                      _bytes(msg, "bitmap") if present else None,
                                      _bytes(msg, "data") if present else None, _int(msg, "term"))
                 return {}
+            if op == "drop_chunks":
+                return {"dropped": await self.drop_chunks(_int(msg, "vol"), _int(msg, "first"),
+                                                          _int(msg, "count"), _int(msg, "term"))}
             if op == "list_chunks":
                 return {"chunks": await self.list_chunks(_int(msg, "vol"), _int(msg, "min_gen"))}
             if op == "delete_volume":

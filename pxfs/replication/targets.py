@@ -35,6 +35,9 @@ class LocalReplica:
     async def list_chunks(self, volid, min_gen):
         return await self._svc.list_chunks(volid, min_gen)
 
+    async def drop_chunks(self, volid, first, count, term, timeout=None):
+        await self._svc.drop_chunks(volid, first, count, term)
+
     async def delete_volume(self, volid):
         await self._svc.delete_volume(volid)
 
@@ -70,6 +73,10 @@ class RemoteReplica:
     async def put_chunk(self, volid, idx, gen, bitmap, data, term):
         await self._peer.call("put_chunk", vol=volid, idx=idx, gen=gen, present=data is not None,
                               bitmap=bitmap, data=data, term=term, timeout=30)
+
+    async def drop_chunks(self, volid, first, count, term, timeout=None):
+        await self._peer.call("drop_chunks", vol=volid, first=first, count=count, term=term,
+                              timeout=timeout)
 
     async def list_chunks(self, volid, min_gen):
         return (await self._peer.call("list_chunks", vol=volid, min_gen=min_gen, timeout=30))["chunks"]

@@ -188,6 +188,14 @@ class ReplicatedVolume:
         self.stats.bytes_written += len(data)
         return len(data)
 
+    async def drop(self, first: int, count: int) -> None:
+        """Delete chunks first..first+count-1 on every writable replica (a
+        shared volume's file went or shrank)."""
+        if self.fenced:
+            raise Fenced(self.fenced)
+        await self._fan_out(lambda t: t.drop_chunks(self.volid, first, count, self.term,
+                                                    timeout=max(self.timeout, 30)))
+
     async def flush(self) -> None:
         if self.fenced:
             raise Fenced(self.fenced)

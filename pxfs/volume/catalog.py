@@ -16,6 +16,7 @@ from ..meta.kv import KV, Delete
 from ..meta.lease import list_nodes
 from ..meta.txn import run_txn
 from ..replication.volume_io import IN_SYNC, OUT_OF_SYNC, RESYNCING
+from ..namespace.meta import root_ops
 from .spec import VolumeSpec, cos_name
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,9 @@ class Catalog:
                                        random.random()))
             chosen = [n["id"] for n in online[:spec.repl]]
         rec = spec.to_record()
-        rec.update(id=new_volume_id(), ctime=time.time(), shared=False, encrypted=False, scale=1,
+        if spec.shared:
+            rec["fs"] = "pxfs"          # a POSIX namespace, not a block image
+        rec.update(id=new_volume_id(), ctime=time.time(), shared=spec.shared, encrypted=False, scale=1,
                    gen=1, term=0, replicas=[{"node": n, "state": IN_SYNC, "missed_from": 0}
                                             for n in chosen])
 
@@ -87,6 +90,10 @@ class Catalog:
             await txn.get(keys.vol_key(self.cid, rec["id"]))
             txn.put(keys.volname_key(self.cid, spec.name), codec.pack(rec["id"]))
             txn.put(keys.vol_key(self.cid, rec["id"]), codec.pack_record(rec))
+            if spec.shared:
+                await txn.get(keys.ns_inode_key(self.cid, rec["id"], 1))
+                for k, v in root_ops(self.cid, rec["id"]):
+                    txn.put(k, v)
         await run_txn(self.kv, body, what=f"create volume {spec.name}")
         log.info("created volume %s (%d) on %s", spec.name, rec["id"], ",".join(chosen))
         return rec
@@ -96,6 +103,10 @@ class Catalog:
         att = await self.attachment(rec["id"])
         if att is not None:
             raise Busy(f"volume {rec['name']!r} is attached on {att['node']}; detach it first")
+        mounts = await self.ns_mounts(rec["id"])
+        if mounts:
+            where = ", ".join(sorted({f"{m['node']}:{m['path']}" for m in mounts}))
+            raise Busy(f"volume {rec['name']!r} is mounted ({where}); unmount it first")
 
         async def body(txn):
             txn.expect(keys.vol_key(self.cid, rec["id"]), rev)
@@ -104,6 +115,8 @@ class Catalog:
             txn.delete(keys.vol_key(self.cid, rec["id"]))
             txn.delete(keys.volname_key(self.cid, rec["name"]))
         await run_txn(self.kv, body, tries=1, what="delete volume")
+        if rec.get("shared"):
+            await self.kv.delete_prefix(keys.ns_prefix(self.cid, rec["id"]))
         for r in rec["replicas"]:
             try:
                 await self.targets(r["node"]).delete_volume(rec["id"])
@@ -114,6 +127,16 @@ class Catalog:
         for item in await self.kv.range(keys.resync_prefix(self.cid) + f"{rec['id']}/"):
             await self.kv.txn([], [Delete(item.key)])
         return rec
+
+    async def ns_mounts(self, volid: int | None = None) -> list[dict]:
+        """The live mounts of shared volumes (each mount process keeps its
+        record alive with its own lease)."""
+        out = []
+        for item in await self.kv.range(keys.nsmount_prefix(self.cid, volid)):
+            m = codec.unpack_record(item.value)
+            m["volid"] = int(item.key.split("/")[-2])
+            out.append(m)
+        return out
 
     # -- replica states ------------------------------------------------------
     async def mark_out_of_sync(self, volid: int, nodes: list[str], term: int,
@@ -198,6 +221,8 @@ class Catalog:
         for i in await self.kv.range(keys.resync_prefix(self.cid)):
             volid, node = i.key.split("/")[-2:]
             progress[(int(volid), node)] = codec.unpack_record(i.value)
+        for m in await self.ns_mounts():
+            progress.setdefault(("mounts", m["volid"]), []).append(m)
         return vols, atts, nodes, progress
 
     @staticmethod
@@ -227,6 +252,10 @@ class Catalog:
             replicas.append(view)
         status = "down" if healthy == 0 else "degraded" if degraded else "up"
         where = f"attached on {att['node']}" if att else "detached"
+        mounts = progress.get(("mounts", rec["id"]), [])
+        if rec["shared"]:
+            on = sorted({m["node"] for m in mounts})
+            where = f"mounted on {', '.join(on)}" if on else "not mounted"
         local = att is not None and att["node"] in [r["node"] for r in rec["replicas"]]
         return {
             "id": str(rec["id"]), "name": rec["name"], "size": rec["size"], "fs": rec["fs"],
@@ -239,4 +268,6 @@ class Catalog:
             "mount_path": att.get("mount", "") if att else "",
             "data_local": local if att else None,
             "term": rec["term"], "gen": rec["gen"], "replicas": replicas,
+            "mounts": [{"node": m["node"], "path": m["path"], "host": m.get("host", "")}
+                       for m in mounts],
         }

@@ -39,7 +39,7 @@ class Resyncer:
                 await trio.sleep(self.interval)
 
     async def _scan(self, nursery) -> None:
-        vols, atts, nodes, _ = await self.catalog.snapshot()
+        vols, atts, nodes, extra = await self.catalog.snapshot()
         for rec in vols:
             att = atts.get(rec["id"])
             for r in rec["replicas"]:
@@ -52,7 +52,8 @@ class Resyncer:
                 if att and att["node"] == self.node and loc and not loc.vol.fenced:
                     self.running.add(key)
                     nursery.start_soon(self._guard, key, self._live, loc, r["node"])
-                elif not att and r["node"] == self.node:
+                elif not att and r["node"] == self.node and not extra.get(("mounts", rec["id"])):
+                    # a shared volume resyncs while no mount writes to it
                     self.running.add(key)
                     nursery.start_soon(self._guard, key, self._offline, rec["id"])
 

@@ -186,8 +186,6 @@ def spec_from_options(options: dict[str, str], name: str | None = None) -> Volum
             fields["repl"] = len(fields["nodes"])
         elif fields["repl"] != len(fields["nodes"]):
             raise InvalidArgument(f"nodes names {len(fields['nodes'])} nodes but repl is {fields['repl']}")
-    if fields.get("shared"):
-        raise InvalidArgument("shared volumes are not available yet (block volumes only)")
     if fields.get("fs") == "xfs" and fields.get("size", GiB) < MIN_XFS_SIZE:
         raise InvalidArgument("xfs needs a volume of at least 320 MiB")
     return VolumeSpec(**fields)

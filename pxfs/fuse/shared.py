@@ -1,0 +1,241 @@
+"""The FUSE filesystem of one shared volume (``mount -t fuse.pxfs``): FUSE
+inode numbers are the namespace's own (the root is 1 in both); requests
+become SharedVolume calls and PxfsErrors become FUSEErrors.
+
+Attribute caching: directories and entries are cached by the kernel for one
+second, so another node's changes show within that; regular files'
+attributes are not cached, so the size another node recorded at close is
+seen at the next open or stat (close-to-open).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+
+import pyfuse3
+
+from ..errors import PxfsError
+from ..namespace.records import ROOT_INO, Inode
+
+log = logging.getLogger(__name__)
+ENTRY_TIMEOUT = 1.0
+
+
+class _Dir:
+    __slots__ = ("ino", "entries")
+
+    def __init__(self, ino, entries):
+        self.ino, self.entries = ino, entries
+
+
+class SharedFS(pyfuse3.Operations):
+    enable_writeback_cache = False
+
+    def __init__(self, sv):
+        super().__init__()
+        self.sv = sv
+        self._fhs: dict[int, object] = {}
+        self._fh_ids = itertools.count(1)
+
+    def _attr(self, node: Inode) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.st_mode, a.st_uid, a.st_gid, a.st_nlink = node.mode, node.uid, node.gid, node.nlink
+        a.st_size, a.st_rdev = node.size, node.rdev
+        a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = node.atime, node.mtime, node.ctime
+        a.st_blksize = 128 * 1024
+        a.st_blocks = -(-node.size // 512)
+        a.entry_timeout = ENTRY_TIMEOUT
+        a.attr_timeout = 0 if stat.S_ISREG(node.mode) else ENTRY_TIMEOUT
+        return a
+
+    @staticmethod
+    async def _call(coro):
+        try:
+            return await coro
+        except PxfsError as exc:
+            if exc.errno in (errno.EIO, errno.EAGAIN):
+                log.warning("request failed: %s", exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("unexpected error in a shared-volume request")
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    # -- lookups and attributes ---------------------------------------------------------
+    async def lookup(self, parent_inode, name, ctx=None):
+        sv = self.sv
+        if name == b".":
+            return self._attr(await self._call(sv.getattr(parent_inode)))
+        if name == b"..":
+            node = await self._call(sv.getattr(parent_inode))
+            return self._attr(await self._call(sv.getattr(node.parent or ROOT_INO)))
+        return self._attr(sv.overlay(await self._call(sv.meta.lookup(parent_inode, name))))
+
+    async def getattr(self, inode, ctx=None):
+        return self._attr(await self._call(self.sv.getattr(inode)))
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        kw = {}
+        if fields.update_mode:
+            kw["mode"] = attr.st_mode
+        if fields.update_uid:
+            kw["uid"] = attr.st_uid
+        if fields.update_gid:
+            kw["gid"] = attr.st_gid
+        if fields.update_size:
+            kw["size"] = attr.st_size
+        if fields.update_atime:
+            kw["atime"] = attr.st_atime_ns
+        if fields.update_mtime:
+            kw["mtime"] = attr.st_mtime_ns
+        if fields.update_ctime:
+            kw["ctime"] = attr.st_ctime_ns
+        return self._attr(await self._call(self.sv.setattr(inode, **kw)))
+
+    async def readlink(self, inode, ctx):
+        node = await self._call(self.sv.getattr(inode))
+        if node.target is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return node.target
+
+    async def forget(self, inode_list):
+        pass
+
+    # -- creating and removing ------------------------------------------------------------
+    async def _make(self, parent, name, mode, ctx, **kw) -> Inode:
+        gid = ctx.gid
+        pnode = await self._call(self.sv.getattr(parent))
+        if pnode.mode & stat.S_ISGID:            # setgid directories pass their group on
+            gid = pnode.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        return await self._call(self.sv.mknod(parent, name, mode, ctx.uid, gid, **kw))
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return self._attr(await self._make(parent_inode, name, mode, ctx, rdev=rdev))
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return self._attr(await self._make(parent_inode, name, stat.S_IFDIR | (mode & 0o7777), ctx))
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        return self._attr(await self._make(parent_inode, name, stat.S_IFLNK | 0o777, ctx,
+                                           target=target))
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        node = await self._make(parent_inode, name, stat.S_IFREG | (mode & 0o7777), ctx)
+        node = await self._call(self.sv.open(node.ino))
+        fh = next(self._fh_ids)
+        self._fhs[fh] = node.ino
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._attr(node)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        node = await self._call(self.sv.meta.link(inode, new_parent_inode, new_name))
+        return self._attr(self.sv.overlay(node))
+
+    async def unlink(self, parent_inode, name, ctx):
+        await self._call(self.sv.unlink(parent_inode, name))
+
+    async def rmdir(self, parent_inode, name, ctx):
+        await self._call(self.sv.rmdir(parent_inode, name))
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        await self._call(self.sv.rename(parent_inode_old, name_old, parent_inode_new, name_new,
+                                        flags))
+
+    # -- files --------------------------------------------------------------------------
+    async def open(self, inode, flags, ctx):
+        node = await self._call(self.sv.open(inode))
+        if flags & os.O_TRUNC and node.size:      # atomic_o_trunc: truncating is ours
+            try:
+                await self._call(self.sv.setattr(inode, size=0))
+            except BaseException:
+                await self.sv.release(inode)
+                raise
+        fh = next(self._fh_ids)
+        self._fhs[fh] = inode
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+
+    def _ino(self, fh) -> int:
+        ino = self._fhs.get(fh)
+        if not isinstance(ino, int):
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return ino
+
+    async def read(self, fh, off, size):
+        return await self._call(self.sv.read(self._ino(fh), off, size))
+
+    async def write(self, fh, off, buf):
+        return await self._call(self.sv.write(self._ino(fh), off, buf))
+
+    async def flush(self, fh):
+        await self._call(self.sv.close(self._ino(fh)))
+
+    async def fsync(self, fh, datasync):
+        await self._call(self.sv.fsync(self._ino(fh)))
+
+    async def release(self, fh):
+        ino = self._fhs.pop(fh, None)
+        if isinstance(ino, int):
+            await self._call(self.sv.release(ino))
+
+    # -- directories ------------------------------------------------------------------
+    async def opendir(self, inode, ctx):
+        node = await self._call(self.sv.getattr(inode))
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        entries = await self._call(self.sv.meta.listdir(inode))
+        fh = next(self._fh_ids)
+        self._fhs[fh] = _Dir(inode, entries)
+        return fh
+
+    async def readdir(self, fh, start_id, token):
+        d = self._fhs.get(fh)
+        if not isinstance(d, _Dir):
+            raise pyfuse3.FUSEError(errno.EBADF)
+        i = start_id
+        while i < len(d.entries):
+            batch = d.entries[i:i + 128]
+            nodes = await self._call(self.sv.meta.inodes([ino for _, ino in batch]))
+            for n, ((name, _), node) in enumerate(zip(batch, nodes)):
+                if node is None:                 # removed since the listing
+                    continue
+                if not pyfuse3.readdir_reply(token, name, self._attr(self.sv.overlay(node)),
+                                             i + n + 1):
+                    return
+            i += len(batch)
+
+    async def releasedir(self, fh):
+        self._fhs.pop(fh, None)
+
+    async def fsyncdir(self, fh, datasync):
+        pass                     # entries are durable in etcd once a change returned
+
+    async def statfs(self, ctx):
+        cap, used, inodes = await self._call(self.sv.statfs())
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = cap // 4096
+        s.f_bfree = s.f_bavail = max(0, cap - used) // 4096
+        s.f_files = inodes + (1 << 32)
+        s.f_ffree = s.f_favail = 1 << 32
+        s.f_namemax = 255
+        return s
+
+    # -- extended attributes ------------------------------------------------------------
+    async def getxattr(self, inode, name, ctx):
+        return await self._call(self.sv.meta.getxattr(inode, name))
+
+    async def setxattr(self, inode, name, value, ctx):
+        await self._call(self.sv.meta.setxattr(inode, name, value))
+
+    async def listxattr(self, inode, ctx):
+        return await self._call(self.sv.meta.listxattr(inode))
+
+    async def removexattr(self, inode, name, ctx):
+        await self._call(self.sv.meta.removexattr(inode, name))

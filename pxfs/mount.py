@@ -1,0 +1,280 @@
+"""``pxfs SOURCE MOUNTPOINT [-o OPTIONS] [-f]``: mount a shared volume.
+
+This is the program ``mount -t fuse.pxfs`` (through mount.fuse3) and
+/etc/fstab lines run.  It asks the node named by ``-o node=URL`` (default
+http://127.0.0.1:9001) for the cluster's etcd and the volume, then serves
+the volume's namespace with its own FUSE mount: metadata straight from etcd,
+file data straight from the replicas' data ports.  One process per mount
+(pyfuse3 serves one mount per process, and statfs must answer for this
+volume alone).  Without ``-f`` it goes to the background once the mount is
+up, so mount(8) returns when the filesystem can be used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import trio
+
+from . import codec
+from .config import parse_kvdb_url
+from .errors import ConfigError, InvalidArgument, PxfsError
+from .meta import keys
+from .meta.etcd import EtcdKV
+from .meta.kv import Delete, Put
+from .meta.lease import list_nodes
+from .namespace.meta import NsMeta
+from .namespace.shared import SPAN, SharedVolume
+from .replication.targets import RemoteReplica
+from .replication.volume_io import ReplicatedVolume
+from .rpc.client import Peer
+
+log = logging.getLogger("pxfs.mount")
+DEFAULT_NODE = "http://127.0.0.1:9001"
+#: options handled here; everything else is refused with a clear error
+FUSE_FLAGS = {"allow_other", "default_permissions", "ro", "rw"}
+IGNORED = {"_netdev", "defaults", "auto", "noauto", "nofail", "user", "nouser", "users",
+           "suid", "nosuid", "dev", "nodev", "exec", "noexec", "async", "atime", "noatime",
+           "relatime", "norelatime", "strictatime", "lazytime"}
+MOUNT_TTL = 10
+
+
+def parse_options(text: str) -> dict:
+    opts = {"node": DEFAULT_NODE, "flags": set(), "log": None}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        key, eq, value = part.partition("=")
+        if key == "node" and eq:
+            if not value.startswith(("http://", "https://")):
+                raise InvalidArgument(f"node={value!r}: expected a node's API URL such as {DEFAULT_NODE}")
+            opts["node"] = value.rstrip("/")
+        elif key == "log" and eq:
+            opts["log"] = value
+        elif key in FUSE_FLAGS and not eq:
+            opts["flags"].add(key)
+        elif key in IGNORED or key.startswith("x-") or key.startswith("comment="):
+            continue
+        else:
+            raise InvalidArgument(f"unknown mount option {part!r} (known: node=URL, log=FILE, "
+                                  + ", ".join(sorted(FUSE_FLAGS)) + ")")
+    if {"ro", "rw"} <= opts["flags"]:
+        raise InvalidArgument("options ro and rw contradict each other")
+    return opts
+
+
+def node_info(node_url: str, source: str) -> tuple[dict, dict]:
+    """(cluster config, volume record) from the node's REST API."""
+    import httpx
+    try:
+        with httpx.Client(timeout=30) as http:
+            cfg = http.get(f"{node_url}/v1/cluster/config")
+            vol = http.get(f"{node_url}/v1/volumes/{source}")
+    except httpx.HTTPError as exc:
+        raise PxfsError(f"cannot reach pxfs node at {node_url}: {exc}") from None
+    if cfg.status_code != 200:
+        raise PxfsError(f"{node_url}: cannot read the cluster config (HTTP {cfg.status_code})")
+    if vol.status_code != 200:
+        raise PxfsError(f"volume {source!r}: " + vol.json().get("error", f"HTTP {vol.status_code}"))
+    return cfg.json(), vol.json()
+
+
+class MountClient:
+    """Everything one mount needs: etcd, the replicas, the volume."""
+
+    def __init__(self, kv, cid: str, node: str, volid: int, name: str, mountpoint: str):
+        self.kv, self.cid, self.node, self.volid = kv, cid, node, volid
+        self.name, self.mountpoint = name, mountpoint
+        self.client = f"{node}.{socket.gethostname()}.{os.getpid()}"
+        self.peers: dict[str, Peer] = {}
+        self.addrs: dict[str, str] = {}
+        self.rec: dict = {}
+        self.rev = 0
+
+    def target(self, node: str) -> RemoteReplica:
+        addr = self.addrs.get(node)
+        peer = self.peers.get(node)
+        if addr and (peer is None or f"{peer.host}:{peer.port}" != addr):
+            host, _, port = addr.rpartition(":")
+            peer = self.peers[node] = Peer(host, int(port))
+        if peer is None:
+            raise PxfsError(f"no address known for node {node}")
+        return RemoteReplica(node, peer)
+
+    async def load(self) -> bool:
+        """Read the volume record and node addresses; True if the record changed."""
+        for n in await list_nodes(self.kv, self.cid):
+            self.addrs[n["id"]] = n["data"]
+        item = await self.kv.get(keys.vol_key(self.cid, self.volid))
+        if item is None:
+            raise PxfsError(f"volume {self.name} was deleted")
+        changed = item.mod_rev != self.rev
+        self.rec, self.rev = codec.unpack_record(item.value), item.mod_rev
+        return changed
+
+    def states(self) -> dict[str, str]:
+        return {r["node"]: r["state"] for r in self.rec["replicas"]}
+
+    async def on_failure(self, nodes: list[str], missed_from: int) -> int:
+        """Mark replicas that failed a write out of sync (before the write is
+        acknowledged on the rest); the new generation."""
+        from .volume.catalog import Catalog
+        cat = Catalog(self.kv, self.cid, self.client, self.target)
+        rec = await cat.mark_out_of_sync(self.volid, nodes, self.rec["term"], missed_from)
+        self.rec = rec
+        return rec["gen"]
+
+    async def refresh_service(self, vol: ReplicatedVolume, *, task_status=trio.TASK_STATUS_IGNORED):
+        """Follow replica-state changes made by other nodes (within 1 s)."""
+        task_status.started()
+        while True:
+            await trio.sleep(1)
+            try:
+                if await self.load():
+                    vol.states = self.states()
+                    vol.set_gen(self.rec["gen"])
+            except PxfsError as exc:
+                log.info("volume record not refreshed: %s", exc)
+
+    async def registration(self, *, task_status=trio.TASK_STATUS_IGNORED):
+        """Keep this mount's record alive under its own lease, so that
+        ``pxctl volume list`` shows it and delete refuses while it exists."""
+        key = keys.nsmount_key(self.cid, self.volid, self.client)
+        rec = codec.pack_record({"node": self.node, "path": self.mountpoint,
+                                 "host": socket.gethostname(), "pid": os.getpid(),
+                                 "since": time.time()})
+        lease = 0
+        started = False
+        while True:
+            try:
+                if not lease or not await self.kv.lease_refresh(lease):
+                    lease = await self.kv.lease_grant(MOUNT_TTL)
+                    await self.kv.txn([], [Put(key, rec, lease)])
+            except PxfsError as exc:
+                log.warning("mount record not kept alive: %s", exc)
+                lease = 0
+            if not started:
+                task_status.started(lambda: lease)
+                started = True
+            await trio.sleep(MOUNT_TTL / 3)
+
+    async def unregister(self, lease_fn) -> None:
+        with contextlib.suppress(PxfsError):
+            await self.kv.txn([], [Delete(keys.nsmount_key(self.cid, self.volid, self.client))])
+            if lease_fn():
+                await self.kv.lease_revoke(lease_fn())
+
+
+async def serve(source: str, mountpoint: str, opts: dict, ready_fd: int | None,
+                cluster: dict, vol_desc: dict) -> int:
+    from .fuse.shared import SharedFS
+    import pyfuse3
+
+    if not vol_desc.get("shared"):
+        raise InvalidArgument(f"volume {source!r} is a block volume: attach and mount it with "
+                              "`pxctl host attach` / `pxctl host mount`")
+    kv = EtcdKV([parse_kvdb_url(u) for u in cluster["kvdb"]])
+    mc = MountClient(kv, cluster["clusterid"], cluster["node_id"], int(vol_desc["id"]),
+                     vol_desc["name"], mountpoint)
+    await mc.load()
+    vol = ReplicatedVolume(mc.volid, SPAN, mc.rec["term"], mc.rec["gen"], mc.states(), mc.target,
+                           mc.on_failure, local_node=mc.node)
+    meta = NsMeta(kv, mc.cid, mc.volid, mc.client)
+    sv = SharedVolume(mc.name, mc.volid, mc.rec["size"], meta, vol)
+    fs = SharedFS(sv)
+    fuse_opts = {f"fsname={source}", "subtype=pxfs"} | (opts["flags"] - {"rw"})
+    pyfuse3.init(fs, mountpoint, fuse_opts)
+    try:
+        async with trio.open_nursery() as nursery:
+            lease_fn = await nursery.start(mc.registration)
+            await nursery.start(sv.service)
+            await nursery.start(mc.refresh_service, vol)
+            if ready_fd is not None:
+                os.write(ready_fd, b"ok\n")
+                os.close(ready_fd)
+                if not opts["log"]:          # the parent stopped listening
+                    devnull = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, 2)
+                    os.close(devnull)
+            log.info("mounted %s at %s through node %s", source, mountpoint, mc.node)
+
+            async def signals():
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                    async for _ in sigs:
+                        log.info("signal: unmounting %s", mountpoint)
+                        pyfuse3.terminate()
+                        return
+            nursery.start_soon(signals)
+            await pyfuse3.main(max_tasks=64)
+            with trio.move_on_after(10):
+                for ino in list(sv.files):
+                    with contextlib.suppress(PxfsError):
+                        await sv.close(ino)
+                await sv.usage.record()
+                await mc.unregister(lease_fn)
+            nursery.cancel_scope.cancel()
+    finally:
+        with contextlib.suppress(Exception):
+            pyfuse3.close(unmount=True)
+        await kv.close()
+    return 0
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="pxfs", description="mount a pxfs shared volume")
+    ap.add_argument("source", help="volume name or id")
+    ap.add_argument("mountpoint")
+    ap.add_argument("-o", dest="options", default="", help="node=URL, ro, allow_other, "
+                    "default_permissions, log=FILE (and the usual mount options)")
+    ap.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
+    ap.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    try:
+        opts = parse_options(args.options)
+    except PxfsError as exc:
+        print(f"pxfs: {exc}", file=sys.stderr)
+        sys.exit(2)
+    mountpoint = os.path.abspath(args.mountpoint)
+    if not os.path.isdir(mountpoint):
+        print(f"pxfs: mount point {mountpoint} is not a directory", file=sys.stderr)
+        sys.exit(2)
+    if not args.foreground:
+        sys.exit(_background(args, mountpoint))
+    logging.basicConfig(level=logging.INFO, filename=opts["log"],
+                        format=f"%(asctime)s pxfs[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    try:
+        cluster, vol_desc = node_info(opts["node"], args.source)
+        sys.exit(trio.run(serve, args.source, mountpoint, opts, args.ready_fd, cluster, vol_desc))
+    except (PxfsError, ConfigError, RuntimeError, OSError) as exc:
+        print(f"pxfs: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _background(args, mountpoint: str) -> int:
+    """Start the foreground server in its own session and wait until it
+    says the mount is up (or failed)."""
+    r, w = os.pipe()
+    argv = [sys.executable, "-m", "pxfs.mount", args.source, mountpoint, "-o", args.options,
+            "-f", "--ready-fd", str(w)]
+    proc = subprocess.Popen(argv, pass_fds=(w,), start_new_session=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    os.close(w)
+    with os.fdopen(r, "rb") as ready:
+        line = ready.readline()
+    if line.strip() == b"ok":
+        proc.stderr.close()
+        return 0
+    err = proc.stderr.read().decode(errors="replace").strip()
+    proc.wait()
+    print(err or "pxfs: the mount process exited before the mount was up", file=sys.stderr)
+    return proc.returncode or 1
+
+
+if __name__ == "__main__":
+    main()

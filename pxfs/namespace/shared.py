@@ -1,0 +1,285 @@
+"""A shared volume as one node serves it: the namespace in etcd (NsMeta),
+file data in the replicated chunk store, and the files open on this node.
+
+File data: byte ``o`` of inode ``ino`` lives in chunk ``ino << 24 | o //
+CHUNK_SIZE`` of the volume, so a file holds at most 16 TiB and every
+chunk-level mechanism (checksums, fan-out, flush, resync) is the block
+volumes' own.
+
+Consistency across nodes is close-to-open: ``open`` reads the inode from
+etcd; writes extend a size kept here, recorded in etcd at flush (close),
+fsync and last release; a reader elsewhere sees it at its next open.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import time
+
+import trio
+
+from .. import CHUNK_SIZE
+from ..errors import NoSpace, PxfsError
+from ..meta import keys
+from .. import codec
+from .meta import NsMeta
+from .records import Inode
+
+log = logging.getLogger(__name__)
+CHUNK_BITS = 24
+FILE_MAX = CHUNK_SIZE << CHUNK_BITS          # 16 TiB
+#: a ReplicatedVolume spanning every chunk index
+SPAN = 1 << (64 + 20)
+
+
+@dataclasses.dataclass
+class OpenFile:
+    inode: Inode
+    count: int = 0
+    size: int = 0
+    mtime: int = 0
+    dirty: bool = False            # size/mtime not yet recorded in etcd
+
+
+class Usage:
+    """Bytes and inodes this node added to the volume, recorded under
+    ``use/<node>`` now and then; statfs sums every node's record."""
+
+    def __init__(self, kv, cid: str, volid: int, node: str):
+        self.kv, self.key = kv, keys.ns_use_key(cid, volid, node)
+        self.prefix = keys.ns_use_prefix(cid, volid)
+        self.bytes = self.inodes = 0
+        self.others = (0, 0)
+        self._recorded = None
+
+    async def load(self) -> None:
+        item = await self.kv.get(self.key)
+        if item is not None:
+            self.bytes, self.inodes = codec.unpack(item.value)
+        await self.refresh()
+
+    async def refresh(self) -> None:
+        total_b = total_i = 0
+        for it in await self.kv.range(self.prefix):
+            if it.key != self.key:
+                b, i = codec.unpack(it.value)
+                total_b, total_i = total_b + b, total_i + i
+        self.others = (total_b, total_i)
+
+    async def record(self) -> None:
+        now = (self.bytes, self.inodes)
+        if now != self._recorded:
+            from ..meta.kv import Put
+            await self.kv.txn([], [Put(self.key, codec.pack(list(now)))])
+            self._recorded = now
+
+    @property
+    def used(self) -> tuple[int, int]:
+        return max(0, self.bytes + self.others[0]), max(0, self.inodes + self.others[1])
+
+
+class SharedVolume:
+    def __init__(self, name: str, volid: int, capacity: int, meta: NsMeta, vol):
+        self.name, self.volid, self.capacity = name, volid, capacity
+        self.meta, self.vol = meta, vol
+        self.usage = Usage(meta.kv, meta.cid, volid, meta.node)
+        self.files: dict[int, OpenFile] = {}
+        self._locks: dict[int, trio.Lock] = {}
+        self._orphans: set[int] = set()      # unlinked here while open here
+
+    def _lock(self, ino: int) -> trio.Lock:
+        lock = self._locks.get(ino)
+        if lock is None:
+            lock = self._locks[ino] = trio.Lock()
+        return lock
+
+    @staticmethod
+    def base(ino: int) -> int:
+        return (ino << CHUNK_BITS) * CHUNK_SIZE
+
+    def is_open(self, ino: int) -> bool:
+        f = self.files.get(ino)
+        return f is not None and f.count > 0
+
+    def overlay(self, inode: Inode) -> Inode:
+        """What this node knows beyond etcd: sizes of files it is writing."""
+        f = self.files.get(inode.ino)
+        if f is not None and f.dirty:
+            inode.size, inode.mtime = f.size, max(inode.mtime, f.mtime)
+            inode.ctime = max(inode.ctime, f.mtime)
+        return inode
+
+    async def getattr(self, ino: int) -> Inode:
+        return self.overlay(await self.meta.getattr(ino))
+
+    # -- namespace changes that touch data or usage --------------------------------
+    async def mknod(self, parent, name, mode, uid, gid, **kw) -> Inode:
+        if self.usage.used[0] >= self.capacity:
+            raise NoSpace("volume is full")
+        inode = await self.meta.mknod(parent, name, mode, uid, gid, **kw)
+        self.usage.inodes += 1
+        return inode
+
+    async def unlink(self, parent, name) -> None:
+        inode, free = await self.meta.unlink(parent, name, self.is_open)
+        if free:
+            await self._free(inode)
+        elif inode.nlink == 0:
+            self._orphans.add(inode.ino)        # freed at its last close here
+
+    async def rmdir(self, parent, name) -> None:
+        await self.meta.rmdir(parent, name)
+        self.usage.inodes -= 1
+
+    async def rename(self, p1, n1, p2, n2, flags=0) -> None:
+        replaced, free = await self.meta.rename(p1, n1, p2, n2, flags, self.is_open)
+        if replaced is None:
+            return
+        if replaced.is_dir:
+            self.usage.inodes -= 1
+        elif free:
+            await self._free(replaced)
+        elif replaced.nlink == 0:
+            self._orphans.add(replaced.ino)
+
+    async def _free(self, inode: Inode) -> None:
+        """A file's last name and last open are gone: drop its chunks."""
+        self.usage.inodes -= 1
+        self.usage.bytes -= inode.size
+        n = -(-inode.size // CHUNK_SIZE)
+        if n:
+            try:
+                await self.vol.drop(inode.ino << CHUNK_BITS, n)
+            except PxfsError as exc:       # pxfs-fsck finds chunks no file references
+                log.warning("%s: could not free the data of inode %d: %s", self.name, inode.ino, exc)
+        self.files.pop(inode.ino, None)
+
+    async def setattr(self, ino: int, **fields) -> Inode:
+        size = fields.get("size")
+        if size is None:
+            return self.overlay((await self.meta.setattr(ino, **fields))[0])
+        if size > FILE_MAX:
+            raise PxfsError("file too large", errno=errno.EFBIG)
+        async with self._lock(ino):
+            f = self.files.get(ino)
+            await self._record(ino)             # pending size first
+            cur = await self.meta.getattr(ino)
+            if size > cur.size and self.usage.used[0] + size - cur.size > self.capacity:
+                raise NoSpace("volume is full")
+            if size < cur.size:
+                await self._cut(ino, size, cur.size)
+            inode, old = await self.meta.setattr(ino, **fields)
+            self.usage.bytes += inode.size - old
+            if f is not None:
+                f.size, f.inode = inode.size, inode
+            return inode
+
+    async def _cut(self, ino: int, size: int, old: int) -> None:
+        """Shrink: zero the tail of the chunk the new end falls in and drop
+        the chunks after it, so a later extension reads zeros."""
+        end_chunk = -(-old // CHUNK_SIZE)
+        keep = -(-size // CHUNK_SIZE)
+        tail_end = min(old, keep * CHUNK_SIZE)
+        if size < tail_end:
+            await self.vol.write(self.base(ino) + size, bytes(tail_end - size))
+        if end_chunk > keep:
+            await self.vol.drop((ino << CHUNK_BITS) + keep, end_chunk - keep)
+
+    # -- open files ------------------------------------------------------------------
+    async def open(self, ino: int) -> Inode:
+        inode = await self.meta.getattr(ino)     # close-to-open: fresh from etcd
+        f = self.files.get(ino)
+        if f is None:
+            f = self.files[ino] = OpenFile(inode, size=inode.size, mtime=inode.mtime)
+        elif not f.dirty:
+            f.inode, f.size, f.mtime = inode, inode.size, inode.mtime
+        f.count += 1
+        return self.overlay(inode)
+
+    async def read(self, ino: int, off: int, size: int) -> bytes:
+        f = self.files.get(ino)
+        fsize = f.size if f is not None else (await self.meta.getattr(ino)).size
+        if off >= fsize:
+            return b""
+        n = min(size, fsize - off)
+        return await self.vol.read(self.base(ino) + off, n)
+
+    async def write(self, ino: int, off: int, data: bytes) -> int:
+        f = self.files.get(ino)
+        if f is None:
+            raise PxfsError("file is not open", errno=errno.EBADF)
+        end = off + len(data)
+        if end > FILE_MAX:
+            raise PxfsError("file too large", errno=errno.EFBIG)
+        grow = max(0, end - f.size)
+        if grow and self.usage.used[0] + grow > self.capacity:
+            raise NoSpace("volume is full")
+        await self.vol.write(self.base(ino) + off, data)
+        if end > f.size:
+            self.usage.bytes += end - f.size
+            f.size = end
+        f.mtime = time.time_ns()
+        f.dirty = True
+        return len(data)
+
+    async def _record(self, ino: int) -> None:
+        f = self.files.get(ino)
+        if f is not None and f.dirty:
+            f.dirty = False
+            try:
+                f.inode = await self.meta.set_size(ino, f.size, f.mtime)
+            except BaseException:
+                f.dirty = True
+                raise
+
+    async def close(self, ino: int) -> None:
+        """close(): record the size this node's writes reached, so the next
+        open anywhere sees them (the data is on the replicas already)."""
+        async with self._lock(ino):
+            await self._record(ino)
+
+    async def fsync(self, ino: int) -> None:
+        """fsync(): data durable on every in-sync replica, then the size
+        recorded in etcd (durable there once the transaction returned)."""
+        await self.vol.flush()
+        await self.close(ino)
+
+    async def release(self, ino: int) -> None:
+        f = self.files.get(ino)
+        if f is None:
+            return
+        f.count -= 1
+        if f.count > 0:
+            return
+        try:
+            if f.dirty:
+                await self.close(ino)
+        finally:
+            if f.count <= 0:
+                self.files.pop(ino, None)
+                self._locks.pop(ino, None)
+        if ino in self._orphans:
+            self._orphans.discard(ino)
+            freed = await self.meta.forget_orphan(ino)
+            if freed is not None:
+                await self._free(freed)
+
+    async def statfs(self) -> tuple[int, int, int]:
+        """(capacity, bytes used, inodes used)."""
+        await self.usage.refresh()
+        used, inodes = self.usage.used
+        return self.capacity, used, inodes
+
+    async def service(self, *, interval: float = 1.0, task_status=trio.TASK_STATUS_IGNORED):
+        """Record this node's usage and learn the others' now and then."""
+        await self.usage.load()
+        task_status.started()
+        while True:
+            await trio.sleep(interval)
+            try:
+                await self.usage.record()
+                await self.usage.refresh()
+            except PxfsError as exc:
+                log.info("%s: usage not recorded: %s", self.name, exc)

@@ -1,0 +1,75 @@
+"""Shared volumes mounted on this node for ``pxctl host mount`` (and later
+the Docker plugin): each mount is a ``pxfs`` mount process (pxfs/mount.py)
+that this node starts with itself as the node to use.  Which mounts exist is
+read back from their records in etcd, so a node restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+import trio
+
+from ..errors import Busy, HostError, InvalidArgument, NotFound
+from . import hostdev
+
+log = logging.getLogger(__name__)
+
+
+class SharedMounts:
+    def __init__(self, catalog, api_url: str, osd_root: str):
+        self.catalog, self.api_url, self.osd_root = catalog, api_url, osd_root
+
+    def default_path(self, name: str) -> str:
+        """Where Portworx users look for a shared volume on a node."""
+        return os.path.join(self.osd_root, "pxns", name)
+
+    async def here(self, volid: int) -> list[dict]:
+        host = socket.gethostname()
+        return [m for m in await self.catalog.ns_mounts(volid)
+                if m["node"] == self.catalog.node and m.get("host") == host]
+
+    async def mount(self, rec: dict, path: str | None) -> dict:
+        path = os.path.normpath(path or self.default_path(rec["name"]))
+        if not os.path.isabs(path):
+            raise InvalidArgument(f"mount path {path!r} must be absolute")
+        if any(m["path"] == path for m in await self.here(rec["id"])):
+            return await self.describe(rec)
+        if hostdev.is_mountpoint(path):
+            raise Busy(f"{path} is already a mount point")
+        await trio.to_thread.run_sync(lambda: os.makedirs(path, exist_ok=True))
+        argv = [sys.executable, "-m", "pxfs.mount", str(rec["id"]), path, "-o",
+                f"node={self.api_url},allow_other,default_permissions"]
+        with trio.fail_after(60):
+            res = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+        if res.returncode:
+            raise HostError(f"mounting {rec['name']} at {path} failed: "
+                            + res.stderr.decode(errors="replace").strip())
+        log.info("shared volume %s mounted at %s", rec["name"], path)
+        return await self.describe(rec, path)
+
+    async def unmount(self, rec: dict, path: str | None = None) -> dict:
+        mounts = await self.here(rec["id"])
+        if path is not None:
+            mounts = [m for m in mounts if m["path"] == os.path.normpath(path)]
+        if not mounts:
+            raise NotFound(f"volume {rec['name']!r} is not mounted on this node")
+        for m in mounts:
+            await hostdev.umount(m["path"])
+            await self._wait_gone(rec["id"], m)
+        return await self.describe(rec)
+
+    async def _wait_gone(self, volid: int, m: dict) -> None:
+        """The mount process removes its record as it exits."""
+        with trio.move_on_after(15):
+            while any(x.get("pid") == m.get("pid") for x in await self.here(volid)):
+                await trio.sleep(0.1)
+
+    async def describe(self, rec: dict, path: str = "") -> dict:
+        mounts = await self.here(rec["id"])
+        return {"id": str(rec["id"]), "name": rec["name"], "shared": True,
+                "mount": path or (mounts[0]["path"] if mounts else ""),
+                "mounts": [m["path"] for m in mounts]}
