@@ -240,6 +240,35 @@ def start_node(nid, workdir):
     click.echo(json.dumps(node))
 
 
+def _stop_mount_processes(api_urls: list[str]) -> None:
+    """Stop shared-volume mount processes (``pxfs``) that use this cluster's
+    nodes: SIGTERM unmounts; whatever is left after 5 s is killed."""
+    def ours() -> list[int]:
+        pids = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    argv = fh.read().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if "pxfs.mount" in argv and any(f"node={u}" in a for a in argv for u in api_urls):
+                pids.append(int(pid))
+        return pids
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = ours()
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.1)
+            pids = ours()
+        if not pids:
+            return
+
+
 def _cleanup_mounts(workdir: str) -> None:
     """Lazily unmount whatever is still mounted under the work dir, detach
     loop devices backed by files there (innermost first)."""
@@ -273,6 +302,8 @@ def _cleanup_mounts(workdir: str) -> None:
 
 
 def _down(state: dict) -> None:
+    # mounts first: while their nodes are up they record their sizes and go
+    _stop_mount_processes([n["api"] for n in state["nodes"] if n.get("api")])
     for node in state["nodes"]:
         try:
             _stop(node, kill=False)

@@ -166,9 +166,9 @@ def test_spec_nodes_repl_mismatch():
 
 
 @pytest.mark.parametrize("value", ["true", "yes", "on", "1"])
-def test_spec_shared_refused_for_now(value):
-    with pytest.raises(InvalidArgument, match="shared volumes are not available"):
-        spec_from_options({"name": "v", "shared": value})
+def test_spec_shared(value):
+    assert spec_from_options({"name": "v", "shared": value}).shared
+    assert parse_inline(f"name=v,shared={value},size=2").shared
 
 
 def test_spec_unknown_key_refused():
@@ -280,3 +280,14 @@ def test_inline_part_without_equals(text, part):
 def test_inline_bad_value_reported():
     with pytest.raises(InvalidArgument, match="repl '7'"):
         parse_inline("name=v,repl=7")
+
+
+def test_mount_options():
+    from pxfs.mount import DEFAULT_NODE, parse_options
+    o = parse_options("_netdev,node=http://10.0.0.1:9001/,ro,allow_other,default_permissions,noatime")
+    assert o["node"] == "http://10.0.0.1:9001" and o["flags"] == {"ro", "allow_other",
+                                                                   "default_permissions"}
+    assert parse_options("")["node"] == DEFAULT_NODE
+    for bad in ("ro,rw", "bogus", "node=10.0.0.1:9001", "allow_other=1", "max_read=5"):
+        with pytest.raises(InvalidArgument):
+            parse_options(bad)

@@ -1,0 +1,331 @@
+"""Shared volumes end to end: real etcd, real nodes, `mount -t fuse.pxfs` on
+several nodes, cross-node semantics, crashes and bad input."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+from conftest import needs_mounts
+
+pytestmark = needs_mounts
+MiB = 1 << 20
+
+
+@pytest.fixture
+def shared(make_cluster):
+    """(cluster, mount(node, vol, path, *opts) -> path); every mount made is
+    undone at the end, also when the test fails."""
+    c = make_cluster(3)
+    made = []
+
+    def mount(node: str, vol: str, path: str, *opts: str, check: bool = True):
+        os.makedirs(path, exist_ok=True)
+        o = ",".join((f"node={c.api(node)}",) + opts)
+        res = subprocess.run(["mount", "-t", "fuse.pxfs", vol, path, "-o", o],
+                             capture_output=True, text=True, timeout=120)
+        if not check:
+            if res.returncode == 0:
+                made.append(path)
+            return res
+        assert res.returncode == 0, res.stderr
+        made.append(path)
+        return path
+
+    yield c, mount
+    for path in reversed(made):
+        subprocess.run(["umount", path], capture_output=True)
+        subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+def mounts_of(c, vol):
+    return c.pxctl("node1", "volume", "inspect", vol)["mounts"]
+
+
+def wait_unmounted(c, vol, timeout=20):
+    c.wait_for(lambda: mounts_of(c, vol) == [], timeout=timeout, what=f"{vol} unmounted")
+
+
+def test_two_nodes_share_one_tree(shared):
+    c, mount = shared
+    if shutil.which("pxfs", path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin") is None:
+        pytest.fail("the pxfs mount program is not on the system PATH (install-deps links it)")
+    c.pxctl("node1", "volume", "create", "ws", "--shared", "--size", "1", "--repl", "2")
+    m1 = mount("node1", "ws", os.path.join(c.workdir, "m1"))
+    m2 = mount("node2", "ws", os.path.join(c.workdir, "m2"))
+    text = open("/proc/self/mounts").read()
+    assert f"ws {m1} fuse.pxfs" in text and f"ws {m2} fuse.pxfs" in text
+    data = os.urandom(3 * MiB + 123)
+    with open(f"{m1}/file", "wb") as fh:           # close-to-open
+        fh.write(data)
+    with open(f"{m2}/file", "rb") as fh:
+        assert fh.read() == data
+    os.makedirs(f"{m2}/dir/sub")
+    with open(f"{m2}/dir/sub/x", "w") as fh:
+        fh.write("from node2")
+    c.wait_for(lambda: os.path.exists(f"{m1}/dir/sub/x"), timeout=2, what="entry visible")
+    assert open(f"{m1}/dir/sub/x").read() == "from node2"
+    os.rename(f"{m1}/dir/sub/x", f"{m1}/dir/y")
+    c.wait_for(lambda: sorted(os.listdir(f"{m2}/dir")) == ["sub", "y"], timeout=2,
+               what="rename visible")
+    os.link(f"{m1}/dir/y", f"{m1}/hard")
+    os.symlink("dir/y", f"{m1}/sym")
+    assert os.stat(f"{m2}/hard").st_nlink == 2
+    assert open(f"{m2}/sym").read() == "from node2"
+    st = os.statvfs(m1)
+    assert st.f_blocks * st.f_frsize == 1 << 30
+    assert (st.f_blocks - st.f_bfree) * st.f_frsize >= len(data)
+    view = c.pxctl("node1", "volume", "list")
+    row = next(v for v in view if v["name"] == "ws")
+    assert row["shared"] and row["status_text"] == "up - mounted on node1, node2"
+    res = c.pxctl("node1", "volume", "delete", "ws", check=False)
+    assert res.returncode != 0 and "mounted" in res.stderr
+    # both ways of unmounting work, and the mount processes go away
+    subprocess.run(["umount", m1], check=True)
+    subprocess.run(["fusermount3", "-u", m2], check=True)
+    wait_unmounted(c, "ws")
+    c.pxctl("node1", "volume", "delete", "ws")
+
+
+def test_posix_errors_on_a_mount(shared):
+    c, mount = shared
+    c.pxctl("node1", "volume", "create", "pe", "--shared", "--size", "64M", "--repl", "2")
+    c.pxctl("node1", "volume", "create", "pe2", "--shared", "--size", "64M", "--repl", "1")
+    m = mount("node1", "pe", os.path.join(c.workdir, "m"))
+    other = mount("node1", "pe2", os.path.join(c.workdir, "other"))
+
+    def err(fn, *args):
+        with pytest.raises(OSError) as e:
+            fn(*args)
+        return e.value.errno
+    os.mkdir(f"{m}/d")
+    open(f"{m}/d/f", "w").close()
+    assert err(os.stat, f"{m}/nope") == errno.ENOENT
+    assert err(os.mkdir, f"{m}/d") == errno.EEXIST
+    assert err(os.rmdir, f"{m}/d") == errno.ENOTEMPTY
+    assert err(os.unlink, f"{m}/d") == errno.EISDIR
+    assert err(os.mkdir, f"{m}/d/f/x") == errno.ENOTDIR
+    assert err(os.rename, f"{m}/d/f", f"{other}/f") == errno.EXDEV
+    assert err(os.open, f"{m}/" + "n" * 256, os.O_CREAT | os.O_WRONLY) == errno.ENAMETOOLONG
+    assert err(os.rename, f"{m}/d", f"{m}/d/inside") == errno.EINVAL
+    assert err(os.setxattr, f"{m}/d/f", "user.big", b"x" * (64 * 1024 + 1)) in (errno.E2BIG,
+                                                                                errno.ERANGE)
+    os.setxattr(f"{m}/d/f", "user.k", b"v")
+    assert os.getxattr(f"{m}/d/f", "user.k") == b"v"
+    # O_APPEND, truncate, sparse files
+    with open(f"{m}/log", "ab") as fh:
+        fh.write(b"one\n")
+    with open(f"{m}/log", "ab") as fh:
+        fh.write(b"two\n")
+    assert open(f"{m}/log", "rb").read() == b"one\ntwo\n"
+    with open(f"{m}/sparse", "wb") as fh:
+        fh.seek(5 * MiB)
+        fh.write(b"end")
+    with open(f"{m}/sparse", "rb") as fh:
+        assert fh.read(4096) == bytes(4096)
+        fh.seek(5 * MiB)
+        assert fh.read() == b"end"
+    os.truncate(f"{m}/sparse", 10)
+    os.truncate(f"{m}/sparse", 5 * MiB + 3)
+    with open(f"{m}/sparse", "rb") as fh:
+        fh.seek(5 * MiB)
+        assert fh.read() == bytes(3)               # no stale bytes after shrink + grow
+    # unlink of an open file: the data stays until the last close
+    fh = open(f"{m}/open", "w+b")
+    fh.write(b"still here")
+    fh.flush()
+    os.unlink(f"{m}/open")
+    fh.seek(0)
+    assert fh.read() == b"still here"
+    fh.close()
+    assert not os.path.exists(f"{m}/open")
+    # permissions and ownership
+    os.chmod(f"{m}/log", 0o600)
+    os.chown(f"{m}/log", 1234, 5678)
+    st = os.stat(f"{m}/log")
+    assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o600, 1234, 5678)
+    os.utime(f"{m}/log", ns=(1_000_000_000_000_000_000, 1_500_000_000_000_000_000))
+    assert os.stat(f"{m}/log").st_mtime_ns == 1_500_000_000_000_000_000
+    # the volume is full: ENOSPC, and what was written before stays readable
+    with pytest.raises(OSError) as e:
+        with open(f"{m}/huge", "wb") as fh:
+            for _ in range(80):
+                fh.write(b"z" * MiB)
+    assert e.value.errno == errno.ENOSPC
+    assert open(f"{m}/log", "rb").read() == b"one\ntwo\n"
+
+
+def test_racing_exclusive_creates_across_nodes(shared):
+    """Two mounts on two nodes create the same 40 names with O_EXCL at the
+    same time: every name has exactly one winner."""
+    c, mount = shared
+    c.pxctl("node1", "volume", "create", "race", "--shared", "--size", "1", "--repl", "2")
+    m1 = mount("node1", "race", os.path.join(c.workdir, "r1"))
+    m2 = mount("node2", "race", os.path.join(c.workdir, "r2"))
+    prog = ("import os, sys\n"
+            "won = []\n"
+            "for i in range(40):\n"
+            "    try:\n"
+            "        fd = os.open(f'{sys.argv[1]}/n{i}', os.O_CREAT | os.O_EXCL | os.O_WRONLY)\n"
+            "        os.write(fd, sys.argv[2].encode()); os.close(fd); won.append(i)\n"
+            "    except FileExistsError:\n"
+            "        pass\n"
+            "print(' '.join(map(str, won)))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", prog, m, tag], stdout=subprocess.PIPE,
+                              text=True) for m, tag in ((m1, "A"), (m2, "B"))]
+    won = [set(map(int, p.communicate(timeout=120)[0].split())) for p in procs]
+    assert not (won[0] & won[1])
+    assert won[0] | won[1] == set(range(40))
+    for i in range(40):
+        owner = "A" if i in won[0] else "B"
+        assert open(f"{m1}/n{i}").read() == owner
+        assert open(f"{m2}/n{i}").read() == owner
+
+
+def test_fsynced_files_survive_sigkill(shared):
+    """SIGKILL a replica node and then the writing mount process while files
+    are written and fsynced: every fsynced file is intact afterwards, read
+    through another node."""
+    c, mount = shared
+    c.pxctl("node1", "volume", "create", "dur", "--shared", "--size", "1", "--repl", "2",
+            "--nodes", "node1,node2")
+    m1 = mount("node3", "dur", os.path.join(c.workdir, "d1"))
+    synced = {}
+    for i in range(30):
+        if i == 10:
+            c.signal("node2", signal.SIGKILL)      # a replica dies mid-stream
+        data = os.urandom(50_000 + i * 1000)
+        path = f"{m1}/f{i}"
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY)
+        os.write(fd, data)
+        os.fsync(fd)
+        os.close(fd)
+        synced[f"f{i}"] = hashlib.sha256(data).hexdigest()
+    dfd = os.open(m1, os.O_RDONLY)
+    os.fsync(dfd)
+    os.close(dfd)
+    # the writer dies too, without unmounting
+    pids = [int(p) for p in subprocess.run(["pgrep", "-f", f"pxfs.mount dur {m1}"],
+                                           capture_output=True, text=True).stdout.split()]
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    subprocess.run(["umount", "-l", m1], capture_output=True)
+    states = {r["node"]: r["state"] for r in c.pxctl("node1", "volume", "inspect", "dur")["replicas"]}
+    assert states["node2"] in ("out_of_sync", "offline")
+    m2 = mount("node1", "dur", os.path.join(c.workdir, "d2"))
+    for name, digest in synced.items():
+        with open(f"{m2}/{name}", "rb") as fh:
+            assert hashlib.sha256(fh.read()).hexdigest() == digest, name
+
+
+def _make_tree(root: str, files: int) -> None:
+    """A source tree like a small project: nested packages of small files."""
+    n = 0
+    for a in range(10):
+        for b in range(files // 100 + 1):
+            d = os.path.join(root, f"pkg{a}", f"mod{b}")
+            os.makedirs(d, exist_ok=True)
+            for k in range(10):
+                if n >= files:
+                    return
+                with open(os.path.join(d, f"f{k}.py"), "w") as fh:
+                    fh.write(f"# file {n}\nVALUE = {n}\n" + "x = 1\n" * (n % 50))
+                n += 1
+
+
+def test_two_agents_share_a_workspace(shared, tmp_path):
+    """Like two Jenkins agents: each unpacks a source tree into its own
+    directory and builds in it while the other node lists and reads it."""
+    c, mount = shared
+    c.pxctl("node1", "volume", "create", "jenkins", "--shared", "--size", "2", "--repl", "2")
+    m1 = mount("node1", "jenkins", os.path.join(c.workdir, "j1"))
+    m2 = mount("node2", "jenkins", os.path.join(c.workdir, "j2"))
+    src = tmp_path / "src"
+    _make_tree(str(src), 600)
+    tarball = tmp_path / "src.tar"
+    with tarfile.open(tarball, "w") as tf:
+        tf.add(src, arcname="src")
+    build = ("import compileall, sys; sys.exit(0 if compileall.compile_dir(sys.argv[1], quiet=1) "
+             "else 1)")
+    procs = []
+    for m, agent in ((m1, "agent1"), (m2, "agent2")):
+        os.makedirs(f"{m}/{agent}")
+        procs.append(subprocess.Popen(
+            ["sh", "-c", f"tar -C {m}/{agent} -xf {tarball} && {sys.executable} -c '{build}' "
+                         f"{m}/{agent}/src"]))
+    # meanwhile each node reads the other's workspace as it grows
+    seen = 0
+    deadline = time.monotonic() + 300
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        for m, other in ((m1, "agent2"), (m2, "agent1")):
+            for dirpath, _, files in os.walk(f"{m}/{other}"):
+                for f in files[:3]:
+                    try:
+                        open(os.path.join(dirpath, f), "rb").read()
+                        seen += 1
+                    except FileNotFoundError:
+                        pass
+        time.sleep(0.2)
+    assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    assert seen > 0
+    for m in (m1, m2):
+        for agent in ("agent1", "agent2"):
+            res = subprocess.run(["diff", "-r", "-x", "__pycache__", str(src), f"{m}/{agent}/src"],
+                                 capture_output=True, text=True)
+            assert res.returncode == 0, res.stdout[:2000]
+            pyc = [f for _, _, fs in os.walk(f"{m}/{agent}/src") for f in fs if f.endswith(".pyc")]
+            assert len(pyc) == 600
+
+
+def test_pxctl_host_mount_of_a_shared_volume(shared):
+    c, _ = shared
+    c.pxctl("node1", "volume", "create", "hm", "--shared", "--size", "1", "--repl", "2")
+    res = c.pxctl("node2", "host", "mount", "hm")
+    path = os.path.join(c.nodes["node2"]["osd_root"], "pxns", "hm")
+    assert res["mount"] == path and os.path.ismount(path)
+    with open(f"{path}/hello", "w") as fh:
+        fh.write("hi")
+    other = os.path.join(c.workdir, "elsewhere")
+    c.pxctl("node3", "host", "mount", "hm", "--path", other)
+    assert open(f"{other}/hello").read() == "hi"
+    res = c.pxctl("node1", "host", "attach", "hm", check=False)
+    assert res.returncode != 0 and "shared" in res.stderr
+    c.pxctl("node2", "host", "unmount", "hm")
+    c.pxctl("node3", "host", "unmount", "hm")
+    assert not os.path.ismount(path) and not os.path.ismount(other)
+    wait_unmounted(c, "hm")
+
+
+def test_bad_mount_input_changes_nothing(shared):
+    c, mount = shared
+    c.pxctl("node1", "volume", "create", "blk", "--size", "64M", "--repl", "1")
+    c.pxctl("node1", "volume", "create", "sh", "--shared", "--size", "64M", "--repl", "1")
+    path = os.path.join(c.workdir, "bad")
+    for vol, opts, words in [("sh", ("bogus=1",), "unknown mount option"),
+                             ("sh", ("log",), "unknown mount option"),
+                             ("blk", (), "block volume"),
+                             ("nosuch", (), "not found"),
+                             ("../x", (), "")]:
+        res = mount("node1", vol, path, *opts, check=False)
+        assert res.returncode != 0, (vol, opts)
+        assert words in res.stderr, res.stderr
+        assert not os.path.ismount(path)
+    assert mounts_of(c, "sh") == []
+    res = subprocess.run(["mount", "-t", "fuse.pxfs", "sh", path, "-o", "node=http://127.0.0.1:1"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "cannot reach" in res.stderr
+    # read-only mounts refuse writes
+    ro = mount("node1", "sh", path, "ro")
+    with pytest.raises(OSError) as e:
+        open(f"{ro}/x", "w")
+    assert e.value.errno == errno.EROFS
