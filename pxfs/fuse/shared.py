@@ -189,7 +189,8 @@ class SharedFS(pyfuse3.Operations):
         node = await self._call(self.sv.getattr(inode))
         if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        entries = await self._call(self.sv.meta.listdir(inode))
+        entries = [(b".", inode), (b"..", node.parent or ROOT_INO)]
+        entries += await self._call(self.sv.meta.listdir(inode))
         fh = next(self._fh_ids)
         self._fhs[fh] = _Dir(inode, entries)
         return fh
