@@ -128,6 +128,15 @@ async def test_failed_compare_applies_nothing(kv, cid):
     assert (await kv.get(a)).value == b"a" and await kv.get(b) is None
 
 
+async def test_commit_returns_the_revision(kv, cid):
+    a = keys.vol_key(cid, 1)
+    rev = await kv.commit([Compare(a, 0)], [Put(a, b"x")])
+    assert rev > 0 and (await kv.get(a)).mod_rev == rev
+    assert await kv.commit([Compare(a, 0)], [Put(a, b"y")]) == 0
+    rev2 = await kv.commit([Compare(a, rev)], [Put(a, b"y"), Delete(keys.vol_key(cid, 2))])
+    assert rev2 > rev and (await kv.get(a)).value == b"y"
+
+
 async def test_multi_op_txn_is_atomic_and_one_revision(kv, cid):
     a, b = keys.vol_key(cid, 1), keys.volname_key(cid, "v")
     assert await kv.txn([Compare(a, 0), Compare(b, 0)], [Put(a, b"rec"), Put(b, b"1")])

@@ -275,3 +275,26 @@ def test_inode_record_is_compact():
     assert len(raw) < 48
     back = Inode.unpack(123456, raw)
     assert (back.mode, back.size, back.mtime, back.target) == (REG, 4096, node.mtime, None)
+
+
+async def test_remembered_inodes_never_overwrite_other_nodes_changes(kv, cid, ns):
+    """Node 1's first attempts compare against the revisions it remembers;
+    a change node 2 made meanwhile fails that compare and node 1 re-reads,
+    so nothing node 2 wrote is lost, and the common case is one round trip."""
+    other = NsMeta(kv, cid, VOL, "n2")
+    f = await ns.mknod(ROOT_INO, b"f", REG, 0, 0)
+    fast = ns.stats["fast"]
+    await ns.set_size(f.ino, 100, 1)
+    assert ns.stats["fast"] == fast + 1 and ns.stats["retried"] == 0
+    await other.setattr(f.ino, mode=0o600, uid=7)            # behind node 1's back
+    await ns.set_size(f.ino, 200, 2)
+    assert ns.stats["retried"] == 1
+    t = await other.getattr(f.ino)
+    assert (t.size, t.mode & 0o777, t.uid) == (200, 0o600, 7)
+    # a name node 2 created is not overwritten by node 1's assumed-absent create
+    await other.mknod(ROOT_INO, b"g", REG, 0, 0)
+    with pytest.raises(AlreadyExists):
+        await ns.mknod(ROOT_INO, b"g", REG, 0, 0)
+    # and a rename onto an existing name still replaces it
+    await ns.rename(ROOT_INO, b"f", ROOT_INO, b"g")
+    assert (await other.lookup(ROOT_INO, b"g")).ino == f.ino

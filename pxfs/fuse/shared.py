@@ -109,13 +109,7 @@ class SharedFS(pyfuse3.Operations):
 
     # -- creating and removing ------------------------------------------------------------
     async def _make(self, parent, name, mode, ctx, **kw) -> Inode:
-        gid = ctx.gid
-        pnode = await self._call(self.sv.getattr(parent))
-        if pnode.mode & stat.S_ISGID:            # setgid directories pass their group on
-            gid = pnode.gid
-            if stat.S_ISDIR(mode):
-                mode |= stat.S_ISGID
-        return await self._call(self.sv.mknod(parent, name, mode, ctx.uid, gid, **kw))
+        return await self._call(self.sv.mknod(parent, name, mode, ctx.uid, ctx.gid, **kw))
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         return self._attr(await self._make(parent_inode, name, mode, ctx, rdev=rdev))
@@ -129,7 +123,7 @@ class SharedFS(pyfuse3.Operations):
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         node = await self._make(parent_inode, name, stat.S_IFREG | (mode & 0o7777), ctx)
-        node = await self._call(self.sv.open(node.ino))
+        node = await self._call(self.sv.open(node.ino, node))
         fh = next(self._fh_ids)
         self._fhs[fh] = node.ino
         return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._attr(node)

@@ -11,6 +11,7 @@ import trio
 
 import etcd3
 import etcd3.exceptions
+from etcd3 import etcdrpc
 import grpc
 
 from ..errors import MetaError
@@ -94,6 +95,18 @@ class EtcdKV:
 
     async def delete_prefix(self, prefix: str) -> int:
         return await self._call("delete_prefix", lambda c: c.delete_prefix(prefix).deleted)
+
+    async def commit(self, compares: list[Compare], ops: list[Put | Delete]) -> int:
+        """A transaction; the revision its writes got, or 0 if a compare failed."""
+        def fn(c):
+            cmp = [(c.transactions.mod(x.key) == x.mod_rev).build_message() for x in compares]
+            success = c._ops_to_requests(
+                [c.transactions.put(o.key, o.value, lease=o.lease or None) if isinstance(o, Put)
+                 else c.transactions.delete(o.key) for o in ops])
+            resp = c.kvstub.Txn(etcdrpc.TxnRequest(compare=cmp, success=success, failure=[]),
+                                c.timeout, credentials=c.call_credentials, metadata=c.metadata)
+            return resp.header.revision if resp.succeeded else 0
+        return await self._call("txn", fn)
 
     async def lease_grant(self, ttl: int) -> int:
         return await self._call("lease grant", lambda c: c.lease(ttl).id)

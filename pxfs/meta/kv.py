@@ -48,6 +48,7 @@ class KV(Protocol):
     async def get_many(self, keys: list[str]) -> list[Item | None]: ...
     async def delete_prefix(self, prefix: str) -> int: ...
     async def txn(self, compares: list[Compare], ops: list[Put | Delete]) -> bool: ...
+    async def commit(self, compares: list[Compare], ops: list[Put | Delete]) -> int: ...
     async def lease_grant(self, ttl: int) -> int: ...
     async def lease_refresh(self, lease: int) -> bool: ...
     async def lease_revoke(self, lease: int) -> None: ...
@@ -89,11 +90,15 @@ class MemKV:
         return [self._data.get(k) for k in keys]
 
     async def txn(self, compares, ops) -> bool:
+        return bool(await self.commit(compares, ops))
+
+    async def commit(self, compares, ops) -> int:
+        """Like txn, but the revision the writes got (0: a compare failed)."""
         self._expire()
         for c in compares:
             it = self._data.get(c.key)
             if (it.mod_rev if it else 0) != c.mod_rev:
-                return False
+                return 0
         for op in ops:
             if isinstance(op, Put) and op.lease and op.lease not in self._leases:
                 raise MetaError(f"etcd txn failed: lease {op.lease} not found")
@@ -105,7 +110,7 @@ class MemKV:
                                           old.create_rev if old else self._rev, op.lease)
             else:
                 self._data.pop(op.key, None)
-        return True
+        return self._rev
 
     async def delete_prefix(self, prefix: str) -> int:
         """Delete every key under ``prefix`` in one revision; the count."""

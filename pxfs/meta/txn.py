@@ -40,6 +40,10 @@ class Txn:
     async def commit(self) -> bool:
         return await self.kv.txn([Compare(k, r) for k, r in self._reads.items()], self._ops)
 
+    async def commit_rev(self) -> int:
+        """Commit; the revision the writes got, or 0 if a compare failed."""
+        return await self.kv.commit([Compare(k, r) for k, r in self._reads.items()], self._ops)
+
 
 async def run_txn(kv: KV, body, *, tries: int = 20, what: str = "transaction"):
     """Run ``await body(txn)`` until its commit succeeds; return its result."""

@@ -6,20 +6,31 @@ both create the same name or both rename into one: the loser's compare fails,
 its body runs again and sees the winner's entry.  A change to a directory's
 entries always rewrites the directory's inode (mtime, ctime), which is what
 makes ``rmdir``'s emptiness check safe against a create racing it.
+
+Round trips: a node remembers the inodes it last read or wrote with their
+etcd revisions.  A change's first attempt does not read them again: it
+compares against the remembered revisions (and a new name against
+"absent") and so costs one round trip.  If anything changed meanwhile the
+compare fails, the remembered inodes are forgotten and the change runs again
+reading everything -- the cache is only ever a guess that etcd checks, never
+an answer given to a caller.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import errno
+import random
 import stat
 import time
 
 import trio
 
 from .. import codec
-from ..errors import AlreadyExists, InvalidArgument, NotFound, PxfsError
+from ..errors import AlreadyExists, InvalidArgument, NotFound, PxfsError, TxnConflict
 from ..meta import keys
-from ..meta.txn import run_txn
+from ..meta.txn import Txn, run_txn
 from .records import (ROOT_INO, SYMLINK_MAX, XATTR_NAME_MAX, XATTR_SIZE_MAX, Inode,
                       check_name, pack_ino, unpack_ino)
 
@@ -46,10 +57,57 @@ def root_ops(cid: str, volid: int, *, uid: int = 0, gid: int = 0, mode: int = 0o
 
 
 class NsMeta:
-    def __init__(self, kv, cid: str, volid: int, node: str):
+    def __init__(self, kv, cid: str, volid: int, node: str, *, cache_size: int = 20000):
         self.kv, self.cid, self.volid, self.node = kv, cid, volid, node
         self._next = self._end = 0
         self._ino_lock = trio.Lock()
+        self._cache: collections.OrderedDict[int, Inode] = collections.OrderedDict()
+        self._cache_size = cache_size
+        self.stats = collections.Counter()
+
+    # -- the remembered inodes and the transaction loop ----------------------------
+    def _remember(self, node: Inode) -> None:
+        self._cache[node.ino] = dataclasses.replace(node)
+        self._cache.move_to_end(node.ino)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    def _put(self, txn, node: Inode) -> None:
+        txn.put(self.ikey(node.ino), node.pack())
+        txn.written[node.ino] = node
+
+    def _gone(self, txn, ino: int) -> None:
+        txn.delete(self.ikey(ino))
+        txn.written[ino] = None
+
+    async def _absent(self, txn, key: str) -> bool:
+        """Whether ``key`` is absent; the first attempt assumes it and lets
+        etcd check."""
+        if txn.attempt == 1:
+            txn.expect(key, 0)
+            return True
+        return await txn.get(key) is None
+
+    async def _run(self, body, what: str):
+        for attempt in range(1, 21):
+            txn = Txn(self.kv)
+            txn.attempt, txn.assumed, txn.written = attempt, set(), {}
+            result = await body(txn)
+            rev = await txn.commit_rev()
+            if rev:
+                for ino, node in txn.written.items():
+                    if node is None:
+                        self._cache.pop(ino, None)
+                    else:
+                        node.rev = rev
+                        self._remember(node)
+                self.stats["fast" if attempt == 1 else "retried"] += 1
+                return result
+            for ino in txn.assumed:                # a guess was wrong: read next time
+                self._cache.pop(ino, None)
+            if attempt > 1:
+                await trio.sleep(random.uniform(0.002, 0.01 * attempt))
+        raise TxnConflict(f"{what} lost its race 20 times")
 
     # -- keys ------------------------------------------------------------------
     def ikey(self, ino: int) -> str:
@@ -60,17 +118,29 @@ class NsMeta:
 
     # -- reads -----------------------------------------------------------------
     async def _inode(self, txn, ino: int) -> Inode:
+        if getattr(txn, "attempt", 0) == 1 and ino in self._cache:
+            node = dataclasses.replace(self._cache[ino])
+            txn.expect(self.ikey(ino), node.rev)
+            txn.assumed.add(ino)
+            return node
         item = await txn.get(self.ikey(ino))
         if item is None:
+            self._cache.pop(ino, None)
             raise NotFound(f"no inode {ino}")
-        return Inode.unpack(ino, item.value, item.mod_rev)
+        node = Inode.unpack(ino, item.value, item.mod_rev)
+        self._remember(node)
+        return node
 
     async def getattr(self, ino: int) -> Inode:
         return await self._inode(self.kv, ino)
 
     async def inodes(self, inos: list[int]) -> list[Inode | None]:
         items = await self.kv.get_many([self.ikey(i) for i in inos])
-        return [Inode.unpack(i, it.value, it.mod_rev) if it else None for i, it in zip(inos, items)]
+        out = [Inode.unpack(i, it.value, it.mod_rev) if it else None for i, it in zip(inos, items)]
+        for node in out:
+            if node is not None:
+                self._remember(node)
+        return out
 
     async def lookup(self, parent: int, name: bytes) -> Inode:
         if len(name) > 255:
@@ -126,19 +196,24 @@ class NsMeta:
 
         async def body(txn):
             p = await self._dir(txn, parent)
-            if await txn.get(self.dkey(parent, name)) is not None:
+            if not await self._absent(txn, self.dkey(parent, name)):
                 raise AlreadyExists(f"{name!r} exists")
             now = time.time_ns()
-            new = Inode(ino, mode, uid, gid, nlink=2 if is_dir else 1, atime=now, mtime=now,
+            g, m = gid, mode
+            if p.mode & stat.S_ISGID:             # setgid directories pass their group on
+                g = p.gid
+                if is_dir:
+                    m |= stat.S_ISGID
+            new = Inode(ino, m, uid, g, nlink=2 if is_dir else 1, atime=now, mtime=now,
                         ctime=now, rdev=rdev, parent=parent if is_dir else 0, target=target)
             p.mtime = p.ctime = now
             if is_dir:
                 p.nlink += 1
-            txn.put(self.ikey(ino), new.pack())
+            self._put(txn, new)
             txn.put(self.dkey(parent, name), pack_ino(ino))
-            txn.put(self.ikey(parent), p.pack())
+            self._put(txn, p)
             return new
-        return await run_txn(self.kv, body, what="create")
+        return await self._run(body, "create")
 
     async def link(self, ino: int, parent: int, name: bytes) -> Inode:
         check_name(name)
@@ -150,28 +225,28 @@ class NsMeta:
             if t.nlink == 0:
                 raise NotFound("file was removed")
             p = await self._dir(txn, parent)
-            if await txn.get(self.dkey(parent, name)) is not None:
+            if not await self._absent(txn, self.dkey(parent, name)):
                 raise AlreadyExists(f"{name!r} exists")
             now = time.time_ns()
             t.nlink += 1
             t.ctime = p.mtime = p.ctime = now
-            txn.put(self.ikey(ino), t.pack())
-            txn.put(self.ikey(parent), p.pack())
+            self._put(txn, t)
+            self._put(txn, p)
             txn.put(self.dkey(parent, name), pack_ino(ino))
             return t
-        return await run_txn(self.kv, body, what="link")
+        return await self._run(body, "link")
 
     def _drop_link(self, txn, t: Inode, is_open) -> bool:
         """One name of ``t`` is gone: write it back, keep it as an orphan
         while it is open here, or delete it.  True if its data can go."""
         if t.nlink > 0:
-            txn.put(self.ikey(t.ino), t.pack())
+            self._put(txn, t)
             return False
         if not t.is_dir and is_open(t.ino):
-            txn.put(self.ikey(t.ino), t.pack())
+            self._put(txn, t)
             txn.put(keys.ns_orphan_key(self.cid, self.volid, t.ino), codec.pack(self.node))
             return False
-        txn.delete(self.ikey(t.ino))
+        self._gone(txn, t.ino)
         return True
 
     async def unlink(self, parent: int, name: bytes, is_open=lambda ino: False) -> tuple[Inode, bool]:
@@ -188,9 +263,9 @@ class NsMeta:
             t.nlink -= 1
             t.ctime = p.mtime = p.ctime = now
             txn.delete(self.dkey(parent, name))
-            txn.put(self.ikey(parent), p.pack())
+            self._put(txn, p)
             return t, self._drop_link(txn, t, is_open)
-        t, free = await run_txn(self.kv, body, what="unlink")
+        t, free = await self._run(body, "unlink")
         if free:
             await self.kv.delete_prefix(keys.ns_xattr_prefix(self.cid, self.volid, t.ino))
         return t, free
@@ -211,10 +286,10 @@ class NsMeta:
             p.nlink -= 1
             p.mtime = p.ctime = now
             txn.delete(self.dkey(parent, name))
-            txn.delete(self.ikey(t.ino))
-            txn.put(self.ikey(parent), p.pack())
+            self._gone(txn, t.ino)
+            self._put(txn, p)
             return t
-        t = await run_txn(self.kv, body, what="rmdir")
+        t = await self._run(body, "rmdir")
         await self.kv.delete_prefix(keys.ns_xattr_prefix(self.cid, self.volid, t.ino))
         return t
 
@@ -233,7 +308,11 @@ class NsMeta:
             if sd is None:
                 raise NotFound(f"{n1!r} not found")
             s = await self._inode(txn, unpack_ino(sd.value))
-            dd = await txn.get(self.dkey(p2, n2))
+            if txn.attempt == 1:                # assume the common case: a new name
+                txn.expect(self.dkey(p2, n2), 0)
+                dd = None
+            else:
+                dd = await txn.get(self.dkey(p2, n2))
             d = None
             if dd is not None:
                 if flags & RENAME_NOREPLACE:
@@ -274,12 +353,12 @@ class NsMeta:
                     d.nlink -= 1
                 d.ctime = now
                 free = self._drop_link(txn, d, is_open)
-            txn.put(self.ikey(s.ino), s.pack())
-            txn.put(self.ikey(p1), sp.pack())
+            self._put(txn, s)
+            self._put(txn, sp)
             if p2 != p1:
-                txn.put(self.ikey(p2), dp.pack())
+                self._put(txn, dp)
             return d, free
-        replaced, free = await run_txn(self.kv, body, what="rename")
+        replaced, free = await self._run(body, "rename")
         if free:
             await self.kv.delete_prefix(keys.ns_xattr_prefix(self.cid, self.volid, replaced.ino))
         return replaced, free
@@ -306,18 +385,18 @@ class NsMeta:
             if mtime is not None:
                 t.mtime = mtime
             t.ctime = ctime if ctime is not None else time.time_ns()
-            txn.put(self.ikey(ino), t.pack())
+            self._put(txn, t)
             return t, old
-        return await run_txn(self.kv, body, what="setattr")
+        return await self._run(body, "setattr")
 
     async def set_size(self, ino: int, size: int, mtime: int) -> Inode:
         """Record the size and mtime a node's writes reached (at flush/close)."""
         async def body(txn):
             t = await self._inode(txn, ino)
             t.size, t.mtime, t.ctime = size, max(t.mtime, mtime), max(t.ctime, mtime)
-            txn.put(self.ikey(ino), t.pack())
+            self._put(txn, t)
             return t
-        return await run_txn(self.kv, body, what="update size")
+        return await self._run(body, "update size")
 
     async def forget_orphan(self, ino: int) -> Inode | None:
         """The last local close of an unlinked file: delete it; the inode if
@@ -333,10 +412,10 @@ class NsMeta:
             if t.nlink > 0:            # linked again meanwhile
                 txn.delete(okey)
                 return None
-            txn.delete(self.ikey(ino))
+            self._gone(txn, ino)
             txn.delete(okey)
             return t
-        t = await run_txn(self.kv, body, what="drop orphan")
+        t = await self._run(body, "drop orphan")
         if t is not None:
             await self.kv.delete_prefix(keys.ns_xattr_prefix(self.cid, self.volid, ino))
         return t
@@ -365,15 +444,15 @@ class NsMeta:
 
         async def body(txn):
             t = await self._inode(txn, ino)
-            old = await txn.get(key)
+            old = await txn.get(key) if flags else None
             if flags & XATTR_CREATE and old is not None:
                 raise AlreadyExists("attribute exists")
             if flags & XATTR_REPLACE and old is None:
                 raise _err(errno.ENODATA, "no such attribute")
             t.ctime = time.time_ns()
             txn.put(key, value)
-            txn.put(self.ikey(ino), t.pack())
-        await run_txn(self.kv, body, what="setxattr")
+            self._put(txn, t)
+        await self._run(body, "setxattr")
 
     async def removexattr(self, ino: int, name: bytes) -> None:
         key = self.xkey(ino, name)
@@ -384,5 +463,5 @@ class NsMeta:
                 raise _err(errno.ENODATA, "no such attribute")
             t.ctime = time.time_ns()
             txn.delete(key)
-            txn.put(self.ikey(ino), t.pack())
-        await run_txn(self.kv, body, what="removexattr")
+            self._put(txn, t)
+        await self._run(body, "removexattr")

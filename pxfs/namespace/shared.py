@@ -188,8 +188,9 @@ class SharedVolume:
             await self.vol.drop((ino << CHUNK_BITS) + keep, end_chunk - keep)
 
     # -- open files ------------------------------------------------------------------
-    async def open(self, ino: int) -> Inode:
-        inode = await self.meta.getattr(ino)     # close-to-open: fresh from etcd
+    async def open(self, ino: int, created: Inode | None = None) -> Inode:
+        # close-to-open: fresh from etcd (a file this node just created is)
+        inode = created or await self.meta.getattr(ino)
         f = self.files.get(ino)
         if f is None:
             f = self.files[ino] = OpenFile(inode, size=inode.size, mtime=inode.mtime)
