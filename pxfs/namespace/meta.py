@@ -389,11 +389,21 @@ class NsMeta:
             return t, old
         return await self._run(body, "setattr")
 
-    async def set_size(self, ino: int, size: int, mtime: int) -> Inode:
-        """Record the size and mtime a node's writes reached (at flush/close)."""
+    async def set_size(self, ino: int, size: int, mtime: int, attrs: dict | None = None) -> Inode:
+        """Record what a node's writes and deferred attribute changes did to a
+        file it has open (at close, fsync, or within a second): the size, the
+        mtime of the last write, and ``attrs`` (mode, uid, gid, atime, mtime,
+        ctime as setattr takes them; an explicit mtime wins over the write's)."""
+        attrs = attrs or {}
+
         async def body(txn):
             t = await self._inode(txn, ino)
             t.size, t.mtime, t.ctime = size, max(t.mtime, mtime), max(t.ctime, mtime)
+            if "mode" in attrs:
+                t.mode = (t.mode & ~0o7777) | (attrs["mode"] & 0o7777)
+            for f in ("uid", "gid", "atime", "mtime", "ctime"):
+                if f in attrs:
+                    setattr(t, f, attrs[f])
             self._put(txn, t)
             return t
         return await self._run(body, "update size")

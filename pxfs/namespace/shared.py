@@ -40,7 +40,9 @@ class OpenFile:
     count: int = 0
     size: int = 0
     mtime: int = 0
-    dirty: bool = False            # size/mtime not yet recorded in etcd
+    dirty: bool = False            # size/mtime/attrs not yet recorded in etcd
+    attrs: dict = dataclasses.field(default_factory=dict)   # deferred setattr fields
+    since: float = 0.0             # when it became dirty (monotonic)
 
 
 class Usage:
@@ -104,12 +106,22 @@ class SharedVolume:
         return f is not None and f.count > 0
 
     def overlay(self, inode: Inode) -> Inode:
-        """What this node knows beyond etcd: sizes of files it is writing."""
+        """What this node knows beyond etcd: sizes and attribute changes of
+        files it has open and has not recorded yet."""
         f = self.files.get(inode.ino)
         if f is not None and f.dirty:
             inode.size, inode.mtime = f.size, max(inode.mtime, f.mtime)
             inode.ctime = max(inode.ctime, f.mtime)
+            if "mode" in f.attrs:
+                inode.mode = (inode.mode & ~0o7777) | (f.attrs["mode"] & 0o7777)
+            for k in ("uid", "gid", "atime", "mtime", "ctime"):
+                if k in f.attrs:
+                    setattr(inode, k, f.attrs[k])
         return inode
+
+    def _dirty(self, f: OpenFile) -> None:
+        if not f.dirty:
+            f.dirty, f.since = True, time.monotonic()
 
     async def getattr(self, ino: int) -> Inode:
         return self.overlay(await self.meta.getattr(ino))
@@ -158,13 +170,20 @@ class SharedVolume:
 
     async def setattr(self, ino: int, **fields) -> Inode:
         size = fields.get("size")
+        f = self.files.get(ino)
+        if size is None and f is not None and f.count > 0:
+            # a file open here: recorded with its size at close, fsync or
+            # within a second (tar's fchown/fchmod/futimens cost no round trip)
+            fields.setdefault("ctime", time.time_ns())
+            f.attrs.update(fields)
+            self._dirty(f)
+            return self.overlay(dataclasses.replace(f.inode))
         if size is None:
             return self.overlay((await self.meta.setattr(ino, **fields))[0])
         if size > FILE_MAX:
             raise PxfsError("file too large", errno=errno.EFBIG)
         async with self._lock(ino):
-            f = self.files.get(ino)
-            await self._record(ino)             # pending size first
+            await self._record(ino)             # pending size and attributes first
             cur = await self.meta.getattr(ino)
             if size > cur.size and self.usage.used[0] + size - cur.size > self.capacity:
                 raise NoSpace("volume is full")
@@ -222,17 +241,20 @@ class SharedVolume:
             self.usage.bytes += end - f.size
             f.size = end
         f.mtime = time.time_ns()
-        f.dirty = True
+        f.attrs.pop("mtime", None)              # a write after utime sets it anew
+        f.attrs.pop("ctime", None)
+        self._dirty(f)
         return len(data)
 
     async def _record(self, ino: int) -> None:
         f = self.files.get(ino)
         if f is not None and f.dirty:
-            f.dirty = False
+            attrs, f.attrs, f.dirty = f.attrs, {}, False
             try:
-                f.inode = await self.meta.set_size(ino, f.size, f.mtime)
+                f.inode = await self.meta.set_size(ino, f.size, f.mtime, attrs)
             except BaseException:
-                f.dirty = True
+                f.attrs = {**attrs, **f.attrs}
+                self._dirty(f)
                 raise
 
     async def close(self, ino: int) -> None:
@@ -273,14 +295,26 @@ class SharedVolume:
         used, inodes = self.usage.used
         return self.capacity, used, inodes
 
-    async def service(self, *, interval: float = 1.0, task_status=trio.TASK_STATUS_IGNORED):
-        """Record this node's usage and learn the others' now and then."""
+    async def service(self, *, interval: float = 0.5, task_status=trio.TASK_STATUS_IGNORED):
+        """Record what open files changed (so other nodes see it within a
+        second) and this node's usage, and learn the others' usage."""
         await self.usage.load()
         task_status.started()
+        tick = 0
         while True:
             await trio.sleep(interval)
-            try:
-                await self.usage.record()
-                await self.usage.refresh()
-            except PxfsError as exc:
-                log.info("%s: usage not recorded: %s", self.name, exc)
+            tick += 1
+            now = time.monotonic()
+            for ino, f in list(self.files.items()):
+                if f.dirty and now - f.since >= interval:
+                    try:
+                        async with self._lock(ino):
+                            await self._record(ino)
+                    except PxfsError as exc:
+                        log.info("%s: inode %d not recorded: %s", self.name, ino, exc)
+            if tick % 2 == 0:
+                try:
+                    await self.usage.record()
+                    await self.usage.refresh()
+                except PxfsError as exc:
+                    log.info("%s: usage not recorded: %s", self.name, exc)
