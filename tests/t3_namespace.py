@@ -298,3 +298,25 @@ async def test_remembered_inodes_never_overwrite_other_nodes_changes(kv, cid, ns
     # and a rename onto an existing name still replaces it
     await ns.rename(ROOT_INO, b"f", ROOT_INO, b"g")
     assert (await other.lookup(ROOT_INO, b"g")).ino == f.ino
+
+
+async def test_listing_of_own_directory_answers_negative_lookups(kv, cid, ns):
+    """A directory this node made and changed alone is known whole: a lookup
+    of a missing name costs no round trip.  Another node's entry shows
+    within a second, and a create of that name still meets it."""
+    from pxfs.namespace import meta as meta_mod
+    other = NsMeta(kv, cid, VOL, "n2")
+    d = await ns.mknod(ROOT_INO, b"d", DIR, 0, 0)
+    await ns.mknod(d.ino, b"mine", REG, 0, 0)
+    saved = ns.stats["negative lookups saved"]
+    with pytest.raises(NotFound):
+        await ns.lookup(d.ino, b"missing")
+    assert ns.stats["negative lookups saved"] == saved + 1
+    assert (await ns.lookup(d.ino, b"mine")).is_reg
+    theirs = await other.mknod(d.ino, b"theirs", REG, 0, 0)
+    with pytest.raises(AlreadyExists):
+        await ns.mknod(d.ino, b"theirs", REG, 0, 0)
+    assert (await ns.lookup(d.ino, b"theirs")).ino == theirs.ino   # listing dropped
+    await other.mknod(d.ino, b"later", REG, 0, 0)
+    await trio.sleep(meta_mod.FRESH)
+    assert (await ns.lookup(d.ino, b"later")).is_reg

@@ -122,7 +122,17 @@ class SharedFS(pyfuse3.Operations):
                                            target=target))
 
     async def create(self, parent_inode, name, mode, flags, ctx):
-        node = await self._make(parent_inode, name, stat.S_IFREG | (mode & 0o7777), ctx)
+        try:
+            node = await self._make(parent_inode, name, stat.S_IFREG | (mode & 0o7777), ctx)
+        except pyfuse3.FUSEError as exc:
+            # another node created it a moment ago; without O_EXCL that is an open
+            if exc.errno != errno.EEXIST or flags & os.O_EXCL:
+                raise
+            node = await self._call(self.sv.meta.lookup(parent_inode, name))
+            if node.is_dir:
+                raise pyfuse3.FUSEError(errno.EISDIR) from None
+            info = await self.open(node.ino, flags, ctx)
+            return info, self._attr(self.sv.overlay(await self._call(self.sv.getattr(node.ino))))
         node = await self._call(self.sv.open(node.ino, node))
         fh = next(self._fh_ids)
         self._fhs[fh] = node.ino

@@ -40,6 +40,8 @@ INO_BATCH = 1024
 INO_MAX = (1 << 40) - 1
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 XATTR_CREATE, XATTR_REPLACE = 1, 2
+#: how stale a remembered inode may be when it answers a stat (seconds)
+FRESH = 0.9
 
 
 def _err(code: int, msg: str) -> PxfsError:
@@ -63,14 +65,51 @@ class NsMeta:
         self._ino_lock = trio.Lock()
         self._cache: collections.OrderedDict[int, Inode] = collections.OrderedDict()
         self._cache_size = cache_size
+        self._seen: dict[int, float] = {}
+        self._bare: dict[int, float] = {}     # created here without xattrs: when
+        self._listing: dict[int, tuple[dict, int]] = {}   # dir -> ({name: ino}, dir rev)
         self.stats = collections.Counter()
 
     # -- the remembered inodes and the transaction loop ----------------------------
     def _remember(self, node: Inode) -> None:
         self._cache[node.ino] = dataclasses.replace(node)
+        self._seen[node.ino] = time.monotonic()
         self._cache.move_to_end(node.ino)
         while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+            ino, _ = self._cache.popitem(last=False)
+            self._seen.pop(ino, None)
+            self._bare.pop(ino, None)
+            self._listing.pop(ino, None)
+
+    def recent(self, ino: int, max_age: float = FRESH) -> Inode | None:
+        """The inode as this node last read or wrote it, if that was less
+        than ``max_age`` seconds ago: other nodes' changes may take that
+        long to show, which the shared-volume contract allows (one second)."""
+        seen = self._seen.get(ino)
+        if seen is not None and time.monotonic() - seen < max_age and ino in self._cache:
+            return dataclasses.replace(self._cache[ino])
+        return None
+
+    def _entry(self, txn, parent: int, name: bytes, ino: int | None) -> None:
+        """Record an entry change for the listings this node keeps."""
+        txn.entries.append((parent, name, ino))
+        if ino is None:
+            txn.delete(self.dkey(parent, name))
+        else:
+            txn.put(self.dkey(parent, name), pack_ino(ino))
+
+    def _listed(self, parent: int) -> dict | None:
+        """The complete entries of ``parent`` if this node knows them at the
+        directory's current revision, checked less than FRESH seconds ago
+        (every entry change rewrites the directory's inode, so a listing
+        taken at that revision is whole)."""
+        got = self._listing.get(parent)
+        node = self._cache.get(parent)
+        seen = self._seen.get(parent)
+        if (got is None or node is None or seen is None or got[1] != node.rev
+                or time.monotonic() - seen >= FRESH):
+            return None
+        return got[0]
 
     def _put(self, txn, node: Inode) -> None:
         txn.put(self.ikey(node.ino), node.pack())
@@ -92,15 +131,32 @@ class NsMeta:
         for attempt in range(1, 21):
             txn = Txn(self.kv)
             txn.attempt, txn.assumed, txn.written = attempt, set(), {}
+            txn.base, txn.entries = {}, []
             result = await body(txn)
             rev = await txn.commit_rev()
             if rev:
+                for parent, name, ino in txn.entries:
+                    got = self._listing.get(parent)
+                    if got is not None and got[1] == txn.base.get(parent):
+                        if ino is None:
+                            got[0].pop(name, None)
+                        else:
+                            got[0][name] = ino
                 for ino, node in txn.written.items():
                     if node is None:
                         self._cache.pop(ino, None)
-                    else:
-                        node.rev = rev
-                        self._remember(node)
+                        self._listing.pop(ino, None)
+                        continue
+                    got = self._listing.get(ino)
+                    if got is not None:
+                        if got[1] == txn.base.get(ino):
+                            self._listing[ino] = (got[0], rev)
+                        else:
+                            del self._listing[ino]
+                    elif node.is_dir and ino not in txn.base:      # a new directory
+                        self._listing[ino] = ({}, rev)
+                    node.rev = rev
+                    self._remember(node)
                 self.stats["fast" if attempt == 1 else "retried"] += 1
                 return result
             for ino in txn.assumed:                # a guess was wrong: read next time
@@ -122,6 +178,7 @@ class NsMeta:
             node = dataclasses.replace(self._cache[ino])
             txn.expect(self.ikey(ino), node.rev)
             txn.assumed.add(ino)
+            txn.base[ino] = node.rev
             return node
         item = await txn.get(self.ikey(ino))
         if item is None:
@@ -129,6 +186,8 @@ class NsMeta:
             raise NotFound(f"no inode {ino}")
         node = Inode.unpack(ino, item.value, item.mod_rev)
         self._remember(node)
+        if hasattr(txn, "base"):
+            txn.base[ino] = node.rev
         return node
 
     async def getattr(self, ino: int) -> Inode:
@@ -145,6 +204,13 @@ class NsMeta:
     async def lookup(self, parent: int, name: bytes) -> Inode:
         if len(name) > 255:
             raise InvalidArgument("file name longer than 255 bytes", errno=errno.ENAMETOOLONG)
+        listed = self._listed(parent)
+        if listed is not None:              # this node knows the whole directory
+            child = listed.get(name)
+            if child is None:
+                self.stats["negative lookups saved"] += 1
+                raise NotFound(f"{name!r} not found")
+            return await self.getattr(child)
         item = await self.kv.get(self.dkey(parent, name))
         if item is None:
             raise NotFound(f"{name!r} not found")
@@ -152,8 +218,8 @@ class NsMeta:
 
     async def listdir(self, ino: int) -> list[tuple[bytes, int]]:
         prefix = keys.ns_dir_prefix(self.cid, self.volid, ino)
-        return [(keys.decode_name(it.key[len(prefix):]), unpack_ino(it.value))
-                for it in await self.kv.range(prefix)]
+        items = await self.kv.range(prefix)
+        return [(keys.decode_name(it.key[len(prefix):]), unpack_ino(it.value)) for it in items]
 
     async def _empty(self, ino: int) -> bool:
         return not await self.kv.range(keys.ns_dir_prefix(self.cid, self.volid, ino), limit=1)
@@ -210,7 +276,8 @@ class NsMeta:
             if is_dir:
                 p.nlink += 1
             self._put(txn, new)
-            txn.put(self.dkey(parent, name), pack_ino(ino))
+            self._entry(txn, parent, name, ino)
+            self._bare[ino] = time.monotonic()
             self._put(txn, p)
             return new
         return await self._run(body, "create")
@@ -232,7 +299,7 @@ class NsMeta:
             t.ctime = p.mtime = p.ctime = now
             self._put(txn, t)
             self._put(txn, p)
-            txn.put(self.dkey(parent, name), pack_ino(ino))
+            self._entry(txn, parent, name, ino)
             return t
         return await self._run(body, "link")
 
@@ -262,7 +329,7 @@ class NsMeta:
             now = time.time_ns()
             t.nlink -= 1
             t.ctime = p.mtime = p.ctime = now
-            txn.delete(self.dkey(parent, name))
+            self._entry(txn, parent, name, None)
             self._put(txn, p)
             return t, self._drop_link(txn, t, is_open)
         t, free = await self._run(body, "unlink")
@@ -285,7 +352,7 @@ class NsMeta:
             now = time.time_ns()
             p.nlink -= 1
             p.mtime = p.ctime = now
-            txn.delete(self.dkey(parent, name))
+            self._entry(txn, parent, name, None)
             self._gone(txn, t.ino)
             self._put(txn, p)
             return t
@@ -335,8 +402,8 @@ class NsMeta:
                         break
                     a = await self._inode(txn, a.parent)
             now = time.time_ns()
-            txn.delete(self.dkey(p1, n1))
-            txn.put(self.dkey(p2, n2), pack_ino(s.ino))
+            self._entry(txn, p1, n1, None)
+            self._entry(txn, p2, n2, s.ino)
             s.ctime = now
             if s.is_dir:
                 s.parent = p2
@@ -437,7 +504,12 @@ class NsMeta:
         return keys.ns_xattr_key(self.cid, self.volid, ino, name)
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
-        item = await self.kv.get(self.xkey(ino, name))
+        key = self.xkey(ino, name)
+        bare = self._bare.get(ino)
+        if bare is not None and time.monotonic() - bare < FRESH:
+            # the kernel asks for security.capability before every write
+            raise _err(errno.ENODATA, "no such attribute")
+        item = await self.kv.get(key)
         if item is None:
             await self.getattr(ino)                 # ENOENT for a vanished file
             raise _err(errno.ENODATA, "no such attribute")
@@ -449,6 +521,7 @@ class NsMeta:
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         key = self.xkey(ino, name)
+        self._bare.pop(ino, None)
         if len(value) > XATTR_SIZE_MAX:
             raise _err(errno.E2BIG, "extended attribute value larger than 64 KiB")
 

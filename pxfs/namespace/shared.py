@@ -20,7 +20,7 @@ import time
 
 import trio
 
-from .. import CHUNK_SIZE
+from .. import CHUNK_SIZE, CSUM_BLOCK
 from ..errors import NoSpace, PxfsError
 from ..meta import keys
 from .. import codec
@@ -124,7 +124,10 @@ class SharedVolume:
             f.dirty, f.since = True, time.monotonic()
 
     async def getattr(self, ino: int) -> Inode:
-        return self.overlay(await self.meta.getattr(ino))
+        """Attributes for stat(): answered from what this node read or wrote
+        less than a second ago, else read from etcd.  open() always reads."""
+        node = self.meta.recent(ino)
+        return self.overlay(node if node is not None else await self.meta.getattr(ino))
 
     # -- namespace changes that touch data or usage --------------------------------
     async def mknod(self, parent, name, mode, uid, gid, **kw) -> Inode:
@@ -230,13 +233,25 @@ class SharedVolume:
         f = self.files.get(ino)
         if f is None:
             raise PxfsError("file is not open", errno=errno.EBADF)
-        end = off + len(data)
+        n = len(data)
+        end = off + n
         if end > FILE_MAX:
             raise PxfsError("file too large", errno=errno.EFBIG)
         grow = max(0, end - f.size)
         if grow and self.usage.used[0] + grow > self.capacity:
             raise NoSpace("volume is full")
-        await self.vol.write(self.base(ino) + off, data)
+        # Bytes past the end of a file are zeros in its chunks (a shrink
+        # zeroes them), so a write reaching the end is padded to whole blocks
+        # here instead of reading the old blocks back from a replica.
+        start, pad_head, pad_tail = off, 0, 0
+        a0 = off - off % CSUM_BLOCK
+        if off % CSUM_BLOCK and a0 >= f.size:
+            start, pad_head = a0, off - a0
+        if end % CSUM_BLOCK and end >= f.size:
+            pad_tail = CSUM_BLOCK - end % CSUM_BLOCK
+        if pad_head or pad_tail:
+            data = bytes(pad_head) + bytes(data) + bytes(pad_tail)
+        await self.vol.write(self.base(ino) + start, data)
         if end > f.size:
             self.usage.bytes += end - f.size
             f.size = end
@@ -244,7 +259,7 @@ class SharedVolume:
         f.attrs.pop("mtime", None)              # a write after utime sets it anew
         f.attrs.pop("ctime", None)
         self._dirty(f)
-        return len(data)
+        return n
 
     async def _record(self, ino: int) -> None:
         f = self.files.get(ino)
