@@ -212,8 +212,11 @@ def _render_inspect(v):
             ("Format", v["fs"]), ("HA", v["ha"]), ("Block size", human(v["block_size"])),
             ("IO Priority", v["io_priority"]), ("Creation time", ts),
             ("Shared", "yes" if v["shared"] else "no"), ("Status", v["status"].upper()),
-            ("State", f"Attached: {v['attached_on']}" if v["attached_on"] else "detached"),
-            ("Device Path", v["device_path"] or "-"), ("Mount Path", v["mount_path"] or "-"),
+            ("State", f"Attached: {v['attached_on']}" if v["attached_on"] else
+             v["state"] if v["shared"] else "detached"),
+            ("Device Path", v["device_path"] or "-"),
+            ("Mount Path", ", ".join(f"{m['node']}:{m['path']}" for m in v.get("mounts", []))
+             if v["shared"] else v["mount_path"] or "-") or "-",
             ("Labels", ",".join(f"{k}={x}" for k, x in v["labels"].items()) or "-"),
             ("Bytes used", human(v.get("bytes_used"))), ("Attach term", v["term"])]
     if v.get("io"):
@@ -227,7 +230,8 @@ def _render_inspect(v):
     click.echo("\tSet 0")
     for r in v["replicas"]:
         click.echo(f"\t  Node : {r['node']} ({r['address']})  {_replica_text(r)}")
-    click.echo(f"Replication Status : {'Detached' if not v['attached_on'] else v['status'].capitalize()}")
+    active = v["attached_on"] or (v["shared"] and v.get("mounts"))
+    click.echo(f"Replication Status : {v['status'].capitalize() if active else 'Detached'}")
 
 
 @volume.command("inspect")

@@ -88,7 +88,9 @@ def start_etcd(workdir: str, fast: bool) -> tuple[str, int]:
     argv = ["etcd", "--name", "pxfs-etcd", "--data-dir", os.path.join(workdir, "etcd"),
             "--listen-client-urls", url, "--advertise-client-urls", url,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"pxfs-etcd={peer}", "--log-level", "warn"]
+            "--initial-cluster", f"pxfs-etcd={peer}", "--log-level", "warn",
+            # shared volumes rewrite inodes often: keep only an hour of history
+            "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1"]
     if fast:
         argv.append("--unsafe-no-fsync")
     try:

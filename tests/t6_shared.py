@@ -348,7 +348,6 @@ def test_fsck_repairs_damage(shared):
     """Damage a shared volume's metadata and chunks behind pxfs's back; fsck
     reports each problem, repairs it, and a second run finds nothing."""
     import trio
-    from pxfs import codec
     from pxfs.meta import keys
     from pxfs.meta.etcd import EtcdKV
     from pxfs.meta.kv import Delete, Put
