@@ -96,6 +96,8 @@ class MountClient:
         self.addrs: dict[str, str] = {}
         self.rec: dict = {}
         self.rev = 0
+        self.lease = 0
+        self.since = time.time()
 
     def target(self, node: str) -> RemoteReplica:
         addr = self.addrs.get(node)
@@ -128,39 +130,46 @@ class MountClient:
         cat = Catalog(self.kv, self.cid, self.client, self.target)
         rec = await cat.mark_out_of_sync(self.volid, nodes, self.rec["term"], missed_from)
         self.rec = rec
+        self.rev = 0                     # read it again (and publish it) on the next refresh
         return rec["gen"]
 
     async def refresh_service(self, vol: ReplicatedVolume, *, task_status=trio.TASK_STATUS_IGNORED):
-        """Follow replica-state changes made by other nodes (within 1 s)."""
+        """Follow replica-state changes made by other nodes (within 1 s) and
+        say so in the mount record: a resync of a replica starts copying
+        only once every mount writes to it (ARCHITECTURE.md)."""
         task_status.started()
         while True:
-            await trio.sleep(1)
+            await trio.sleep(0.5)
             try:
                 if await self.load():
                     vol.states = self.states()
                     vol.set_gen(self.rec["gen"])
+                    await self.publish()
             except PxfsError as exc:
                 log.info("volume record not refreshed: %s", exc)
+
+    async def publish(self) -> None:
+        if self.lease:
+            rec = codec.pack_record({"node": self.node, "path": self.mountpoint,
+                                     "host": socket.gethostname(), "pid": os.getpid(),
+                                     "since": self.since, "seen_rev": self.rev})
+            await self.kv.txn([], [Put(keys.nsmount_key(self.cid, self.volid, self.client), rec,
+                                       self.lease)])
 
     async def registration(self, *, task_status=trio.TASK_STATUS_IGNORED):
         """Keep this mount's record alive under its own lease, so that
         ``pxctl volume list`` shows it and delete refuses while it exists."""
-        key = keys.nsmount_key(self.cid, self.volid, self.client)
-        rec = codec.pack_record({"node": self.node, "path": self.mountpoint,
-                                 "host": socket.gethostname(), "pid": os.getpid(),
-                                 "since": time.time()})
-        lease = 0
         started = False
         while True:
             try:
-                if not lease or not await self.kv.lease_refresh(lease):
-                    lease = await self.kv.lease_grant(MOUNT_TTL)
-                    await self.kv.txn([], [Put(key, rec, lease)])
+                if not self.lease or not await self.kv.lease_refresh(self.lease):
+                    self.lease = await self.kv.lease_grant(MOUNT_TTL)
+                    await self.publish()
             except PxfsError as exc:
                 log.warning("mount record not kept alive: %s", exc)
-                lease = 0
+                self.lease = 0
             if not started:
-                task_status.started(lambda: lease)
+                task_status.started(lambda: self.lease)
                 started = True
             await trio.sleep(MOUNT_TTL / 3)
 

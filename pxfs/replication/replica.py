@@ -6,11 +6,13 @@ replica has seen for the volume is refused with Fenced.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 
 import trio
 
+from .. import CSUM_BLOCK
 from ..chunk.store import ChunkStore
 from ..errors import Fenced, FrameError, InvalidArgument
 
@@ -30,6 +32,11 @@ class ReplicaService:
         self._term_locks: dict[int, trio.Lock] = {}
         self.stats = {"writes": 0, "reads": 0, "bytes_written": 0, "bytes_read": 0,
                       "chunks_put": 0, "fenced": 0}
+        # live resync of a shared volume (several writers, no common chunk
+        # lock): blocks written here while it runs, and per-chunk exclusion
+        self._tracking: dict[int, dict[int, set | None]] = {}
+        self._held: dict[tuple[int, int], trio.Event] = {}
+        self._inflight: collections.Counter = collections.Counter()
 
     async def _run(self, fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
@@ -53,6 +60,23 @@ class ReplicaService:
     # -- operations (also the RPC surface) -------------------------------------
     async def write(self, volid, idx, off, data, term, gen, crcs=None):
         await self.check_term(volid, term)
+        key = (volid, idx)
+        while key in self._held:                 # a resync is replacing this chunk
+            await self._held[key].wait()
+        self._inflight[key] += 1
+        try:
+            await self._write(volid, idx, off, data, gen, crcs)
+        finally:
+            self._inflight[key] -= 1
+            if not self._inflight[key]:
+                del self._inflight[key]
+        marks = self._tracking.get(volid)
+        if marks is not None:
+            blocks = marks.setdefault(idx, set())
+            if blocks is not None:
+                blocks.update(range(off // CSUM_BLOCK, -(-(off + len(data)) // CSUM_BLOCK)))
+
+    async def _write(self, volid, idx, off, data, gen, crcs):
         # A small write into an open chunk is a copy of a few pages into the
         # page cache: done on the trio thread, because the thread handoff
         # costs more than the write.  A larger one only if the page cache
@@ -97,7 +121,51 @@ class ReplicaService:
 
     async def drop_chunks(self, volid, first, count, term):
         await self.check_term(volid, term)
+        marks = self._tracking.get(volid)
+        if marks is not None:
+            for idx in range(first, first + count):
+                marks[idx] = None                # a resync must not bring it back
         return await self._run(self.store.drop_chunks, volid, first, count)
+
+    # -- live resync of a shared volume, on the replica being brought back -----
+    def track(self, volid: int) -> None:
+        """Note every block written here from now on (before the replica is
+        marked resyncing, so no write to it goes unnoted)."""
+        self._tracking[volid] = {}
+
+    def untrack(self, volid: int) -> None:
+        self._tracking.pop(volid, None)
+
+    async def put_chunk_merged(self, volid, idx, gen, bitmap, data, term):
+        """Install a chunk copied from an in-sync replica, keeping the
+        blocks live writes put here since tracking began (they are newer
+        than or equal to the copy).  Writes to the chunk wait meanwhile."""
+        await self.check_term(volid, term)
+        key = (volid, idx)
+        while key in self._held:
+            await self._held[key].wait()
+        self._held[key] = trio.Event()
+        try:
+            while self._inflight.get(key):
+                await trio.sleep(0.001)
+            marks = self._tracking.get(volid, {})
+            if idx in marks and marks[idx] is None:
+                return                                # dropped since: leave it gone
+            keep = marks.get(idx) or set()
+            if data is not None and keep:
+                data, bitmap = bytearray(data), bytearray(bitmap)
+                for blk in sorted(keep):
+                    off = blk * CSUM_BLOCK
+                    data[off:off + CSUM_BLOCK] = await self._run(self.store.read, volid, idx, off,
+                                                                 CSUM_BLOCK)
+                    bitmap[blk >> 3] |= 1 << (blk & 7)
+                data, bitmap = bytes(data), bytes(bitmap)
+            elif data is None and keep:
+                return                                # written here, absent there: keep ours
+            await self._run(self.store.put_chunk, volid, idx, gen, bitmap, data)
+            self.stats["chunks_put"] += 1
+        finally:
+            self._held.pop(key).set()
 
     async def list_chunks(self, volid, min_gen):
         return await self._run(self.store.list_chunks, volid, min_gen)

@@ -30,12 +30,14 @@ class Progress:
 
 
 async def resync_replica(volid: int, source, target, *, missed_from: int, term: int,
-                         lock_fn=None, report=None) -> Progress:
+                         lock_fn=None, report=None, put=None) -> Progress:
     """Bring ``target`` up to date from ``source``; returns what was copied.
 
     ``lock_fn(idx)`` gives the chunk's lock (the attached node's data path);
-    ``report(progress)`` is awaited now and then.
+    ``report(progress)`` is awaited now and then; ``put`` replaces
+    ``target.put_chunk`` (a shared volume's merge with live writes).
     """
+    put = put or target.put_chunk
     src = await source.list_chunks(volid, missed_from)
     dst = await target.list_chunks(volid, missed_from)
     todo = sorted(set(src) | set(dst))
@@ -48,10 +50,10 @@ async def resync_replica(volid: int, source, target, *, missed_from: int, term: 
         async with _as_async(lock):
             got = await source.get_chunk(volid, idx)
             if got is None:
-                await target.put_chunk(volid, idx, 0, None, None, term)
+                await put(volid, idx, 0, None, None, term)
             else:
                 gen, bitmap, data = got
-                await target.put_chunk(volid, idx, gen, bitmap, data, term)
+                await put(volid, idx, gen, bitmap, data, term)
         prog.done += CHUNK_SIZE
         prog.chunks += 1
         if report and time.monotonic() - last > 0.5:

@@ -38,6 +38,16 @@ class LocalReplica:
     async def drop_chunks(self, volid, first, count, term, timeout=None):
         await self._svc.drop_chunks(volid, first, count, term)
 
+    # live resync of a shared volume into this replica (ReplicaService)
+    def track(self, volid):
+        self._svc.track(volid)
+
+    def untrack(self, volid):
+        self._svc.untrack(volid)
+
+    async def put_chunk_merged(self, volid, idx, gen, bitmap, data, term):
+        await self._svc.put_chunk_merged(volid, idx, gen, bitmap, data, term)
+
     async def delete_volume(self, volid):
         await self._svc.delete_volume(volid)
 

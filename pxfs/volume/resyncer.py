@@ -52,8 +52,10 @@ class Resyncer:
                 if att and att["node"] == self.node and loc and not loc.vol.fenced:
                     self.running.add(key)
                     nursery.start_soon(self._guard, key, self._live, loc, r["node"])
+                elif rec.get("shared") and r["node"] == self.node and extra.get(("mounts", rec["id"])):
+                    self.running.add(key)
+                    nursery.start_soon(self._guard, key, self._shared, rec["id"])
                 elif not att and r["node"] == self.node and not extra.get(("mounts", rec["id"])):
-                    # a shared volume resyncs while no mount writes to it
                     self.running.add(key)
                     nursery.start_soon(self._guard, key, self._offline, rec["id"])
 
@@ -141,6 +143,58 @@ class Resyncer:
                 pass
             raise
         self._done(volid, self.node, prog)
+
+    async def _shared(self, volid: int) -> None:
+        """Resync this node's replica of a shared volume while mounts on
+        several nodes write to it.  No chunk lock spans those processes, so:
+        note the blocks written here from before the replica is marked
+        resyncing; wait until every mount has seen that (its record says
+        which volume revision it follows), so none writes around it; copy,
+        keeping the noted blocks (ReplicaService.put_chunk_merged)."""
+        local = self.catalog.targets(self.node)
+        rec, rev = await self.catalog.get(volid)
+        me = next(r for r in rec["replicas"] if r["node"] == self.node)
+        sources = [r["node"] for r in rec["replicas"] if r["state"] == IN_SYNC]
+        if not sources:
+            return
+        # mounts stamp writes with their own epochs: copy every chunk written
+        # in the generation the replica dropped out of, whoever wrote it
+        missed = (me["missed_from"] >> 32) << 32
+        local.track(volid)
+        try:
+            rec = await self.catalog.set_replica_state(volid, self.node, RESYNCING, expect_rev=rev,
+                                                       expect_state=OUT_OF_SYNC)
+            await self._mounts_follow(volid, rec.pop("mod_rev"))
+            log.info("volume %s: resyncing the replica here from %s while mounted (writes since "
+                     "gen %d)", rec["name"], sources[0], missed >> 32)
+            try:
+                prog = await resync_replica(volid, self.catalog.targets(sources[0]), local,
+                                            missed_from=missed, term=rec["term"],
+                                            report=self._reporter(volid, self.node),
+                                            put=local.put_chunk_merged)
+                await self.catalog.set_replica_state(volid, self.node, IN_SYNC,
+                                                     expect_state=RESYNCING)
+            except PxfsError:
+                try:
+                    await self.catalog.set_replica_state(volid, self.node, OUT_OF_SYNC,
+                                                         expect_state=RESYNCING)
+                except PxfsError:
+                    pass
+                raise
+        finally:
+            local.untrack(volid)
+        self._done(volid, self.node, prog)
+
+    async def _mounts_follow(self, volid: int, rev: int, timeout: float = 30.0) -> None:
+        with trio.move_on_after(timeout):
+            while True:
+                lagging = [m for m in await self.catalog.ns_mounts(volid)
+                           if m.get("seen_rev", 0) < rev]
+                if not lagging:
+                    return
+                await trio.sleep(0.2)
+        raise PxfsError(f"volume {volid}: mounts did not pick up the resync: "
+                        + ", ".join(f"{m['node']}:{m['path']}" for m in lagging))
 
     def _done(self, volid, node, prog) -> None:
         log.info("volume %s: replica on %s in sync again (%d chunks, %d bytes copied)",
