@@ -98,6 +98,15 @@ class MountClient:
         self.rev = 0
         self.lease = 0
         self.since = time.time()
+        self.alive_at = time.monotonic()
+        self.on_stale = None
+
+    def alive(self) -> bool:
+        """False once this mount may have dropped out of the cluster's view:
+        its record lives MOUNT_TTL seconds after the last refresh, and a
+        resync of a replica waits only for the mounts it can see, so a mount
+        that went this long without one stops writing (EIO) for good."""
+        return time.monotonic() - self.alive_at < MOUNT_TTL * 0.6
 
     def target(self, node: str) -> RemoteReplica:
         addr = self.addrs.get(node)
@@ -161,10 +170,13 @@ class MountClient:
         ``pxctl volume list`` shows it and delete refuses while it exists."""
         started = False
         while True:
+            if not self.alive() and self.on_stale is not None:
+                self.on_stale()               # latched: a late refresh must not undo it
             try:
                 if not self.lease or not await self.kv.lease_refresh(self.lease):
                     self.lease = await self.kv.lease_grant(MOUNT_TTL)
                     await self.publish()
+                self.alive_at = time.monotonic()
             except PxfsError as exc:
                 log.warning("mount record not kept alive: %s", exc)
                 self.lease = 0
@@ -195,7 +207,12 @@ async def serve(source: str, mountpoint: str, opts: dict, ready_fd: int | None,
     vol = ReplicatedVolume(mc.volid, SPAN, mc.rec["term"], mc.rec["gen"], mc.states(), mc.target,
                            mc.on_failure, local_node=mc.node)
     meta = NsMeta(kv, mc.cid, mc.volid, mc.client)
-    sv = SharedVolume(mc.name, mc.volid, mc.rec["size"], meta, vol)
+    sv = SharedVolume(mc.name, mc.volid, mc.rec["size"], meta, vol, alive=mc.alive)
+
+    def stale() -> None:
+        with contextlib.suppress(PxfsError):
+            sv.check_alive()
+    mc.on_stale = stale
     fs = SharedFS(sv)
     fuse_opts = {f"fsname={source}", "subtype=pxfs"} | (opts["flags"] - {"rw"})
     pyfuse3.init(fs, mountpoint, fuse_opts)

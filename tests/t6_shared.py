@@ -466,3 +466,33 @@ def test_replica_resyncs_while_mounted(shared):
     for name, digest in digests.items():
         with open(f"{m}/{name}", "rb") as fh:
             assert hashlib.sha256(fh.read()).hexdigest() == digest, name
+
+
+def test_mount_that_lost_the_cluster_stops_writing(shared):
+    """A mount frozen longer than its record may live (SIGSTOP: a partition
+    as far as etcd can tell) no longer reads or writes data when it wakes up
+    (ESTALE): a resync may have started without it.  A fresh mount works."""
+    c, mount = shared
+    c.pxctl("node1", "volume", "create", "fz", "--shared", "--size", "1", "--repl", "2")
+    m = mount("node3", "fz", os.path.join(c.workdir, "fz"))
+    with open(f"{m}/before", "wb") as fh:
+        fh.write(b"written before")
+    pids = [int(p) for p in subprocess.run(["pgrep", "-f", f"pxfs.mount fz {m}"],
+                                           capture_output=True, text=True).stdout.split()]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    time.sleep(7)
+    for pid in pids:
+        os.kill(pid, signal.SIGCONT)
+    with pytest.raises(OSError) as e:
+        with open(f"{m}/after", "wb") as fh:
+            fh.write(b"must not land")
+    assert e.value.errno in (errno.ESTALE, errno.EIO)
+    with pytest.raises(OSError) as e:
+        open(f"{m}/before", "rb").read()
+    assert e.value.errno == errno.ESTALE
+    m2 = mount("node2", "fz", os.path.join(c.workdir, "fz2"))
+    assert open(f"{m2}/before", "rb").read() == b"written before"
+    with open(f"{m2}/after", "wb") as fh:
+        fh.write(b"fresh mount")
+    assert open(f"{m2}/after", "rb").read() == b"fresh mount"

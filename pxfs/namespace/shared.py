@@ -21,7 +21,7 @@ import time
 import trio
 
 from .. import CHUNK_SIZE, CSUM_BLOCK
-from ..errors import NoSpace, PxfsError
+from ..errors import Fenced, NoSpace, PxfsError
 from ..meta import keys
 from .. import codec
 from .meta import NsMeta
@@ -83,9 +83,11 @@ class Usage:
 
 
 class SharedVolume:
-    def __init__(self, name: str, volid: int, capacity: int, meta: NsMeta, vol):
+    def __init__(self, name: str, volid: int, capacity: int, meta: NsMeta, vol, *,
+                 alive=lambda: True):
         self.name, self.volid, self.capacity = name, volid, capacity
         self.meta, self.vol = meta, vol
+        self._alive = alive                  # False: this mount lost the cluster: stop writing
         self.usage = Usage(meta.kv, meta.cid, volid, meta.node)
         self.files: dict[int, OpenFile] = {}
         self._locks: dict[int, trio.Lock] = {}
@@ -191,12 +193,22 @@ class SharedVolume:
             if size > cur.size and self.usage.used[0] + size - cur.size > self.capacity:
                 raise NoSpace("volume is full")
             if size < cur.size:
+                self.check_alive()
                 await self._cut(ino, size, cur.size)
             inode, old = await self.meta.setattr(ino, **fields)
             self.usage.bytes += inode.size - old
             if f is not None:
                 f.size, f.inode = inode.size, inode
             return inode
+
+    def check_alive(self) -> None:
+        """Fence this mount for good once it went too long without renewing
+        its record; raise Fenced (ESTALE) if it is fenced."""
+        if not self.vol.fenced and not self._alive():
+            self.vol.fence_local("this mount could not renew its record in etcd in time; "
+                                 "unmount and mount again")
+        if self.vol.fenced:
+            raise Fenced(self.vol.fenced)
 
     async def _cut(self, ino: int, size: int, old: int) -> None:
         """Shrink: zero the tail of the chunk the new end falls in and drop
@@ -233,6 +245,7 @@ class SharedVolume:
         f = self.files.get(ino)
         if f is None:
             raise PxfsError("file is not open", errno=errno.EBADF)
+        self.check_alive()
         n = len(data)
         end = off + n
         if end > FILE_MAX:
