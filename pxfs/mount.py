@@ -150,12 +150,16 @@ class MountClient:
         while True:
             await trio.sleep(0.5)
             try:
-                if await self.load():
-                    vol.states = self.states()
-                    vol.set_gen(self.rec["gen"])
-                    await self.publish()
+                await self.follow(vol)
             except PxfsError as exc:
                 log.info("volume record not refreshed: %s", exc)
+
+    async def follow(self, vol: ReplicatedVolume) -> None:
+        """Read the volume record; apply and announce a change."""
+        if await self.load():
+            vol.states = self.states()
+            vol.set_gen(self.rec["gen"])
+            await self.publish()
 
     async def publish(self) -> None:
         if self.lease:
@@ -204,8 +208,11 @@ async def serve(source: str, mountpoint: str, opts: dict, ready_fd: int | None,
     mc = MountClient(kv, cluster["clusterid"], cluster["node_id"], int(vol_desc["id"]),
                      vol_desc["name"], mountpoint)
     await mc.load()
+    async def refresh():
+        with contextlib.suppress(PxfsError):
+            await mc.follow(vol)
     vol = ReplicatedVolume(mc.volid, SPAN, mc.rec["term"], mc.rec["gen"], mc.states(), mc.target,
-                           mc.on_failure, local_node=mc.node)
+                           mc.on_failure, local_node=mc.node, refresh=refresh)
     meta = NsMeta(kv, mc.cid, mc.volid, mc.client)
     sv = SharedVolume(mc.name, mc.volid, mc.rec["size"], meta, vol, alive=mc.alive)
 

@@ -43,13 +43,15 @@ class IoStats:
 
 class ReplicatedVolume:
     def __init__(self, volid: int, size: int, term: int, gen: int, states: dict[str, str],
-                 target_fn, on_replica_failure, *, local_node: str, timeout: float = 5.0):
+                 target_fn, on_replica_failure, *, local_node: str, timeout: float = 5.0,
+                 refresh=None):
         self.volid, self.size, self.term, self.gen = volid, size, term, gen
         self.states = dict(states)            # node -> state, as in etcd
         self._target = target_fn              # node -> replica target
         self._on_failure = on_replica_failure  # async (nodes, missed_from) -> new gen
         self.local_node = local_node
         self.timeout = timeout
+        self._refresh = refresh               # async: re-read replica states (shared volumes)
         self.fenced: str | None = None
         self.stats = IoStats()
         self.locks = [trio.Lock() for _ in range(_STRIPES)]
@@ -118,7 +120,17 @@ class ReplicatedVolume:
         a1 = -(-(inoff + n) // CSUM_BLOCK) * CSUM_BLOCK
         bad: list[str] = []
         errors = []
-        for node in self.readers():
+        readers = self.readers()
+        if self._refresh is not None:
+            # another writer may have changed the replica states since we
+            # last looked: when every replica we know fails, look again
+            async def more():
+                await self._refresh()
+                return [r for r in self.readers() if r not in readers]
+        else:
+            async def more():
+                return []
+        async for node in _chain(readers, more):
             try:
                 data = await self._target(node).read(self.volid, idx, a0, a1 - a0, timeout=self.timeout)
             except ChecksumError as exc:
@@ -255,3 +267,11 @@ class ReplicatedVolume:
                 self.set_gen(await self._on_failure(still, self.durable))
                 for n in still:
                     self.states[n] = OUT_OF_SYNC
+
+
+async def _chain(first: list, more):
+    """The items of ``first``, then those ``await more()`` gives (once)."""
+    for x in first:
+        yield x
+    for x in await more():
+        yield x
