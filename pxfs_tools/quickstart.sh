@@ -31,5 +31,10 @@ Try:
   pxctl --host $api2 volume list          # any node has the same view
   pxfs-cluster stop-node node1 --workdir $DEMO --kill    # node1 dies...
   pxctl --host $api2 host attach demovol                   # ...node2 takes over
+A shared volume, mounted through two nodes:
+  pxctl volume create ws --shared --size 1 --repl 2
+  mkdir -p $DEMO/ws1 $DEMO/ws2
+  mount -t fuse.pxfs ws $DEMO/ws1 -o node=$api1
+  mount -t fuse.pxfs ws $DEMO/ws2 -o node=$api2
 Stop everything with:  pxfs-cluster down --workdir $DEMO
 MSG
