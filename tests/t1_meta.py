@@ -82,6 +82,20 @@ async def test_delete_prefix(kv, cid):
     assert await kv.delete_prefix(keys.node_prefix(cid)) == 0
 
 
+async def test_delete_prefix_inside_a_transaction(kv, cid):
+    from pxfs.meta.kv import DeletePrefix
+    for n in ("a", "b"):
+        await put(kv, keys.node_key(cid, n), b"x")
+    await put(kv, keys.vol_key(cid, 1), b"v")
+    assert await kv.txn([], [DeletePrefix(keys.node_prefix(cid)), Put(keys.vol_key(cid, 2), b"w")])
+    assert await kv.range(keys.node_prefix(cid)) == []
+    assert {i.value for i in await kv.range(keys.vol_prefix(cid))} == {b"v", b"w"}
+    # the compare fails: nothing is deleted
+    await put(kv, keys.node_key(cid, "c"), b"y")
+    assert not await kv.txn([Compare(keys.vol_key(cid, 1), 1)], [DeletePrefix(keys.node_prefix(cid))])
+    assert len(await kv.range(keys.node_prefix(cid))) == 1
+
+
 def test_name_encoding_is_injective():
     names = [b"a", b"%", b"%25", b"caf\xc3\xa9", b"\xff\xfe", b"a b", b"~x", b"..."]
     enc = [keys.encode_name(n) for n in names]

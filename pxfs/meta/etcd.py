@@ -11,11 +11,12 @@ import trio
 
 import etcd3
 import etcd3.exceptions
+import etcd3.utils
 from etcd3 import etcdrpc
 import grpc
 
 from ..errors import MetaError
-from .kv import Compare, Delete, Item, Put
+from .kv import Compare, Delete, DeletePrefix, Item, Put
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +85,17 @@ class EtcdKV:
             return [self._item(k, r[0][0], r[0][1]) if r else None for k, r in zip(keys, responses)]
         return await self._call("get_many", fn)
 
-    async def txn(self, compares: list[Compare], ops: list[Put | Delete]) -> bool:
-        def fn(c):
-            cmp = [c.transactions.mod(x.key) == x.mod_rev for x in compares]
-            success = [c.transactions.put(o.key, o.value, lease=o.lease or None)
-                       if isinstance(o, Put) else c.transactions.delete(o.key) for o in ops]
-            ok, _ = c.transaction(compare=cmp, success=success, failure=[])
-            return ok
-        return await self._call("txn", fn)
+    async def txn(self, compares: list[Compare], ops: list) -> bool:
+        return bool(await self.commit(compares, ops))
+
+    @staticmethod
+    def _op(c, o):
+        if isinstance(o, Put):
+            return c.transactions.put(o.key, o.value, lease=o.lease or None)
+        if isinstance(o, DeletePrefix):
+            return c.transactions.delete(o.prefix, range_end=etcd3.utils.prefix_range_end(
+                etcd3.utils.to_bytes(o.prefix)))
+        return c.transactions.delete(o.key)
 
     async def delete_prefix(self, prefix: str) -> int:
         return await self._call("delete_prefix", lambda c: c.delete_prefix(prefix).deleted)
@@ -100,9 +104,7 @@ class EtcdKV:
         """A transaction; the revision its writes got, or 0 if a compare failed."""
         def fn(c):
             cmp = [(c.transactions.mod(x.key) == x.mod_rev).build_message() for x in compares]
-            success = c._ops_to_requests(
-                [c.transactions.put(o.key, o.value, lease=o.lease or None) if isinstance(o, Put)
-                 else c.transactions.delete(o.key) for o in ops])
+            success = c._ops_to_requests([self._op(c, o) for o in ops])
             resp = c.kvstub.Txn(etcdrpc.TxnRequest(compare=cmp, success=success, failure=[]),
                                 c.timeout, credentials=c.call_credentials, metadata=c.metadata)
             return resp.header.revision if resp.succeeded else 0

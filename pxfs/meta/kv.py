@@ -35,6 +35,12 @@ class Delete:
 
 
 @dataclasses.dataclass(frozen=True)
+class DeletePrefix:
+    """Delete every key under ``prefix`` (inside a transaction)."""
+    prefix: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Compare:
     """True when ``key``'s mod revision equals ``mod_rev`` (0: key absent)."""
 
@@ -108,6 +114,9 @@ class MemKV:
                 old = self._data.get(op.key)
                 self._data[op.key] = Item(op.key, op.value, self._rev,
                                           old.create_rev if old else self._rev, op.lease)
+            elif isinstance(op, DeletePrefix):
+                for k in [k for k in self._data if k.startswith(op.prefix)]:
+                    del self._data[k]
             else:
                 self._data.pop(op.key, None)
         return self._rev

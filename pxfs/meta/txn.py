@@ -11,7 +11,7 @@ import random
 import trio
 
 from ..errors import TxnConflict
-from .kv import KV, Compare, Delete, Item, Put
+from .kv import KV, Compare, Delete, DeletePrefix, Item, Put
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,9 @@ class Txn:
 
     def delete(self, key: str) -> None:
         self._ops.append(Delete(key))
+
+    def delete_prefix(self, prefix: str) -> None:
+        self._ops.append(DeletePrefix(prefix))
 
     async def commit(self) -> bool:
         return await self.kv.txn([Compare(k, r) for k, r in self._reads.items()], self._ops)

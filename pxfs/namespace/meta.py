@@ -116,7 +116,9 @@ class NsMeta:
         txn.written[node.ino] = node
 
     def _gone(self, txn, ino: int) -> None:
+        """Delete an inode and its extended attributes, in this transaction."""
         txn.delete(self.ikey(ino))
+        txn.delete_prefix(keys.ns_xattr_prefix(self.cid, self.volid, ino))
         txn.written[ino] = None
 
     async def _absent(self, txn, key: str) -> bool:
@@ -333,8 +335,6 @@ class NsMeta:
             self._put(txn, p)
             return t, self._drop_link(txn, t, is_open)
         t, free = await self._run(body, "unlink")
-        if free:
-            await self.kv.delete_prefix(keys.ns_xattr_prefix(self.cid, self.volid, t.ino))
         return t, free
 
     async def rmdir(self, parent: int, name: bytes) -> Inode:
@@ -356,9 +356,7 @@ class NsMeta:
             self._gone(txn, t.ino)
             self._put(txn, p)
             return t
-        t = await self._run(body, "rmdir")
-        await self.kv.delete_prefix(keys.ns_xattr_prefix(self.cid, self.volid, t.ino))
-        return t
+        return await self._run(body, "rmdir")
 
     async def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int = 0,
                      is_open=lambda ino: False) -> tuple[Inode | None, bool]:
@@ -426,8 +424,6 @@ class NsMeta:
                 self._put(txn, dp)
             return d, free
         replaced, free = await self._run(body, "rename")
-        if free:
-            await self.kv.delete_prefix(keys.ns_xattr_prefix(self.cid, self.volid, replaced.ino))
         return replaced, free
 
     async def setattr(self, ino: int, *, mode=None, uid=None, gid=None, size=None,
@@ -492,10 +488,7 @@ class NsMeta:
             self._gone(txn, ino)
             txn.delete(okey)
             return t
-        t = await self._run(body, "drop orphan")
-        if t is not None:
-            await self.kv.delete_prefix(keys.ns_xattr_prefix(self.cid, self.volid, ino))
-        return t
+        return await self._run(body, "drop orphan")
 
     # -- extended attributes -------------------------------------------------------
     def xkey(self, ino: int, name: bytes) -> str:
