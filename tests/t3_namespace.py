@@ -304,7 +304,7 @@ async def test_listing_of_own_directory_answers_negative_lookups(kv, cid, ns):
     """A directory this node made and changed alone is known whole: a lookup
     of a missing name costs no round trip.  Another node's entry shows
     within a second, and a create of that name still meets it."""
-    from pxfs.namespace import meta as meta_mod
+    from pxfs.namespace import remembered
     other = NsMeta(kv, cid, VOL, "n2")
     d = await ns.mknod(ROOT_INO, b"d", DIR, 0, 0)
     await ns.mknod(d.ino, b"mine", REG, 0, 0)
@@ -318,5 +318,5 @@ async def test_listing_of_own_directory_answers_negative_lookups(kv, cid, ns):
         await ns.mknod(d.ino, b"theirs", REG, 0, 0)
     assert (await ns.lookup(d.ino, b"theirs")).ino == theirs.ino   # listing dropped
     await other.mknod(d.ino, b"later", REG, 0, 0)
-    await trio.sleep(meta_mod.FRESH)
+    await trio.sleep(remembered.FRESH)
     assert (await ns.lookup(d.ino, b"later")).is_reg

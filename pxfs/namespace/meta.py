@@ -7,45 +7,31 @@ its body runs again and sees the winner's entry.  A change to a directory's
 entries always rewrites the directory's inode (mtime, ctime), which is what
 makes ``rmdir``'s emptiness check safe against a create racing it.
 
-Round trips: a node remembers the inodes it last read or wrote with their
-etcd revisions.  A change's first attempt does not read them again: it
-compares against the remembered revisions (and a new name against
-"absent") and so costs one round trip.  If anything changed meanwhile the
-compare fails, the remembered inodes are forgotten and the change runs again
-reading everything -- the cache is only ever a guess that etcd checks, never
-an answer given to a caller.
+Round trips: see remembered.py (first attempts compare against remembered
+revisions); extended attributes: xattrs.py.
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import errno
-import random
 import stat
 import time
 
 import trio
 
 from .. import codec
-from ..errors import AlreadyExists, InvalidArgument, NotFound, PxfsError, TxnConflict
+from ..errors import AlreadyExists, InvalidArgument, NotFound
 from ..meta import keys
-from ..meta.txn import Txn, run_txn
-from .records import (ROOT_INO, SYMLINK_MAX, XATTR_NAME_MAX, XATTR_SIZE_MAX, Inode,
-                      check_name, pack_ino, unpack_ino)
+from ..meta.txn import run_txn
+from .records import ROOT_INO, SYMLINK_MAX, Inode, check_name, ns_error as _err, unpack_ino
+from .remembered import RememberedInodes
+from .xattrs import XattrOps
 
 #: inode numbers a node takes from the shared counter at a time
 INO_BATCH = 1024
 #: file data lives in chunk ``ino << 24 | n``: inode numbers stay below 2**40
 INO_MAX = (1 << 40) - 1
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
-XATTR_CREATE, XATTR_REPLACE = 1, 2
-#: how stale a remembered inode may be when it answers a stat (seconds)
-FRESH = 0.9
-
-
-def _err(code: int, msg: str) -> PxfsError:
-    return PxfsError(msg, errno=code)
 
 
 def root_ops(cid: str, volid: int, *, uid: int = 0, gid: int = 0, mode: int = 0o755):
@@ -58,140 +44,13 @@ def root_ops(cid: str, volid: int, *, uid: int = 0, gid: int = 0, mode: int = 0o
             (keys.ns_next_key(cid, volid), codec.pack(ROOT_INO + 1))]
 
 
-class NsMeta:
+class NsMeta(XattrOps, RememberedInodes):
     def __init__(self, kv, cid: str, volid: int, node: str, *, cache_size: int = 20000):
-        self.kv, self.cid, self.volid, self.node = kv, cid, volid, node
+        super().__init__(kv, cid, volid, node, cache_size=cache_size)
         self._next = self._end = 0
         self._ino_lock = trio.Lock()
-        self._cache: collections.OrderedDict[int, Inode] = collections.OrderedDict()
-        self._cache_size = cache_size
-        self._seen: dict[int, float] = {}
-        self._bare: dict[int, float] = {}     # created here without xattrs: when
-        self._listing: dict[int, tuple[dict, int]] = {}   # dir -> ({name: ino}, dir rev)
-        self.stats = collections.Counter()
-
-    # -- the remembered inodes and the transaction loop ----------------------------
-    def _remember(self, node: Inode) -> None:
-        self._cache[node.ino] = dataclasses.replace(node)
-        self._seen[node.ino] = time.monotonic()
-        self._cache.move_to_end(node.ino)
-        while len(self._cache) > self._cache_size:
-            ino, _ = self._cache.popitem(last=False)
-            self._seen.pop(ino, None)
-            self._bare.pop(ino, None)
-            self._listing.pop(ino, None)
-
-    def recent(self, ino: int, max_age: float = FRESH) -> Inode | None:
-        """The inode as this node last read or wrote it, if that was less
-        than ``max_age`` seconds ago: other nodes' changes may take that
-        long to show, which the shared-volume contract allows (one second)."""
-        seen = self._seen.get(ino)
-        if seen is not None and time.monotonic() - seen < max_age and ino in self._cache:
-            return dataclasses.replace(self._cache[ino])
-        return None
-
-    def _entry(self, txn, parent: int, name: bytes, ino: int | None) -> None:
-        """Record an entry change for the listings this node keeps."""
-        txn.entries.append((parent, name, ino))
-        if ino is None:
-            txn.delete(self.dkey(parent, name))
-        else:
-            txn.put(self.dkey(parent, name), pack_ino(ino))
-
-    def _listed(self, parent: int) -> dict | None:
-        """The complete entries of ``parent`` if this node knows them at the
-        directory's current revision, checked less than FRESH seconds ago
-        (every entry change rewrites the directory's inode, so a listing
-        taken at that revision is whole)."""
-        got = self._listing.get(parent)
-        node = self._cache.get(parent)
-        seen = self._seen.get(parent)
-        if (got is None or node is None or seen is None or got[1] != node.rev
-                or time.monotonic() - seen >= FRESH):
-            return None
-        return got[0]
-
-    def _put(self, txn, node: Inode) -> None:
-        txn.put(self.ikey(node.ino), node.pack())
-        txn.written[node.ino] = node
-
-    def _gone(self, txn, ino: int) -> None:
-        """Delete an inode and its extended attributes, in this transaction."""
-        txn.delete(self.ikey(ino))
-        txn.delete_prefix(keys.ns_xattr_prefix(self.cid, self.volid, ino))
-        txn.written[ino] = None
-
-    async def _absent(self, txn, key: str) -> bool:
-        """Whether ``key`` is absent; the first attempt assumes it and lets
-        etcd check."""
-        if txn.attempt == 1:
-            txn.expect(key, 0)
-            return True
-        return await txn.get(key) is None
-
-    async def _run(self, body, what: str):
-        for attempt in range(1, 21):
-            txn = Txn(self.kv)
-            txn.attempt, txn.assumed, txn.written = attempt, set(), {}
-            txn.base, txn.entries = {}, []
-            result = await body(txn)
-            rev = await txn.commit_rev()
-            if rev:
-                for parent, name, ino in txn.entries:
-                    got = self._listing.get(parent)
-                    if got is not None and got[1] == txn.base.get(parent):
-                        if ino is None:
-                            got[0].pop(name, None)
-                        else:
-                            got[0][name] = ino
-                for ino, node in txn.written.items():
-                    if node is None:
-                        self._cache.pop(ino, None)
-                        self._listing.pop(ino, None)
-                        continue
-                    got = self._listing.get(ino)
-                    if got is not None:
-                        if got[1] == txn.base.get(ino):
-                            self._listing[ino] = (got[0], rev)
-                        else:
-                            del self._listing[ino]
-                    elif node.is_dir and ino not in txn.base:      # a new directory
-                        self._listing[ino] = ({}, rev)
-                    node.rev = rev
-                    self._remember(node)
-                self.stats["fast" if attempt == 1 else "retried"] += 1
-                return result
-            for ino in txn.assumed:                # a guess was wrong: read next time
-                self._cache.pop(ino, None)
-            if attempt > 1:
-                await trio.sleep(random.uniform(0.002, 0.01 * attempt))
-        raise TxnConflict(f"{what} lost its race 20 times")
-
-    # -- keys ------------------------------------------------------------------
-    def ikey(self, ino: int) -> str:
-        return keys.ns_inode_key(self.cid, self.volid, ino)
-
-    def dkey(self, parent: int, name: bytes) -> str:
-        return keys.ns_dentry_key(self.cid, self.volid, parent, name)
 
     # -- reads -----------------------------------------------------------------
-    async def _inode(self, txn, ino: int) -> Inode:
-        if getattr(txn, "attempt", 0) == 1 and ino in self._cache:
-            node = dataclasses.replace(self._cache[ino])
-            txn.expect(self.ikey(ino), node.rev)
-            txn.assumed.add(ino)
-            txn.base[ino] = node.rev
-            return node
-        item = await txn.get(self.ikey(ino))
-        if item is None:
-            self._cache.pop(ino, None)
-            raise NotFound(f"no inode {ino}")
-        node = Inode.unpack(ino, item.value, item.mod_rev)
-        self._remember(node)
-        if hasattr(txn, "base"):
-            txn.base[ino] = node.rev
-        return node
-
     async def getattr(self, ino: int) -> Inode:
         return await self._inode(self.kv, ino)
 
@@ -489,55 +348,3 @@ class NsMeta:
             txn.delete(okey)
             return t
         return await self._run(body, "drop orphan")
-
-    # -- extended attributes -------------------------------------------------------
-    def xkey(self, ino: int, name: bytes) -> str:
-        if not name or len(name) > XATTR_NAME_MAX or b"\0" in name:
-            raise InvalidArgument("bad extended attribute name", errno=errno.ERANGE)
-        return keys.ns_xattr_key(self.cid, self.volid, ino, name)
-
-    async def getxattr(self, ino: int, name: bytes) -> bytes:
-        key = self.xkey(ino, name)
-        bare = self._bare.get(ino)
-        if bare is not None and time.monotonic() - bare < FRESH:
-            # the kernel asks for security.capability before every write
-            raise _err(errno.ENODATA, "no such attribute")
-        item = await self.kv.get(key)
-        if item is None:
-            await self.getattr(ino)                 # ENOENT for a vanished file
-            raise _err(errno.ENODATA, "no such attribute")
-        return item.value
-
-    async def listxattr(self, ino: int) -> list[bytes]:
-        prefix = keys.ns_xattr_prefix(self.cid, self.volid, ino)
-        return [keys.decode_name(it.key[len(prefix):]) for it in await self.kv.range(prefix)]
-
-    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
-        key = self.xkey(ino, name)
-        self._bare.pop(ino, None)
-        if len(value) > XATTR_SIZE_MAX:
-            raise _err(errno.E2BIG, "extended attribute value larger than 64 KiB")
-
-        async def body(txn):
-            t = await self._inode(txn, ino)
-            old = await txn.get(key) if flags else None
-            if flags & XATTR_CREATE and old is not None:
-                raise AlreadyExists("attribute exists")
-            if flags & XATTR_REPLACE and old is None:
-                raise _err(errno.ENODATA, "no such attribute")
-            t.ctime = time.time_ns()
-            txn.put(key, value)
-            self._put(txn, t)
-        await self._run(body, "setxattr")
-
-    async def removexattr(self, ino: int, name: bytes) -> None:
-        key = self.xkey(ino, name)
-
-        async def body(txn):
-            t = await self._inode(txn, ino)
-            if await txn.get(key) is None:
-                raise _err(errno.ENODATA, "no such attribute")
-            t.ctime = time.time_ns()
-            txn.delete(key)
-            self._put(txn, t)
-        await self._run(body, "removexattr")

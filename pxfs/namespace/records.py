@@ -16,7 +16,7 @@ import dataclasses
 import stat
 
 from .. import codec
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, PxfsError
 
 ROOT_INO = 1
 NAME_MAX = 255
@@ -84,3 +84,8 @@ def check_name(name: bytes) -> None:
         raise InvalidArgument(f"invalid file name {name!r}")
     if len(name) > NAME_MAX:
         raise InvalidArgument("file name longer than 255 bytes", errno=36)  # ENAMETOOLONG
+
+
+def ns_error(code: int, msg: str) -> PxfsError:
+    """A namespace error carrying the POSIX errno a caller should see."""
+    return PxfsError(msg, errno=code)
