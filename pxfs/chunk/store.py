@@ -25,6 +25,7 @@ import zlib
 
 from .. import CHUNK_SIZE, CSUM_BLOCK
 from ..errors import ChecksumError, InvalidArgument, NoSpace, PxfsError
+from . import xfs
 from .layout import HEADER_SIZE, NBLOCKS, Header
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ class ChunkStore:
         #: the pool filesystem takes RWF_NOWAIT buffered writes (XFS does,
         #: ext4 does not); cleared on the first refusal
         self.nowait_writes = hasattr(os, "RWF_NOWAIT")
+        self._root_fds: dict[str, int] = {}
+        self._no_handles: set[str] = set()
         for root in self.roots:
             os.makedirs(os.path.join(root, "vols"), exist_ok=True)
 
@@ -151,6 +154,23 @@ class ChunkStore:
                 v.fd = -1
         return ch
 
+    def _nocmtime(self, fd: int, d: str) -> int:
+        """``fd``, or on an XFS pool a descriptor that leaves timestamps
+        alone, so buffered RWF_NOWAIT writes are not refused (xfs.py)."""
+        root = os.path.dirname(os.path.dirname(d))
+        if root in self._no_handles:
+            return fd
+        try:
+            rfd = self._root_fds.get(root)
+            if rfd is None:
+                rfd = self._root_fds[root] = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+            new = xfs.reopen_nocmtime(fd, rfd)
+        except OSError:
+            self._no_handles.add(root)          # not XFS or not allowed: plain fds
+            return fd
+        os.close(fd)
+        return new
+
     def _open_file(self, volid: int, idx: int, create: bool) -> _Chunk | None:
         d = self._voldir(volid, create)
         if d is None:
@@ -166,7 +186,8 @@ class ChunkStore:
             os.pwrite(fd, hdr.pack(), 0)
             with self._lock:
                 self._dirty_dirs.add(volid)
-            return _Chunk(fd, hdr)
+            return _Chunk(self._nocmtime(fd, d), hdr)
+        fd = self._nocmtime(fd, d)
         try:
             hdr = Header.unpack(os.pread(fd, HEADER_SIZE, 0))
         except ValueError as exc:
@@ -552,3 +573,6 @@ class ChunkStore:
                         os.fsync(v.fd)
                     os.close(v.fd)
                     v.fd = -1
+        for rfd in self._root_fds.values():
+            os.close(rfd)
+        self._root_fds.clear()
