@@ -35,7 +35,7 @@ from .namespace.meta import NsMeta
 from .namespace.shared import SPAN, SharedVolume
 from .replication.targets import RemoteReplica
 from .replication.volume_io import ReplicatedVolume
-from .rpc.client import Peer
+from .rpc.client import PeerBook
 
 log = logging.getLogger("pxfs.mount")
 DEFAULT_NODE = "http://127.0.0.1:9001"
@@ -92,8 +92,7 @@ class MountClient:
         self.kv, self.cid, self.node, self.volid = kv, cid, node, volid
         self.name, self.mountpoint = name, mountpoint
         self.client = f"{node}.{socket.gethostname()}.{os.getpid()}"
-        self.peers: dict[str, Peer] = {}
-        self.addrs: dict[str, str] = {}
+        self.peers = PeerBook(refresh=lambda: list_nodes(self.kv, self.cid))
         self.rec: dict = {}
         self.rev = 0
         self.lease = 0
@@ -109,19 +108,11 @@ class MountClient:
         return time.monotonic() - self.alive_at < MOUNT_TTL * 0.6
 
     def target(self, node: str) -> RemoteReplica:
-        addr = self.addrs.get(node)
-        peer = self.peers.get(node)
-        if addr and (peer is None or f"{peer.host}:{peer.port}" != addr):
-            host, _, port = addr.rpartition(":")
-            peer = self.peers[node] = Peer(host, int(port))
-        if peer is None:
-            raise PxfsError(f"no address known for node {node}")
-        return RemoteReplica(node, peer)
+        return RemoteReplica(node, self.peers.peer(node))
 
     async def load(self) -> bool:
         """Read the volume record and node addresses; True if the record changed."""
-        for n in await list_nodes(self.kv, self.cid):
-            self.addrs[n["id"]] = n["data"]
+        self.peers.learn(await list_nodes(self.kv, self.cid))
         item = await self.kv.get(keys.vol_key(self.cid, self.volid))
         if item is None:
             raise PxfsError(f"volume {self.name} was deleted")

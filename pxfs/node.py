@@ -18,13 +18,13 @@ import trio
 from . import __version__, config as config_mod
 from .chunk import pool
 from .chunk.store import ChunkStore
-from .errors import ConfigError, InvalidArgument, MetaError, PeerUnavailable, PxfsError
+from .errors import ConfigError, InvalidArgument, MetaError, PxfsError
 from .meta import keys
 from .meta.etcd import EtcdKV
 from .meta.lease import Membership, list_nodes
 from .replication.replica import ReplicaService
 from .replication.targets import LocalReplica, RemoteReplica
-from .rpc.client import Peer
+from .rpc.client import PeerBook
 from .rpc.server import RpcServer
 from .volume.attach import Attachments
 from .volume.catalog import Catalog
@@ -34,31 +34,12 @@ from .volume.sharedmount import SharedMounts
 log = logging.getLogger("pxfs.node")
 
 
-class _LatePeer:
-    """A peer whose address was not known yet: read the membership once
-    before the first request."""
-
-    def __init__(self, node: "Node", name: str):
-        self._node, self._name = node, name
-
-    async def call(self, op: str, **kw) -> dict:
-        peer = self._node._peer(self._name)
-        if peer is None:
-            with contextlib.suppress(PxfsError):
-                await self._node.refresh_addresses()
-            peer = self._node._peer(self._name)
-        if peer is None:
-            raise PeerUnavailable(f"no address known for node {self._name}; is it registered?")
-        return await peer.call(op, **kw)
-
-
 class Node:
     def __init__(self, cfg: config_mod.Config, kv, roots: list[str]):
         self.cfg, self.kv, self.roots = cfg, kv, roots
         self.store = ChunkStore(roots)
         self.replica = ReplicaService(self.store)
-        self.peers: dict[str, Peer] = {}
-        self._addrs: dict[str, str] = {}
+        self.peers = PeerBook(refresh=lambda: list_nodes(self.kv, self.cfg.clusterid))
         self.membership = Membership(kv, cfg.clusterid, cfg.node_id, cfg.lease_ttl, self.info)
         self.catalog = Catalog(kv, cfg.clusterid, cfg.node_id, self.target)
         from .fuse.view import NodeView
@@ -79,24 +60,11 @@ class Node:
     def target(self, node: str):
         if node == self.cfg.node_id:
             return LocalReplica(node, self.replica)
-        peer = self._peer(node)
-        # a node that registered since the last refresh is looked up on use
-        return RemoteReplica(node, peer if peer is not None else _LatePeer(self, node))
-
-    def _peer(self, node: str) -> Peer | None:
-        addr = self._addrs.get(node)
-        if addr is None:
-            return None
-        peer = self.peers.get(node)
-        if peer is None or f"{peer.host}:{peer.port}" != addr:
-            host, _, port = addr.rpartition(":")
-            peer = self.peers[node] = Peer(host, int(port))
-        return peer
+        return RemoteReplica(node, self.peers.peer(node))
 
     async def refresh_addresses(self) -> list[dict]:
         nodes = await list_nodes(self.kv, self.cfg.clusterid)
-        for n in nodes:
-            self._addrs[n["id"]] = n["data"]
+        self.peers.learn(nodes)
         return nodes
 
     async def address_service(self, *, task_status=trio.TASK_STATUS_IGNORED):

@@ -43,7 +43,7 @@ from pxfs.meta.lease import list_nodes
 from pxfs.namespace.records import ROOT_INO, Inode, pack_ino, unpack_ino
 from pxfs.namespace.shared import CHUNK_BITS
 from pxfs.replication.targets import RemoteReplica
-from pxfs.rpc.client import Peer
+from pxfs.rpc.client import PeerBook
 
 from .client import ApiError, Client
 
@@ -90,9 +90,9 @@ class Fsck:
                 self.orphans.add(int(tail, 16))
             elif kind == "x":
                 self.xattr_inos[int(tail.partition("/")[0], 16)].append(it.key)
-        for n in await list_nodes(self.kv, self.cid):
-            host, _, port = n["data"].rpartition(":")
-            self.peers[n["id"]] = RemoteReplica(n["id"], Peer(host, int(port)))
+        book = PeerBook()
+        book.learn(await list_nodes(self.kv, self.cid))
+        self.peers = {n: RemoteReplica(n, book.known(n)) for n in book.addrs}
         self.chunks: dict[str, dict[int, int]] = {}
         for r in self.rec["replicas"]:
             if r["state"] != "in_sync" or r["node"] not in self.peers:

@@ -23,6 +23,9 @@ from ..namespace.records import ROOT_INO, Inode
 
 log = logging.getLogger(__name__)
 ENTRY_TIMEOUT = 1.0
+#: setattr fields: (SharedVolume keyword and SetattrFields.update_<name>, attribute)
+_SETATTR = [("mode", "st_mode"), ("uid", "st_uid"), ("gid", "st_gid"), ("size", "st_size"),
+            ("atime", "st_atime_ns"), ("mtime", "st_mtime_ns"), ("ctime", "st_ctime_ns")]
 
 
 class _Dir:
@@ -81,21 +84,8 @@ class SharedFS(pyfuse3.Operations):
         return self._attr(await self._call(self.sv.getattr(inode)))
 
     async def setattr(self, inode, attr, fields, fh, ctx):
-        kw = {}
-        if fields.update_mode:
-            kw["mode"] = attr.st_mode
-        if fields.update_uid:
-            kw["uid"] = attr.st_uid
-        if fields.update_gid:
-            kw["gid"] = attr.st_gid
-        if fields.update_size:
-            kw["size"] = attr.st_size
-        if fields.update_atime:
-            kw["atime"] = attr.st_atime_ns
-        if fields.update_mtime:
-            kw["mtime"] = attr.st_mtime_ns
-        if fields.update_ctime:
-            kw["ctime"] = attr.st_ctime_ns
+        kw = {key: getattr(attr, src) for key, src in _SETATTR
+              if getattr(fields, f"update_{key}")}
         return self._attr(await self._call(self.sv.setattr(inode, **kw)))
 
     async def readlink(self, inode, ctx):

@@ -177,14 +177,18 @@ class NsMeta(XattrOps, RememberedInodes):
         self._gone(txn, t.ino)
         return True
 
+    async def _child(self, txn, parent: int, name: bytes) -> tuple[Inode, Inode]:
+        """(directory, the inode its entry ``name`` names), both compared."""
+        p = await self._dir(txn, parent)
+        d = await txn.get(self.dkey(parent, name))
+        if d is None:
+            raise NotFound(f"{name!r} not found")
+        return p, await self._inode(txn, unpack_ino(d.value))
+
     async def unlink(self, parent: int, name: bytes, is_open=lambda ino: False) -> tuple[Inode, bool]:
         """Remove a non-directory name; (inode, True if its data must be freed)."""
         async def body(txn):
-            p = await self._dir(txn, parent)
-            d = await txn.get(self.dkey(parent, name))
-            if d is None:
-                raise NotFound(f"{name!r} not found")
-            t = await self._inode(txn, unpack_ino(d.value))
+            p, t = await self._child(txn, parent, name)
             if t.is_dir:
                 raise _err(errno.EISDIR, f"{name!r} is a directory")
             now = time.time_ns()
@@ -193,16 +197,11 @@ class NsMeta(XattrOps, RememberedInodes):
             self._entry(txn, parent, name, None)
             self._put(txn, p)
             return t, self._drop_link(txn, t, is_open)
-        t, free = await self._run(body, "unlink")
-        return t, free
+        return await self._run(body, "unlink")
 
     async def rmdir(self, parent: int, name: bytes) -> Inode:
         async def body(txn):
-            p = await self._dir(txn, parent)
-            d = await txn.get(self.dkey(parent, name))
-            if d is None:
-                raise NotFound(f"{name!r} not found")
-            t = await self._inode(txn, unpack_ino(d.value))
+            p, t = await self._child(txn, parent, name)
             if not t.is_dir:
                 raise _err(errno.ENOTDIR, f"{name!r} is not a directory")
             # a create racing this rewrites t (its mtime), failing our compare
@@ -282,31 +281,20 @@ class NsMeta(XattrOps, RememberedInodes):
             if p2 != p1:
                 self._put(txn, dp)
             return d, free
-        replaced, free = await self._run(body, "rename")
-        return replaced, free
+        return await self._run(body, "rename")
 
-    async def setattr(self, ino: int, *, mode=None, uid=None, gid=None, size=None,
-                      atime=None, mtime=None, ctime=None) -> tuple[Inode, int]:
-        """Change attributes; (new inode, size before)."""
+    async def setattr(self, ino: int, *, size=None, **fields) -> tuple[Inode, int]:
+        """Change attributes (``size`` and Inode.apply's fields); (new
+        inode, size before)."""
         async def body(txn):
             t = await self._inode(txn, ino)
             old = t.size
-            if mode is not None:
-                t.mode = (t.mode & ~0o7777) | (mode & 0o7777)
-            if uid is not None:
-                t.uid = uid
-            if gid is not None:
-                t.gid = gid
             if size is not None:
                 if t.is_dir:
                     raise _err(errno.EISDIR, "cannot truncate a directory")
                 t.size = size
                 t.mtime = time.time_ns()
-            if atime is not None:
-                t.atime = atime
-            if mtime is not None:
-                t.mtime = mtime
-            t.ctime = ctime if ctime is not None else time.time_ns()
+            t.apply({"ctime": time.time_ns(), **{k: v for k, v in fields.items() if v is not None}})
             self._put(txn, t)
             return t, old
         return await self._run(body, "setattr")
@@ -321,11 +309,7 @@ class NsMeta(XattrOps, RememberedInodes):
         async def body(txn):
             t = await self._inode(txn, ino)
             t.size, t.mtime, t.ctime = size, max(t.mtime, mtime), max(t.ctime, mtime)
-            if "mode" in attrs:
-                t.mode = (t.mode & ~0o7777) | (attrs["mode"] & 0o7777)
-            for f in ("uid", "gid", "atime", "mtime", "ctime"):
-                if f in attrs:
-                    setattr(t, f, attrs[f])
+            t.apply(attrs)
             self._put(txn, t)
             return t
         return await self._run(body, "update size")

@@ -50,6 +50,15 @@ class Inode:
     def is_reg(self) -> bool:
         return stat.S_ISREG(self.mode)
 
+    def apply(self, fields: dict) -> None:
+        """Apply setattr fields (mode permission bits, uid, gid, atime,
+        mtime, ctime; absent or None = unchanged)."""
+        if fields.get("mode") is not None:
+            self.mode = (self.mode & ~0o7777) | (fields["mode"] & 0o7777)
+        for f in ("uid", "gid", "atime", "mtime", "ctime"):
+            if fields.get(f) is not None:
+                setattr(self, f, fields[f])
+
     def pack(self) -> bytes:
         fields = [self.mode, self.uid, self.gid, self.nlink, self.size, self.atime, self.mtime,
                   self.ctime, self.rdev, self.parent, self.target]

@@ -23,6 +23,7 @@ import trio
 from .. import CHUNK_SIZE, CSUM_BLOCK
 from ..errors import Fenced, NoSpace, PxfsError
 from ..meta import keys
+from ..meta.kv import Put
 from .. import codec
 from .meta import NsMeta
 from .records import Inode
@@ -73,7 +74,6 @@ class Usage:
     async def record(self) -> None:
         now = (self.bytes, self.inodes)
         if now != self._recorded:
-            from ..meta.kv import Put
             await self.kv.txn([], [Put(self.key, codec.pack(list(now)))])
             self._recorded = now
 
@@ -114,11 +114,7 @@ class SharedVolume:
         if f is not None and f.dirty:
             inode.size, inode.mtime = f.size, max(inode.mtime, f.mtime)
             inode.ctime = max(inode.ctime, f.mtime)
-            if "mode" in f.attrs:
-                inode.mode = (inode.mode & ~0o7777) | (f.attrs["mode"] & 0o7777)
-            for k in ("uid", "gid", "atime", "mtime", "ctime"):
-                if k in f.attrs:
-                    setattr(inode, k, f.attrs[k])
+            inode.apply(f.attrs)
         return inode
 
     def _dirty(self, f: OpenFile) -> None:

@@ -121,16 +121,7 @@ class ReplicatedVolume:
         bad: list[str] = []
         errors = []
         readers = self.readers()
-        if self._refresh is not None:
-            # another writer may have changed the replica states since we
-            # last looked: when every replica we know fails, look again
-            async def more():
-                await self._refresh()
-                return [r for r in self.readers() if r not in readers]
-        else:
-            async def more():
-                return []
-        async for node in _chain(readers, more):
+        async for node in _chain(readers, lambda: self._more_readers(readers)):
             try:
                 data = await self._target(node).read(self.volid, idx, a0, a1 - a0, timeout=self.timeout)
             except ChecksumError as exc:
@@ -146,6 +137,14 @@ class ReplicatedVolume:
             return data[inoff - a0:inoff - a0 + n]
         raise PxfsError(f"volume {self.volid}: no replica could serve chunk {idx}: "
                         + "; ".join(map(str, errors)) if errors else "no in-sync replica")
+
+    async def _more_readers(self, tried: list[str]) -> list[str]:
+        """Shared volumes: another writer may have changed the replica states
+        since we last looked; when every replica we know failed, look again."""
+        if self._refresh is None:
+            return []
+        await self._refresh()
+        return [r for r in self.readers() if r not in tried]
 
     async def _repair(self, node: str, good: str, idx: int, inoff: int, data: bytes,
                       locked: bool) -> None:

@@ -8,7 +8,7 @@ import logging
 
 import trio
 
-from ..errors import FrameError, PeerUnavailable, from_wire
+from ..errors import FrameError, PeerUnavailable, PxfsError, from_wire
 from .frames import FrameReader, encode_parts
 
 log = logging.getLogger(__name__)
@@ -73,3 +73,52 @@ class Peer:
         idle, self._idle = self._idle, []
         for c in idle:
             await trio.aclose_forcefully(c.stream)
+
+
+class PeerBook:
+    """The data-port address of every node, and one Peer (with its pool of
+    connections) per node.  ``refresh`` (async, returns the node records)
+    is called once when a node nobody has heard of yet is asked for: it may
+    have registered since the addresses were last read."""
+
+    def __init__(self, refresh=None):
+        self.addrs: dict[str, str] = {}
+        self._peers: dict[str, Peer] = {}
+        self._refresh = refresh
+
+    def learn(self, nodes: list[dict]) -> None:
+        for n in nodes:
+            self.addrs[n["id"]] = n["data"]
+
+    def known(self, node: str) -> Peer | None:
+        addr = self.addrs.get(node)
+        if addr is None:
+            return None
+        peer = self._peers.get(node)
+        if peer is None or f"{peer.host}:{peer.port}" != addr:
+            host, _, port = addr.rpartition(":")
+            peer = self._peers[node] = Peer(host, int(port))
+        return peer
+
+    def peer(self, node: str):
+        """The node's Peer, or one that looks the node up on first use."""
+        return self.known(node) or _LatePeer(self, node)
+
+    async def _late(self, node: str) -> Peer:
+        if self.known(node) is None and self._refresh is not None:
+            try:
+                self.learn(await self._refresh())
+            except PxfsError:
+                pass
+        peer = self.known(node)
+        if peer is None:
+            raise PeerUnavailable(f"no address known for node {node}; is it registered?")
+        return peer
+
+
+class _LatePeer:
+    def __init__(self, book: PeerBook, node: str):
+        self._book, self._node = book, node
+
+    async def call(self, op: str, **kw) -> dict:
+        return await (await self._book._late(self._node)).call(op, **kw)
