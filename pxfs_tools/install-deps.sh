@@ -12,6 +12,9 @@ python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 # the packaged etcd starts a service on the default port; pxfs-cluster runs its own
 systemctl disable --now etcd >/dev/null 2>&1 || true
 # mount -t fuse.pxfs runs `pxfs` through mount.fuse3 with the system PATH
-scripts="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
-[ "$scripts/pxfs" = /usr/local/bin/pxfs ] || ln -sf "$scripts/pxfs" /usr/local/bin/pxfs
+syspath=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+if ! PATH=$syspath command -v pxfs >/dev/null; then
+    scripts="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
+    ln -sf "$scripts/pxfs" /usr/local/bin/pxfs
+fi
 echo "pxfs installed: $(command -v pxctl) $(command -v pxfsd) $(command -v pxfs-cluster)"
