@@ -45,10 +45,12 @@ IGNORED = {"_netdev", "defaults", "auto", "noauto", "nofail", "user", "nouser", 
            "suid", "nosuid", "dev", "nodev", "exec", "noexec", "async", "atime", "noatime",
            "relatime", "norelatime", "strictatime", "lazytime"}
 MOUNT_TTL = 10
+#: marks a mount a node made for `pxctl host mount` (x-: userspace-only, as util-linux has it)
+HOST_MOUNT = "x-pxfs-host-mount"
 
 
 def parse_options(text: str) -> dict:
-    opts = {"node": DEFAULT_NODE, "flags": set(), "log": None}
+    opts = {"node": DEFAULT_NODE, "flags": set(), "log": None, "host_mount": False}
     for part in filter(None, (p.strip() for p in (text or "").split(","))):
         key, eq, value = part.partition("=")
         if key == "node" and eq:
@@ -59,6 +61,8 @@ def parse_options(text: str) -> dict:
             opts["log"] = value
         elif key in FUSE_FLAGS and not eq:
             opts["flags"].add(key)
+        elif key == HOST_MOUNT and not eq:
+            opts["host_mount"] = True         # made by `pxctl host mount`; undone by it
         elif key in IGNORED or key.startswith("x-") or key.startswith("comment="):
             continue
         else:
@@ -88,8 +92,10 @@ def node_info(node_url: str, source: str) -> tuple[dict, dict]:
 class MountClient:
     """Everything one mount needs: etcd, the replicas, the volume."""
 
-    def __init__(self, kv, cid: str, node: str, volid: int, name: str, mountpoint: str):
+    def __init__(self, kv, cid: str, node: str, volid: int, name: str, mountpoint: str,
+                 host_mount: bool = False):
         self.kv, self.cid, self.node, self.volid = kv, cid, node, volid
+        self.host_mount = host_mount
         self.name, self.mountpoint = name, mountpoint
         self.client = f"{node}.{socket.gethostname()}.{os.getpid()}"
         self.peers = PeerBook(refresh=lambda: list_nodes(self.kv, self.cid))
@@ -156,7 +162,8 @@ class MountClient:
         if self.lease:
             rec = codec.pack_record({"node": self.node, "path": self.mountpoint,
                                      "host": socket.gethostname(), "pid": os.getpid(),
-                                     "since": self.since, "seen_rev": self.rev})
+                                     "since": self.since, "seen_rev": self.rev,
+                                     "host_mount": self.host_mount})
             await self.kv.txn([], [Put(keys.nsmount_key(self.cid, self.volid, self.client), rec,
                                        self.lease)])
 
@@ -197,7 +204,7 @@ async def serve(source: str, mountpoint: str, opts: dict, ready_fd: int | None,
                               "`pxctl host attach` / `pxctl host mount`")
     kv = EtcdKV([parse_kvdb_url(u) for u in cluster["kvdb"]])
     mc = MountClient(kv, cluster["clusterid"], cluster["node_id"], int(vol_desc["id"]),
-                     vol_desc["name"], mountpoint)
+                     vol_desc["name"], mountpoint, opts["host_mount"])
     await mc.load()
     async def refresh():
         with contextlib.suppress(PxfsError):

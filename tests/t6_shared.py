@@ -295,7 +295,7 @@ def test_two_agents_share_a_workspace(shared, tmp_path):
 
 
 def test_pxctl_host_mount_of_a_shared_volume(shared):
-    c, _ = shared
+    c, mount = shared
     c.pxctl("node1", "volume", "create", "hm", "--shared", "--size", "1", "--repl", "2")
     res = c.pxctl("node2", "host", "mount", "hm")
     path = os.path.join(c.nodes["node2"]["osd_root"], "pxns", "hm")
@@ -307,7 +307,11 @@ def test_pxctl_host_mount_of_a_shared_volume(shared):
     assert open(f"{other}/hello").read() == "hi"
     res = c.pxctl("node1", "host", "attach", "hm", check=False)
     assert res.returncode != 0 and "shared" in res.stderr
+    # a user's own mount through node2 is not node2's to undo
+    mine = mount("node2", "hm", os.path.join(c.workdir, "mine"))
     c.pxctl("node2", "host", "unmount", "hm")
+    assert os.path.ismount(mine) and open(f"{mine}/hello").read() == "hi"
+    subprocess.run(["umount", mine], check=True)
     c.pxctl("node3", "host", "unmount", "hm")
     assert not os.path.ismount(path) and not os.path.ismount(other)
     wait_unmounted(c, "hm")

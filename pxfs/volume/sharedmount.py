@@ -42,7 +42,7 @@ class SharedMounts:
             raise Busy(f"{path} is already a mount point")
         await trio.to_thread.run_sync(lambda: os.makedirs(path, exist_ok=True))
         argv = [sys.executable, "-m", "pxfs.mount", str(rec["id"]), path, "-o",
-                f"node={self.api_url},allow_other,default_permissions"]
+                f"node={self.api_url},allow_other,default_permissions,x-pxfs-host-mount"]
         with trio.fail_after(60):
             res = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
         if res.returncode:
@@ -52,9 +52,14 @@ class SharedMounts:
         return await self.describe(rec, path)
 
     async def unmount(self, rec: dict, path: str | None = None) -> dict:
+        """Undo this node's `host mount`s of the volume (or the mount at
+        ``path``); mounts a user made with `mount -t fuse.pxfs` through this
+        node are left alone unless named by path."""
         mounts = await self.here(rec["id"])
         if path is not None:
             mounts = [m for m in mounts if m["path"] == os.path.normpath(path)]
+        else:
+            mounts = [m for m in mounts if m.get("host_mount")]
         if not mounts:
             raise NotFound(f"volume {rec['name']!r} is not mounted on this node")
         for m in mounts:
