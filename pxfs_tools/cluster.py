@@ -11,6 +11,7 @@ benchmarks; several clusters can run on one machine at once.
 from __future__ import annotations
 
 import json
+import random
 import os
 import secrets
 import signal
@@ -25,10 +26,32 @@ import httpx
 STATE = "cluster.json"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports below the kernel's ephemeral range,
+    so that no outgoing connection (which takes an ephemeral port) can grab
+    one before its server binds it; all are held until all are found."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            low = int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    held, ports = [], []
+    try:
+        for port in random.sample(range(10000, max(low, 10001 + 4 * n)), k=min(4000, low - 10000)):
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
+            held.append(s)
+            ports.append(port)
+            if len(ports) == n:
+                return ports
+    finally:
+        for s in held:
+            s.close()
+    raise click.ClickException("no free loopback ports below the ephemeral range")
 
 
 def _alive(pid: int | None) -> bool:
@@ -82,7 +105,7 @@ def _public(state: dict) -> dict:
 
 
 def start_etcd(workdir: str, fast: bool) -> tuple[str, int]:
-    cport, pport = free_port(), free_port()
+    cport, pport = free_ports(2)
     url, peer = f"http://127.0.0.1:{cport}", f"http://127.0.0.1:{pport}"
     log = open(os.path.join(workdir, "etcd.log"), "ab")
     argv = ["etcd", "--name", "pxfs-etcd", "--data-dir", os.path.join(workdir, "etcd"),
@@ -159,6 +182,7 @@ def up(count, workdir, drive_size, etcd_url, lease_ttl, fast, dir_drives):
         state["etcd"], state["etcd_pid"] = start_etcd(workdir, fast)
     _save(workdir, state)
     try:
+        ports = free_ports(2 * count)           # all at once: distinct across nodes
         for i in range(1, count + 1):
             nid = f"node{i}"
             ndir = os.path.join(workdir, nid)
@@ -169,7 +193,7 @@ def up(count, workdir, drive_size, etcd_url, lease_ttl, fast, dir_drives):
             else:
                 drive = os.path.join(ndir, "drive0.img")
                 subprocess.run(["truncate", "-s", drive_size, drive], check=True)
-            api, data = free_port(), free_port()
+            api, data = ports[2 * i - 2:2 * i]
             cfg = {"clusterid": state["clusterid"], "kvdb": [f"etcd:{state['etcd']}"],
                    "storage": {"devices": [drive]}, "node_id": nid,
                    "api_address": f"127.0.0.1:{api}", "data_address": f"127.0.0.1:{data}",

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,13 +15,9 @@ import uuid
 
 import pytest
 
+from pxfs_tools.cluster import free_ports
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +27,7 @@ def etcd_server():
     if binary is None:
         pytest.skip("etcd binary not installed (apt-get install etcd-server)")
     tmp = tempfile.mkdtemp(prefix="pxfs-etcd-")
-    cport, pport = free_port(), free_port()
+    cport, pport = free_ports(2)
     url, peer = f"http://127.0.0.1:{cport}", f"http://127.0.0.1:{pport}"
     log = open(os.path.join(tmp, "etcd.log"), "wb")
     proc = subprocess.Popen(
