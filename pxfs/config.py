@@ -45,6 +45,7 @@ class Config:
     log_level: str
     lease_ttl: int
     path: str = ""
+    docker_socket: str = "/run/docker/plugins/pxd.sock"   # "" = no Docker plugin
 
     @property
     def api_url(self) -> str:
@@ -171,8 +172,16 @@ def parse(raw: object, path: str = "") -> Config:
     ttl = raw.get("lease_ttl", 5)
     if not isinstance(ttl, int) or isinstance(ttl, bool) or not 2 <= ttl <= 60:
         raise ConfigError("lease_ttl", "expected whole seconds between 2 and 60")
+    docker_socket = raw.get("docker_socket", "/run/docker/plugins/pxd.sock")
+    if docker_socket is None:
+        docker_socket = ""
+    if not isinstance(docker_socket, str) or (docker_socket and not os.path.isabs(docker_socket)):
+        raise ConfigError("docker_socket", "expected an absolute path of a unix socket, or \"\" "
+                          "for no Docker plugin")
+    if len(docker_socket.encode()) > 107:
+        raise ConfigError("docker_socket", "path too long for a unix socket (at most 107 bytes)")
     return Config(clusterid, endpoints, tuple(devices), node_id, api_host, api_port,
-                  data_host, data_port, data_dir, fuse, osd_root, level, ttl, path)
+                  data_host, data_port, data_dir, fuse, osd_root, level, ttl, path, docker_socket)
 
 
 def load(path: str) -> Config:

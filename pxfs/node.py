@@ -27,6 +27,7 @@ from .replication.targets import LocalReplica, RemoteReplica
 from .rpc.client import PeerBook
 from .rpc.server import RpcServer
 from .volume.attach import Attachments
+from .volume import hostdev
 from .volume.catalog import Catalog
 from .volume.resyncer import Resyncer
 from .volume.sharedmount import SharedMounts
@@ -163,6 +164,44 @@ async def serve_api(node: Node, *, task_status=trio.TASK_STATUS_IGNORED):
     await serve(build_app(node), hc, task_status=task_status)
 
 
+async def serve_docker(node: Node, *, task_status=trio.TASK_STATUS_IGNORED):
+    """Docker's volume plugin ``pxd`` on the node's unix socket."""
+    from hypercorn.config import Config as HConfig
+    from hypercorn.trio import serve
+    from .docker.plugin import Plugin, build_app
+    path = node.cfg.docker_socket
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)                  # left by a node that died
+        else:
+            log.error("another process serves %s: no Docker plugin on this node", path)
+            task_status.started()
+            return
+        finally:
+            probe.close()
+    plugin = Plugin(node)
+    hc = HConfig()
+    hc.bind = [f"unix:{path}"]
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("pxfs.docker.server")
+    hc.loglevel = "WARNING"
+    try:
+        async with trio.open_nursery() as n:
+            await n.start(serve, build_app(plugin), hc)
+            task_status.started()
+            try:
+                await plugin.mounts.restore()
+            except PxfsError as exc:
+                log.warning("restoring Docker mounts failed: %s", exc)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 def _clean_fuse_mountpoint(path: str) -> None:
     try:
         os.stat(path)
@@ -191,6 +230,12 @@ async def run_node(cfg: config_mod.Config, roots: list[str]) -> int:
     node.attachments.recover_stale()
     _clean_fuse_mountpoint(cfg.fuse_mountpoint)
     os.makedirs(os.path.join(cfg.osd_root, "mounts"), exist_ok=True)
+    try:
+        hostdev.share_mounts_under(os.path.join(cfg.osd_root, "mounts"))
+    except subprocess.CalledProcessError as exc:
+        log.warning("cannot make %s a shared mount (%s): containers started by a dockerd in "
+                    "another mount namespace may not see volumes mounted there",
+                    os.path.join(cfg.osd_root, "mounts"), exc.stderr.decode(errors="replace").strip())
     fuse_view.mount(node.view, cfg.fuse_mountpoint)
     try:
         async with trio.open_nursery() as nursery:
@@ -202,6 +247,8 @@ async def run_node(cfg: config_mod.Config, roots: list[str]) -> int:
             await nursery.start(node.resyncer.run)
             await nursery.start(node.attachments.checkpoint_service)
             await nursery.start(serve_api, node)
+            if cfg.docker_socket:
+                await nursery.start(serve_docker, node)
             log.info("node %s up: api %s, data %s, fuse %s", cfg.node_id, cfg.api_url,
                      cfg.data_addr, cfg.fuse_mountpoint)
             print(f"pxfsd: node {cfg.node_id} ready", flush=True)

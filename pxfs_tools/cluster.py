@@ -10,6 +10,7 @@ benchmarks; several clusters can run on one machine at once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import os
@@ -99,9 +100,9 @@ def _save(workdir: str, state: dict) -> None:
 
 
 def _public(state: dict) -> dict:
-    keys = ("id", "api", "data", "pid", "fuse", "osd_root", "config", "log")
+    keys = ("id", "api", "data", "pid", "fuse", "osd_root", "config", "log", "docker_socket")
     return {"etcd": state["etcd"], "clusterid": state["clusterid"], "workdir": state["workdir"],
-            "nodes": [{k: n[k] for k in keys} for n in state["nodes"]]}
+            "nodes": [{k: n.get(k) for k in keys} for n in state["nodes"]]}
 
 
 def start_etcd(workdir: str, fast: bool) -> tuple[str, int]:
@@ -131,6 +132,15 @@ def start_etcd(workdir: str, fast: bool) -> tuple[str, int]:
             break
         time.sleep(0.1)
     raise click.ClickException(f"etcd did not start; see {workdir}/etcd.log")
+
+
+def _socket_path(ndir: str) -> str:
+    """The node's Docker plugin socket; unix socket paths are short."""
+    path = os.path.join(ndir, "docker", "pxd.sock")
+    if len(path) > 100:
+        digest = hashlib.sha1(ndir.encode()).hexdigest()[:12]
+        path = f"/run/pxfs/{digest}/docker/pxd.sock"
+    return path
 
 
 def _spawn(node: dict) -> int:
@@ -200,13 +210,15 @@ def up(count, workdir, drive_size, etcd_url, lease_ttl, fast, dir_drives):
                    "data_dir": os.path.join(ndir, "data"),
                    "fuse_mountpoint": os.path.join(ndir, "fuse"),
                    "osd_root": os.path.join(ndir, "osd"), "lease_ttl": lease_ttl,
+                   "docker_socket": _socket_path(ndir),
                    "log_level": "info"}
             cpath = os.path.join(ndir, "config.json")
             with open(cpath, "w") as fh:
                 json.dump(cfg, fh, indent=2)
             node = {"id": nid, "api": f"http://127.0.0.1:{api}", "data": f"127.0.0.1:{data}",
                     "pid": None, "fuse": cfg["fuse_mountpoint"], "osd_root": cfg["osd_root"],
-                    "config": cpath, "log": os.path.join(ndir, "pxfsd.log")}
+                    "config": cpath, "log": os.path.join(ndir, "pxfsd.log"),
+                    "docker_socket": cfg["docker_socket"]}
             node["pid"] = _spawn(node)
             state["nodes"].append(node)
             _save(workdir, state)

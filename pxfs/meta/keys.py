@@ -15,6 +15,8 @@
 | /pxfs/<cid>/ns/<volid>/orphan/<ino>    | unlinked inode still open on a node: node   | none       |
 | /pxfs/<cid>/ns/<volid>/use/<node>      | bytes and inodes a node added (statfs)      | none       |
 | /pxfs/<cid>/nsmount/<volid>/<client>   | a mount of a shared volume: node, path, pid | mount lease|
+| /pxfs/<cid>/docker/mount/<node>/<volid>| Docker mounts on a node: path, mount ids     | none       |
+| /pxfs/<cid>/docker/alias/<name>        | volid of a volume Docker knows by another name | none     |
 
 Inode numbers are hex in keys; names are kept as they are when they are
 UTF-8 without ``%``, else percent-encoded (so the two never collide).
@@ -144,3 +146,19 @@ def nsmount_key(cid: str, volid: int, client: str) -> str:
 
 def nsmount_prefix(cid: str, volid: int | None = None) -> str:
     return f"{ROOT}/{cid}/nsmount/" + ("" if volid is None else f"{volid}/")
+
+
+def docker_mount_key(cid: str, node: str, volid: int) -> str:
+    return f"{ROOT}/{cid}/docker/mount/{node}/{volid}"
+
+
+def docker_mount_prefix(cid: str, node: str | None = None) -> str:
+    return f"{ROOT}/{cid}/docker/mount/" + ("" if node is None else f"{node}/")
+
+
+def docker_alias_key(cid: str, name: str) -> str:
+    return f"{ROOT}/{cid}/docker/alias/{encode_name(name.encode())}"
+
+
+def docker_alias_prefix(cid: str) -> str:
+    return f"{ROOT}/{cid}/docker/alias/"

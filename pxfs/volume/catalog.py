@@ -126,6 +126,13 @@ class Catalog:
                          rec["id"], r["node"], exc)
         for item in await self.kv.range(keys.resync_prefix(self.cid) + f"{rec['id']}/"):
             await self.kv.txn([], [Delete(item.key)])
+        # Docker's records of the volume: mounts counted on each node, other names
+        for item in await self.kv.range(keys.docker_mount_prefix(self.cid)):
+            if keys.last_part(item.key) == str(rec["id"]):
+                await self.kv.txn([], [Delete(item.key)])
+        for item in await self.kv.range(keys.docker_alias_prefix(self.cid)):
+            if codec.unpack(item.value) == rec["id"]:
+                await self.kv.txn([], [Delete(item.key)])
         return rec
 
     async def ns_mounts(self, volid: int | None = None) -> list[dict]:

@@ -109,3 +109,13 @@ def unlink_pxd(volid: int) -> None:
         os.unlink(os.path.join(PXD_DIR, f"pxd{volid}"))
     except FileNotFoundError:
         pass
+
+
+def share_mounts_under(path: str) -> None:
+    """Make ``path`` a shared mount (a bind of itself if need be), so that
+    what is mounted under it later also appears in mount namespaces copied
+    from this one before, such as a dockerd run with MountFlags=slave.
+    Portworx asks the same of /var/lib/osd ("-v /var/lib/osd:/var/lib/osd:shared")."""
+    if not is_mountpoint(path):
+        subprocess.run(["mount", "--bind", path, path], check=True, capture_output=True)
+    subprocess.run(["mount", "--make-shared", path], check=True, capture_output=True)
