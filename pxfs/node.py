@@ -246,9 +246,9 @@ async def run_node(cfg: config_mod.Config, roots: list[str]) -> int:
             await node.collect_garbage()
             await nursery.start(node.resyncer.run)
             await nursery.start(node.attachments.checkpoint_service)
-            await nursery.start(serve_api, node)
             if cfg.docker_socket:
                 await nursery.start(serve_docker, node)
+            await nursery.start(serve_api, node)
             log.info("node %s up: api %s, data %s, fuse %s", cfg.node_id, cfg.api_url,
                      cfg.data_addr, cfg.fuse_mountpoint)
             print(f"pxfsd: node {cfg.node_id} ready", flush=True)

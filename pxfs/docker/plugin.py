@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -129,7 +130,9 @@ class Plugin:
                   "replicas": [f"{r['node']}: {r['state']}" for r in desc["replicas"]]}
         if desc["labels"]:
             status["labels"] = desc["labels"]
-        return {"Name": name, "Mountpoint": self.mounts.path_here(cur), "Status": status}
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(rec["ctime"]))
+        return {"Name": name, "Mountpoint": self.mounts.path_here(cur), "CreatedAt": created,
+                "Status": status}
 
     async def list(self) -> list[dict]:
         here = {}
