@@ -8,6 +8,11 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
     etcd-server fuse3 libfuse3-dev pkg-config gcc python3-dev \
     e2fsprogs xfsprogs util-linux mount fio iproute2 procps >/dev/null
+# Docker (the pxd volume plugin and its tests) and busybox-static (the tests' image)
+if ! command -v dockerd >/dev/null; then
+    apt-get install -y -qq --no-install-recommends docker.io >/dev/null
+fi
+apt-get install -y -qq --no-install-recommends busybox-static >/dev/null
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 # the packaged etcd starts a service on the default port; pxfs-cluster runs its own
 systemctl disable --now etcd >/dev/null 2>&1 || true

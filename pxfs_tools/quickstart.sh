@@ -36,5 +36,9 @@ A shared volume, mounted through two nodes:
   mkdir -p $DEMO/ws1 $DEMO/ws2
   mount -t fuse.pxfs ws $DEMO/ws1 -o node=$api1
   mount -t fuse.pxfs ws $DEMO/ws2 -o node=$api2
+From Docker (driver pxd), with your dockerd pointed at node1's plugin socket:
+  mkdir -p /etc/docker/plugins
+  echo unix://$DEMO/node1/docker/pxd.sock > /etc/docker/plugins/pxd.spec
+  docker volume create -d pxd --name dbvol --opt size=1 --opt repl=2
 Stop everything with:  pxfs-cluster down --workdir $DEMO
 MSG
