@@ -244,9 +244,8 @@ async def serve(source: str, mountpoint: str, opts: dict, ready_fd: int | None,
             nursery.start_soon(signals)
             await pyfuse3.main(max_tasks=64)
             with trio.move_on_after(10):
-                for ino in list(sv.files):
-                    with contextlib.suppress(PxfsError):
-                        await sv.close(ino)
+                with contextlib.suppress(PxfsError):
+                    await sv.finish()
                 await sv.usage.record()
                 await mc.unregister(lease_fn)
             nursery.cancel_scope.cancel()

@@ -184,6 +184,20 @@ class Fsck:
                 ops.append(Put(keys.ns_inode_key(self.cid, self.volid, ino), node.pack()))
         await self._apply(ops)
 
+    async def check_writers(self) -> None:
+        """Writer marks of mounts that are gone (killed before recording a
+        file they created; an open elsewhere would clear them too)."""
+        alive = {keys.last_part(i.key) for i in await self.kv.range(
+            keys.nsmount_prefix(self.cid, self.volid))}
+        ops = []
+        for ino, node in self.inodes.items():
+            if node.writer and node.writer not in alive:
+                self.note(f"inode {ino}: still marked as being written by {node.writer}, "
+                          "a mount that is gone (what it wrote last was not recorded)")
+                node.writer = ""
+                ops.append(Put(keys.ns_inode_key(self.cid, self.volid, ino), node.pack()))
+        await self._apply(ops)
+
     async def check_chunks(self) -> None:
         present: dict[int, set[str]] = collections.defaultdict(set)
         for node, chunks in self.chunks.items():
@@ -239,6 +253,7 @@ class Fsck:
         await self.check_entries()
         await self.check_reachable()
         await self.check_links()
+        await self.check_writers()
         await self.check_chunks()
         await self.check_usage()
         return {"volume": self.rec["name"], "inodes": len(self.inodes),

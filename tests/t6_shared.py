@@ -3,6 +3,7 @@ several nodes, cross-node semantics, crashes and bad input."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -500,3 +501,61 @@ def test_mount_that_lost_the_cluster_stops_writing(shared):
     with open(f"{m2}/after", "wb") as fh:
         fh.write(b"fresh mount")
     assert open(f"{m2}/after", "rb").read() == b"fresh mount"
+
+
+def test_close_to_open_while_records_are_batched(shared):
+    """A file created on one mount is recorded after its close, in a batch;
+    an open on another node right after the close still sees all of it."""
+    c, mount = shared
+    c.pxctl("node1", "volume", "create", "cto", "--shared", "--size", "1", "--repl", "2")
+    m1 = mount("node1", "cto", os.path.join(c.workdir, "c1"))
+    m2 = mount("node2", "cto", os.path.join(c.workdir, "c2"))
+    os.mkdir(f"{m1}/d")
+    c.wait_for(lambda: os.path.isdir(f"{m2}/d"), what="directory visible on node2")
+    for i in range(150):
+        data = os.urandom(100 + 37 * i)
+        with open(f"{m1}/d/f{i}", "wb") as fh:
+            fh.write(data)
+        # the other node's kernel may not know the name yet: look it up until it does
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                fd = os.open(f"{m2}/d/f{i}", os.O_RDONLY)
+                break
+            except FileNotFoundError:
+                assert time.monotonic() < deadline, f"f{i} never appeared on node2"
+                time.sleep(0.01)
+        with os.fdopen(fd, "rb") as fh:
+            assert fh.read() == data, f"f{i}: node2 did not see what node1 closed"
+
+
+def test_open_clears_the_mark_of_a_killed_writer(shared):
+    """The mount that created a file is SIGKILLed before recording it: an
+    open elsewhere clears its writer mark (once its mount record is gone)
+    instead of waiting for ever, and pxfs-fsck finds no mark left over."""
+    c, mount = shared
+    c.pxctl("node1", "volume", "create", "wk", "--shared", "--size", "1", "--repl", "2")
+    m1 = mount("node1", "wk", os.path.join(c.workdir, "w1"))
+    m2 = mount("node2", "wk", os.path.join(c.workdir, "w2"))
+    pids = [int(p) for p in subprocess.run(["pgrep", "-f", f"pxfs.mount wk {m1}"],
+                                           capture_output=True, text=True).stdout.split()]
+    assert pids
+    fd = os.open(f"{m1}/lost", os.O_CREAT | os.O_WRONLY)    # created and marked in etcd
+    os.write(fd, b"never recorded")
+    os.kill(pids[0], signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    subprocess.run(["umount", "-l", m1], capture_output=True)
+    c.wait_for(lambda: os.path.exists(f"{m2}/lost"), what="the created name is visible")
+    start = time.monotonic()
+    with open(f"{m2}/lost", "rb") as fh:     # waits for the killed mount's record to expire
+        fh.read()
+    assert time.monotonic() - start < 30
+    t = time.monotonic()
+    with open(f"{m2}/lost", "rb") as fh:     # the mark is gone: no wait the second time
+        fh.read()
+    assert time.monotonic() - t < 1
+    subprocess.run(["umount", m2], check=True)
+    wait_unmounted(c, "wk")
+    code, res = fsck(c, "wk", "-n")
+    assert not any("being written" in p for p in res["problems"]), res

@@ -113,7 +113,8 @@ class SharedFS(pyfuse3.Operations):
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         try:
-            node = await self._make(parent_inode, name, stat.S_IFREG | (mode & 0o7777), ctx)
+            node = await self._make(parent_inode, name, stat.S_IFREG | (mode & 0o7777), ctx,
+                                    fresh=True)
         except pyfuse3.FUSEError as exc:
             # another node created it a moment ago; without O_EXCL that is an open
             if exc.errno != errno.EEXIST or flags & os.O_EXCL:

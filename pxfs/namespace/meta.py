@@ -13,6 +13,7 @@ revisions); extended attributes: xattrs.py.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import stat
 import time
@@ -52,7 +53,12 @@ class NsMeta(XattrOps, RememberedInodes):
 
     # -- reads -----------------------------------------------------------------
     async def getattr(self, ino: int) -> Inode:
-        return await self._inode(self.kv, ino)
+        node = await self._inode(self.kv, ino)
+        cached = self._cache.get(ino)
+        if cached is not None and cached.rev > node.rev:
+            # our own newer write committed while this read was on its way
+            return dataclasses.replace(cached)
+        return node
 
     async def inodes(self, inos: list[int]) -> list[Inode | None]:
         items = await self.kv.get_many([self.ikey(i) for i in inos])
@@ -113,8 +119,9 @@ class NsMeta(XattrOps, RememberedInodes):
 
     # -- changes -----------------------------------------------------------------
     async def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int, *,
-                    rdev: int = 0, target: bytes | None = None) -> Inode:
-        """Create a file, directory, symlink, fifo...; EEXIST if the name is taken."""
+                    rdev: int = 0, target: bytes | None = None, writer: str = "") -> Inode:
+        """Create a file, directory, symlink, fifo...; EEXIST if the name is
+        taken.  ``writer``: mark the new file as being written by that mount."""
         check_name(name)
         if target is not None and len(target) > SYMLINK_MAX:
             raise InvalidArgument("symlink target too long", errno=errno.ENAMETOOLONG)
@@ -132,7 +139,8 @@ class NsMeta(XattrOps, RememberedInodes):
                 if is_dir:
                     m |= stat.S_ISGID
             new = Inode(ino, m, uid, g, nlink=2 if is_dir else 1, atime=now, mtime=now,
-                        ctime=now, rdev=rdev, parent=parent if is_dir else 0, target=target)
+                        ctime=now, rdev=rdev, parent=parent if is_dir else 0, target=target,
+                        writer=writer)
             p.mtime = p.ctime = now
             if is_dir:
                 p.nlink += 1
@@ -299,20 +307,48 @@ class NsMeta(XattrOps, RememberedInodes):
             return t, old
         return await self._run(body, "setattr")
 
-    async def set_size(self, ino: int, size: int, mtime: int, attrs: dict | None = None) -> Inode:
+    async def set_size(self, ino: int, size: int, mtime: int, attrs: dict | None = None,
+                       clear_writer: bool = False) -> Inode:
         """Record what a node's writes and deferred attribute changes did to a
         file it has open (at close, fsync, or within a second): the size, the
         mtime of the last write, and ``attrs`` (mode, uid, gid, atime, mtime,
-        ctime as setattr takes them; an explicit mtime wins over the write's)."""
-        attrs = attrs or {}
+        ctime as setattr takes them; an explicit mtime wins over the write's).
+        ``clear_writer``: this mount's writer mark goes too."""
+        got = await self.set_sizes([(ino, size, mtime, attrs or {}, clear_writer)])
+        if ino not in got:
+            raise NotFound(f"no inode {ino}")
+        return got[ino]
 
+    async def set_sizes(self, records: list[tuple]) -> dict[int, Inode]:
+        """set_size for many files in one transaction: records of (ino,
+        size, mtime, attrs, clear_writer); files gone meanwhile are skipped.
+        The inodes written, by number."""
+        async def body(txn):
+            out = {}
+            for ino, size, mtime, attrs, clear in records:
+                try:
+                    t = await self._inode(txn, ino)
+                except NotFound:
+                    continue
+                t.size, t.mtime, t.ctime = size, max(t.mtime, mtime), max(t.ctime, mtime)
+                t.apply(attrs)
+                if clear and t.writer == self.node:
+                    t.writer = ""
+                self._put(txn, t)
+                out[ino] = t
+            return out
+        return await self._run(body, "update size")
+
+    async def clear_writer(self, ino: int, writer: str) -> Inode:
+        """Drop the writer mark of a mount that is gone (its changes since
+        the file's creation were never recorded, as after a crash)."""
         async def body(txn):
             t = await self._inode(txn, ino)
-            t.size, t.mtime, t.ctime = size, max(t.mtime, mtime), max(t.ctime, mtime)
-            t.apply(attrs)
-            self._put(txn, t)
+            if t.writer == writer:
+                t.writer = ""
+                self._put(txn, t)
             return t
-        return await self._run(body, "update size")
+        return await self._run(body, "clear writer mark")
 
     async def forget_orphan(self, ino: int) -> Inode | None:
         """The last local close of an unlinked file: delete it; the inode if

@@ -3,11 +3,13 @@
 An inode is one msgpack array, short fields first and trailing defaults
 dropped, so a small file costs about 40 bytes of value::
 
-    [mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, rdev, parent, target]
+    [mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, rdev, parent, target, writer]
 
 ``parent`` is kept for directories only (a directory has one parent; rename
 uses it to refuse moving a directory into itself); ``target`` is a symlink's
-target.  A directory entry's value is the child's inode number.
+target.  ``writer`` names the mount that created a file and has not yet
+recorded its size and attributes since (an open elsewhere waits for it; see
+SharedVolume).  A directory entry's value is the child's inode number.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Inode:
     rdev: int = 0
     parent: int = 0
     target: bytes | None = None
+    writer: str = ""        # the creating mount, until its first record (shared.py)
     rev: int = 0            # etcd mod revision it was read at (not stored)
 
     @property
@@ -61,8 +64,8 @@ class Inode:
 
     def pack(self) -> bytes:
         fields = [self.mode, self.uid, self.gid, self.nlink, self.size, self.atime, self.mtime,
-                  self.ctime, self.rdev, self.parent, self.target]
-        defaults = [None, 0, 0, 1, 0, 0, 0, 0, 0, 0, None]
+                  self.ctime, self.rdev, self.parent, self.target, self.writer]
+        defaults = [None, 0, 0, 1, 0, 0, 0, 0, 0, 0, None, ""]
         while len(fields) > 1 and fields[-1] == defaults[len(fields) - 1]:
             fields.pop()
         return codec.pack(fields)

@@ -48,6 +48,9 @@ class RememberedInodes:
 
     # -- the remembered inodes and the transaction loop ----------------------------
     def _remember(self, node: Inode) -> None:
+        old = self._cache.get(node.ino)
+        if old is not None and old.rev > node.rev:
+            return      # a read that left etcd before our own newer write came back after it
         self._cache[node.ino] = dataclasses.replace(node)
         self._seen[node.ino] = time.monotonic()
         self._cache.move_to_end(node.ino)

@@ -9,10 +9,23 @@ volumes' own.
 Consistency across nodes is close-to-open: ``open`` reads the inode from
 etcd; writes extend a size kept here, recorded in etcd at flush (close),
 fsync and last release; a reader elsewhere sees it at its next open.
+
+Two things keep untar-like work off the critical path.  Writes go to the
+replicas behind the caller's back (in order per file, at most
+``WRITE_BEHIND`` at once); whatever needs them done -- a read here, a size
+change, fsync, the record of the file's size -- waits for the file's queue
+first.  And a file this mount created carries a writer mark (its client id)
+in etcd from its creation on: its close does not wait for the record of its
+size, which a batcher commits for many files at once a few milliseconds
+later, after their data has landed, clearing the marks.  An open on another
+mount that finds a foreign mark waits until it goes (or until the marking
+mount's record is gone, when it clears the mark itself), so what was closed
+here is what the next open elsewhere sees.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -33,6 +46,12 @@ CHUNK_BITS = 24
 FILE_MAX = CHUNK_SIZE << CHUNK_BITS          # 16 TiB
 #: a ReplicatedVolume spanning every chunk index
 SPAN = 1 << (64 + 20)
+#: replicated writes in flight behind callers' backs, per mount
+WRITE_BEHIND = 64
+#: files whose records one batch commits (etcd allows 128 operations)
+BATCH = 100
+#: how long a closed file's record may wait for others to share its transaction (s)
+BATCH_WINDOW = 0.03
 
 
 @dataclasses.dataclass
@@ -44,6 +63,10 @@ class OpenFile:
     dirty: bool = False            # size/mtime/attrs not yet recorded in etcd
     attrs: dict = dataclasses.field(default_factory=dict)   # deferred setattr fields
     since: float = 0.0             # when it became dirty (monotonic)
+    fresh: bool = False            # created here; its writer mark is still in etcd
+    recording: int = 0             # records of it in flight (etcd is behind us till done)
+    tail: trio.Event | None = None # set when the last queued write is done
+    error: PxfsError | None = None # a queued write's failure, for the next waiter
 
 
 class Usage:
@@ -82,6 +105,10 @@ class Usage:
         return max(0, self.bytes + self.others[0]), max(0, self.inodes + self.others[1])
 
 
+def lock_in_use(lock: trio.Lock | None) -> bool:
+    return lock is not None and (lock.locked() or lock.statistics().tasks_waiting > 0)
+
+
 class SharedVolume:
     def __init__(self, name: str, volid: int, capacity: int, meta: NsMeta, vol, *,
                  alive=lambda: True):
@@ -92,6 +119,11 @@ class SharedVolume:
         self.files: dict[int, OpenFile] = {}
         self._locks: dict[int, trio.Lock] = {}
         self._orphans: set[int] = set()      # unlinked here while open here
+        self._nursery = None                 # write-behind and batcher run here (service)
+        self._slots = trio.Semaphore(WRITE_BEHIND)
+        self._pending: set[int] = set()      # closed fresh files awaiting their record
+        self._wake = trio.Event()
+        self._gone_writers: set[str] = set()
 
     def _lock(self, ino: int) -> trio.Lock:
         lock = self._locks.get(ino)
@@ -111,7 +143,7 @@ class SharedVolume:
         """What this node knows beyond etcd: sizes and attribute changes of
         files it has open and has not recorded yet."""
         f = self.files.get(inode.ino)
-        if f is not None and f.dirty:
+        if f is not None and (f.dirty or f.recording or f.fresh):
             inode.size, inode.mtime = f.size, max(inode.mtime, f.mtime)
             inode.ctime = max(inode.ctime, f.mtime)
             inode.apply(f.attrs)
@@ -128,10 +160,13 @@ class SharedVolume:
         return self.overlay(node if node is not None else await self.meta.getattr(ino))
 
     # -- namespace changes that touch data or usage --------------------------------
-    async def mknod(self, parent, name, mode, uid, gid, **kw) -> Inode:
+    async def mknod(self, parent, name, mode, uid, gid, *, fresh: bool = False, **kw) -> Inode:
+        """``fresh``: a regular file about to be opened here (create()):
+        it gets this mount's writer mark."""
         if self.usage.used[0] >= self.capacity:
             raise NoSpace("volume is full")
-        inode = await self.meta.mknod(parent, name, mode, uid, gid, **kw)
+        writer = self.meta.node if fresh and self._nursery is not None else ""
+        inode = await self.meta.mknod(parent, name, mode, uid, gid, writer=writer, **kw)
         self.usage.inodes += 1
         return inode
 
@@ -159,6 +194,10 @@ class SharedVolume:
 
     async def _free(self, inode: Inode) -> None:
         """A file's last name and last open are gone: drop its chunks."""
+        f = self.files.get(inode.ino)
+        if f is not None:
+            await self._drain(f, check=False)      # no queued write may land after the drop
+        self._pending.discard(inode.ino)
         self.usage.inodes -= 1
         self.usage.bytes -= inode.size
         n = -(-inode.size // CHUNK_SIZE)
@@ -172,7 +211,7 @@ class SharedVolume:
     async def setattr(self, ino: int, **fields) -> Inode:
         size = fields.get("size")
         f = self.files.get(ino)
-        if size is None and f is not None and f.count > 0:
+        if size is None and f is not None and (f.count > 0 or ino in self._pending):
             # a file open here: recorded with its size at close, fsync or
             # within a second (tar's fchown/fchmod/futimens cost no round trip)
             fields.setdefault("ctime", time.time_ns())
@@ -221,16 +260,66 @@ class SharedVolume:
     async def open(self, ino: int, created: Inode | None = None) -> Inode:
         # close-to-open: fresh from etcd (a file this node just created is)
         inode = created or await self.meta.getattr(ino)
+        if inode.writer and inode.writer != self.meta.node:
+            inode = await self._await_writer(inode)
         f = self.files.get(ino)
         if f is None:
-            f = self.files[ino] = OpenFile(inode, size=inode.size, mtime=inode.mtime)
-        elif not f.dirty:
+            f = self.files[ino] = OpenFile(inode, size=inode.size, mtime=inode.mtime,
+                                           fresh=created is not None and bool(inode.writer),
+                                           since=time.monotonic())
+        elif not f.dirty and not f.recording and inode.rev >= f.inode.rev:
             f.inode, f.size, f.mtime = inode, inode.size, inode.mtime
         f.count += 1
         return self.overlay(inode)
 
+    async def _await_writer(self, inode: Inode, timeout: float = 30.0) -> Inode:
+        """Another mount created this file and has not recorded it since:
+        wait for its record (a few ms after its close), or clear the mark if
+        that mount is gone."""
+        start = time.monotonic()
+        checked = 0.0
+        while inode.writer and inode.writer != self.meta.node:
+            now = time.monotonic()
+            if inode.writer in self._gone_writers or now - checked >= 0.2:
+                checked = now
+                key = keys.nsmount_key(self.meta.cid, self.volid, inode.writer)
+                if inode.writer in self._gone_writers or await self.meta.kv.get(key) is None:
+                    self._gone_writers.add(inode.writer)
+                    log.info("%s: inode %d was being written by %s, which is gone",
+                             self.name, inode.ino, inode.writer)
+                    return await self.meta.clear_writer(inode.ino, inode.writer)
+            if now - start > timeout:
+                raise PxfsError(f"inode {inode.ino} is still being written by {inode.writer}",
+                                errno=errno.EAGAIN)
+            await trio.sleep(0.003)
+            inode = await self.meta.getattr(inode.ino)
+        return inode
+
+    async def _drain(self, f: OpenFile, check: bool = True) -> None:
+        """Wait for the file's queued writes; raise the first that failed."""
+        if f.tail is not None:
+            await f.tail.wait()
+        if check and f.error is not None:
+            err, f.error = f.error, None
+            raise err
+
+    async def _write_behind(self, f: OpenFile, prev, done: trio.Event, off: int, data) -> None:
+        try:
+            if prev is not None:
+                await prev.wait()
+            await self.vol.write(off, data)
+        except PxfsError as exc:
+            log.warning("%s: queued write of inode %d failed: %s", self.name, f.inode.ino, exc)
+            if f.error is None:
+                f.error = exc
+        finally:
+            done.set()
+            self._slots.release()
+
     async def read(self, ino: int, off: int, size: int) -> bytes:
         f = self.files.get(ino)
+        if f is not None:
+            await self._drain(f)
         fsize = f.size if f is not None else (await self.meta.getattr(ino)).size
         if off >= fsize:
             return b""
@@ -260,7 +349,13 @@ class SharedVolume:
             pad_tail = CSUM_BLOCK - end % CSUM_BLOCK
         if pad_head or pad_tail:
             data = bytes(pad_head) + bytes(data) + bytes(pad_tail)
-        await self.vol.write(self.base(ino) + start, data)
+        if self._nursery is None:
+            await self.vol.write(self.base(ino) + start, data)
+        else:
+            await self._slots.acquire()
+            prev, f.tail = f.tail, trio.Event()
+            self._nursery.start_soon(self._write_behind, f, prev, f.tail,
+                                     self.base(ino) + start, bytes(data))
         if end > f.size:
             self.usage.bytes += end - f.size
             f.size = end
@@ -272,26 +367,127 @@ class SharedVolume:
 
     async def _record(self, ino: int) -> None:
         f = self.files.get(ino)
-        if f is not None and f.dirty:
+        if f is None:
+            return
+        await self._drain(f)                  # the data first: the size makes it visible
+        if f.dirty or f.fresh:
             attrs, f.attrs, f.dirty = f.attrs, {}, False
+            clear = f.fresh
+            f.recording += 1
             try:
-                f.inode = await self.meta.set_size(ino, f.size, f.mtime, attrs)
+                f.inode = await self.meta.set_size(ino, f.size, f.mtime, attrs, clear_writer=clear)
             except BaseException:
                 f.attrs = {**attrs, **f.attrs}
                 self._dirty(f)
                 raise
+            finally:
+                f.recording -= 1
+            if clear:
+                f.fresh = False
+                self._pending.discard(ino)
 
     async def close(self, ino: int) -> None:
         """close(): record the size this node's writes reached, so the next
-        open anywhere sees them (the data is on the replicas already)."""
+        open anywhere sees them.  A file created here is recorded by the
+        batcher instead: its writer mark holds other mounts' opens till then."""
+        f = self.files.get(ino)
+        if f is not None and f.fresh and self._nursery is not None:
+            self._pending.add(ino)
+            self._wake.set()
+            return
         async with self._lock(ino):
             await self._record(ino)
+
+    async def commit_pending(self) -> None:
+        """Record closed fresh files, many per transaction, after their data."""
+        busy: set[int] = set()
+        while self._pending:
+            batch = [self._pending.pop() for _ in range(min(BATCH, len(self._pending)))]
+            files, locks = [], []
+            for ino in batch:
+                f = self.files.get(ino)
+                if f is None or not (f.dirty or f.fresh):
+                    continue
+                lock = self._lock(ino)
+                if lock.locked():           # being recorded by itself: try again later
+                    busy.add(ino)
+                    continue
+                lock.acquire_nowait()      # one record of a file at a time
+                files.append((ino, f))
+                locks.append(lock)
+            try:
+                await self._commit_batch(files)
+            finally:
+                for lock in locks:
+                    lock.release()
+            for ino, f in files:
+                if self.files.get(ino) is None and not lock_in_use(self._locks.get(ino)):
+                    self._locks.pop(ino, None)
+        if busy:
+            self._pending |= busy
+            self._wake.set()
+
+    async def _commit_batch(self, files: list) -> None:
+        if not files:
+            return
+        for _, f in files:
+            await self._drain(f, check=False)
+        recs = []
+        for ino, f in files:
+            if f.error is not None:
+                log.warning("%s: inode %d lost data written before its close: %s",
+                            self.name, ino, f.error)
+                f.error = None
+            attrs, f.attrs, f.dirty = f.attrs, {}, False
+            f.recording += 1
+            recs.append((ino, f.size, f.mtime, attrs, f.fresh))
+        try:
+            got = await self.meta.set_sizes(recs)
+        except PxfsError as exc:        # the service records them later
+            log.warning("%s: recording %d closed files failed: %s", self.name, len(recs), exc)
+            for (ino, f), rec in zip(files, recs):
+                f.attrs = {**rec[3], **f.attrs}
+                self._dirty(f)
+            return
+        finally:
+            for _, f in files:
+                f.recording -= 1
+        for ino, f in files:
+            if ino in got:
+                f.inode = got[ino]
+            f.fresh = False
+            if f.count <= 0 and not f.dirty:
+                self.files.pop(ino, None)
+
+    async def _batcher(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            # let more closes join: one transaction records up to BATCH files
+            with trio.move_on_after(BATCH_WINDOW):
+                while len(self._pending) < BATCH // 2:
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+            await self.commit_pending()
+
+    async def finish(self) -> None:
+        """At unmount: every queued write done, every file recorded."""
+        await self.commit_pending()
+        for ino, f in list(self.files.items()):
+            with contextlib.suppress(PxfsError):
+                async with self._lock(ino):
+                    await self._record(ino)
 
     async def fsync(self, ino: int) -> None:
         """fsync(): data durable on every in-sync replica, then the size
         recorded in etcd (durable there once the transaction returned)."""
+        f = self.files.get(ino)
+        if f is not None:
+            await self._drain(f)
         await self.vol.flush()
-        await self.close(ino)
+        async with self._lock(ino):
+            await self._record(ino)
 
     async def release(self, ino: int) -> None:
         f = self.files.get(ino)
@@ -301,10 +497,10 @@ class SharedVolume:
         if f.count > 0:
             return
         try:
-            if f.dirty:
+            if f.dirty or f.fresh:
                 await self.close(ino)
         finally:
-            if f.count <= 0:
+            if f.count <= 0 and ino not in self._pending:
                 self.files.pop(ino, None)
                 self._locks.pop(ino, None)
         if ino in self._orphans:
@@ -323,19 +519,31 @@ class SharedVolume:
         """Record what open files changed (so other nodes see it within a
         second) and this node's usage, and learn the others' usage."""
         await self.usage.load()
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self._batcher)
+            task_status.started()
+            try:
+                await self._service(interval)
+            finally:
+                self._nursery = None
+
+    async def _service(self, interval: float) -> None:
         tick = 0
         while True:
             await trio.sleep(interval)
             tick += 1
             now = time.monotonic()
             for ino, f in list(self.files.items()):
-                if f.dirty and now - f.since >= interval:
+                if (f.dirty or f.fresh) and now - f.since >= interval:
                     try:
                         async with self._lock(ino):
                             await self._record(ino)
                     except PxfsError as exc:
                         log.info("%s: inode %d not recorded: %s", self.name, ino, exc)
+                    if f.count <= 0 and not f.dirty and not f.fresh:
+                        self.files.pop(ino, None)
+                        self._locks.pop(ino, None)
             if tick % 2 == 0:
                 try:
                     await self.usage.record()
