@@ -320,3 +320,98 @@ async def test_listing_of_own_directory_answers_negative_lookups(kv, cid, ns):
     await other.mknod(d.ino, b"later", REG, 0, 0)
     await trio.sleep(remembered.FRESH)
     assert (await ns.lookup(d.ino, b"later")).is_reg
+
+
+# -- directories held by the mount that made them (delegation.py) --------------------
+async def _holder(kv, cid, ns):
+    """ns holds a new directory d (made with its writer mark) and makes files
+    in it in memory; returns d."""
+    d = await ns.mknod(ROOT_INO, b"d", DIR, 0, 0, writer=ns.node)
+    assert d.ino in ns.marked and d.writer == ns.node
+    return d
+
+
+async def test_files_in_a_held_directory_cost_no_round_trip(kv, cid, ns):
+    d = await _holder(kv, cid, ns)
+    made = [await ns.mknod(d.ino, f"f{i}".encode(), REG, 0, 0, writer=ns.node) for i in range(50)]
+    assert ns.stats["local creates"] == 50
+    # not in etcd yet, but this mount sees them
+    assert await kv.get(keys.ns_dentry_key(cid, VOL, d.ino, b"f0")) is None
+    assert (await ns.lookup(d.ino, b"f7")).ino == made[7].ino
+    with pytest.raises(AlreadyExists):
+        await ns.mknod(d.ino, b"f3", REG, 0, 0, writer=ns.node)
+    await ns.set_sizes([(made[1].ino, 123, 1, {}, True)])
+    await ns.flush_local()
+    assert ns.stats["local batches"] == 2                  # 40 + 10
+    other = NsMeta(kv, cid, VOL, "n2")
+    assert sorted(n for n, _ in await _listdir_via(other, ns, d.ino)) == sorted(
+        f"f{i}".encode() for i in range(50))
+    got = await other.getattr(made[1].ino)
+    assert got.size == 123 and got.writer == ""
+
+
+async def _listdir_via(other, holder, ino):
+    """other lists ino while holder answers recalls."""
+    async with trio.open_nursery() as n:
+        await n.start(holder.serve_recalls)
+        out = await other.listdir(ino)
+        n.cancel_scope.cancel()
+    return out
+
+
+async def test_another_mount_recalls_a_held_directory(kv, cid, ns):
+    d = await _holder(kv, cid, ns)
+    await ns.mknod(d.ino, b"x", REG, 0, 0, writer=ns.node)
+    other = NsMeta(kv, cid, VOL, "n2")
+    async with trio.open_nursery() as n:
+        await n.start(ns.serve_recalls)
+        with pytest.raises(AlreadyExists):                 # the name made in memory wins
+            await other.mknod(d.ino, b"x", REG, 0, 0)
+        assert d.ino not in ns.marked                       # given up
+        y = await other.mknod(d.ino, b"y", REG, 0, 0)
+        # the holder now goes to etcd for this directory, and sees y
+        with pytest.raises(AlreadyExists):
+            await ns.mknod(d.ino, b"y", REG, 0, 0, writer=ns.node)
+        assert (await ns.lookup(d.ino, b"y")).ino == y.ino
+        n.cancel_scope.cancel()
+    assert (await kv.get(keys.ns_prefix(cid, VOL) + f"recall/{d.ino:x}")) is None
+
+
+async def test_a_dead_holders_directory_is_cleared_and_its_memory_lost(kv, cid, ns):
+    d = await _holder(kv, cid, ns)
+    await ns.mknod(d.ino, b"lost", REG, 0, 0, writer=ns.node)
+    other = NsMeta(kv, cid, VOL, "n2")                    # n1 has no mount record: it is gone
+    with pytest.raises(NotFound):
+        await other.lookup(d.ino, b"lost")
+    assert (await other.getattr(d.ino)).writer == ""
+    made = await other.mknod(d.ino, b"lost", REG, 0, 0)
+    with pytest.raises(PxfsError) as e:                    # the old holder cannot land it now
+        await ns.flush_local()
+    assert e.value.errno == errno.ESTALE
+    assert (await other.lookup(d.ino, b"lost")).ino == made.ino
+
+
+async def test_directories_made_in_a_held_directory_are_held_too(kv, cid, ns):
+    d = await _holder(kv, cid, ns)
+    e = await ns.mknod(d.ino, b"e", DIR, 0, 0, writer=ns.node)
+    f = await ns.mknod(e.ino, b"f", REG, 0, 0, writer=ns.node)
+    g = await ns.mknod(e.ino, b"g", DIR, 0, 0, writer=ns.node)
+    assert ns.stats["local creates"] == 3 and {e.ino, g.ino} <= ns.marked
+    assert (await ns.getattr(e.ino)).nlink == 3
+    assert (await ns.lookup(e.ino, b"f")).ino == f.ino
+    await ns.flush_local()
+    other = NsMeta(kv, cid, VOL, "n2")
+    async with trio.open_nursery() as n:
+        await n.start(ns.serve_recalls)
+        assert (await other.lookup(d.ino, b"e")).nlink == 3
+        assert (await other.getattr(d.ino)).nlink == 3
+        assert sorted(await other.listdir(e.ino)) == [(b"f", f.ino), (b"g", g.ino)]
+        with pytest.raises(PxfsError) as exc:                  # not empty
+            await other.rmdir(d.ino, b"e")
+        assert code(exc) == errno.ENOTEMPTY
+        n.cancel_scope.cancel()
+    # the holder removes what it made: everything goes through etcd now
+    await ns.unlink(e.ino, b"f")
+    await ns.rmdir(e.ino, b"g")
+    await ns.rmdir(d.ino, b"e")
+    assert await ns.listdir(d.ino) == []

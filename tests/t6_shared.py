@@ -182,15 +182,21 @@ def test_racing_exclusive_creates_across_nodes(shared):
             "    except FileExistsError:\n"
             "        pass\n"
             "print(' '.join(map(str, won)))\n")
-    procs = [subprocess.Popen([sys.executable, "-c", prog, m, tag], stdout=subprocess.PIPE,
-                              text=True) for m, tag in ((m1, "A"), (m2, "B"))]
-    won = [set(map(int, p.communicate(timeout=120)[0].split())) for p in procs]
-    assert not (won[0] & won[1])
-    assert won[0] | won[1] == set(range(40))
-    for i in range(40):
-        owner = "A" if i in won[0] else "B"
-        assert open(f"{m1}/n{i}").read() == owner
-        assert open(f"{m2}/n{i}").read() == owner
+    # in the root, and in a directory node1 made (and so holds: its creates
+    # are made in memory until node2 recalls the directory)
+    os.mkdir(f"{m1}/held")
+    c.wait_for(lambda: os.path.isdir(f"{m2}/held"), what="held visible on node2")
+    for sub in ("", "/held"):
+        procs = [subprocess.Popen([sys.executable, "-c", prog, m + sub, tag],
+                                  stdout=subprocess.PIPE, text=True)
+                 for m, tag in ((m1, "A"), (m2, "B"))]
+        won = [set(map(int, p.communicate(timeout=120)[0].split())) for p in procs]
+        assert not (won[0] & won[1]), sub
+        assert won[0] | won[1] == set(range(40)), sub
+        for i in range(40):
+            owner = "A" if i in won[0] else "B"
+            assert open(f"{m1}{sub}/n{i}").read() == owner
+            assert open(f"{m2}{sub}/n{i}").read() == owner
 
 
 def test_fsynced_files_survive_sigkill(shared):

@@ -105,7 +105,8 @@ class SharedFS(pyfuse3.Operations):
         return self._attr(await self._make(parent_inode, name, mode, ctx, rdev=rdev))
 
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return self._attr(await self._make(parent_inode, name, stat.S_IFDIR | (mode & 0o7777), ctx))
+        return self._attr(await self._make(parent_inode, name, stat.S_IFDIR | (mode & 0o7777), ctx,
+                                           fresh=True))
 
     async def symlink(self, parent_inode, name, target, ctx):
         return self._attr(await self._make(parent_inode, name, stat.S_IFLNK | 0o777, ctx,
@@ -210,7 +211,9 @@ class SharedFS(pyfuse3.Operations):
         self._fhs.pop(fh, None)
 
     async def fsyncdir(self, fh, datasync):
-        pass                     # entries are durable in etcd once a change returned
+        # entries are durable in etcd once a change returned, except files
+        # made in memory in a directory this mount holds
+        await self._call(self.sv.meta.flush_local())
 
     async def statfs(self, ctx):
         cap, used, inodes = await self._call(self.sv.statfs())

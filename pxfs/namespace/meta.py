@@ -25,6 +25,7 @@ from ..errors import AlreadyExists, InvalidArgument, NotFound
 from ..meta import keys
 from ..meta.txn import run_txn
 from .records import ROOT_INO, SYMLINK_MAX, Inode, check_name, ns_error as _err, unpack_ino
+from .delegation import DelegatedDirs
 from .remembered import RememberedInodes
 from .xattrs import XattrOps
 
@@ -45,14 +46,18 @@ def root_ops(cid: str, volid: int, *, uid: int = 0, gid: int = 0, mode: int = 0o
             (keys.ns_next_key(cid, volid), codec.pack(ROOT_INO + 1))]
 
 
-class NsMeta(XattrOps, RememberedInodes):
+class NsMeta(XattrOps, DelegatedDirs, RememberedInodes):
     def __init__(self, kv, cid: str, volid: int, node: str, *, cache_size: int = 20000):
         super().__init__(kv, cid, volid, node, cache_size=cache_size)
+        self._init_delegation()
         self._next = self._end = 0
         self._ino_lock = trio.Lock()
 
     # -- reads -----------------------------------------------------------------
     async def getattr(self, ino: int) -> Inode:
+        local = self.local_inode(ino)
+        if local is not None:
+            return local
         node = await self._inode(self.kv, ino)
         cached = self._cache.get(ino)
         if cached is not None and cached.rev > node.rev:
@@ -78,12 +83,16 @@ class NsMeta(XattrOps, RememberedInodes):
                 self.stats["negative lookups saved"] += 1
                 raise NotFound(f"{name!r} not found")
             return await self.getattr(child)
+        await self.usable_dir(parent)
         item = await self.kv.get(self.dkey(parent, name))
         if item is None:
             raise NotFound(f"{name!r} not found")
         return await self.getattr(unpack_ino(item.value))
 
     async def listdir(self, ino: int) -> list[tuple[bytes, int]]:
+        if self.has_local:
+            await self.flush_local()
+        await self.usable_dir(ino)
         prefix = keys.ns_dir_prefix(self.cid, self.volid, ino)
         items = await self.kv.range(prefix)
         return [(keys.decode_name(it.key[len(prefix):]), unpack_ino(it.value)) for it in items]
@@ -125,8 +134,12 @@ class NsMeta(XattrOps, RememberedInodes):
         check_name(name)
         if target is not None and len(target) > SYMLINK_MAX:
             raise InvalidArgument("symlink target too long", errno=errno.ENAMETOOLONG)
-        ino = await self._alloc_ino()
         is_dir = stat.S_ISDIR(mode)
+        if writer and (is_dir or stat.S_ISREG(mode)) and parent in self.marked:
+            made = await self.create_local(parent, name, mode, uid, gid)
+            if made is not None:
+                return made
+        ino = await self._alloc_ino()
 
         async def body(txn):
             p = await self._dir(txn, parent)
@@ -149,7 +162,10 @@ class NsMeta(XattrOps, RememberedInodes):
             self._bare[ino] = time.monotonic()
             self._put(txn, p)
             return new
-        return await self._run(body, "create")
+        made = await self._run(body, "create")
+        if is_dir and writer:
+            self.marked.add(made.ino)          # held by this mount from its creation
+        return made
 
     async def link(self, ino: int, parent: int, name: bytes) -> Inode:
         check_name(name)
@@ -294,6 +310,12 @@ class NsMeta(XattrOps, RememberedInodes):
     async def setattr(self, ino: int, *, size=None, **fields) -> tuple[Inode, int]:
         """Change attributes (``size`` and Inode.apply's fields); (new
         inode, size before)."""
+        if size is None and ino in self.marked:
+            async with self._flush_lock:
+                made = self.setattr_local(ino, fields)
+            if made is not None:
+                return made, made.size
+
         async def body(txn):
             t = await self._inode(txn, ino)
             old = t.size
@@ -317,15 +339,30 @@ class NsMeta(XattrOps, RememberedInodes):
         got = await self.set_sizes([(ino, size, mtime, attrs or {}, clear_writer)])
         if ino not in got:
             raise NotFound(f"no inode {ino}")
+        if not got[ino].rev:                   # made in memory: in etcd now (fsync needs it)
+            await self.flush_local()
+            return await self.getattr(ino)
         return got[ino]
 
     async def set_sizes(self, records: list[tuple]) -> dict[int, Inode]:
         """set_size for many files in one transaction: records of (ino,
         size, mtime, attrs, clear_writer); files gone meanwhile are skipped.
         The inodes written, by number."""
+        out: dict[int, Inode] = {}
+        rest = []
+        async with self._flush_lock:           # not while a flush is taking them to etcd
+            for rec in records:                # files still only in memory change there
+                made = self.update_local(*rec)
+                if made is not None:
+                    out[rec[0]] = made
+                else:
+                    rest.append(rec)
+        if not rest:
+            return out
+
         async def body(txn):
             out = {}
-            for ino, size, mtime, attrs, clear in records:
+            for ino, size, mtime, attrs, clear in rest:
                 try:
                     t = await self._inode(txn, ino)
                 except NotFound:
@@ -337,7 +374,8 @@ class NsMeta(XattrOps, RememberedInodes):
                 self._put(txn, t)
                 out[ino] = t
             return out
-        return await self._run(body, "update size")
+        out.update(await self._run(body, "update size", flush=False))
+        return out
 
     async def clear_writer(self, ino: int, writer: str) -> Inode:
         """Drop the writer mark of a mount that is gone (its changes since

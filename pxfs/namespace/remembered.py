@@ -23,6 +23,7 @@ import trio
 from ..errors import NotFound, TxnConflict
 from ..meta import keys
 from ..meta.txn import Txn
+from .delegation import Delegated
 from .records import Inode, pack_ino
 
 #: how stale a remembered inode may be when it answers a stat (seconds)
@@ -85,9 +86,10 @@ class RememberedInodes:
         got = self._listing.get(parent)
         node = self._cache.get(parent)
         seen = self._seen.get(parent)
-        if (got is None or node is None or seen is None or got[1] != node.rev
-                or time.monotonic() - seen >= FRESH):
+        if got is None or node is None or seen is None or got[1] != node.rev:
             return None
+        if parent not in self.marked and time.monotonic() - seen >= FRESH:
+            return None          # a directory this mount holds changes only here
         return got[0]
 
     def _put(self, txn, node: Inode) -> None:
@@ -108,12 +110,18 @@ class RememberedInodes:
             return True
         return await txn.get(key) is None
 
-    async def _run(self, body, what: str):
+    async def _run(self, body, what: str, flush: bool = True):
+        if flush and self.has_local:           # files made in memory go first
+            await self.flush_local()
         for attempt in range(1, 21):
             txn = Txn(self.kv)
             txn.attempt, txn.assumed, txn.written = attempt, set(), {}
             txn.base, txn.entries = {}, []
-            result = await body(txn)
+            try:
+                result = await body(txn)
+            except Delegated as exc:           # another mount holds a directory we change
+                await self.recall(exc.ino, exc.writer)
+                continue
             rev = await txn.commit_rev()
             if rev:
                 for parent, name, ino in txn.entries:
@@ -139,6 +147,7 @@ class RememberedInodes:
                     node.rev = rev
                     self._remember(node)
                 self.stats["fast" if attempt == 1 else "retried"] += 1
+                self.stats[what] += 1
                 return result
             for ino in txn.assumed:                # a guess was wrong: read next time
                 self._cache.pop(ino, None)
@@ -148,11 +157,12 @@ class RememberedInodes:
 
     # -- reading an inode inside a change ------------------------------------------
     async def _inode(self, txn, ino: int) -> Inode:
-        if getattr(txn, "attempt", 0) == 1 and ino in self._cache:
+        if getattr(txn, "attempt", 0) == 1 and ino in self._cache and self._cache[ino].rev:
             node = dataclasses.replace(self._cache[ino])
             txn.expect(self.ikey(ino), node.rev)
             txn.assumed.add(ino)
             txn.base[ino] = node.rev
+            self._check_held(node)
             return node
         item = await txn.get(self.ikey(ino))
         if item is None:
@@ -162,4 +172,5 @@ class RememberedInodes:
         self._remember(node)
         if hasattr(txn, "base"):
             txn.base[ino] = node.rev
+            self._check_held(node)
         return node

@@ -161,8 +161,9 @@ class SharedVolume:
 
     # -- namespace changes that touch data or usage --------------------------------
     async def mknod(self, parent, name, mode, uid, gid, *, fresh: bool = False, **kw) -> Inode:
-        """``fresh``: a regular file about to be opened here (create()):
-        it gets this mount's writer mark."""
+        """``fresh``: a regular file about to be opened here (create()) or
+        a directory (mkdir()): it gets this mount's writer mark (a directory:
+        delegation.py)."""
         if self.usage.used[0] >= self.capacity:
             raise NoSpace("volume is full")
         writer = self.meta.node if fresh and self._nursery is not None else ""
@@ -470,6 +471,11 @@ class SharedVolume:
                     await self._wake.wait()
                     self._wake = trio.Event()
             await self.commit_pending()
+            if self.meta.has_local:
+                try:                            # whole batches; the rest within a second
+                    await self.meta.flush_local(full_only=True)
+                except PxfsError as exc:
+                    log.warning("%s: new files not recorded: %s", self.name, exc)
 
     async def finish(self) -> None:
         """At unmount: every queued write done, every file recorded."""
@@ -478,6 +484,8 @@ class SharedVolume:
             with contextlib.suppress(PxfsError):
                 async with self._lock(ino):
                     await self._record(ino)
+        await self.meta.release(list(self.meta.marked))
+        log.info("%s: namespace statistics: %s", self.name, dict(self.meta.stats))
 
     async def fsync(self, ino: int) -> None:
         """fsync(): data durable on every in-sync replica, then the size
@@ -522,6 +530,7 @@ class SharedVolume:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self._batcher)
+            await nursery.start(self.meta.serve_recalls)
             task_status.started()
             try:
                 await self._service(interval)
@@ -544,6 +553,11 @@ class SharedVolume:
                     if f.count <= 0 and not f.dirty and not f.fresh:
                         self.files.pop(ino, None)
                         self._locks.pop(ino, None)
+            if self.meta.has_local:          # new files reach etcd within a second
+                try:
+                    await self.meta.flush_local()
+                except PxfsError as exc:
+                    log.warning("%s: new files not recorded: %s", self.name, exc)
             if tick % 2 == 0:
                 try:
                     await self.usage.record()
