@@ -415,3 +415,22 @@ async def test_directories_made_in_a_held_directory_are_held_too(kv, cid, ns):
     await ns.rmdir(e.ino, b"g")
     await ns.rmdir(d.ino, b"e")
     assert await ns.listdir(d.ino) == []
+
+
+async def test_a_held_directory_changed_by_this_mount_meanwhile_loses_nothing(kv, cid, ns):
+    """A change of this mount to a held directory (rename, unlink in it)
+    may land while files made in memory are on their way to etcd: the flush
+    reads the directory again and tries again instead of giving up."""
+    d = await _holder(kv, cid, ns)
+    made = [await ns.mknod(d.ino, f"f{i}".encode(), REG, 0, 0, writer=ns.node) for i in range(5)]
+    item = await kv.get(keys.ns_inode_key(cid, VOL, d.ino))
+    assert await kv.txn([], [Put(item.key, item.value)])      # same record, newer revision
+    await ns.flush_local()
+    for m in made:
+        assert (await kv.get(keys.ns_dentry_key(cid, VOL, d.ino, f"f{made.index(m)}".encode()))) is not None
+    assert d.ino in ns.marked
+    # and giving the directory up copes with the same
+    item = await kv.get(keys.ns_inode_key(cid, VOL, d.ino))
+    assert await kv.txn([], [Put(item.key, item.value)])
+    await ns.release([d.ino])
+    assert (await NsMeta(kv, cid, VOL, "n2").getattr(d.ino)).writer == ""
