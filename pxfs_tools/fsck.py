@@ -192,8 +192,9 @@ class Fsck:
         ops = []
         for ino, node in self.inodes.items():
             if node.writer and node.writer not in alive:
-                self.note(f"inode {ino}: still marked as being written by {node.writer}, "
-                          "a mount that is gone (what it wrote last was not recorded)")
+                what = "held" if node.is_dir else "being written"
+                self.note(f"inode {ino}: still marked as {what} by {node.writer}, a mount "
+                          "that is gone (what it kept in memory was lost)")
                 node.writer = ""
                 ops.append(Put(keys.ns_inode_key(self.cid, self.volid, ino), node.pack()))
         await self._apply(ops)

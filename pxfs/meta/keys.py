@@ -14,6 +14,7 @@
 | /pxfs/<cid>/ns/<volid>/next            | next free inode number (taken in batches)   | none       |
 | /pxfs/<cid>/ns/<volid>/orphan/<ino>    | unlinked inode still open on a node: node   | none       |
 | /pxfs/<cid>/ns/<volid>/use/<node>      | bytes and inodes a node added (statfs)      | none       |
+| /pxfs/<cid>/ns/<volid>/recall/<ino>    | a mount wants this held directory back      | none       |
 | /pxfs/<cid>/nsmount/<volid>/<client>   | a mount of a shared volume: node, path, pid | mount lease|
 | /pxfs/<cid>/docker/mount/<node>/<volid>| Docker mounts on a node: path, mount ids     | none       |
 | /pxfs/<cid>/docker/alias/<name>        | volid of a volume Docker knows by another name | none     |
@@ -114,6 +115,14 @@ def ns_orphan_key(cid: str, volid: int, ino: int) -> str:
 
 def ns_orphan_prefix(cid: str, volid: int) -> str:
     return f"{ROOT}/{cid}/ns/{volid}/orphan/"
+
+
+def ns_recall_key(cid: str, volid: int, ino: int) -> str:
+    return f"{ROOT}/{cid}/ns/{volid}/recall/{ino:x}"
+
+
+def ns_recall_prefix(cid: str, volid: int) -> str:
+    return f"{ROOT}/{cid}/ns/{volid}/recall/"
 
 
 def ns_use_key(cid: str, volid: int, node: str) -> str:

@@ -7,7 +7,7 @@ file in it needs no round trip: the mount checks the name against its own
 listing, gives the file an inode number from its batch and keeps the
 inode, the entry and the directory's new mtime in memory.  They reach etcd
 in one transaction per ~40 files, before any other change this mount makes
-(``_run`` flushes first), and at least every half second.
+(``_run`` flushes first), at fsync, and at least every half second.
 
 Any other mount that is about to look into, list or change a marked
 directory recalls it first: it puts ``recall/<dir>``, and the holder (which
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 #: new files one transaction commits (2 operations each; etcd allows 128)
 LOCAL_BATCH = 40
-#: how often a mount holding marks looks for recalls (s)
+#: how often a mount holding directories looks for recalls (s)
 RECALL_POLL = 0.05
 
 
@@ -67,7 +67,7 @@ class DelegatedDirs:
         self._flush_lock = trio.Lock()
 
     def recall_key(self, ino: int) -> str:
-        return keys.ns_prefix(self.cid, self.volid) + f"recall/{ino:x}"
+        return keys.ns_recall_key(self.cid, self.volid, ino)
 
     def _check_held(self, node: Inode) -> None:
         """Inside a change: a directory another mount holds must be recalled."""
@@ -317,7 +317,7 @@ class DelegatedDirs:
     async def serve_recalls(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """While this mount holds directories, answer recalls of them."""
         task_status.started()
-        prefix = keys.ns_prefix(self.cid, self.volid) + "recall/"
+        prefix = keys.ns_recall_prefix(self.cid, self.volid)
         while True:
             await trio.sleep(RECALL_POLL)
             if not self.marked:

@@ -220,7 +220,11 @@ class SharedVolume:
             self._dirty(f)
             return self.overlay(dataclasses.replace(f.inode))
         if size is None:
-            return self.overlay((await self.meta.setattr(ino, **fields))[0])
+            lock = self._locks.get(ino)
+            if lock is None:
+                return self.overlay((await self.meta.setattr(ino, **fields))[0])
+            async with lock:        # after a record in flight, whose attributes are older
+                return self.overlay((await self.meta.setattr(ino, **fields))[0])
         if size > FILE_MAX:
             raise PxfsError("file too large", errno=errno.EFBIG)
         async with self._lock(ino):
