@@ -434,3 +434,20 @@ async def test_a_held_directory_changed_by_this_mount_meanwhile_loses_nothing(kv
     assert await kv.txn([], [Put(item.key, item.value)])
     await ns.release([d.ino])
     assert (await NsMeta(kv, cid, VOL, "n2").getattr(d.ino)).writer == ""
+
+
+async def test_held_directories_are_given_up_when_idle(kv, cid, ns, monkeypatch):
+    from pxfs.namespace import delegation
+    monkeypatch.setattr(delegation, "IDLE_RELEASE", 0.2)
+    d = await _holder(kv, cid, ns)
+    await ns.mknod(d.ino, b"f", REG, 0, 0, writer=ns.node)
+    async with trio.open_nursery() as n:
+        await n.start(ns.serve_recalls)
+        await trio.sleep(0.1)
+        assert d.ino in ns.marked                  # still busy
+        await trio.sleep(0.5)
+        n.cancel_scope.cancel()
+    assert not ns.marked
+    other = NsMeta(kv, cid, VOL, "n2")
+    assert (await other.getattr(d.ino)).writer == ""
+    assert (await other.lookup(d.ino, b"f")).ino                # committed on the way out

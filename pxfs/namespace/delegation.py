@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 LOCAL_BATCH = 40
 #: how often a mount holding directories looks for recalls (s)
 RECALL_POLL = 0.05
+#: held directories are given up after this long without a change made in memory (s)
+IDLE_RELEASE = 10.0
 
 
 class Delegated(PxfsError):
@@ -65,6 +67,7 @@ class DelegatedDirs:
         self._dir_links: dict[int, int] = {}    # ... -> subdirectories made in memory
         self._dir_attrs: dict[int, dict] = {}   # ... -> attribute changes made in memory
         self._flush_lock = trio.Lock()
+        self._last_local = 0.0                  # when something was last made in memory
 
     def recall_key(self, ino: int) -> str:
         return keys.ns_recall_key(self.cid, self.volid, ino)
@@ -96,7 +99,7 @@ class DelegatedDirs:
             self._dir_attrs.setdefault(ino, {}).update(fields)
         node = self._cache[ino]
         node.apply(fields)
-        self._seen[ino] = time.monotonic()
+        self._seen[ino] = self._last_local = time.monotonic()
         return dataclasses.replace(node)
 
     def _held_listing(self, parent: int):
@@ -151,6 +154,7 @@ class DelegatedDirs:
             else:
                 self._bare[ino] = time.monotonic()
             self.stats["local creates"] += 1
+            self._last_local = time.monotonic()
             return dataclasses.replace(new)
 
     def update_local(self, ino: int, size: int, mtime: int, attrs: dict, clear: bool) -> Inode | None:
@@ -323,6 +327,10 @@ class DelegatedDirs:
             if not self.marked:
                 continue
             try:
+                if time.monotonic() - self._last_local > IDLE_RELEASE:
+                    # nothing made here for a while: stop holding (and polling)
+                    await self.release(list(self.marked))
+                    continue
                 items = await self.kv.range(prefix)
                 wanted = [int(keys.last_part(i.key), 16) for i in items]
                 held = [d for d in wanted if d in self.marked]

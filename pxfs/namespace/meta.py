@@ -165,6 +165,7 @@ class NsMeta(XattrOps, DelegatedDirs, RememberedInodes):
         made = await self._run(body, "create")
         if is_dir and writer:
             self.marked.add(made.ino)          # held by this mount from its creation
+            self._last_local = time.monotonic()
         return made
 
     async def link(self, ino: int, parent: int, name: bytes) -> Inode:
