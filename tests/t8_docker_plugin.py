@@ -9,7 +9,6 @@ import os
 import time
 
 import httpx
-import pytest
 
 from conftest import needs_mounts
 

@@ -20,7 +20,7 @@ import trio
 from .. import codec
 from ..errors import Busy, NotFound, PxfsError
 from ..meta import keys
-from ..meta.txn import run_txn
+from ..meta.kv import Delete, Put
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +40,14 @@ class DockerMounts:
         return os.path.join(self.node.cfg.osd_root, "mounts", name)
 
     # -- records -----------------------------------------------------------------
-    async def record(self, volid: int, node: str | None = None) -> dict | None:
-        item = await self.kv.get(keys.docker_mount_key(self.cid, node or self.me, volid))
+    async def record(self, volid: int) -> dict | None:
+        item = await self.kv.get(keys.docker_mount_key(self.cid, self.me, volid))
         return codec.unpack_record(item.value) if item else None
 
     async def _store(self, volid: int, rec: dict | None) -> None:
+        """Only this node writes its records, under the volume's lock."""
         key = keys.docker_mount_key(self.cid, self.me, volid)
-
-        async def body(txn):
-            await txn.get(key)
-            if rec is None:
-                txn.delete(key)
-            else:
-                txn.put(key, codec.pack_record(rec))
-        await run_txn(self.kv, body, what="record docker mount")
+        await self.kv.txn([], [Delete(key) if rec is None else Put(key, codec.pack_record(rec))])
 
     async def users(self, volid: int) -> dict[str, list[str]]:
         """Mount IDs holding the volume, by node."""
@@ -71,11 +65,9 @@ class DockerMounts:
         volid = rec["id"]
         async with self.lock(volid):
             cur = await self.record(volid) or {"name": rec["name"], "ids": []}
-            if cur["ids"] and await self._still_mounted(rec, cur):
-                path = cur["path"]
-            else:
+            if not (cur["ids"] and await self._still_mounted(rec, cur)):
                 cur.update(await self._mount(rec))
-                path = cur["path"]
+            path = cur["path"]
             if mount_id not in cur["ids"]:
                 cur["ids"].append(mount_id)
             await self._store(volid, cur)

@@ -175,102 +175,47 @@ class DelegatedDirs:
         (``full_only``: only whole batches of files, the oldest first)."""
         async with self._flush_lock:
             races = 0
-            while len(self._local) >= (LOCAL_BATCH if full_only else 1):
+            while True:
                 inos = list(self._local)[:LOCAL_BATCH]
-                dirs = {self._local[i][0] for i in inos}
-                compares, ops, written = [], [], {}
-                for d in dirs - set(inos):
-                    if d in self._local_inodes:
-                        # its parent made in memory in an earlier batch that is still
-                        # to come: never, _local keeps parents before children
-                        raise Fenced(f"directory {d} is not in etcd yet")
-                    node = await self._held(d)
-                    if node is None:
-                        raise Fenced(f"directory {d} is no longer held by this mount")
-                    mt = self._dir_mtime.get(d, 0)
-                    node.mtime, node.ctime = max(node.mtime, mt), max(node.ctime, mt)
-                    node.nlink += self._dir_links.get(d, 0)
-                    node.apply(self._dir_attrs.get(d, {}))
-                    compares.append(Compare(self.ikey(d), node.rev))
-                    ops.append(Put(self.ikey(d), node.pack()))
-                    written[d] = node
+                if len(inos) >= (LOCAL_BATCH if full_only else 1):
+                    dirs = {self._local[i][0] for i in inos} - set(inos)
+                    if dirs & self._local_inodes.keys():
+                        # never: _local keeps a directory made in memory before its children
+                        raise Fenced("a directory made in memory is not in etcd yet")
+                elif not full_only and self._dir_attrs:
+                    inos, dirs = [], list(self._dir_attrs)[:60]   # attributes alone changed
+                else:
+                    break
+                compares, ops, out = await self._dir_puts(dirs)
                 for i in inos:
                     parent, name = self._local[i]
-                    t = self._local_inodes[i]
                     ops.append(Put(self.dkey(parent, name), pack_ino(i)))
-                    ops.append(Put(self.ikey(i), t.pack()))
-                    written[i] = t
+                    ops.append(Put(self.ikey(i), self._local_inodes[i].pack()))
                 rev = await self.kv.commit(compares, ops)
                 if not rev and races < 20:
                     # a change of ours to one of these directories landed meanwhile
                     races += 1
-                    for d in dirs:
-                        self._cache.pop(d, None)
-                        self._listing.pop(d, None)    # no longer known whole: etcd decides
+                    self._forget_dirs(dirs)
                     continue
                 if not rev:
                     lost = len(self._local)
-                    self._local.clear()
-                    self._local_inodes.clear()
-                    self._dir_mtime.clear()
-                    self._dir_links.clear()
-                    self._dir_attrs.clear()
-                    for d in dirs:
-                        self.marked.discard(d)
-                        self._listing.pop(d, None)
-                        self._cache.pop(d, None)
+                    for pending in (self._local, self._local_inodes, self._dir_mtime,
+                                    self._dir_links, self._dir_attrs):
+                        pending.clear()
+                    self.marked.difference_update(dirs)
+                    self._forget_dirs(dirs)
                     raise Fenced(f"a directory this mount held was taken from it; {lost} new "
                                  "file(s) were lost")
                 for i in inos:
-                    self._local.pop(i, None)
-                    self._local_inodes.pop(i, None)
-                for d in dirs - set(inos):
-                    self._dir_mtime.pop(d, None)
-                    self._dir_links.pop(d, None)
-                    self._dir_attrs.pop(d, None)
-                    got, dn = self._listing.get(d), self._cache.get(d)
-                    if got is not None and dn is not None and got[1] == dn.rev:
-                        self._listing[d] = (got[0], rev)
-                for i in inos:                    # directories made in memory
-                    got = self._listing.get(i)
+                    self._local.pop(i)
+                    t = self._local_inodes.pop(i)
+                    t.rev = rev
+                    self._cache[i] = dataclasses.replace(t)
+                    got = self._listing.get(i)        # a directory made in memory
                     if got is not None and got[1] == 0:
                         self._listing[i] = (got[0], rev)
-                for ino, node in written.items():
-                    node.rev = rev
-                    self._cache[ino] = dataclasses.replace(node)
+                self._dirs_committed(out, rev)
                 self.stats["local batches"] += 1
-            if full_only:
-                return
-            self._dir_mtime.clear()
-            self._dir_links.clear()
-            while self._dir_attrs:               # directories whose attributes alone changed
-                part = list(self._dir_attrs)[:60]
-                compares, ops, written = [], [], {}
-                for d in part:
-                    node = await self._held(d)
-                    if node is None:
-                        raise Fenced(f"directory {d} is no longer held by this mount")
-                    node.apply(self._dir_attrs[d])
-                    compares.append(Compare(self.ikey(d), node.rev))
-                    ops.append(Put(self.ikey(d), node.pack()))
-                    written[d] = node
-                rev = await self.kv.commit(compares, ops)
-                if not rev and races < 20:
-                    races += 1
-                    for d in part:
-                        self._cache.pop(d, None)
-                        self._listing.pop(d, None)
-                    continue
-                for d in part:
-                    self._dir_attrs.pop(d, None)
-                if not rev:
-                    raise Fenced("a directory this mount held was taken from it")
-                for d, node in written.items():
-                    got = self._listing.get(d)
-                    if got is not None and got[1] == node.rev:
-                        self._listing[d] = (got[0], rev)
-                    node.rev = rev
-                    self._cache[d] = node
 
     async def _held(self, d: int) -> Inode | None:
         """A copy of held directory ``d`` as remembered (or read back if it
@@ -285,6 +230,45 @@ class DelegatedDirs:
             return None
         return dataclasses.replace(node)
 
+    async def _dir_puts(self, dirs, *, release: bool = False):
+        """(compares, puts, {dir: (revision read, new record)}) writing held
+        directories with what changed in memory (and, ``release``, without
+        the mark; a directory no longer ours is then skipped)."""
+        compares, ops, out = [], [], {}
+        for d in dirs:
+            node = await self._held(d)
+            if node is None:
+                if release:
+                    continue
+                raise Fenced(f"directory {d} is no longer held by this mount")
+            old, mt = node.rev, self._dir_mtime.get(d, 0)
+            node.mtime, node.ctime = max(node.mtime, mt), max(node.ctime, mt)
+            node.nlink += self._dir_links.get(d, 0)
+            node.apply(self._dir_attrs.get(d, {}))
+            if release:
+                node.writer = ""
+            compares.append(Compare(self.ikey(d), old))
+            ops.append(Put(self.ikey(d), node.pack()))
+            out[d] = (old, node)
+        return compares, ops, out
+
+    def _dirs_committed(self, out: dict, rev: int) -> None:
+        for d, (old, node) in out.items():
+            for pending in (self._dir_mtime, self._dir_links, self._dir_attrs):
+                pending.pop(d, None)
+            node.rev = rev
+            self._cache[d] = node
+            got = self._listing.get(d)
+            if got is not None and got[1] == old:
+                self._listing[d] = (got[0], rev)
+            else:
+                self._listing.pop(d, None)    # no longer known whole: etcd decides
+
+    def _forget_dirs(self, dirs) -> None:
+        for d in dirs:
+            self._cache.pop(d, None)
+            self._listing.pop(d, None)
+
     async def release(self, inos: list[int], recalls: list[str] = ()) -> None:
         """Give up held directories: what is in memory first, then the marks."""
         inos = [i for i in inos if i in self.marked]
@@ -293,30 +277,15 @@ class DelegatedDirs:
         for start in range(0, len(inos), 60):
             part = inos[start:start + 60]
             for _ in range(20):   # our own changes to them may be landing meanwhile
-                compares, ops, written = [], [], {}
-                for d in part:
-                    node = await self._held(d)
-                    if node is None:
-                        continue
-                    written[d] = (node.rev, dataclasses.replace(node, writer=""))
-                    compares.append(Compare(self.ikey(d), node.rev))
-                    ops.append(Put(self.ikey(d), written[d][1].pack()))
+                compares, ops, out = await self._dir_puts(part, release=True)
                 ops += [Delete(k) for k in recalls if k.endswith(tuple(f"/{d:x}" for d in part))]
                 rev = await self.kv.commit(compares, ops) if ops else 1
                 if rev:
                     break
-                for d in part:                  # read them again
-                    self._cache.pop(d, None)
+                self._forget_dirs(part)
             else:
                 raise PxfsError("could not give up held directories: too many races")
-            for d, (old, node) in written.items():
-                node.rev = rev
-                got = self._listing.get(d)
-                if got is not None and got[1] == old:
-                    self._listing[d] = (got[0], rev)
-                else:
-                    self._listing.pop(d, None)
-                self._cache[d] = node
+            self._dirs_committed(out, rev)
 
     async def serve_recalls(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """While this mount holds directories, answer recalls of them."""

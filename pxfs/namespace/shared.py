@@ -287,8 +287,7 @@ class SharedVolume:
             now = time.monotonic()
             if inode.writer in self._gone_writers or now - checked >= 0.2:
                 checked = now
-                key = keys.nsmount_key(self.meta.cid, self.volid, inode.writer)
-                if inode.writer in self._gone_writers or await self.meta.kv.get(key) is None:
+                if inode.writer in self._gone_writers or await self.meta.writer_gone(inode.writer):
                     self._gone_writers.add(inode.writer)
                     log.info("%s: inode %d was being written by %s, which is gone",
                              self.name, inode.ino, inode.writer)
