@@ -565,3 +565,25 @@ def test_open_clears_the_mark_of_a_killed_writer(shared):
     wait_unmounted(c, "wk")
     code, res = fsck(c, "wk", "-n")
     assert not any("being written" in p for p in res["problems"]), res
+
+
+def test_stat_sees_deferred_attributes_while_they_are_recorded(shared):
+    """fchmod/fchown on an open file are recorded with its size after the
+    close; a stat() while that record is on its way to etcd must already
+    show them (the model test caught a stale mode in that window)."""
+    c, mount = shared
+    c.pxctl("node1", "volume", "create", "attrs", "--shared", "--size", "1", "--repl", "2")
+    m1 = mount("node1", "attrs", os.path.join(c.workdir, "a1"))
+    stale = []
+    for i in range(40):
+        path = f"{m1}/f{i}"                 # in the root: not a held directory
+        with open(path, "wb") as fh:
+            fh.write(b"x" * (i + 1))
+            os.fchmod(fh.fileno(), 0o4755)
+        deadline = time.monotonic() + 0.15
+        while time.monotonic() < deadline:   # spans the batch window and the commit
+            mode = os.stat(path).st_mode & 0o7777
+            if mode != 0o4755:
+                stale.append((i, oct(mode)))
+                break
+    assert not stale, f"stat showed the mode from before fchmod: {stale[:5]}"

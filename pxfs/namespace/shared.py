@@ -65,6 +65,7 @@ class OpenFile:
     since: float = 0.0             # when it became dirty (monotonic)
     fresh: bool = False            # created here; its writer mark is still in etcd
     recording: int = 0             # records of it in flight (etcd is behind us till done)
+    inflight: dict = dataclasses.field(default_factory=dict)  # attrs those records carry
     tail: trio.Event | None = None # set when the last queued write is done
     error: PxfsError | None = None # a queued write's failure, for the next waiter
 
@@ -146,8 +147,23 @@ class SharedVolume:
         if f is not None and (f.dirty or f.recording or f.fresh):
             inode.size, inode.mtime = f.size, max(inode.mtime, f.mtime)
             inode.ctime = max(inode.ctime, f.mtime)
-            inode.apply(f.attrs)
+            inode.apply({**f.inflight, **f.attrs})    # etcd may not have them yet
         return inode
+
+    @staticmethod
+    def _take(f: OpenFile) -> dict:
+        """Start a record of ``f``: its deferred attributes, which stay
+        visible to stat() until the record is in etcd."""
+        attrs, f.attrs, f.dirty = f.attrs, {}, False
+        f.inflight.update(attrs)
+        f.recording += 1
+        return attrs
+
+    @staticmethod
+    def _taken(f: OpenFile) -> None:
+        f.recording -= 1
+        if not f.recording:
+            f.inflight = {}
 
     def _dirty(self, f: OpenFile) -> None:
         if not f.dirty:
@@ -375,9 +391,8 @@ class SharedVolume:
             return
         await self._drain(f)                  # the data first: the size makes it visible
         if f.dirty or f.fresh:
-            attrs, f.attrs, f.dirty = f.attrs, {}, False
             clear = f.fresh
-            f.recording += 1
+            attrs = self._take(f)
             try:
                 f.inode = await self.meta.set_size(ino, f.size, f.mtime, attrs, clear_writer=clear)
             except BaseException:
@@ -385,7 +400,7 @@ class SharedVolume:
                 self._dirty(f)
                 raise
             finally:
-                f.recording -= 1
+                self._taken(f)
             if clear:
                 f.fresh = False
                 self._pending.discard(ino)
@@ -442,9 +457,7 @@ class SharedVolume:
                 log.warning("%s: inode %d lost data written before its close: %s",
                             self.name, ino, f.error)
                 f.error = None
-            attrs, f.attrs, f.dirty = f.attrs, {}, False
-            f.recording += 1
-            recs.append((ino, f.size, f.mtime, attrs, f.fresh))
+            recs.append((ino, f.size, f.mtime, self._take(f), f.fresh))
         try:
             got = await self.meta.set_sizes(recs)
         except PxfsError as exc:        # the service records them later
@@ -455,7 +468,7 @@ class SharedVolume:
             return
         finally:
             for _, f in files:
-                f.recording -= 1
+                self._taken(f)
         for ino, f in files:
             if ino in got:
                 f.inode = got[ino]
