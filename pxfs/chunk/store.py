@@ -46,10 +46,11 @@ def block_crcs(data) -> bytes:
 
 
 class _Chunk:
-    __slots__ = ("fd", "hdr", "lock", "dirty")
+    __slots__ = ("fd", "hdr", "lock", "dirty", "dirty_bytes")
 
     def __init__(self, fd: int, hdr: Header):
         self.fd, self.hdr, self.lock, self.dirty = fd, hdr, threading.Lock(), False
+        self.dirty_bytes = 0        # written since the last sync (an upper bound)
 
 
 MAX_IDX = (1 << 64) - 1
@@ -284,6 +285,7 @@ class ChunkStore:
                 raise
             except OSError as exc:
                 raise self._oserror(exc) from exc
+            ch.dirty_bytes += len(buf)
             if not ch.dirty:
                 ch.dirty = True
                 with self._lock:
@@ -455,6 +457,16 @@ class ChunkStore:
                 out[idx] = gen
         return out
 
+    def small_sync(self, volid: int, max_files: int = 2, max_bytes: int = 256 * 1024) -> bool:
+        """Whether a sync of the volume now is at most ``max_files``
+        fdatasyncs of at most ``max_bytes`` written since the last one (no
+        directory to sync, no syncfs): short enough to do without a thread."""
+        with self._lock:
+            if volid in self._dirty_dirs or self._unsynced.get(volid):
+                return False
+            chunks = self._dirty.get(volid, ())
+            return len(chunks) <= max_files and sum(c.dirty_bytes for c in chunks) <= max_bytes
+
     def sync(self, volid: int) -> None:
         """Make every write to this volume so far durable.
 
@@ -471,7 +483,7 @@ class ChunkStore:
         for ch in chunks:
             with ch.lock:
                 if ch.fd >= 0 and ch.dirty:
-                    ch.dirty = False
+                    ch.dirty, ch.dirty_bytes = False, 0
                     fds.append((ch, os.dup(ch.fd)))
         # after the loop: a chunk evicted meanwhile moved its fd here under its lock
         fds += [(None, fd) for fd in self._take_unsynced(volid)]

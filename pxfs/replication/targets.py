@@ -1,6 +1,8 @@
 """One interface to a replica, wherever it is: LocalReplica calls this node's
 ReplicaService directly; RemoteReplica sends the same request over the data
-port."""
+port.  Writes, flushes and drops take ``sent``, an Event set once the
+request left this node (at once for the local replica), so the fan-out
+starts the remote copies before it does the local one."""
 
 from __future__ import annotations
 
@@ -14,13 +16,13 @@ class LocalReplica:
     def __init__(self, node: str, svc: ReplicaService):
         self.node, self._svc = node, svc
 
-    async def write(self, volid, idx, off, data, term, gen, crcs=None, timeout=None):
+    async def write(self, volid, idx, off, data, term, gen, crcs=None, timeout=None, sent=None):
         await self._svc.write(volid, idx, off, data, term, gen, crcs)
 
     async def read(self, volid, idx, off, size, timeout=None):
         return await self._svc.read(volid, idx, off, size)
 
-    async def flush(self, volid, term, timeout=None):
+    async def flush(self, volid, term, timeout=None, sent=None):
         await self._svc.flush(volid, term)
 
     async def fence(self, volid, term, timeout=None):
@@ -35,7 +37,7 @@ class LocalReplica:
     async def list_chunks(self, volid, min_gen):
         return await self._svc.list_chunks(volid, min_gen)
 
-    async def drop_chunks(self, volid, first, count, term, timeout=None):
+    async def drop_chunks(self, volid, first, count, term, timeout=None, sent=None):
         await self._svc.drop_chunks(volid, first, count, term)
 
     # live resync of a shared volume into this replica (ReplicaService)
@@ -61,17 +63,17 @@ class RemoteReplica:
     def __init__(self, node: str, peer: Peer):
         self.node, self._peer = node, peer
 
-    async def write(self, volid, idx, off, data, term, gen, crcs=None, timeout=None):
+    async def write(self, volid, idx, off, data, term, gen, crcs=None, timeout=None, sent=None):
         args = {} if crcs is None else {"crcs": crcs}
         await self._peer.call("write", vol=volid, idx=idx, off=off, data=data, term=term,
-                              gen=gen, timeout=timeout, **args)
+                              gen=gen, timeout=timeout, sent=sent, **args)
 
     async def read(self, volid, idx, off, size, timeout=None):
         return (await self._peer.call("read", vol=volid, idx=idx, off=off, size=size,
                                       timeout=timeout))["data"]
 
-    async def flush(self, volid, term, timeout=None):
-        await self._peer.call("flush", vol=volid, term=term, timeout=timeout)
+    async def flush(self, volid, term, timeout=None, sent=None):
+        await self._peer.call("flush", vol=volid, term=term, timeout=timeout, sent=sent)
 
     async def fence(self, volid, term, timeout=None):
         await self._peer.call("fence", vol=volid, term=term, timeout=timeout)
@@ -84,9 +86,9 @@ class RemoteReplica:
         await self._peer.call("put_chunk", vol=volid, idx=idx, gen=gen, present=data is not None,
                               bitmap=bitmap, data=data, term=term, timeout=30)
 
-    async def drop_chunks(self, volid, first, count, term, timeout=None):
+    async def drop_chunks(self, volid, first, count, term, timeout=None, sent=None):
         await self._peer.call("drop_chunks", vol=volid, first=first, count=count, term=term,
-                              timeout=timeout)
+                              timeout=timeout, sent=sent)
 
     async def list_chunks(self, volid, min_gen):
         return (await self._peer.call("list_chunks", vol=volid, min_gen=min_gen, timeout=30))["chunks"]

@@ -188,8 +188,9 @@ class ReplicatedVolume:
                     # checksummed once, here, and stored as they are by every
                     # replica: a copy damaged on its way fails its first read
                     crcs = block_crcs(piece)
-                    await self._fan_out(lambda t: t.write(self.volid, idx, inoff, piece, self.term,
-                                                          stamp, crcs, timeout=self.timeout))
+                    await self._fan_out(lambda t, sent: t.write(
+                        self.volid, idx, inoff, piece, self.term, stamp, crcs,
+                        timeout=self.timeout, sent=sent))
         finally:
             self._inflight[epoch] -= 1
             if not self._inflight[epoch]:
@@ -204,8 +205,9 @@ class ReplicatedVolume:
         shared volume's file went or shrank)."""
         if self.fenced:
             raise Fenced(self.fenced)
-        await self._fan_out(lambda t: t.drop_chunks(self.volid, first, count, self.term,
-                                                    timeout=max(self.timeout, 30)))
+        await self._fan_out(lambda t, sent: t.drop_chunks(self.volid, first, count, self.term,
+                                                          timeout=max(self.timeout, 30),
+                                                          sent=sent))
 
     async def flush(self) -> None:
         if self.fenced:
@@ -222,7 +224,8 @@ class ReplicatedVolume:
         self.epoch += 1
         self._unflushed = False
         try:
-            await self._fan_out(lambda t: t.flush(self.volid, self.term, timeout=self.timeout))
+            await self._fan_out(lambda t, sent: t.flush(self.volid, self.term,
+                                                         timeout=self.timeout, sent=sent))
         except BaseException:
             self._unflushed = True
             raise
@@ -230,22 +233,35 @@ class ReplicatedVolume:
         self.stats.flushes += 1
 
     async def _fan_out(self, op) -> None:
+        """``op(target, sent)`` on every writable replica at once.  The
+        remote requests are sent first: the local copy (done on this task,
+        often without a thread hop) then overlaps their round trips."""
         nodes = self.writers()
         failed: dict[str, PxfsError] = {}
 
-        async def one(node):
+        async def one(node, sent=None):
             try:
-                await op(self._target(node))
+                await op(self._target(node), sent)
             except PxfsError as exc:
                 failed[node] = exc
+            finally:
+                if sent is not None:
+                    sent.set()
 
         if len(nodes) == 1:
             await one(nodes[0])          # no nursery needed for a single replica
         else:
+            local = [n for n in nodes if n == self.local_node]
+            remote = [n for n in nodes if n != self.local_node]
             async with trio.open_nursery() as nursery:
-                for node in nodes[1:]:
-                    nursery.start_soon(one, node)
-                await one(nodes[0])      # the local replica, on this task
+                sent = []
+                for node in remote if local else remote[1:]:
+                    sent.append(trio.Event())
+                    nursery.start_soon(one, node, sent[-1])
+                if local:
+                    for ev in sent:
+                        await ev.wait()
+                await one(local[0] if local else remote[0])
         fenced = [e for e in failed.values() if isinstance(e, Fenced)]
         if fenced:
             self.fence_local(str(fenced[0]))

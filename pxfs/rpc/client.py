@@ -9,7 +9,7 @@ import logging
 import trio
 
 from ..errors import FrameError, PeerUnavailable, PxfsError, from_wire
-from .frames import FrameReader, encode_parts
+from .frames import FrameReader, encode_wire
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -29,12 +29,21 @@ class Peer:
         self._idle: list[_Conn] = []
         self._max_idle = max_idle
 
-    async def call(self, op: str, *, timeout: float | None = None, **args) -> dict:
+    async def call(self, op: str, *, timeout: float | None = None, sent: trio.Event | None = None,
+                   **args) -> dict:
         """Send one request and return its reply.  Every op is idempotent, so a
         request that failed on a pooled connection (the peer may have
-        restarted since) is sent once more on a fresh one."""
+        restarted since) is sent once more on a fresh one.  ``sent`` is set
+        once the request is on the wire (or the call failed)."""
         msg = dict(args, op=op, id=next(_ids))
-        head, payload = encode_parts(msg)
+        head, payload = encode_wire(msg)
+        try:
+            return await self._call(op, msg["id"], head, payload, timeout, sent)
+        finally:
+            if sent is not None:
+                sent.set()
+
+    async def _call(self, op, rid, head, payload, timeout, sent) -> dict:
         with trio.move_on_after(timeout or self.timeout) as scope:
             while True:
                 reused = bool(self._idle)
@@ -45,8 +54,10 @@ class Peer:
                     await conn.stream.send_all(head)
                     if payload is not None:
                         await conn.stream.send_all(payload)
+                    if sent is not None:
+                        sent.set()
                     reply = await conn.reader.receive()
-                    if reply is None or reply.get("id") != msg["id"]:
+                    if reply is None or reply.get("id") != rid:
                         raise PeerUnavailable("connection closed")
                     break
                 except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,

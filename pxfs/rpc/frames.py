@@ -19,6 +19,9 @@ from ..errors import FrameError, InvalidArgument, PeerUnavailable
 _LEN = struct.Struct(">I")
 _RAW = 0x80000000          # length flag: a header length and a raw payload follow
 RAW_MIN = 4096             # payloads from this size travel outside msgpack
+#: a raw payload up to this size is joined to its header: one send, one
+#: segment, one wakeup of the receiver (a copy of it costs less than that)
+JOIN_MAX = 64 * 1024
 
 
 def encode_parts(msg: dict) -> tuple[bytes, bytes | None]:
@@ -37,13 +40,21 @@ def encode_parts(msg: dict) -> tuple[bytes, bytes | None]:
     return _LEN.pack(len(body)) + body, None
 
 
+def encode_wire(msg: dict) -> tuple[bytes, bytes | None]:
+    """encode_parts, with a small payload already joined to its head."""
+    head, payload = encode_parts(msg)
+    if payload is not None and len(payload) <= JOIN_MAX:
+        return head + payload, None
+    return head, payload
+
+
 def encode(msg: dict) -> bytes:
     head, payload = encode_parts(msg)
     return head + bytes(payload) if payload is not None else head
 
 
 async def send(stream, msg: dict) -> None:
-    head, payload = encode_parts(msg)
+    head, payload = encode_wire(msg)
     await stream.send_all(head)
     if payload is not None:
         await stream.send_all(payload)
