@@ -1,8 +1,9 @@
 """One interface to a replica, wherever it is: LocalReplica calls this node's
 ReplicaService directly; RemoteReplica sends the same request over the data
-port.  Writes, flushes and drops take ``sent``, an Event set once the
-request left this node (at once for the local replica), so the fan-out
-starts the remote copies before it does the local one."""
+port.  The fan-out of writes, flushes and drops (ReplicatedVolume) uses
+``RemoteReplica.begin`` to put the request on the wire, then does the local
+replica's copy, then collects the replies: the local copy overlaps the
+remote round trips without a task per replica."""
 
 from __future__ import annotations
 
@@ -16,13 +17,26 @@ class LocalReplica:
     def __init__(self, node: str, svc: ReplicaService):
         self.node, self._svc = node, svc
 
-    async def write(self, volid, idx, off, data, term, gen, crcs=None, timeout=None, sent=None):
+    async def write(self, volid, idx, off, data, term, gen, crcs=None, timeout=None):
         await self._svc.write(volid, idx, off, data, term, gen, crcs)
+
+    async def do(self, op: str, args: dict, timeout=None) -> None:
+        """One fan-out op with the data port's argument names."""
+        svc, vol, term = self._svc, args["vol"], args["term"]
+        if op == "write":
+            await svc.write(vol, args["idx"], args["off"], args["data"], term, args["gen"],
+                            args.get("crcs"))
+        elif op == "flush":
+            await svc.flush(vol, term)
+        elif op == "drop_chunks":
+            await svc.drop_chunks(vol, args["first"], args["count"], term)
+        else:
+            raise ValueError(f"not a fan-out op: {op}")
 
     async def read(self, volid, idx, off, size, timeout=None):
         return await self._svc.read(volid, idx, off, size)
 
-    async def flush(self, volid, term, timeout=None, sent=None):
+    async def flush(self, volid, term, timeout=None):
         await self._svc.flush(volid, term)
 
     async def fence(self, volid, term, timeout=None):
@@ -37,7 +51,7 @@ class LocalReplica:
     async def list_chunks(self, volid, min_gen):
         return await self._svc.list_chunks(volid, min_gen)
 
-    async def drop_chunks(self, volid, first, count, term, timeout=None, sent=None):
+    async def drop_chunks(self, volid, first, count, term, timeout=None):
         await self._svc.drop_chunks(volid, first, count, term)
 
     # live resync of a shared volume into this replica (ReplicaService)
@@ -63,17 +77,24 @@ class RemoteReplica:
     def __init__(self, node: str, peer: Peer):
         self.node, self._peer = node, peer
 
-    async def write(self, volid, idx, off, data, term, gen, crcs=None, timeout=None, sent=None):
+    async def begin(self, op: str, args: dict, timeout=None):
+        """Send a fan-out op; ``await (await begin(...)).result()`` ends it."""
+        return await self._peer.begin(op, timeout=timeout, **args)
+
+    async def do(self, op: str, args: dict, timeout=None) -> None:
+        await self._peer.call(op, timeout=timeout, **args)
+
+    async def write(self, volid, idx, off, data, term, gen, crcs=None, timeout=None):
         args = {} if crcs is None else {"crcs": crcs}
         await self._peer.call("write", vol=volid, idx=idx, off=off, data=data, term=term,
-                              gen=gen, timeout=timeout, sent=sent, **args)
+                              gen=gen, timeout=timeout, **args)
 
     async def read(self, volid, idx, off, size, timeout=None):
         return (await self._peer.call("read", vol=volid, idx=idx, off=off, size=size,
                                       timeout=timeout))["data"]
 
-    async def flush(self, volid, term, timeout=None, sent=None):
-        await self._peer.call("flush", vol=volid, term=term, timeout=timeout, sent=sent)
+    async def flush(self, volid, term, timeout=None):
+        await self._peer.call("flush", vol=volid, term=term, timeout=timeout)
 
     async def fence(self, volid, term, timeout=None):
         await self._peer.call("fence", vol=volid, term=term, timeout=timeout)
@@ -86,9 +107,9 @@ class RemoteReplica:
         await self._peer.call("put_chunk", vol=volid, idx=idx, gen=gen, present=data is not None,
                               bitmap=bitmap, data=data, term=term, timeout=30)
 
-    async def drop_chunks(self, volid, first, count, term, timeout=None, sent=None):
+    async def drop_chunks(self, volid, first, count, term, timeout=None):
         await self._peer.call("drop_chunks", vol=volid, first=first, count=count, term=term,
-                              timeout=timeout, sent=sent)
+                              timeout=timeout)
 
     async def list_chunks(self, volid, min_gen):
         return (await self._peer.call("list_chunks", vol=volid, min_gen=min_gen, timeout=30))["chunks"]

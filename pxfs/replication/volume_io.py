@@ -188,9 +188,9 @@ class ReplicatedVolume:
                     # checksummed once, here, and stored as they are by every
                     # replica: a copy damaged on its way fails its first read
                     crcs = block_crcs(piece)
-                    await self._fan_out(lambda t, sent: t.write(
-                        self.volid, idx, inoff, piece, self.term, stamp, crcs,
-                        timeout=self.timeout, sent=sent))
+                    await self._fan_out("write", dict(vol=self.volid, idx=idx, off=inoff,
+                                                      data=piece, term=self.term, gen=stamp,
+                                                      crcs=crcs))
         finally:
             self._inflight[epoch] -= 1
             if not self._inflight[epoch]:
@@ -205,9 +205,8 @@ class ReplicatedVolume:
         shared volume's file went or shrank)."""
         if self.fenced:
             raise Fenced(self.fenced)
-        await self._fan_out(lambda t, sent: t.drop_chunks(self.volid, first, count, self.term,
-                                                          timeout=max(self.timeout, 30),
-                                                          sent=sent))
+        await self._fan_out("drop_chunks", dict(vol=self.volid, first=first, count=count,
+                                                term=self.term), timeout=max(self.timeout, 30))
 
     async def flush(self) -> None:
         if self.fenced:
@@ -224,44 +223,50 @@ class ReplicatedVolume:
         self.epoch += 1
         self._unflushed = False
         try:
-            await self._fan_out(lambda t, sent: t.flush(self.volid, self.term,
-                                                         timeout=self.timeout, sent=sent))
+            await self._fan_out("flush", dict(vol=self.volid, term=self.term))
         except BaseException:
             self._unflushed = True
             raise
         self.durable = max(self.durable, low)
         self.stats.flushes += 1
 
-    async def _fan_out(self, op) -> None:
-        """``op(target, sent)`` on every writable replica at once.  The
-        remote requests are sent first: the local copy (done on this task,
-        often without a thread hop) then overlaps their round trips."""
+    async def _fan_out(self, op: str, args: dict, timeout: float | None = None) -> None:
+        """``op`` (a data-port op and its arguments) on every writable
+        replica at once: the remote requests are sent first, then the local
+        replica does its copy on this task (usually without a thread hop),
+        then the remote replies are collected."""
         nodes = self.writers()
+        timeout = timeout or self.timeout
         failed: dict[str, PxfsError] = {}
-
-        async def one(node, sent=None):
-            try:
-                await op(self._target(node), sent)
-            except PxfsError as exc:
-                failed[node] = exc
-            finally:
-                if sent is not None:
-                    sent.set()
-
-        if len(nodes) == 1:
-            await one(nodes[0])          # no nursery needed for a single replica
-        else:
-            local = [n for n in nodes if n == self.local_node]
-            remote = [n for n in nodes if n != self.local_node]
-            async with trio.open_nursery() as nursery:
-                sent = []
-                for node in remote if local else remote[1:]:
-                    sent.append(trio.Event())
-                    nursery.start_soon(one, node, sent[-1])
-                if local:
-                    for ev in sent:
-                        await ev.wait()
-                await one(local[0] if local else remote[0])
+        targets = [(n, self._target(n)) for n in nodes]
+        pending = []
+        try:
+            for node, t in targets:
+                if t.local:
+                    continue
+                try:
+                    if len(nodes) == 1:
+                        await t.do(op, args, timeout=timeout)
+                    else:
+                        pending.append((node, await t.begin(op, args, timeout)))
+                except PxfsError as exc:
+                    failed[node] = exc
+            for node, t in targets:
+                if t.local:
+                    try:
+                        await t.do(op, args, timeout=timeout)
+                    except PxfsError as exc:
+                        failed[node] = exc
+            while pending:
+                node, p = pending.pop(0)
+                try:
+                    await p.result()
+                except PxfsError as exc:
+                    failed[node] = exc
+        finally:
+            for _, p in pending:             # cancelled: no reply is owed on a pooled connection
+                with trio.CancelScope(shield=True):
+                    await p.abandon()
         fenced = [e for e in failed.values() if isinstance(e, Fenced)]
         if fenced:
             self.fence_local(str(fenced[0]))

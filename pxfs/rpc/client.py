@@ -19,6 +19,79 @@ class _Conn:
     def __init__(self, stream):
         self.stream = stream
         self.reader = FrameReader(stream)
+        self.wire = self.reader.wire
+
+
+_NET_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, PeerUnavailable,
+               FrameError)
+
+
+class Pending:
+    """A request on the wire whose reply is still to come (Peer.begin).
+    Collect it with ``result()``, or ``abandon()`` it: its connection is
+    then closed, never reused with a reply still owed on it."""
+
+    def __init__(self, peer: "Peer", op: str, rid: int, head: bytes, payload, deadline: float):
+        self.peer, self.op, self.rid = peer, op, rid
+        self._head, self._payload, self._deadline = head, payload, deadline
+        self._conn: _Conn | None = None
+        self._reused = False
+
+    async def _send(self) -> None:
+        peer = self.peer
+        with trio.fail_after(max(0.0, self._deadline - trio.current_time())):
+            while True:
+                self._reused = bool(peer._idle)
+                conn = peer._idle.pop() if self._reused else None
+                try:
+                    if conn is None:
+                        conn = _Conn(await trio.open_tcp_stream(peer.host, peer.port))
+                    await conn.wire.send_all(self._head)
+                    if self._payload is not None:
+                        await conn.wire.send_all(self._payload)
+                    self._conn = conn
+                    return
+                except _NET_ERRORS as exc:
+                    await peer._drop(conn)
+                    if not self._reused:
+                        raise PeerUnavailable(f"{peer.host}:{peer.port}: {self.op}: {exc}") from None
+
+    async def result(self) -> dict:
+        peer = self.peer
+        try:
+            with trio.fail_after(max(0.0, self._deadline - trio.current_time())):
+                while True:
+                    try:
+                        reply = await self._conn.reader.receive()
+                        if reply is None or reply.get("id") != self.rid:
+                            raise PeerUnavailable("connection closed")
+                        break
+                    except _NET_ERRORS as exc:
+                        conn, self._conn = self._conn, None
+                        await peer._drop(conn)
+                        if not self._reused:
+                            raise PeerUnavailable(f"{peer.host}:{peer.port}: {self.op}: {exc}") from None
+                        # a pooled connection the peer had closed (it may have
+                        # restarted): every op is idempotent, send it again
+                        await self._send()
+        except trio.TooSlowError:
+            await self.abandon()
+            raise PeerUnavailable(f"{peer.host}:{peer.port} did not answer {self.op} in time") from None
+        except BaseException:
+            await self.abandon()
+            raise
+        conn, self._conn = self._conn, None
+        if len(peer._idle) < peer._max_idle:
+            peer._idle.append(conn)
+        else:
+            await peer._drop(conn)
+        if not reply.get("ok"):
+            raise from_wire(reply.get("err", ""), reply.get("msg", "remote error"))
+        return reply
+
+    async def abandon(self) -> None:
+        conn, self._conn = self._conn, None
+        await self.peer._drop(conn)
 
 
 class Peer:
@@ -29,52 +102,25 @@ class Peer:
         self._idle: list[_Conn] = []
         self._max_idle = max_idle
 
-    async def call(self, op: str, *, timeout: float | None = None, sent: trio.Event | None = None,
-                   **args) -> dict:
-        """Send one request and return its reply.  Every op is idempotent, so a
-        request that failed on a pooled connection (the peer may have
-        restarted since) is sent once more on a fresh one.  ``sent`` is set
-        once the request is on the wire (or the call failed)."""
+    async def begin(self, op: str, *, timeout: float | None = None, **args) -> Pending:
+        """Send one request; its reply is collected with ``result()``, so a
+        caller can do other work (the local replica's copy) meanwhile.
+        Every op is idempotent: a request that failed on a pooled
+        connection (the peer may have restarted since) is sent once more
+        on a fresh one."""
         msg = dict(args, op=op, id=next(_ids))
         head, payload = encode_wire(msg)
+        p = Pending(self, op, msg["id"], head, payload,
+                    trio.current_time() + (timeout or self.timeout))
         try:
-            return await self._call(op, msg["id"], head, payload, timeout, sent)
-        finally:
-            if sent is not None:
-                sent.set()
+            await p._send()
+        except trio.TooSlowError:
+            raise PeerUnavailable(f"{self.host}:{self.port} did not take {op} in time") from None
+        return p
 
-    async def _call(self, op, rid, head, payload, timeout, sent) -> dict:
-        with trio.move_on_after(timeout or self.timeout) as scope:
-            while True:
-                reused = bool(self._idle)
-                conn = self._idle.pop() if reused else None
-                try:
-                    if conn is None:
-                        conn = _Conn(await trio.open_tcp_stream(self.host, self.port))
-                    await conn.stream.send_all(head)
-                    if payload is not None:
-                        await conn.stream.send_all(payload)
-                    if sent is not None:
-                        sent.set()
-                    reply = await conn.reader.receive()
-                    if reply is None or reply.get("id") != rid:
-                        raise PeerUnavailable("connection closed")
-                    break
-                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
-                        PeerUnavailable, FrameError) as exc:
-                    await self._drop(conn)
-                    if not reused:
-                        raise PeerUnavailable(f"{self.host}:{self.port}: {op}: {exc}") from None
-        if scope.cancelled_caught:
-            await self._drop(conn)
-            raise PeerUnavailable(f"{self.host}:{self.port} did not answer {op} in time")
-        if len(self._idle) < self._max_idle:
-            self._idle.append(conn)
-        else:
-            await self._drop(conn)
-        if not reply.get("ok"):
-            raise from_wire(reply.get("err", ""), reply.get("msg", "remote error"))
-        return reply
+    async def call(self, op: str, *, timeout: float | None = None, **args) -> dict:
+        """Send one request and return its reply."""
+        return await (await self.begin(op, timeout=timeout, **args)).result()
 
     async def _drop(self, conn) -> None:
         if conn is not None:
@@ -133,3 +179,6 @@ class _LatePeer:
 
     async def call(self, op: str, **kw) -> dict:
         return await (await self._book._late(self._node)).call(op, **kw)
+
+    async def begin(self, op: str, **kw) -> Pending:
+        return await (await self._book._late(self._node)).begin(op, **kw)

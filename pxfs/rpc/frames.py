@@ -15,6 +15,7 @@ import trio
 
 from .. import MAX_FRAME, codec
 from ..errors import FrameError, InvalidArgument, PeerUnavailable
+from .wire import Wire
 
 _LEN = struct.Struct(">I")
 _RAW = 0x80000000          # length flag: a header length and a raw payload follow
@@ -53,24 +54,26 @@ def encode(msg: dict) -> bytes:
     return head + bytes(payload) if payload is not None else head
 
 
-async def send(stream, msg: dict) -> None:
+async def send(wire: Wire, msg: dict) -> None:
     head, payload = encode_wire(msg)
-    await stream.send_all(head)
+    await wire.send_all(head)
     if payload is not None:
-        await stream.send_all(payload)
+        await wire.send_all(payload)
+
+
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class FrameReader:
-    def __init__(self, stream: trio.abc.ReceiveStream):
-        self._stream = stream
+    def __init__(self, stream):
+        self.wire = self._wire = stream if isinstance(stream, Wire) else Wire(stream)
         self._buf = bytearray()
-        self._sock = getattr(stream, "socket", None)
 
     async def _fill(self, n: int) -> bool:
         while len(self._buf) < n:
             try:
-                chunk = await self._stream.receive_some(max(65536, n - len(self._buf)))
-            except (trio.BrokenResourceError, OSError) as exc:
+                chunk = await self._wire.receive_some(max(65536, n - len(self._buf)))
+            except _BROKEN as exc:
                 raise PeerUnavailable(f"connection broken: {exc}") from exc
             if not chunk:
                 if self._buf:
@@ -88,13 +91,8 @@ class FrameReader:
         view = memoryview(out)
         while have < n:
             try:
-                if self._sock is not None:
-                    got = await self._sock.recv_into(view[have:])
-                else:
-                    chunk = await self._stream.receive_some(n - have)
-                    got = len(chunk)
-                    view[have:have + got] = chunk
-            except (trio.BrokenResourceError, OSError) as exc:
+                got = await self._wire.receive_into(view[have:])
+            except _BROKEN as exc:
                 raise PeerUnavailable(f"connection broken: {exc}") from exc
             if not got:
                 raise FrameError("connection closed inside a frame")

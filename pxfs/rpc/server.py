@@ -47,7 +47,7 @@ class RpcServer:
                 except Exception as exc:      # a bug: loud, but only this request fails
                     log.exception("data-port request %s failed unexpectedly", op)
                     reply = {"id": rid, "ok": False, "err": "PxfsError", "msg": f"internal error: {exc}"}
-                await send(stream, reply)
+                await send(reader.wire, reply)
         except (RpcError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return
         finally:
