@@ -239,6 +239,7 @@ async def run_node(cfg: config_mod.Config, roots: list[str]) -> int:
     fuse_view.mount(node.view, cfg.fuse_mountpoint)
     try:
         async with trio.open_nursery() as nursery:
+            await nursery.start(node.replica.syncer.run)
             await nursery.start(RpcServer(cfg.data_host, cfg.data_port, node.replica.handle).run)
             await nursery.start(node.membership.run)
             await nursery.start(node.address_service)

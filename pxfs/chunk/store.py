@@ -457,6 +457,12 @@ class ChunkStore:
                 out[idx] = gen
         return out
 
+    def clean(self, volid: int) -> bool:
+        """Whether the volume has nothing a sync would flush."""
+        with self._lock:
+            return (not self._dirty.get(volid) and volid not in self._dirty_dirs
+                    and not self._unsynced.get(volid))
+
     def small_sync(self, volid: int, max_files: int = 2, max_bytes: int = 256 * 1024) -> bool:
         """Whether a sync of the volume now is at most ``max_files``
         fdatasyncs of at most ``max_bytes`` written since the last one (no

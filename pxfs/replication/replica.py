@@ -9,13 +9,13 @@ from __future__ import annotations
 import collections
 import functools
 import logging
-import time
 
 import trio
 
 from .. import CSUM_BLOCK
 from ..chunk.store import ChunkStore
 from ..errors import Fenced, FrameError, InvalidArgument
+from .syncer import Syncer
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +23,6 @@ log = logging.getLogger(__name__)
 #: only (RWF_NOWAIT); anything that would wait goes to a worker thread.
 #: Writes up to this size to an open chunk are done on the trio thread.
 INLINE_IO = 64 * 1024
-#: A flush of a few small writes is done on the trio thread while such
-#: flushes take less than this on average (s): handing it to a thread and
-#: back costs ~0.13 ms on a small VM, more than the fdatasync itself.  A
-#: slow device (a disk cache flush of milliseconds) sends them to threads.
-INLINE_SYNC_MAX = 0.002
 
 
 class ReplicaService:
@@ -43,7 +38,7 @@ class ReplicaService:
         self._tracking: dict[int, dict[int, set | None]] = {}
         self._held: dict[tuple[int, int], trio.Event] = {}
         self._inflight: collections.Counter = collections.Counter()
-        self.sync_avg = 0.0          # moving average of small flushes' duration (s)
+        self.syncer = Syncer(store, self._run)   # flushes; its run() is a node service
 
     async def _run(self, fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
@@ -65,7 +60,8 @@ class ReplicaService:
                     self._terms[volid] = term
 
     # -- operations (also the RPC surface) -------------------------------------
-    async def write(self, volid, idx, off, data, term, gen, crcs=None):
+    async def write(self, volid, idx, off, data, term, gen, crcs=None, remote=False):
+        """``remote``: from another node, over the data port (Syncer.wrote)."""
         await self.check_term(volid, term)
         key = (volid, idx)
         while key in self._held:                 # a resync is replacing this chunk
@@ -77,6 +73,7 @@ class ReplicaService:
             self._inflight[key] -= 1
             if not self._inflight[key]:
                 del self._inflight[key]
+        self.syncer.wrote(volid, len(data), behind=remote)
         marks = self._tracking.get(volid)
         if marks is not None:
             blocks = marks.setdefault(idx, set())
@@ -113,19 +110,7 @@ class ReplicaService:
 
     async def flush(self, volid, term):
         await self.check_term(volid, term)
-        if not self.store.small_sync(volid):
-            await self._run(self.store.sync, volid)
-        elif self.sync_avg < INLINE_SYNC_MAX:
-            self._timed_sync(volid)
-        else:                        # keep measuring, so a faster device wins it back
-            await self._run(self._timed_sync, volid)
-
-    def _timed_sync(self, volid) -> None:
-        t0 = time.monotonic()
-        try:
-            self.store.sync(volid)
-        finally:
-            self.sync_avg += (time.monotonic() - t0 - self.sync_avg) * 0.2
+        await self.syncer.flush(volid)
 
     async def fence(self, volid, term):
         await self.check_term(volid, term)
@@ -191,6 +176,7 @@ class ReplicaService:
 
     async def delete_volume(self, volid):
         self._terms.pop(volid, None)
+        self.syncer.forget(volid)
         await self._run(self.store.delete_volume, volid)
 
     async def usage(self, volid):
@@ -202,7 +188,7 @@ class ReplicaService:
             if op == "write":
                 await self.write(_int(msg, "vol"), _int(msg, "idx"), _int(msg, "off"),
                                  _bytes(msg, "data"), _int(msg, "term"), _int(msg, "gen"),
-                                 _bytes(msg, "crcs") if "crcs" in msg else None)
+                                 _bytes(msg, "crcs") if "crcs" in msg else None, remote=True)
                 return {}
             if op == "read":
                 return {"data": await self.read(_int(msg, "vol"), _int(msg, "idx"),

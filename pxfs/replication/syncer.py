@@ -1,0 +1,129 @@
+"""Making a replica's writes durable: the flush of a volume on this node.
+
+One sync per volume is in flight at a time.  A flush first waits for the
+one in flight (it may have picked up writes the flush must cover, and they
+are durable only once its fdatasync returned), then syncs what is still
+dirty; a volume with nothing dirty costs nothing.
+
+Small syncs (a few chunk files, little data) run on the trio thread while
+they stay fast: handing one to a worker thread and back costs ~0.13 ms on a
+small VM, more than the fdatasync.  A slow device sends them to threads.
+
+Sync behind: on a replica serving another node's writer, a volume flushed
+after almost every write (a database commit, ext4's journal on a block
+volume) gets a sync started right after each small write is acknowledged,
+while the acknowledgement travels back and the writer's flush travels here;
+the flush then finds it done or under way.  Volumes written in bulk never
+pay for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from ..chunk.store import ChunkStore
+from ..errors import PxfsError
+
+log = logging.getLogger(__name__)
+
+#: small syncs run on the trio thread while they take less than this on average (s)
+INLINE_SYNC_MAX = 0.002
+#: sync behind writes up to this size ...
+BEHIND_MAX_WRITE = 64 * 1024
+#: ... to a volume flushed after at most this many writes on average ...
+BEHIND_WRITES_PER_FLUSH = 3.0
+#: ... and flushed within this long (s)
+BEHIND_RECENT = 0.05
+
+
+class _Pattern:
+    __slots__ = ("writes", "per_flush", "last_flush")
+
+    def __init__(self):
+        self.writes, self.per_flush, self.last_flush = 0, 1e9, 0.0
+
+
+class Syncer:
+    def __init__(self, store: ChunkStore, run_in_thread):
+        self.store = store
+        self._run = run_in_thread               # async fn(*args) in a worker thread
+        self._syncing: dict[int, trio.Event] = {}
+        self._patterns: dict[int, _Pattern] = {}
+        self._nursery: trio.Nursery | None = None
+        self.sync_avg = 0.0                     # moving average of small syncs (s)
+        self.stats = {"syncs": 0, "syncs_behind": 0}
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Service: the syncs started behind writes run here."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    def forget(self, volid: int) -> None:
+        self._patterns.pop(volid, None)
+
+    # -- what callers do ------------------------------------------------------
+    def wrote(self, volid: int, nbytes: int, behind: bool = False) -> None:
+        """A write to the volume was applied here; ``behind``: it came over
+        the data port and may be followed by a sync (never for the writer's
+        own node, whose event loop must stay free for the other replicas'
+        replies: it syncs its copy when the flush comes, alongside them)."""
+        p = self._patterns.get(volid)
+        if p is None:
+            p = self._patterns[volid] = _Pattern()
+        p.writes += 1
+        if (behind and self._nursery is not None and nbytes <= BEHIND_MAX_WRITE
+                and p.per_flush <= BEHIND_WRITES_PER_FLUSH
+                and time.monotonic() - p.last_flush < BEHIND_RECENT
+                and volid not in self._syncing):
+            self._nursery.start_soon(self._behind, volid)
+
+    async def flush(self, volid: int) -> None:
+        """Every write to the volume applied here before this call is durable
+        when it returns."""
+        p = self._patterns.get(volid)
+        if p is not None:
+            p.per_flush += (p.writes - p.per_flush) * 0.25
+            p.writes, p.last_flush = 0, time.monotonic()
+        await self._sync(volid)
+
+    # -- the syncs ---------------------------------------------------------------
+    async def _behind(self, volid: int) -> None:
+        try:
+            if volid not in self._syncing:
+                self.stats["syncs_behind"] += 1
+                await self._sync(volid)
+        except PxfsError as exc:          # the flush that follows reports it
+            log.debug("sync behind a write of volume %s failed: %s", volid, exc)
+
+    async def _sync(self, volid: int) -> None:
+        while (ev := self._syncing.get(volid)) is not None:
+            await ev.wait()
+        if self.store.clean(volid):
+            return
+        ev = self._syncing[volid] = trio.Event()
+        try:
+            self.stats["syncs"] += 1
+            if not self.store.small_sync(volid):
+                await self._run(self.store.sync, volid)
+            elif self.sync_avg < INLINE_SYNC_MAX:
+                self._timed_sync(volid)
+            else:                    # keep measuring, so a faster device wins it back
+                await self._run(self._timed_sync, volid)
+        finally:
+            del self._syncing[volid]
+            ev.set()
+
+    def _timed_sync(self, volid: int) -> None:
+        t0 = time.monotonic()
+        try:
+            self.store.sync(volid)
+        finally:
+            self.sync_avg += (time.monotonic() - t0 - self.sync_avg) * 0.2
