@@ -43,7 +43,7 @@ class _Pattern:
     __slots__ = ("writes", "per_flush", "last_flush")
 
     def __init__(self):
-        self.writes, self.per_flush, self.last_flush = 0, 1e9, 0.0
+        self.writes, self.per_flush, self.last_flush = 0, None, 0.0
 
 
 class Syncer:
@@ -80,7 +80,7 @@ class Syncer:
             p = self._patterns[volid] = _Pattern()
         p.writes += 1
         if (behind and self._nursery is not None and nbytes <= BEHIND_MAX_WRITE
-                and p.per_flush <= BEHIND_WRITES_PER_FLUSH
+                and p.per_flush is not None and p.per_flush <= BEHIND_WRITES_PER_FLUSH
                 and time.monotonic() - p.last_flush < BEHIND_RECENT
                 and volid not in self._syncing):
             self._nursery.start_soon(self._behind, volid)
@@ -90,7 +90,8 @@ class Syncer:
         when it returns."""
         p = self._patterns.get(volid)
         if p is not None:
-            p.per_flush += (p.writes - p.per_flush) * 0.25
+            p.per_flush = (p.writes if p.per_flush is None
+                           else p.per_flush + (p.writes - p.per_flush) * 0.25)
             p.writes, p.last_flush = 0, time.monotonic()
         await self._sync(volid)
 
