@@ -38,8 +38,9 @@ class Pending:
         self._reused = False
 
     async def _send(self) -> None:
+        """Put the request on a connection; trio.TooSlowError past the deadline."""
         peer = self.peer
-        with trio.fail_after(max(0.0, self._deadline - trio.current_time())):
+        with trio.CancelScope(deadline=self._deadline) as scope:
             while True:
                 self._reused = bool(peer._idle)
                 conn = peer._idle.pop() if self._reused else None
@@ -55,11 +56,14 @@ class Pending:
                     await peer._drop(conn)
                     if not self._reused:
                         raise PeerUnavailable(f"{peer.host}:{peer.port}: {self.op}: {exc}") from None
+        if scope.cancelled_caught:
+            raise trio.TooSlowError
 
     async def result(self) -> dict:
         peer = self.peer
+        reply = None
         try:
-            with trio.fail_after(max(0.0, self._deadline - trio.current_time())):
+            with trio.CancelScope(deadline=self._deadline):
                 while True:
                     try:
                         reply = await self._conn.reader.receive()
@@ -74,6 +78,8 @@ class Pending:
                         # a pooled connection the peer had closed (it may have
                         # restarted): every op is idempotent, send it again
                         await self._send()
+            if reply is None:
+                raise trio.TooSlowError
         except trio.TooSlowError:
             await self.abandon()
             raise PeerUnavailable(f"{peer.host}:{peer.port} did not answer {self.op} in time") from None
