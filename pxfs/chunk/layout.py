@@ -52,8 +52,17 @@ class Header:
         """Mark blocks first.. written with the packed CRC32s ``crcs``."""
         n = len(crcs) // 4
         self.crcs[first:first + n] = array.array("I", crcs)
-        for blk in range(first, first + n):
+        blk, end = first, first + n
+        while blk < end and blk & 7:                  # up to a byte boundary
             self.bitmap[blk >> 3] |= 1 << (blk & 7)
+            blk += 1
+        whole = (end - blk) >> 3                      # then whole bytes at once
+        if whole:
+            self.bitmap[blk >> 3:(blk >> 3) + whole] = b"\xff" * whole
+            blk += whole << 3
+        while blk < end:
+            self.bitmap[blk >> 3] |= 1 << (blk & 7)
+            blk += 1
 
     def pack(self) -> bytes:
         fixed = _FIXED.pack(MAGIC, FORMAT, 0, self.volid, self.idx, CSUM_BLOCK, self.gen)
