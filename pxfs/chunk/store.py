@@ -497,6 +497,11 @@ class ChunkStore:
             if len(fds) > 2 and _syncfs is not None:
                 if _syncfs(fds[0][1]) != 0:
                     raise OSError(ctypes.get_errno(), "syncfs failed")
+                # XFS's syncfs writes the data back but, with no metadata to
+                # log, flushes no device cache; an fdatasync of a file with
+                # nothing left to write does (xfs_file_fsync), so the data is
+                # on stable storage, not only in the disk's write cache
+                os.fdatasync(fds[0][1])
             else:
                 for _, fd in fds:
                     os.fdatasync(fd)
