@@ -78,9 +78,25 @@ async def test_syncs_behind_small_remote_writes_of_a_flush_heavy_volume(svc):
             while not svc.store.clean(VOL):
                 await trio.sleep(0.005)
         assert svc.syncer.stats["syncs_behind"] > before
-        # the writer's own node never syncs behind its local copy
+        # the writer's own node never syncs behind its local copy: it only
+        # starts writing it back, and its flush finishes the job
+        started = []
+        real = svc.store.start_writeback
+        svc.store.start_writeback = lambda volid: (started.append(volid), real(volid))
         before = svc.syncer.stats["syncs_behind"]
         await svc.write(VOL, 1, 0, BLOCK, 1, 1)
         await trio.sleep(0.05)
         assert svc.syncer.stats["syncs_behind"] == before and not svc.store.clean(VOL)
+        assert started == [VOL]
+        await svc.flush(VOL, 1)
+        assert svc.store.clean(VOL)
         nursery.cancel_scope.cancel()
+    # once the volume is written in bulk, no early writeback either
+    for _ in range(4):
+        for i in range(8):
+            await svc.write(VOL, 2, i * CSUM_BLOCK, BLOCK, 1, 1)
+        await svc.flush(VOL, 1)
+    started.clear()
+    for i in range(8):
+        await svc.write(VOL, 2, i * CSUM_BLOCK, BLOCK, 1, 1)
+    assert started == [], "bulk writes started writeback one by one"
