@@ -86,11 +86,10 @@ class Syncer:
                 and p.per_flush <= BEHIND_WRITES_PER_FLUSH
                 and time.monotonic() - p.last_flush < BEHIND_RECENT):
             return
-        if not behind:
-            # the writer's own copy: start writing it back now, without
-            # waiting (the flush then only waits for it and flushes the disk)
-            self.store.start_writeback(volid)
-        elif self._nursery is not None and volid not in self._syncing:
+        # start writing the data back now, without waiting: the sync that
+        # follows (behind this write, or the writer's flush) waits for less
+        self.store.start_writeback(volid)
+        if behind and self._nursery is not None and volid not in self._syncing:
             self._nursery.start_soon(self._behind, volid)
 
     async def flush(self, volid: int) -> None:
