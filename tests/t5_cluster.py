@@ -190,6 +190,41 @@ def test_attach_mount_detach_delete(make_cluster):
         assert os.listdir(vols) == [], f"chunks of the deleted volume left on {n}"
 
 
+def _loops_on(fuse_dir: str) -> list[str]:
+    out = subprocess.run(["losetup", "-n", "-O", "NAME,BACK-FILE", "-l"], capture_output=True,
+                         text=True).stdout
+    return [line.split()[0] for line in out.splitlines()
+            if len(line.split()) == 2 and line.split()[1].startswith(fuse_dir)]
+
+
+def test_volume_unmounted_by_hand(make_cluster):
+    """A user runs `umount` on the volume's mount path instead of pxctl:
+    pxctl unmount and detach still work, and a node stop after it leaves
+    no loop device behind."""
+    c = make_cluster(1)
+    fuse = c.nodes["node1"]["fuse"]
+    for vol in ("u1", "u2"):
+        c.pxctl("node1", "volume", "create", vol, "--size", "256M")
+        c.pxctl("node1", "host", "mount", vol)
+    m = c.pxctl("node1", "volume", "inspect", "u1")["mount_path"]
+    subprocess.run(["umount", m], check=True)
+    c.pxctl("node1", "host", "unmount", "u1")
+    assert c.pxctl("node1", "volume", "inspect", "u1")["mount_path"] == ""
+    c.pxctl("node1", "host", "detach", "u1")
+    m = c.pxctl("node1", "volume", "inspect", "u2")["mount_path"]
+    subprocess.run(["umount", m], check=True)
+    res = c.pxctl("node1", "host", "detach", "u2", check=False)
+    assert res.returncode == 0, res.stderr
+    c.pxctl("node1", "host", "mount", "u2")
+    subprocess.run(["umount", c.pxctl("node1", "volume", "inspect", "u2")["mount_path"]],
+                   check=True)
+    assert _loops_on(fuse)
+    c.stop_node("node1")
+    assert _loops_on(fuse) == [], "a node stop left loop devices behind"
+    log = open(os.path.join(c.workdir, "node1", "pxfsd.log")).read()
+    assert "Traceback" not in log
+
+
 WRITER = r'''
 import hashlib, os, sys, time
 path, log = sys.argv[1], sys.argv[2]

@@ -303,8 +303,7 @@ class Attachments:
             loc = self.local.get(volid)
             if loc is None or not loc.mount:
                 raise NotFound(f"volume {ref!r} is not mounted on this node")
-            await hostdev.umount(loc.mount)
-            loc.mount = ""
+            await self._umount(loc)
             self._save()
             if not loc.vol.fenced:
                 await self._publish(loc)
@@ -319,11 +318,34 @@ class Attachments:
                 att = await self.catalog.attachment(volid)
                 where = f"on node {att['node']}" if att else "anywhere"
                 raise NotFound(f"volume {ref!r} is not attached on this node (attached {where})")
-            if loc.mount:
+            if loc.mount and self._still_mounted(loc):
                 raise Busy(f"volume {loc.name!r} is mounted at {loc.mount}; unmount it first")
             out = self._describe(loc)
             await self._teardown(loc, release=True)
             return out
+
+    def _still_mounted(self, loc: Local) -> bool:
+        """Whether the volume's mount is still there; one the user took away
+        by hand (``umount /mnt/db``) is forgotten."""
+        if hostdev.is_mountpoint(loc.mount):
+            return True
+        log.info("%s is no longer mounted at %s (unmounted by hand)", loc.name, loc.mount)
+        loc.mount = ""
+        self._save()
+        return False
+
+    async def _umount(self, loc: Local, *, lazy_fallback: bool = False) -> None:
+        if not self._still_mounted(loc):
+            return
+        try:
+            await hostdev.umount(loc.mount)
+        except HostError as exc:
+            if not lazy_fallback:
+                raise
+            log.warning("cannot unmount %s: %s; unmounting lazily", loc.mount, exc)
+            await hostdev.umount(loc.mount, lazy=True)
+        loc.mount = ""
+        self._save()
 
     async def _teardown(self, loc: Local, release: bool) -> None:
         if loc.device:
@@ -358,12 +380,9 @@ class Attachments:
     async def shutdown(self) -> None:
         """Unmount and detach everything (clean node stop)."""
         for loc in list(self.local.values()):
-            try:
+            try:            # one volume's trouble must not leave the others attached
                 if loc.mount:
-                    await hostdev.umount(loc.mount, lazy=False)
-                    loc.mount = ""
-            except HostError as exc:
-                log.warning("cannot unmount %s: %s; unmounting lazily", loc.mount, exc)
-                await hostdev.umount(loc.mount, lazy=True)
-                loc.mount = ""
-            await self._teardown(loc, release=True)
+                    await self._umount(loc, lazy_fallback=True)
+                await self._teardown(loc, release=True)
+            except PxfsError as exc:
+                log.error("could not detach %s at stop: %s", loc.name, exc)
