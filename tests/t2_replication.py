@@ -5,6 +5,7 @@ the data port (RemoteReplica).  Covers fan-out writes, read repair,
 failure reporting, fencing, incremental resync and garbage on the data port."""
 
 import logging
+import os
 import random
 import struct
 
@@ -14,7 +15,7 @@ import trio
 from pxfs import CHUNK_SIZE, CSUM_BLOCK, codec
 from pxfs.chunk.layout import HEADER_SIZE
 from pxfs.chunk.store import ChunkStore
-from pxfs.errors import Fenced, MetaError, PxfsError
+from pxfs.errors import ChecksumError, Fenced, MetaError, PxfsError
 from pxfs.replication.replica import ReplicaService
 from pxfs.replication.resync import resync_replica
 from pxfs.replication.targets import LocalReplica, RemoteReplica
@@ -425,3 +426,34 @@ async def test_peer_survives_server_restart_on_same_port(cluster):
     await b.start(cluster.nursery, port=port)
     assert (await peer.call("ping"))["ok"]
     await peer.aclose()
+
+
+async def test_small_reads_leave_the_event_loop_only_for_a_slow_device(cluster):
+    """A small read that misses the page cache is done on the event loop
+    while reads are fast on average, in a worker thread once they are slow;
+    both give the same, verified data."""
+    svc = cluster.nodes["a"].svc
+    data = pattern(8192, seed=7)
+    await svc.write(VOL, 3, 0, data, 1, 1)
+    hops = []
+    real_run = svc._run
+
+    async def counting_run(fn, *args):
+        hops.append(fn)
+        return await real_run(fn, *args)
+    svc._run = counting_run
+    assert await svc.read(VOL, 3, 0, 8192) == data
+    assert hops == [] and 0 < svc.read_avg < 0.0005
+    svc.read_avg = 0.01                      # as after a run of 10 ms reads
+    assert await svc.read(VOL, 3, 4096, 4096) == data[4096:]
+    assert hops == []                        # in the page cache: no wait, no hop
+    svc.store.sync(VOL)                      # then out of it
+    fd = os.open(cluster.nodes["a"].chunk_file(3), os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    assert await svc.read(VOL, 3, 4096, 4096) == data[4096:]
+    assert hops == [svc._timed_read]         # a miss on a slow device: a thread
+    cluster.nodes["a"].corrupt(3, 10)
+    svc.read_avg = 0.0
+    with pytest.raises(ChecksumError):
+        await svc.read(VOL, 3, 0, 4096)

@@ -342,12 +342,16 @@ class ChunkStore:
             raise err
         return bytes(out)
 
-    def read(self, volid: int, idx: int, off: int, size: int, *, nowait: bool = False) -> bytes:
+    def read(self, volid: int, idx: int, off: int, size: int, *, nowait: bool = False,
+             inline: bool = False) -> bytes:
+        """``nowait``: from the page cache only, else BlockingIOError;
+        ``inline``: BlockingIOError only if the chunk is not open or busy
+        (the read itself may wait for the disk)."""
         _check_id(volid, idx)
         _check_range(off, size)
         if size == 0:
             return b""
-        ch = self._locked(volid, idx, False, nowait)
+        ch = self._locked(volid, idx, False, nowait or inline)
         if ch is None:
             return bytes(size)
         try:
