@@ -328,19 +328,22 @@ class ChunkStore:
         else:
             raw = os.pread(ch.fd, n, pos)
         raw = raw.ljust((last - first + 1) * CSUM_BLOCK, b"\0")
-        out = bytearray(raw)
+        out = None              # a copy only when blocks never written must read as zeros
+        mv = memoryview(raw)
         bad = []
+        crcs, written = ch.hdr.crcs, ch.hdr.written
         for i, blk in enumerate(range(first, last + 1)):
-            sl = slice(i * CSUM_BLOCK, (i + 1) * CSUM_BLOCK)
-            if not ch.hdr.written(blk):
-                out[sl] = ZERO_BLOCK
-            elif verify and zlib.crc32(raw[sl]) != ch.hdr.crcs[blk]:
+            if not written(blk):
+                if out is None:
+                    out = bytearray(raw)
+                out[i * CSUM_BLOCK:(i + 1) * CSUM_BLOCK] = ZERO_BLOCK
+            elif verify and zlib.crc32(mv[i * CSUM_BLOCK:(i + 1) * CSUM_BLOCK]) != crcs[blk]:
                 bad.append(blk)
         if bad:
             err = ChecksumError(f"chunk {ch.hdr.volid}/{ch.hdr.idx}: checksum mismatch in blocks {bad}")
             err.blocks = bad
             raise err
-        return bytes(out)
+        return raw if out is None else bytes(out)
 
     def read(self, volid: int, idx: int, off: int, size: int, *, nowait: bool = False,
              inline: bool = False) -> bytes:

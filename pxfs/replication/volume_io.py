@@ -105,12 +105,18 @@ class ReplicatedVolume:
     async def read(self, off: int, size: int) -> bytes:
         self._check(off, size)
         size = max(0, min(size, self.size - off))
-        out = bytearray(size)
-        for idx, inoff, boff, n in self._pieces(off, size):
-            out[boff:boff + n] = await self._read_piece(idx, inoff, n)
+        pieces = list(self._pieces(off, size))
+        if len(pieces) == 1:            # within one chunk (the common case): no copy
+            idx, inoff, _, n = pieces[0]
+            data = bytes(await self._read_piece(idx, inoff, n))
+        else:
+            out = bytearray(size)
+            for idx, inoff, boff, n in pieces:
+                out[boff:boff + n] = await self._read_piece(idx, inoff, n)
+            data = bytes(out)
         self.stats.reads += 1
         self.stats.bytes_read += size
-        return bytes(out)
+        return data
 
     async def _read_piece(self, idx: int, inoff: int, n: int, *, locked: bool = False) -> bytes:
         """Read from the first in-sync replica that can serve the range; a
