@@ -70,6 +70,9 @@ class LocalReplica:
     async def usage(self, volid):
         return await self._svc.usage(volid)
 
+    async def ping(self, timeout=None):
+        pass
+
 
 class RemoteReplica:
     local = False
@@ -119,3 +122,6 @@ class RemoteReplica:
 
     async def usage(self, volid):
         return (await self._peer.call("usage", vol=volid))["bytes"]
+
+    async def ping(self, timeout=None):
+        await self._peer.call("ping", timeout=timeout)

@@ -87,6 +87,13 @@ class Resyncer:
         sources = [n for n in vol.readers() if n != node]
         if not sources:
             return
+        # a node killed a moment ago still looks online until its lease
+        # expires: do not mark its replica resyncing only to fail at once
+        try:
+            await self.catalog.targets(node).ping(timeout=2)
+        except PxfsError as exc:
+            log.debug("volume %s: replica on %s not reachable yet: %s", loc.name, node, exc)
+            return
         async with vol._state_lock:
             rec = await self.catalog.set_replica_state(vol.volid, node, RESYNCING, term=vol.term,
                                                        expect_state=OUT_OF_SYNC)
