@@ -11,7 +11,7 @@ import trio.testing
 
 from pxfs import CHUNK_SIZE, MAX_FRAME, codec
 from pxfs.errors import FrameError, InvalidArgument
-from pxfs.rpc.frames import FrameReader, encode
+from pxfs.rpc.frames import FrameReader, encode, send
 
 
 def pair():
@@ -190,3 +190,60 @@ async def test_truncated_after_good_frame():
     assert await reader.receive() == {"id": 1}
     with pytest.raises(FrameError):
         await reader.receive()
+
+
+# -- Wire: the same frames over a real socket (system call first, wait when it would block)
+async def socket_pair():
+    a, b = trio.socket.socketpair()
+    return trio.SocketStream(a), trio.SocketStream(b)
+
+
+async def test_wire_carries_frames_larger_than_the_socket_buffers():
+    a, b = await socket_pair()
+    tx, reader = FrameReader(a).wire, FrameReader(b)
+    assert tx.fd is not None and reader.wire.fd is not None
+    payload = random.Random(3).randbytes(CHUNK_SIZE)
+    got = []
+
+    async def receive_all():
+        for _ in range(3):
+            got.append(await reader.receive())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(receive_all)          # the sender must wait for it to drain
+        for i in range(3):
+            await send(tx, {"id": i, "op": "write", "data": payload})
+    assert [m["id"] for m in got] == [0, 1, 2]
+    assert all(bytes(m["data"]) == payload for m in got)
+
+
+async def test_wire_reports_a_peer_gone_inside_a_frame():
+    a, b = await socket_pair()
+    reader = FrameReader(b)
+    frame = encode({"id": 1, "data": b"x" * 100000})
+    await a.send_all(frame[:70000])
+    await a.aclose()
+    with pytest.raises(FrameError, match="closed inside a frame"):
+        await reader.receive()
+
+
+async def test_wire_yields_to_other_tasks_while_data_keeps_coming():
+    """A reader that never has to wait still lets the other tasks run."""
+    a, b = await socket_pair()
+    reader = FrameReader(b)
+    small = encode({"id": 1})
+    await a.send_all(small * 200)               # all there before the first receive
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.sleep(0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        await trio.sleep(0)
+        before = ticks
+        for _ in range(200):
+            assert await reader.receive() == {"id": 1}
+        assert ticks > before
+        nursery.cancel_scope.cancel()

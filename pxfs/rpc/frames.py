@@ -134,4 +134,5 @@ class FrameReader:
             if "data" in msg:
                 raise FrameError("frame has data twice")
             msg["data"] = payload
+        await self._wire.fair()     # frames already buffered cost no I/O, still count
         return msg

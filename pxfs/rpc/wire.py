@@ -28,7 +28,8 @@ class Wire:
         self.fd = sock.fileno() if sock is not None else None
         self._streak = 0
 
-    async def _fair(self) -> None:
+    async def fair(self) -> None:
+        """Count one call that did not wait; yield once every YIELD_EVERY."""
         self._streak += 1
         if self._streak >= YIELD_EVERY:
             self._streak = 0
@@ -45,7 +46,7 @@ class Wire:
                 self._streak = 0
                 await trio.lowlevel.wait_readable(self.fd)
                 continue
-            await self._fair()
+            await self.fair()
             return data
 
     async def receive_into(self, view: memoryview) -> int:
@@ -60,7 +61,7 @@ class Wire:
                 self._streak = 0
                 await trio.lowlevel.wait_readable(self.fd)
                 continue
-            await self._fair()
+            await self.fair()
             return got
 
     async def send_all(self, data) -> None:
@@ -76,4 +77,4 @@ class Wire:
                 await trio.lowlevel.wait_writable(self.fd)
                 continue
             view = view[n:]
-        await self._fair()
+        await self.fair()
