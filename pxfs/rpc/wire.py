@@ -35,34 +35,30 @@ class Wire:
             self._streak = 0
             await trio.lowlevel.checkpoint()
 
-    async def receive_some(self, n: int) -> bytes:
-        """Up to ``n`` bytes; b"" at the end of the stream."""
-        if self.fd is None:
-            return await self.stream.receive_some(n)
+    async def _read(self, call, arg):
+        """``call(fd, arg)`` once the socket has something to give."""
         while True:
             try:
-                data = os.read(self.fd, n)
-            except BlockingIOError:
-                self._streak = 0
-                await trio.lowlevel.wait_readable(self.fd)
-                continue
-            await self.fair()
-            return data
-
-    async def receive_into(self, view: memoryview) -> int:
-        if self.fd is None:
-            chunk = await self.stream.receive_some(len(view))
-            view[:len(chunk)] = chunk
-            return len(chunk)
-        while True:
-            try:
-                got = os.readv(self.fd, [view])
+                got = call(self.fd, arg)
             except BlockingIOError:
                 self._streak = 0
                 await trio.lowlevel.wait_readable(self.fd)
                 continue
             await self.fair()
             return got
+
+    async def receive_some(self, n: int) -> bytes:
+        """Up to ``n`` bytes; b"" at the end of the stream."""
+        if self.fd is None:
+            return await self.stream.receive_some(n)
+        return await self._read(os.read, n)
+
+    async def receive_into(self, view: memoryview) -> int:
+        if self.fd is None:
+            chunk = await self.stream.receive_some(len(view))
+            view[:len(chunk)] = chunk
+            return len(chunk)
+        return await self._read(os.readv, [view])
 
     async def send_all(self, data) -> None:
         if self.fd is None:
