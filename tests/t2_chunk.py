@@ -2,6 +2,7 @@
 checksums, thin files, whole-chunk copies, fencing terms, eviction."""
 
 import os
+import platform
 import subprocess
 
 import pytest
@@ -171,6 +172,64 @@ def test_partial_write_does_not_hide_corruption(store, tmp_path):
         return                                      # refusing the write is fine too
     with pytest.raises(ChecksumError):
         store.read(VOL, 0, 0, CSUM_BLOCK)
+
+
+def test_crc_helper_matches_zlib():
+    # The C helper must give zlib's CRC32 bit for bit (the on-disk format):
+    # every length around the 64- and 16-byte steps of the folding path,
+    # continued CRCs, and a whole chunk.
+    import random
+    import zlib
+    from pxfs.chunk import _crc
+    if platform.machine() == "x86_64":
+        assert _crc.accelerated, "PCLMULQDQ path not used on x86-64"
+    rnd = random.Random(5)
+    for n in [*range(0, 200), 4095, 4096, 4097, 65536 + 13, CHUNK_SIZE]:
+        data = rnd.randbytes(n)
+        for start in (0, 1, 0xFFFFFFFF, rnd.getrandbits(32)):
+            assert _crc.crc32(data, start) == zlib.crc32(data, start), (n, start)
+    assert _crc.crc32(memoryview(b"123456789")) == 0xCBF43926      # the check value
+
+
+def test_block_crcs_match_the_per_block_reference(monkeypatch):
+    import array
+    import zlib
+    from pxfs.chunk import _crc, store as store_mod
+    data = os.urandom(CHUNK_SIZE)
+    want = array.array("I", [zlib.crc32(data[i:i + CSUM_BLOCK])
+                             for i in range(0, CHUNK_SIZE, CSUM_BLOCK)]).tobytes()
+    assert block_crcs(data) == want
+    with monkeypatch.context() as m:            # the fallback when _crc is not built
+        m.setattr(store_mod, "_c_block_crcs", None)
+        assert block_crcs(data) == want
+    assert block_crcs(bytearray(data[:CSUM_BLOCK])) == want[:4]
+    assert block_crcs(b"") == b""
+    for bad in [(data[:100], CSUM_BLOCK), (data, 0), (data, -4096)]:
+        with pytest.raises(ValueError, match="multiple"):
+            _crc.block_crcs(*bad)
+    with pytest.raises(TypeError):
+        _crc.block_crcs("text", 4)
+
+
+def test_all_written_bitmap_ranges():
+    from pxfs.chunk.layout import Header
+    h = Header(1, 0)
+    h.mark_range(3, bytes(4 * 30))              # blocks 3..32
+    assert h.all_written(3, 32) and h.all_written(8, 15) and h.all_written(5, 5)
+    assert not h.all_written(2, 32) and not h.all_written(3, 33)
+    assert not h.all_written(0, NBLOCKS - 1)
+    h.mark_range(0, bytes(4 * NBLOCKS))
+    assert h.all_written(0, NBLOCKS - 1)
+    h.bitmap[10] &= ~(1 << 3)                   # block 83 unwritten
+    assert not h.all_written(64, 127) and h.all_written(84, 127) and h.all_written(0, 82)
+
+
+def test_reads_mixing_written_and_unwritten_blocks(store):
+    store.write(VOL, 0, CSUM_BLOCK, pattern(CSUM_BLOCK), gen=1)
+    store.write(VOL, 0, 3 * CSUM_BLOCK, pattern(CSUM_BLOCK, 2), gen=1)
+    got = store.read(VOL, 0, 0, 5 * CSUM_BLOCK)
+    assert got == (bytes(CSUM_BLOCK) + pattern(CSUM_BLOCK) + bytes(CSUM_BLOCK)
+                   + pattern(CSUM_BLOCK, 2) + bytes(CSUM_BLOCK))
 
 
 # -- generations and whole chunks ---------------------------------------------------
