@@ -225,6 +225,58 @@ def test_volume_unmounted_by_hand(make_cluster):
     assert "Traceback" not in log
 
 
+@pytest.fixture
+def write_through_loop(tmp_path):
+    """The next free loop device, left in "write through" cache mode (the
+    mode survives detach), which makes the block layer drop flushes; set
+    back to "write back" afterwards, whatever the test did."""
+    dev = _leave_write_through(tmp_path)
+    yield dev
+    with open(f"/sys/block/{os.path.basename(dev)}/queue/write_cache", "w") as fh:
+        fh.write("write back")
+
+
+def _leave_write_through(tmp_path) -> str:
+    dummy = tmp_path / "dummy.img"
+    subprocess.run(["truncate", "-s", "1M", str(dummy)], check=True)
+    dev = subprocess.run(["losetup", "--find", "--show", str(dummy)], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    knob = f"/sys/block/{os.path.basename(dev)}/queue/write_cache"
+    with open(knob, "w") as fh:
+        fh.write("write through")
+    subprocess.run(["losetup", "-d", dev], check=True)
+    assert open(knob).read().strip() == "write through"
+    return dev
+
+
+def test_attach_restores_flushes_on_a_write_through_loop_device(make_cluster, write_through_loop):
+    dev = write_through_loop
+    c = make_cluster(1)
+    c.pxctl("node1", "volume", "create", "wc", "--size", "256M")
+    c.pxctl("node1", "host", "mount", "wc")
+    assert c.pxctl("node1", "volume", "inspect", "wc")["device_path"] == dev
+    knob = f"/sys/block/{os.path.basename(dev)}/queue/write_cache"
+    assert open(knob).read().strip() == "write back", "flushes would never reach pxfs"
+    log = open(os.path.join(c.workdir, "node1", "pxfsd.log")).read()
+    assert "drops flushes" in log
+
+
+def test_pool_image_loop_device_keeps_flushes(tmp_path, write_through_loop):
+    from pxfs.chunk import pool
+    img = tmp_path / "drive.img"
+    subprocess.run(["truncate", "-s", "512M", str(img)], check=True)
+    dev = write_through_loop
+    roots = pool.prepare([str(img)], str(tmp_path / "data"))
+    try:
+        src = subprocess.run(["findmnt", "-n", "-o", "SOURCE", roots[0]], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        assert src == dev
+        assert open(f"/sys/block/{os.path.basename(dev)}/queue/write_cache").read().strip() \
+            == "write back"
+    finally:
+        pool.release(roots, str(tmp_path / "data"))
+
+
 WRITER = r'''
 import hashlib, os, sys, time
 path, log = sys.argv[1], sys.argv[2]

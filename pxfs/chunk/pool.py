@@ -15,6 +15,7 @@ import stat
 import subprocess
 
 from ..errors import ConfigError
+from . import loopdev
 
 log = logging.getLogger(__name__)
 LABEL = "pxfs-pool"
@@ -80,6 +81,11 @@ def prepare(devices, data_dir: str) -> list[str]:
             if res.returncode:
                 raise ConfigError("storage.devices", f"cannot loop-attach {dev}: {res.stderr.strip()}")
             source = res.stdout.strip()
+            try:
+                loopdev.insist_write_back(source)
+            except OSError as exc:
+                subprocess.run(["losetup", "-d", source], capture_output=True)
+                raise ConfigError("storage.devices", f"cannot use {source} for {dev}: {exc}") from exc
         res = subprocess.run(["mount", source, target], capture_output=True, text=True)
         if source != dev:
             # autoclear: the loop device goes away when the pool is unmounted

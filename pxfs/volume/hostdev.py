@@ -10,6 +10,7 @@ import subprocess
 
 import trio
 
+from ..chunk import loopdev
 from ..errors import HostError
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,13 @@ async def run(*argv: str, check: bool = True) -> str:
 
 
 async def loop_attach(path: str) -> str:
-    return await run("losetup", "--find", "--show", "--direct-io=on", path)
+    dev = await run("losetup", "--find", "--show", "--direct-io=on", path)
+    try:
+        loopdev.insist_write_back(dev)
+    except OSError as exc:
+        await loop_detach(dev)
+        raise HostError(f"{dev}: cannot enable flushes: {exc}") from exc
+    return dev
 
 
 async def loop_detach(dev: str) -> None:
