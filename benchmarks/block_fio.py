@@ -250,8 +250,10 @@ class Bench:
         # baseline's fsyncs would be free (pxfs insists on the same for its own)
         insist_write_back(self.loopdev)
         log(f"(a) baseline: {img} on {self.loopdev} (direct-io), {self.vol_gib} GiB")
-        # the same mkfs options pxfs uses for its volumes (pxfs/volume/hostdev.py)
-        run(["mkfs.ext4", "-q", "-F", "-O", "fast_commit", "-L", "bench-base", "-E", "nodiscard,lazy_itable_init=1",
+        # the same mkfs options pxfs uses for its never-written volumes
+        # (pxfs/volume/hostdev.py); the fresh sparse file reads as zeros too
+        run(["mkfs.ext4", "-q", "-F", "-O", "fast_commit", "-L", "bench-base", "-E",
+             "nodiscard,lazy_itable_init=1,assume_storage_prezeroed=1",
              *self.args.baseline_mkfs_opts.split(), self.loopdev], timeout=300)
         os.makedirs(self.mnt["a"], exist_ok=True)
         opts = ["-o", self.args.baseline_mount_opts] if self.args.baseline_mount_opts else []

@@ -96,6 +96,21 @@ class ReplicatedVolume:
     def writers(self) -> list[str]:
         return [n for n, s in self.states.items() if s in (IN_SYNC, RESYNCING)]
 
+    async def never_written(self) -> bool:
+        """Whether no in-sync replica holds a chunk of the volume, so every
+        byte reads as zeros (mkfs may then skip zeroing).  False when a
+        replica cannot tell."""
+        nodes = self.readers()
+        if not nodes:
+            return False
+        for n in nodes:
+            try:
+                if await self._target(n).usage(self.volid):
+                    return False
+            except PxfsError:
+                return False
+        return True
+
     def fence_local(self, why: str) -> None:
         if not self.fenced:
             log.warning("volume %s fenced on this node: %s", self.volid, why)

@@ -287,8 +287,10 @@ class Attachments:
                 raise Busy(f"{path} is already a mount point")
             found = await hostdev.fs_type(loc.device)
             if not found:
-                log.info("formatting %s (%s) with %s", loc.name, loc.device, loc.fs)
-                await hostdev.mkfs(loc.device, loc.fs, loc.name)
+                zeroed = await loc.vol.never_written()
+                log.info("formatting %s (%s) with %s%s", loc.name, loc.device, loc.fs,
+                         " (never written: nothing to zero)" if zeroed else "")
+                await hostdev.mkfs(loc.device, loc.fs, loc.name, zeroed=zeroed)
             elif found != loc.fs:
                 raise HostError(f"volume {loc.name!r} holds {found}, not {loc.fs}")
             await hostdev.mount(loc.device, path, loc.fs)

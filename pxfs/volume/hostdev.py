@@ -79,12 +79,17 @@ async def fs_type(dev: str) -> str:
     return await run("blkid", "-p", "-o", "value", "-s", "TYPE", dev, check=False)
 
 
-async def mkfs(dev: str, fs: str, label: str) -> None:
+async def mkfs(dev: str, fs: str, label: str, zeroed: bool = False) -> None:
+    """``zeroed``: the device is known to read as zeros (a thin volume never
+    written), so ext4 need not zero its journal and inode tables: ~100 MiB
+    fewer writes (and chunks) per replica for a 2 GiB volume, no background
+    zeroing after the mount."""
     if fs == "ext4":
         # fast_commit: an fsync costs fewer journal writes and flushes, each a
         # round trip to every replica
+        ext = "nodiscard,lazy_itable_init=1" + (",assume_storage_prezeroed=1" if zeroed else "")
         await run("mkfs.ext4", "-q", "-F", "-O", "fast_commit", "-L", label[:16],
-                  "-E", "nodiscard,lazy_itable_init=1", dev)
+                  "-E", ext, dev)
     elif fs == "xfs":
         await run("mkfs.xfs", "-q", "-f", "-K", "-L", label[:12], dev)
     else:
