@@ -1,5 +1,5 @@
-/* CRC32 (the zlib/IEEE polynomial) of whole buffers and of each fixed-size
- * block of a buffer, with the GIL released.
+/* CRC32 (the zlib/IEEE polynomial) of each fixed-size block of a buffer,
+ * with the GIL released.
  *
  * Why: a node checksums every 4 KiB block it stores.  zlib.crc32 runs at
  * about 4 GB/s here and a Python loop over the blocks holds the GIL, which
@@ -93,41 +93,18 @@ static uint32_t crc_clmul(uint32_t c, const unsigned char *p, size_t n)
 }
 #endif
 
-static uint32_t crc32_raw(uint32_t crc, const unsigned char *p, size_t n)
+/* The CRC32 of one block, as zlib.crc32(block) gives it. */
+static uint32_t crc32_block(const unsigned char *p, size_t n)
 {
-    uint32_t c = ~crc;
 #ifdef PXFS_CLMUL
     if (have_clmul && n >= 64)
-        return ~crc_clmul(c, p, n);
+        return ~crc_clmul(0xFFFFFFFFu, p, n);
 #endif
-    return ~crc_table(c, p, n);
+    return ~crc_table(0xFFFFFFFFu, p, n);
 }
 
 /* Below this many bytes the GIL is kept: releasing it costs more. */
 #define NOGIL_MIN (16 * 1024)
-
-PyDoc_STRVAR(crc32_doc,
-"crc32(data, value=0) -> int\n\n"
-"The CRC32 of data, continuing from value; the same as zlib.crc32.");
-
-static PyObject *py_crc32(PyObject *self, PyObject *args)
-{
-    Py_buffer buf;
-    unsigned int value = 0;
-    uint32_t r;
-
-    if (!PyArg_ParseTuple(args, "y*|I:crc32", &buf, &value))
-        return NULL;
-    if (buf.len >= NOGIL_MIN) {
-        Py_BEGIN_ALLOW_THREADS
-        r = crc32_raw(value, buf.buf, (size_t)buf.len);
-        Py_END_ALLOW_THREADS
-    } else {
-        r = crc32_raw(value, buf.buf, (size_t)buf.len);
-    }
-    PyBuffer_Release(&buf);
-    return PyLong_FromUnsignedLong(r);
-}
 
 PyDoc_STRVAR(block_crcs_doc,
 "block_crcs(data, block) -> bytes\n\n"
@@ -162,7 +139,7 @@ static PyObject *py_block_crcs(PyObject *self, PyObject *args)
         if (buf.len >= NOGIL_MIN)
             ts = PyEval_SaveThread();
         for (Py_ssize_t i = 0; i < count; i++) {
-            uint32_t r = crc32_raw(0, p + i * block, (size_t)block);
+            uint32_t r = crc32_block(p + i * block, (size_t)block);
             memcpy(crcs + i, &r, 4);
         }
         if (ts != NULL)
@@ -173,14 +150,13 @@ static PyObject *py_block_crcs(PyObject *self, PyObject *args)
 }
 
 static PyMethodDef methods[] = {
-    {"crc32", py_crc32, METH_VARARGS, crc32_doc},
     {"block_crcs", py_block_crcs, METH_VARARGS, block_crcs_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "pxfs.chunk._crc",
-    "CRC32 of buffers and of their blocks without the GIL (see _crc.c).", -1, methods,
+    "CRC32 of the blocks of a buffer without the GIL (see _crc.c).", -1, methods,
 };
 
 PyMODINIT_FUNC PyInit__crc(void)

@@ -46,21 +46,8 @@ class Header:
 
     def all_written(self, first: int, last: int) -> bool:
         """Whether every block first..last (inclusive) was ever written."""
-        blk, end = first, last + 1
-        while blk < end and blk & 7:
-            if not self.written(blk):
-                return False
-            blk += 1
-        whole = (end - blk) >> 3
-        if whole:
-            if self.bitmap.count(0xff, blk >> 3, (blk >> 3) + whole) != whole:
-                return False
-            blk += whole << 3
-        while blk < end:
-            if not self.written(blk):
-                return False
-            blk += 1
-        return True
+        mask = ((1 << (last - first + 1)) - 1) << first
+        return int.from_bytes(self.bitmap, "little") & mask == mask
 
     def mark(self, blk: int, crc: int) -> None:
         self.bitmap[blk >> 3] |= 1 << (blk & 7)
