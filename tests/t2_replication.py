@@ -255,6 +255,112 @@ async def test_stopped_replica_during_flush(cluster):
     assert vol.states["b"] == OUT_OF_SYNC
 
 
+# -- durable acknowledgements: a volume flushed after every small write ----------
+async def _train(vol, rounds=3):
+    """Write-then-flush a few times: the volume learns it is flushed after
+    every write, so its next small writes ask for durable acks."""
+    for i in range(rounds):
+        await vol.write(i * 4096, pattern(4096, i))
+        await vol.flush()
+
+
+def _count_flushes(node):
+    calls = []
+    real = node.svc.flush
+
+    async def flush(volid, term):
+        calls.append(volid)
+        await real(volid, term)
+    node.svc.flush = flush
+    return calls
+
+
+async def test_flush_after_small_writes_collects_durable_acks(cluster):
+    vol = cluster.volume()
+    await _train(vol)
+    flushes = {n: _count_flushes(cluster.nodes[n]) for n in "bc"}
+    acked = {n: cluster.nodes[n].svc.syncer.stats["syncs_acked"] for n in "bc"}
+    for i in range(4):
+        await vol.write(65536 + i * 4096, pattern(4096, 9 + i))
+        await vol.flush()
+        for n in "abc":                    # durable everywhere, no flush request sent
+            assert cluster.nodes[n].store.clean(VOL), (i, n)
+    assert flushes == {"b": [], "c": []}
+    assert {n: cluster.nodes[n].svc.syncer.stats["syncs_acked"] - acked[n] for n in "bc"} == \
+        {"b": 4, "c": 4}
+    assert vol._acks == [] and cluster.failures == []
+    for n in "abc":
+        assert cluster.nodes[n].store.read(VOL, 0, 65536 + 3 * 4096, 4096) == pattern(4096, 12)
+
+
+async def test_large_write_among_acked_ones_flushes_the_remotes(cluster):
+    vol = cluster.volume()
+    await _train(vol)
+    flushes = {n: _count_flushes(cluster.nodes[n]) for n in "bc"}
+    await vol.write(0, pattern(4096, 5))               # acked
+    await vol.write(1 << 20, pattern(256 * 1024, 6))   # too large: plain
+    await vol.flush()
+    assert flushes == {"b": [VOL], "c": [VOL]}
+    assert vol._acks == []                             # collected all the same
+    for n in "abc":
+        assert cluster.nodes[n].store.clean(VOL)
+
+
+async def test_failed_durable_ack_fails_its_replica_at_the_flush(cluster):
+    vol = cluster.volume()
+    await _train(vol)
+    b = cluster.nodes["b"]
+
+    def broken_sync(volid):
+        raise OSError(5, "Input/output error")
+    b.store.sync = broken_sync
+    durable = vol.durable
+    await vol.write(8192, pattern(4096, 7))            # applied everywhere: acknowledged
+    assert cluster.failures == []
+    await vol.flush()                                  # b's data is not on disk: b fails
+    assert cluster.failures == [(["b"], durable)]
+    assert vol.states["b"] == OUT_OF_SYNC and vol.states["c"] == IN_SYNC
+    assert cluster.nodes["c"].store.clean(VOL)
+
+
+async def test_replica_gone_before_its_durable_ack_fails_at_the_flush(cluster):
+    vol = cluster.volume()
+    await _train(vol)
+    c = cluster.nodes["c"]
+
+    async def never(volid):
+        await trio.sleep_forever()
+    c.svc.syncer.sync_now = never              # applied, then dies before it is on disk
+    durable = vol.durable
+    await vol.write(8192, pattern(4096, 8))
+    assert cluster.failures == []
+    await c.stop()
+    await vol.flush()
+    assert cluster.failures == [(["c"], durable)]
+    assert vol.states["c"] == OUT_OF_SYNC and vol.states["b"] == IN_SYNC
+
+
+async def test_follow_up_reply_on_the_same_connection(cluster):
+    peer = cluster.nodes["b"].peer
+    await peer.call("write", vol=VOL, idx=0, off=0, data=pattern(4096), term=1, gen=1)
+    p = await peer.begin("write", vol=VOL, idx=0, off=4096, data=pattern(4096, 2), term=1,
+                         gen=1, durable_ack=True)
+    assert (await p.result(keep=True))["ok"]
+    assert (await p.follow_up())["durable"] is True
+    assert cluster.nodes["b"].store.clean(VOL)
+    # the connection went back to the pool in step: the next call uses it
+    assert (await peer.call("read", vol=VOL, idx=0, off=4096, size=4096))["data"] == pattern(4096, 2)
+    # a refused write has no follow-up, and its connection stays usable
+    p = await peer.begin("write", vol=VOL, idx=0, off=0, data=b"x" * 4096, term=0, gen=1,
+                         durable_ack=True)
+    await cluster.target("b").fence(VOL, 3)
+    with pytest.raises(Fenced):
+        await (await peer.begin("write", vol=VOL, idx=0, off=0, data=b"x" * 4096, term=1,
+                                gen=1, durable_ack=True)).result(keep=True)
+    await p.abandon()
+    assert (await peer.call("read", vol=VOL, idx=0, off=0, size=4096))["data"] == pattern(4096)
+
+
 # -- fencing -------------------------------------------------------------------------
 async def test_fenced_by_newer_term(cluster):
     await cluster.target("b").fence(VOL, 5)

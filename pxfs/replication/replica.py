@@ -16,6 +16,7 @@ import trio
 from .. import CSUM_BLOCK
 from ..chunk.store import ChunkStore
 from ..errors import Fenced, FrameError, InvalidArgument
+from ..rpc.server import FollowUp
 from .syncer import Syncer
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,10 @@ class ReplicaService:
                     self._terms[volid] = term
 
     # -- operations (also the RPC surface) -------------------------------------
-    async def write(self, volid, idx, off, data, term, gen, crcs=None, remote=False):
-        """``remote``: from another node, over the data port (Syncer.wrote)."""
+    async def write(self, volid, idx, off, data, term, gen, crcs=None, remote=False,
+                    acked=False):
+        """``remote``: from another node, over the data port (Syncer.wrote);
+        ``acked``: its writer waits for a second answer when it is durable."""
         await self.check_term(volid, term)
         key = (volid, idx)
         while key in self._held:                 # a resync is replacing this chunk
@@ -79,7 +82,7 @@ class ReplicaService:
             self._inflight[key] -= 1
             if not self._inflight[key]:
                 del self._inflight[key]
-        self.syncer.wrote(volid, len(data), behind=remote)
+        self.syncer.wrote(volid, len(data), behind=remote, acked=acked)
         marks = self._tracking.get(volid)
         if marks is not None:
             blocks = marks.setdefault(idx, set())
@@ -131,6 +134,10 @@ class ReplicaService:
     async def flush(self, volid, term):
         await self.check_term(volid, term)
         await self.syncer.flush(volid)
+
+    async def _durable(self, volid: int) -> dict:
+        await self.syncer.sync_now(volid)
+        return {"durable": True}
 
     async def fence(self, volid, term):
         await self.check_term(volid, term)
@@ -206,9 +213,13 @@ class ReplicaService:
     async def handle(self, op: str, msg: dict) -> dict:
         try:
             if op == "write":
-                await self.write(_int(msg, "vol"), _int(msg, "idx"), _int(msg, "off"),
+                volid, acked = _int(msg, "vol"), msg.get("durable_ack") is True
+                await self.write(volid, _int(msg, "idx"), _int(msg, "off"),
                                  _bytes(msg, "data"), _int(msg, "term"), _int(msg, "gen"),
-                                 _bytes(msg, "crcs") if "crcs" in msg else None, remote=True)
+                                 _bytes(msg, "crcs") if "crcs" in msg else None, remote=True,
+                                 acked=acked)
+                if acked:
+                    return FollowUp({}, functools.partial(self._durable, volid))
                 return {}
             if op == "read":
                 return {"data": await self.read(_int(msg, "vol"), _int(msg, "idx"),

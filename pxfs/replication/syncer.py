@@ -57,7 +57,7 @@ class Syncer:
         self._patterns: dict[int, _Pattern] = {}
         self._nursery: trio.Nursery | None = None
         self.sync_avg = 0.0                     # moving average of small syncs (s)
-        self.stats = {"syncs": 0, "syncs_behind": 0}
+        self.stats = {"syncs": 0, "syncs_behind": 0, "syncs_acked": 0}
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Service: the syncs started behind writes run here."""
@@ -73,11 +73,14 @@ class Syncer:
         self._patterns.pop(volid, None)
 
     # -- what callers do ------------------------------------------------------
-    def wrote(self, volid: int, nbytes: int, behind: bool = False) -> None:
+    def wrote(self, volid: int, nbytes: int, behind: bool = False, acked: bool = False) -> None:
         """A write to the volume was applied here; ``behind``: it came over
         the data port and may be followed by a sync (never for the writer's
         own node, whose event loop must stay free for the other replicas'
         replies: it syncs its copy when the flush comes, alongside them)."""
+        if acked:                   # a sync_now follows at once: start the data on its way
+            self.store.start_writeback(volid)
+            return
         p = self._patterns.get(volid)
         if p is None:
             p = self._patterns[volid] = _Pattern()
@@ -100,6 +103,13 @@ class Syncer:
             p.per_flush = (p.writes if p.per_flush is None
                            else p.per_flush + (p.writes - p.per_flush) * 0.25)
             p.writes, p.last_flush = 0, time.monotonic()
+        await self._sync(volid)
+
+    async def sync_now(self, volid: int) -> None:
+        """Every write applied here so far is durable when it returns: the
+        second answer to a write whose writer asked to hear when it is on
+        disk (it then sends no flush here)."""
+        self.stats["syncs_acked"] += 1
         await self._sync(volid)
 
     # -- the syncs ---------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import trio
 
@@ -29,6 +30,15 @@ log = logging.getLogger(__name__)
 
 IN_SYNC, RESYNCING, OUT_OF_SYNC = "in_sync", "resyncing", "out_of_sync"
 _STRIPES = 256
+#: A small write to a volume flushed after (nearly) every write asks each
+#: remote replica for a second answer once it is durable there, so the flush
+#: that follows needs no round trip: writes up to this size ...
+ACK_MAX_WRITE = 64 * 1024
+#: ... to a volume flushed after at most this many writes on average ...
+ACK_WRITES_PER_FLUSH = 3.0
+#: ... and flushed within this long (s); at most this many answers wait
+ACK_RECENT = 0.05
+ACK_HELD_MAX = 8
 
 
 @dataclasses.dataclass
@@ -58,7 +68,10 @@ class ReplicatedVolume:
         self.epoch = 0
         self._inflight: dict[int, int] = {}   # stamp -> writes in flight
         self.durable = gen << 32
-        self._unflushed = False               # a write completed since the last flush
+        self._max_done = -1                   # highest stamp of a completed write
+        self._plain = False                   # a change since the last flush had no durable ack
+        self._acks: list = []                 # (node, Pending): durable answers to collect
+        self._pattern = _FlushPattern()
         self._flush_lock = trio.Lock()
         self._state_lock = trio.Lock()
 
@@ -191,6 +204,7 @@ class ReplicatedVolume:
         if off + len(data) > self.size:
             raise InvalidArgument("write past the end of the volume", errno=28)
         mv = memoryview(data)
+        acked = self._pattern.wrote(len(data)) and len(self._acks) < ACK_HELD_MAX
         epoch = self.stamp()
         self._inflight[epoch] = self._inflight.get(epoch, 0) + 1
         try:
@@ -210,14 +224,26 @@ class ReplicatedVolume:
                     # checksummed once, here, and stored as they are by every
                     # replica: a copy damaged on its way fails its first read
                     crcs = block_crcs(piece)
-                    await self._fan_out("write", dict(vol=self.volid, idx=idx, off=inoff,
-                                                      data=piece, term=self.term, gen=stamp,
-                                                      crcs=crcs))
+                    args = dict(vol=self.volid, idx=idx, off=inoff, data=piece,
+                                term=self.term, gen=stamp, crcs=crcs)
+                    if not acked:
+                        await self._fan_out("write", args)
+                        continue
+                    args["durable_ack"] = True
+                    kept: list = []
+                    try:
+                        await self._fan_out("write", args, keep=kept)
+                    finally:
+                        # into the list the next flush collects, even if a
+                        # flush began meanwhile (it does not cover this write)
+                        self._acks += kept
         finally:
             self._inflight[epoch] -= 1
             if not self._inflight[epoch]:
                 del self._inflight[epoch]
-        self._unflushed = True
+            if not acked:
+                self._plain = True
+        self._max_done = max(self._max_done, epoch)
         self.stats.writes += 1
         self.stats.bytes_written += len(data)
         return len(data)
@@ -227,6 +253,7 @@ class ReplicatedVolume:
         shared volume's file went or shrank)."""
         if self.fenced:
             raise Fenced(self.fenced)
+        self._plain = True
         await self._fan_out("drop_chunks", dict(vol=self.volid, first=first, count=count,
                                                 term=self.term), timeout=max(self.timeout, 30))
 
@@ -237,37 +264,49 @@ class ReplicatedVolume:
             await self._flush()
 
     async def _flush(self) -> None:
-        if not self._unflushed and not self._inflight:
+        self._pattern.flushed()
+        if self._max_done < self.durable and not self._inflight and not self._acks:
             return                # nothing written since the last flush succeeded
         # every write that completed before this flush is covered by it; one
         # still in flight may not be, so durability stops below the oldest
         low = min(self._inflight, default=self.stamp() + 1)
         self.epoch += 1
-        self._unflushed = False
+        # when every change since the last flush was a write whose remote
+        # replicas answer again once it is durable there, those answers stand
+        # for the remote flushes: only the local replica syncs
+        acks, self._acks = self._acks, []
+        plain, self._plain = self._plain, False
         try:
-            await self._fan_out("flush", dict(vol=self.volid, term=self.term))
+            await self._fan_out("flush", dict(vol=self.volid, term=self.term),
+                                local_only=not plain, acks=acks)
         except BaseException:
-            self._unflushed = True
+            self._plain = True
             raise
         self.durable = max(self.durable, low)
         self.stats.flushes += 1
 
-    async def _fan_out(self, op: str, args: dict, timeout: float | None = None) -> None:
+    async def _fan_out(self, op: str, args: dict, timeout: float | None = None, *,
+                       keep: list | None = None, local_only: bool = False,
+                       acks: list = ()) -> None:
         """``op`` (a data-port op and its arguments) on every writable
         replica at once: the remote requests are sent first, then the local
         replica does its copy on this task (usually without a thread hop),
-        then the remote replies are collected."""
+        then the remote replies are collected.  ``keep``: the remote requests
+        get a second answer later, and (node, Pending) go there to collect
+        it.  ``local_only``: no remote request.  ``acks``: second answers
+        to collect now, a failed one failing its replica."""
         nodes = self.writers()
         timeout = timeout or self.timeout
+        acks = list(acks)
         failed: dict[str, PxfsError] = {}
         targets = [(n, self._target(n)) for n in nodes]
         pending = []
         try:
             for node, t in targets:
-                if t.local:
+                if t.local or local_only:
                     continue
                 try:
-                    if len(nodes) == 1:
+                    if len(nodes) == 1 and keep is None:
                         await t.do(op, args, timeout=timeout)
                     else:
                         pending.append((node, await t.begin(op, args, timeout)))
@@ -282,11 +321,22 @@ class ReplicatedVolume:
             while pending:
                 node, p = pending.pop(0)
                 try:
-                    await p.result()
+                    await p.result(keep=keep is not None)
+                    if keep is not None:
+                        keep.append((node, p))
+                except PxfsError as exc:
+                    failed[node] = exc
+            while acks:
+                node, p = acks.pop(0)
+                if node in failed:
+                    await p.abandon()
+                    continue
+                try:
+                    await p.follow_up(timeout)
                 except PxfsError as exc:
                     failed[node] = exc
         finally:
-            for _, p in pending:             # cancelled: no reply is owed on a pooled connection
+            for _, p in pending + acks:      # cancelled: no reply is owed on a pooled connection
                 with trio.CancelScope(shield=True):
                     await p.abandon()
         fenced = [e for e in failed.values() if isinstance(e, Fenced)]
@@ -309,6 +359,27 @@ class ReplicatedVolume:
                 self.set_gen(await self._on_failure(still, self.durable))
                 for n in still:
                     self.states[n] = OUT_OF_SYNC
+
+
+class _FlushPattern:
+    """How often the volume is flushed: whether the next small write is
+    likely followed by a flush at once (a database commit, ext4's journal
+    on a block volume)."""
+    __slots__ = ("writes", "per_flush", "last_flush")
+
+    def __init__(self):
+        self.writes, self.per_flush, self.last_flush = 0, None, 0.0
+
+    def wrote(self, nbytes: int) -> bool:
+        self.writes += 1
+        return (nbytes <= ACK_MAX_WRITE and self.per_flush is not None
+                and self.per_flush <= ACK_WRITES_PER_FLUSH
+                and time.monotonic() - self.last_flush < ACK_RECENT)
+
+    def flushed(self) -> None:
+        self.per_flush = (self.writes if self.per_flush is None
+                          else self.per_flush + (self.writes - self.per_flush) * 0.25)
+        self.writes, self.last_flush = 0, time.monotonic()
 
 
 class _held:

@@ -59,7 +59,9 @@ class Pending:
         if scope.cancelled_caught:
             raise trio.TooSlowError
 
-    async def result(self) -> dict:
+    async def result(self, keep: bool = False) -> dict:
+        """The reply.  With ``keep`` the connection stays with this request
+        for its follow-up reply (``follow_up``), else it goes back to the pool."""
         peer = self.peer
         reply = None
         try:
@@ -86,14 +88,41 @@ class Pending:
         except BaseException:
             await self.abandon()
             raise
+        if not keep or not reply.get("ok"):      # a refusal has no follow-up
+            await self._release()
+        if not reply.get("ok"):
+            raise from_wire(reply.get("err", ""), reply.get("msg", "remote error"))
+        return reply
+
+    async def follow_up(self, timeout: float | None = None) -> dict:
+        """The second reply of a request whose first was taken with
+        ``result(keep=True)``; the connection then goes back to the pool."""
+        peer = self.peer
+        reply = None
+        try:
+            with trio.move_on_after(timeout or peer.timeout):
+                reply = await self._conn.reader.receive()
+            if reply is None or reply.get("id") != self.rid:
+                raise PeerUnavailable(f"{peer.host}:{peer.port}: no second answer to {self.op}"
+                                      if reply is None else "connection out of step")
+        except _NET_ERRORS as exc:
+            await self.abandon()
+            raise PeerUnavailable(f"{peer.host}:{peer.port}: {self.op}: {exc}") from None
+        except BaseException:
+            await self.abandon()
+            raise
+        await self._release()
+        if not reply.get("ok"):
+            raise from_wire(reply.get("err", ""), reply.get("msg", "remote error"))
+        return reply
+
+    async def _release(self) -> None:
+        peer = self.peer
         conn, self._conn = self._conn, None
         if len(peer._idle) < peer._max_idle:
             peer._idle.append(conn)
         else:
             await peer._drop(conn)
-        if not reply.get("ok"):
-            raise from_wire(reply.get("err", ""), reply.get("msg", "remote error"))
-        return reply
 
     async def abandon(self) -> None:
         conn, self._conn = self._conn, None

@@ -13,6 +13,16 @@ from .frames import FrameReader, send
 log = logging.getLogger(__name__)
 
 
+class FollowUp:
+    """A handler's answer that is sent now, followed on the same connection
+    by the reply ``then()`` makes (same id), before the next request on it
+    is read: a write acknowledged when applied, then again when durable."""
+    __slots__ = ("reply", "then")
+
+    def __init__(self, reply: dict, then):
+        self.reply, self.then = reply, then
+
+
 class RpcServer:
     def __init__(self, host: str, port: int, handler):
         self.host, self.port, self._handler = host, port, handler
@@ -39,16 +49,28 @@ class RpcServer:
                     self.frames_rejected += 1
                     log.info("closing data connection: request without op/id")
                     return
-                try:
-                    reply = await self._handler(op, msg) or {}
+                reply = await self._answer(op, rid, self._handler, op, msg)
+                then = None
+                if isinstance(reply, FollowUp):
+                    reply, then = reply.reply, reply.then
                     reply.update(id=rid, ok=True)
-                except PxfsError as exc:
-                    reply = {"id": rid, "ok": False, "err": type(exc).__name__, "msg": str(exc)}
-                except Exception as exc:      # a bug: loud, but only this request fails
-                    log.exception("data-port request %s failed unexpectedly", op)
-                    reply = {"id": rid, "ok": False, "err": "PxfsError", "msg": f"internal error: {exc}"}
                 await send(reader.wire, reply)
+                if then is not None:
+                    await send(reader.wire, await self._answer(op, rid, then))
         except (RpcError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return
         finally:
             await trio.aclose_forcefully(stream)
+
+    @staticmethod
+    async def _answer(op: str, rid: int, fn, *args):
+        try:
+            reply = await fn(*args) or {}
+            if not isinstance(reply, FollowUp):
+                reply.update(id=rid, ok=True)
+            return reply
+        except PxfsError as exc:
+            return {"id": rid, "ok": False, "err": type(exc).__name__, "msg": str(exc)}
+        except Exception as exc:      # a bug: loud, but only this request fails
+            log.exception("data-port request %s failed unexpectedly", op)
+            return {"id": rid, "ok": False, "err": "PxfsError", "msg": f"internal error: {exc}"}
