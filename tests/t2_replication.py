@@ -306,6 +306,21 @@ async def test_large_write_among_acked_ones_flushes_the_remotes(cluster):
         assert cluster.nodes[n].store.clean(VOL)
 
 
+async def test_writes_without_flush_stop_holding_connections(cluster):
+    from pxfs.replication.volume_io import ACK_HELD_MAX
+    vol = cluster.volume()
+    await _train(vol)
+    flushes = {n: _count_flushes(cluster.nodes[n]) for n in "bc"}
+    for i in range(10):                                # no flush: answers pile up, to a bound
+        await vol.write(i * 4096, pattern(4096, 20 + i))
+    assert len(vol._acks) == ACK_HELD_MAX              # 2 remotes: the first 4 writes
+    await vol.flush()                                  # the later writes were plain
+    assert flushes == {"b": [VOL], "c": [VOL]} and vol._acks == []
+    for n in "abc":
+        assert cluster.nodes[n].store.clean(VOL)
+        assert cluster.nodes[n].store.read(VOL, 0, 9 * 4096, 4096) == pattern(4096, 29)
+
+
 async def test_failed_durable_ack_fails_its_replica_at_the_flush(cluster):
     vol = cluster.volume()
     await _train(vol)
