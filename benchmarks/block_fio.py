@@ -16,9 +16,14 @@ Jobs (files inside each mounted filesystem, direct=1):
   randwrite  4 KiB random write, psync, fsync after every write         IOPS
   randread   4 KiB random read, libaio QD16 (caches dropped first)      IOPS
 
+Every job runs ``--rounds`` times (default 3) on each target, the targets
+one right after the other within a round: a figure is the median of its
+rounds, a ratio the median of each round's ratio, so that a ratio compares
+figures taken seconds apart (a small VM's speed drifts within minutes).
+
 Usage::
 
-    python3 benchmarks/block_fio.py [--size 1G] [--runtime 15] [--workdir DIR] [--json]
+    python3 benchmarks/block_fio.py [--size 1G] [--runtime 15] [--rounds 3] [--workdir DIR] [--json]
 
 Needs root, fio, etcd, losetup, mkfs.ext4 and the pxfs console scripts
 (``pxfs-cluster``, ``pxctl``).  Everything it creates is torn down at the end,
@@ -49,6 +54,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -359,7 +365,8 @@ class Bench:
         cpu0 = {n: cpu_times(p) for n, p in pids.items()}
         host0 = host_cpu()
         prof = None
-        if self.args.profile and target == "c" and job["key"] in self.args.profile_jobs:
+        if (self.args.profile and target == "c" and job["key"] in self.args.profile_jobs
+                and not any(k.startswith(job["key"] + "-") for k in self.profiles)):
             prof = self.start_profile(job["key"], pids)
         t = time.monotonic()
         try:
@@ -398,48 +405,63 @@ class Bench:
         r["value"] = r["bw_mib_s"] if job["unit"] == "MiB/s" else r["iops"]
         return r
 
-    def run_target(self, target: str) -> None:
-        log(f"({target}) {TARGETS[target]}: running {', '.join(self.args.jobs)}")
+    def run_all(self) -> None:
+        """Every job, round after round; within a round the targets run one
+        right after the other, so that each ratio compares figures taken
+        seconds apart (this machine's speed drifts by 10-20 % within minutes)."""
+        targets = self.args.targets
+        for t in targets:
+            self._check(t, "before its jobs")
+            path = os.path.join(self.mnt[t], DATAFILE)
+            if os.path.exists(path):
+                os.unlink(path)
+        sizes = {t: self.args.size for t in targets}
         try:
-            self._run_target(target)
+            for job in JOBS:
+                if job["key"] not in self.args.jobs:
+                    continue
+                for rnd in range(self.args.rounds):
+                    for t in targets:
+                        self._run_one(t, job, rnd, sizes)
         finally:
-            bad = self.health(target)
-            if bad:
-                self.anomalies.setdefault(target, []).extend(bad)
-                log(f"  WARNING ({target}): {'; '.join(bad)}: its figures are not valid")
+            for t in targets:
+                self._check(t, "after its jobs")
+        for t in targets:
+            self.results[t]["effective_size"] = sizes[t]
+            for job in JOBS:
+                entry = self.results[t].get(job["key"])
+                if entry and entry.get("rounds"):
+                    entry["value"] = statistics.median(r["value"] for r in entry["rounds"])
 
-    def _run_target(self, target: str) -> None:
+    def _check(self, target: str, when: str) -> None:
         bad = self.health(target)
         if bad:
             self.anomalies.setdefault(target, []).extend(bad)
-            log(f"  WARNING ({target}) before its jobs: {'; '.join(bad)}")
+            log(f"  WARNING ({target}) {when}: {'; '.join(bad)}: its figures are not valid")
+
+    def _run_one(self, target: str, job: dict, rnd: int, sizes: dict) -> None:
+        entry = self.results[target].setdefault(job["key"], {"rounds": []})
+        if self.budget_left() < self.args.runtime + 30:
+            log(f"  time budget used up: skipping {job['key']} round {rnd + 1} on ({target})")
+            entry["skipped"] = "time budget"
+            return
         path = os.path.join(self.mnt[target], DATAFILE)
-        if os.path.exists(path):
-            os.unlink(path)
-        size = self.args.size
-        for job in JOBS:
-            if job["key"] not in self.args.jobs:
-                continue
-            if self.budget_left() < self.args.runtime + 30:
-                log(f"  time budget used up: skipping {job['key']} on ({target})")
-                self.results[target][job["key"]] = {"skipped": "time budget"}
-                continue
-            if job["key"] != "seqwrite" and not os.path.exists(path):
-                self.prepare_file(target, size)
-            r = self.fio(target, job, size)
-            self.results[target][job["key"]] = r
-            extra = f"  host CPU {r['host_cpu_busy_pct']:.0f}%"
-            if "node_cpu_pct" in r:
-                extra += ", pxfsd " + " ".join(f"{n}={v:.0f}%" for n, v in r["node_cpu_pct"].items())
-            log(f"  {job['key']:9s} {r['value']:10.1f} {job['unit']:5s} (p50 "
-                f"{r['lat_ms'].get('p50', float('nan')):.2f} ms, {r['runtime_s']:.1f}s){extra}")
-            if job["key"] == "seqwrite" and r["io_bytes"] < size:
-                # the write hit --runtime: later jobs use only what was written
-                # (the rest of the file is preallocated, reads of it would be free)
-                size = max(MiB, r["io_bytes"] // MiB * MiB)
-                log(f"  seqwrite stopped at --runtime; later jobs use the first {size // MiB} MiB")
-                self.results[target]["effective_size"] = size
-        self.results[target].setdefault("effective_size", size)
+        if job["key"] != "seqwrite" and not os.path.exists(path):
+            self.prepare_file(target, sizes[target])
+        r = self.fio(target, job, sizes[target])
+        r["round"] = rnd + 1
+        entry["rounds"].append(r)
+        extra = f"  host CPU {r['host_cpu_busy_pct']:.0f}%"
+        if "node_cpu_pct" in r:
+            extra += ", pxfsd " + " ".join(f"{n}={v:.0f}%" for n, v in r["node_cpu_pct"].items())
+        log(f"  ({target}) {job['key']:9s} round {rnd + 1}: {r['value']:10.1f} {job['unit']:5s} "
+            f"(p50 {r['lat_ms'].get('p50', float('nan')):.2f} ms, {r['runtime_s']:.1f}s){extra}")
+        if job["key"] == "seqwrite" and r["io_bytes"] < sizes[target]:
+            # the write hit --runtime: later jobs use only what was written
+            # (the rest of the file is preallocated, reads of it would be free)
+            sizes[target] = max(MiB, r["io_bytes"] // MiB * MiB)
+            log(f"  seqwrite stopped at --runtime on ({target}); later jobs use the first "
+                f"{sizes[target] // MiB} MiB")
 
     def prepare_file(self, target: str, size: int) -> None:
         path = os.path.join(self.mnt[target], DATAFILE)
@@ -663,9 +685,17 @@ def summarize_profile(path: str, rate: int = 100, top: int = 10) -> dict:
 
 
 # --------------------------------------------------------------------------- report
+def round_ratios(results: dict, target: str, key: str) -> list[float]:
+    """target/a for each round that both completed."""
+    mine = (results.get(target, {}).get(key) or {}).get("rounds") or []
+    base = {r["round"]: r["value"] for r in (results.get("a", {}).get(key) or {}).get("rounds") or []}
+    return [m["value"] / base[m["round"]] for m in mine if base.get(m["round"])]
+
+
 def table(bench: Bench) -> str:
     res = bench.results
-    head = ["job", "unit", TARGETS["a"], TARGETS["b"], "ratio b/a", TARGETS["c"], "ratio c/a"]
+    head = ["job", "unit", TARGETS["a"], TARGETS["b"], "ratio b/a", TARGETS["c"], "ratio c/a",
+            "c/a per round"]
     rows = [head]
 
     def val(t, k):
@@ -678,10 +708,14 @@ def table(bench: Bench) -> str:
         a, b, c = (val(t, job["key"]) for t in "abc")
         fmt = (lambda v: "-" if v is None else f"{v:.1f}") if job["unit"] == "MiB/s" else \
               (lambda v: "-" if v is None else f"{v:.0f}")
-        ratio = lambda x: "-" if x is None or not a else f"{x / a:.2f}"  # noqa: E731
+
+        def ratio(t):
+            rs = round_ratios(res, t, job["key"])
+            return f"{statistics.median(rs):.2f}" if rs else "-"
         mark = (lambda t, txt: txt + " !" if bench.anomalies.get(t) and txt != "-" else txt)
-        rows.append([job["label"], job["unit"], mark("a", fmt(a)), mark("b", fmt(b)), ratio(b),
-                     mark("c", fmt(c)), ratio(c)])
+        per_round = " ".join(f"{x:.2f}" for x in round_ratios(res, "c", job["key"])) or "-"
+        rows.append([job["label"], job["unit"], mark("a", fmt(a)), mark("b", fmt(b)), ratio("b"),
+                     mark("c", fmt(c)), ratio("c"), per_round])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [" | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
@@ -710,6 +744,10 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=parse_size, default=parse_size("1G"),
                     help="size of the fio data file per target (default 1G)")
     ap.add_argument("--runtime", type=int, default=15, help="seconds per fio job (default 15)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="run every job this many times on each target, the targets one right "
+                         "after the other; figures are medians, ratios medians of each round's "
+                         "ratio (default 3)")
     ap.add_argument("--workdir", default=None,
                     help="work directory on the local disk (default: a new /var/tmp/pxfs-bench-*)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
@@ -723,8 +761,8 @@ def main(argv=None) -> int:
     ap.add_argument("--settle", type=float, default=60,
                     help="wait up to this many seconds for the pxfs volumes to go quiet after "
                          "mkfs/mount (default 60)")
-    ap.add_argument("--budget", type=float, default=540,
-                    help="skip remaining jobs once this many seconds have passed (default 540)")
+    ap.add_argument("--budget", type=float, default=1500,
+                    help="skip remaining jobs once this many seconds have passed (default 1500)")
     ap.add_argument("--profile", metavar="DIR", default=None,
                     help="py-spy record node1 while the write jobs run against (c); raw stacks in DIR")
     ap.add_argument("--profile-jobs", default="seqwrite,randwrite",
@@ -739,6 +777,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, fio output)")
     args = ap.parse_args(argv)
     args.targets = "".join(t for t in "abc" if t in args.targets)
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     args.jobs = [k for k in JOB_KEYS if k in args.jobs.split(",")]
     args.profile_jobs = args.profile_jobs.split(",")
     args.profile_nodes = args.profile_nodes.split(",")
@@ -777,9 +817,8 @@ def main(argv=None) -> int:
         if "b" in args.targets or "c" in args.targets:
             bench.setup_cluster()
             bench.settle()
-        for t in args.targets:
-            bench.info[f"loadavg_before_{t}"] = os.getloadavg()
-            bench.run_target(t)
+        bench.info["loadavg_before_jobs"] = os.getloadavg()
+        bench.run_all()
         ok = True
     except (KeyboardInterrupt, Interrupted) as exc:
         log(f"interrupted ({str(exc) or 'Ctrl-C'}): cleaning up")
@@ -811,11 +850,10 @@ def main(argv=None) -> int:
 
     out = {"info": bench.info, "results": bench.results, "profiles": bench.profiles,
            "complete": ok, "cleanup_problems": problems, "anomalies": bench.anomalies,
-           "ratios": {k: {f"{t}/a": (bench.results[t][k]["value"] / bench.results["a"][k]["value"])
-                          for t in "bc"
-                          if bench.results.get(t, {}).get(k, {}).get("value") is not None
-                          and bench.results.get("a", {}).get(k, {}).get("value")}
-                      for k in args.jobs}}
+           "ratios": {k: {f"{t}/a": statistics.median(rs) for t in "bc"
+                          if (rs := round_ratios(bench.results, t, k))} for k in args.jobs},
+           "ratios_per_round": {k: {f"{t}/a": round_ratios(bench.results, t, k) for t in "bc"}
+                                for k in args.jobs}}
     if args.json_file:
         with open(args.json_file, "w") as fh:
             json.dump(out, fh, indent=2, default=str)
