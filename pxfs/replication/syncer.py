@@ -34,19 +34,35 @@ log = logging.getLogger(__name__)
 
 #: small syncs run on the trio thread while they take less than this on average (s)
 INLINE_SYNC_MAX = 0.002
-#: sync behind writes up to this size ...
-BEHIND_MAX_WRITE = 64 * 1024
+#: a flush is expected right after a write up to this size ...
+FLUSH_FOLLOWS_MAX_WRITE = 64 * 1024
 #: ... to a volume flushed after at most this many writes on average ...
-BEHIND_WRITES_PER_FLUSH = 3.0
+FLUSH_FOLLOWS_WRITES = 3.0
 #: ... and flushed within this long (s)
-BEHIND_RECENT = 0.05
+FLUSH_FOLLOWS_RECENT = 0.05
 
 
-class _Pattern:
+class FlushPattern:
+    """How often a volume is flushed: whether a small write just made is
+    likely followed by a flush at once (a database commit, ext4's journal on
+    a block volume).  Used by the replicas (sync behind) and by the attached
+    node (durable acks, ReplicatedVolume)."""
     __slots__ = ("writes", "per_flush", "last_flush")
 
     def __init__(self):
         self.writes, self.per_flush, self.last_flush = 0, None, 0.0
+
+    def wrote(self, nbytes: int) -> bool:
+        """Count a write; whether a flush likely follows it."""
+        self.writes += 1
+        return (nbytes <= FLUSH_FOLLOWS_MAX_WRITE and self.per_flush is not None
+                and self.per_flush <= FLUSH_FOLLOWS_WRITES
+                and time.monotonic() - self.last_flush < FLUSH_FOLLOWS_RECENT)
+
+    def flushed(self) -> None:
+        self.per_flush = (self.writes if self.per_flush is None
+                          else self.per_flush + (self.writes - self.per_flush) * 0.25)
+        self.writes, self.last_flush = 0, time.monotonic()
 
 
 class Syncer:
@@ -54,7 +70,7 @@ class Syncer:
         self.store = store
         self._run = run_in_thread               # async fn(*args) in a worker thread
         self._syncing: dict[int, trio.Event] = {}
-        self._patterns: dict[int, _Pattern] = {}
+        self._patterns: dict[int, FlushPattern] = {}
         self._nursery: trio.Nursery | None = None
         self.sync_avg = 0.0                     # moving average of small syncs (s)
         self.stats = {"syncs": 0, "syncs_behind": 0, "syncs_acked": 0}
@@ -83,11 +99,8 @@ class Syncer:
             return
         p = self._patterns.get(volid)
         if p is None:
-            p = self._patterns[volid] = _Pattern()
-        p.writes += 1
-        if not (nbytes <= BEHIND_MAX_WRITE and p.per_flush is not None
-                and p.per_flush <= BEHIND_WRITES_PER_FLUSH
-                and time.monotonic() - p.last_flush < BEHIND_RECENT):
+            p = self._patterns[volid] = FlushPattern()
+        if not p.wrote(nbytes):
             return
         # start writing the data back now, without waiting: the sync that
         # follows (behind this write, or the writer's flush) waits for less
@@ -100,9 +113,7 @@ class Syncer:
         when it returns."""
         p = self._patterns.get(volid)
         if p is not None:
-            p.per_flush = (p.writes if p.per_flush is None
-                           else p.per_flush + (p.writes - p.per_flush) * 0.25)
-            p.writes, p.last_flush = 0, time.monotonic()
+            p.flushed()
         await self._sync(volid)
 
     async def sync_now(self, volid: int) -> None:

@@ -18,26 +18,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 
 import trio
 
 from .. import CHUNK_SIZE, CSUM_BLOCK
 from ..chunk.store import block_crcs
 from ..errors import ChecksumError, Fenced, InvalidArgument, PxfsError
+from .syncer import FlushPattern
 
 log = logging.getLogger(__name__)
 
 IN_SYNC, RESYNCING, OUT_OF_SYNC = "in_sync", "resyncing", "out_of_sync"
 _STRIPES = 256
-#: A small write to a volume flushed after (nearly) every write asks each
-#: remote replica for a second answer once it is durable there, so the flush
-#: that follows needs no round trip: writes up to this size ...
-ACK_MAX_WRITE = 64 * 1024
-#: ... to a volume flushed after at most this many writes on average ...
-ACK_WRITES_PER_FLUSH = 3.0
-#: ... and flushed within this long (s); at most this many answers wait
-ACK_RECENT = 0.05
+#: A small write likely followed by a flush (FlushPattern) asks each remote
+#: replica for a second answer once it is durable there, so that the flush
+#: needs no round trip; at most this many such answers wait (each holds a
+#: connection), later writes are plain
 ACK_HELD_MAX = 8
 
 
@@ -71,7 +67,7 @@ class ReplicatedVolume:
         self._max_done = -1                   # highest stamp of a completed write
         self._plain = False                   # a change since the last flush had no durable ack
         self._acks: list = []                 # (node, Pending): durable answers to collect
-        self._pattern = _FlushPattern()
+        self._pattern = FlushPattern()
         self._flush_lock = trio.Lock()
         self._state_lock = trio.Lock()
 
@@ -359,27 +355,6 @@ class ReplicatedVolume:
                 self.set_gen(await self._on_failure(still, self.durable))
                 for n in still:
                     self.states[n] = OUT_OF_SYNC
-
-
-class _FlushPattern:
-    """How often the volume is flushed: whether the next small write is
-    likely followed by a flush at once (a database commit, ext4's journal
-    on a block volume)."""
-    __slots__ = ("writes", "per_flush", "last_flush")
-
-    def __init__(self):
-        self.writes, self.per_flush, self.last_flush = 0, None, 0.0
-
-    def wrote(self, nbytes: int) -> bool:
-        self.writes += 1
-        return (nbytes <= ACK_MAX_WRITE and self.per_flush is not None
-                and self.per_flush <= ACK_WRITES_PER_FLUSH
-                and time.monotonic() - self.last_flush < ACK_RECENT)
-
-    def flushed(self) -> None:
-        self.per_flush = (self.writes if self.per_flush is None
-                          else self.per_flush + (self.writes - self.per_flush) * 0.25)
-        self.writes, self.last_flush = 0, time.monotonic()
 
 
 class _held:
