@@ -216,6 +216,27 @@ async def test_wire_carries_frames_larger_than_the_socket_buffers():
     assert all(bytes(m["data"]) == payload for m in got)
 
 
+async def test_has_frame_only_when_a_whole_frame_is_there():
+    a, b = await socket_pair()
+    reader = FrameReader(b)
+    assert not reader.has_frame()                        # nothing sent yet: no waiting either
+    small, big = encode({"id": 1, "durable": True}), encode({"id": 2, "data": b"y" * 70000})
+    await a.send_all(small[:3])
+    assert not reader.has_frame()                        # not even the length
+    await a.send_all(small[3:] + big[:5000])
+    assert reader.has_frame()
+    assert await reader.receive() == {"id": 1, "durable": True}
+    assert not reader.has_frame()                        # the next one is partial
+    await a.send_all(big[5000:])
+    with trio.fail_after(5):
+        assert bytes((await reader.receive())["data"]) == b"y" * 70000
+    await a.aclose()
+    assert not reader.has_frame()                        # end of stream: receive reports it
+    assert await reader.receive() is None
+    l, r = trio.testing.memory_stream_pair()
+    assert not FrameReader(r).has_frame()                # not a socket: always waits
+
+
 async def test_wire_reports_a_peer_gone_inside_a_frame():
     a, b = await socket_pair()
     reader = FrameReader(b)

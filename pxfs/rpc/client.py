@@ -99,9 +99,13 @@ class Pending:
         ``result(keep=True)``; the connection then goes back to the pool."""
         peer = self.peer
         reply = None
+        reader = self._conn.reader
         try:
-            with trio.move_on_after(timeout or peer.timeout):
-                reply = await self._conn.reader.receive()
+            if reader.has_frame():      # usually: then no cancel scope is needed
+                reply = await reader.receive()
+            else:
+                with trio.move_on_after(timeout or peer.timeout):
+                    reply = await reader.receive()
             if reply is None or reply.get("id") != self.rid:
                 raise PeerUnavailable(f"{peer.host}:{peer.port}: no second answer to {self.op}"
                                       if reply is None else "connection out of step")

@@ -99,6 +99,15 @@ class FrameReader:
             have += got
         return out
 
+    def has_frame(self) -> bool:
+        """Whether a whole frame is here, taking what the socket holds
+        without waiting: ``receive`` then returns it without waiting."""
+        got = self._wire.read_now(65536)
+        if got:
+            self._buf += got
+        return len(self._buf) >= 4 and \
+            len(self._buf) >= 4 + (_LEN.unpack_from(self._buf)[0] & ~_RAW)
+
     async def receive(self) -> dict | None:
         """The next frame's map, or None at a clean end of stream."""
         if not await self._fill(4):

@@ -47,6 +47,16 @@ class Wire:
             await self.fair()
             return got
 
+    def read_now(self, n: int) -> bytes | None:
+        """Up to ``n`` bytes the socket holds now: None if it holds none
+        (or this is not a socket), b"" at the end of the stream."""
+        if self.fd is None:
+            return None
+        try:
+            return os.read(self.fd, n)
+        except BlockingIOError:
+            return None
+
     async def receive_some(self, n: int) -> bytes:
         """Up to ``n`` bytes; b"" at the end of the stream."""
         if self.fd is None:
