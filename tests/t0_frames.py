@@ -216,6 +216,20 @@ async def test_wire_carries_frames_larger_than_the_socket_buffers():
     assert all(bytes(m["data"]) == payload for m in got)
 
 
+async def test_header_and_raw_payload_go_out_in_order_over_any_stream():
+    """send_parts: one writev on a socket, the stream API otherwise."""
+    payload = random.Random(4).randbytes(3 * 65536 + 7)
+    left, right = trio.testing.memory_stream_pair()
+    a, b = await socket_pair()
+    for tx, rx in ((left, right), (a, b)):
+        reader = FrameReader(rx)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send, FrameReader(tx).wire, {"id": 7, "data": payload})
+            with trio.fail_after(5):
+                msg = await reader.receive()
+        assert msg["id"] == 7 and bytes(msg["data"]) == payload
+
+
 async def test_has_frame_only_when_a_whole_frame_is_there():
     a, b = await socket_pair()
     reader = FrameReader(b)

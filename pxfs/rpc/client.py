@@ -47,9 +47,10 @@ class Pending:
                 try:
                     if conn is None:
                         conn = _Conn(await trio.open_tcp_stream(peer.host, peer.port))
-                    await conn.wire.send_all(self._head)
-                    if self._payload is not None:
-                        await conn.wire.send_all(self._payload)
+                    if self._payload is None:
+                        await conn.wire.send_all(self._head)
+                    else:
+                        await conn.wire.send_parts((self._head, self._payload))
                     self._conn = conn
                     return
                 except _NET_ERRORS as exc:

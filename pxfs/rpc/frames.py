@@ -56,9 +56,10 @@ def encode(msg: dict) -> bytes:
 
 async def send(wire: Wire, msg: dict) -> None:
     head, payload = encode_wire(msg)
-    await wire.send_all(head)
-    if payload is not None:
-        await wire.send_all(payload)
+    if payload is None:
+        await wire.send_all(head)
+    else:
+        await wire.send_parts((head, payload))
 
 
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)

@@ -70,6 +70,28 @@ class Wire:
             return len(chunk)
         return await self._read(os.readv, [view])
 
+    async def send_parts(self, parts) -> None:
+        """Send the buffers in order, in one system call when the socket
+        takes them (a frame's header and its raw payload)."""
+        if self.fd is None:
+            for p in parts:
+                await self.stream.send_all(p)
+            return
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        while views:
+            try:
+                n = os.writev(self.fd, views)
+            except BlockingIOError:
+                self._streak = 0
+                await trio.lowlevel.wait_writable(self.fd)
+                continue
+            while n:
+                if n >= len(views[0]):
+                    n -= len(views.pop(0))
+                else:
+                    views[0], n = views[0][n:], 0
+        await self.fair()
+
     async def send_all(self, data) -> None:
         if self.fd is None:
             await self.stream.send_all(data)
