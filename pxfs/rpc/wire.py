@@ -93,16 +93,4 @@ class Wire:
         await self.fair()
 
     async def send_all(self, data) -> None:
-        if self.fd is None:
-            await self.stream.send_all(data)
-            return
-        view = memoryview(data).cast("B")
-        while view:
-            try:
-                n = os.write(self.fd, view)
-            except BlockingIOError:
-                self._streak = 0
-                await trio.lowlevel.wait_writable(self.fd)
-                continue
-            view = view[n:]
-        await self.fair()
+        await self.send_parts((data,))
