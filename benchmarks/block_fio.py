@@ -258,7 +258,7 @@ class Bench:
         log(f"(a) baseline: {img} on {self.loopdev} (direct-io), {self.vol_gib} GiB")
         # the same mkfs options pxfs uses for its never-written volumes
         # (pxfs/volume/hostdev.py); the fresh sparse file reads as zeros too
-        run(["mkfs.ext4", "-q", "-F", "-O", "fast_commit", "-L", "bench-base", "-E",
+        run(["mkfs.ext4", "-q", "-F", "-L", "bench-base", "-E",
              "nodiscard,lazy_itable_init=1,assume_storage_prezeroed=1",
              *self.args.baseline_mkfs_opts.split(), self.loopdev], timeout=300)
         os.makedirs(self.mnt["a"], exist_ok=True)
@@ -772,7 +772,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-idle", action="store_true", help="include idle threads (wall-clock view)")
     ap.add_argument("--baseline-mkfs-opts", default="",
                     help="extra mkfs.ext4 options for (a), to match a pxfs that formats differently "
-                         "(e.g. '-O fast_commit'); by default (a) is formatted like pxfs/volume/hostdev.py")
+                         "(e.g. '-J size=128'); by default (a) is formatted like pxfs/volume/hostdev.py")
     ap.add_argument("--baseline-mount-opts", default="", help="mount -o options for (a)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, fio output)")
     args = ap.parse_args(argv)
