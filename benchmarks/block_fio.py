@@ -60,7 +60,10 @@ import sys
 import tempfile
 import time
 
+import trio
+
 from pxfs.chunk.loopdev import insist_write_back
+from pxfs.volume.hostdev import write_journal
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -261,6 +264,7 @@ class Bench:
         run(["mkfs.ext4", "-q", "-F", "-L", "bench-base", "-E",
              "nodiscard,lazy_itable_init=1,assume_storage_prezeroed=1",
              *self.args.baseline_mkfs_opts.split(), self.loopdev], timeout=300)
+        trio.run(write_journal, self.loopdev)      # as pxfs does after that mkfs
         os.makedirs(self.mnt["a"], exist_ok=True)
         opts = ["-o", self.args.baseline_mount_opts] if self.args.baseline_mount_opts else []
         run(["mount", "-t", "ext4", *opts, self.loopdev, self.mnt["a"]])

@@ -75,3 +75,29 @@ async def test_ext4_replays_after_a_crash_at_every_fsync(tmp_path, zeroed):
             _sh("umount", str(mnt), check=False)
         await hostdev.loop_detach(dev)
     assert not failures, f"crashes (after fsync number, error) that did not replay: {failures[:5]}"
+
+
+async def test_thin_ext4_gets_its_journal_written_but_not_its_inode_tables(tmp_path):
+    """A never-written volume: mkfs skips zeroing, then pxfs writes the
+    journal so that jbd2 never fills holes in the replicas' chunk files."""
+    img = tmp_path / "vol.img"
+    with open(img, "wb") as fh:
+        fh.truncate(2 << 30)
+    dev = await hostdev.loop_attach(str(img))
+    try:
+        await hostdev.mkfs(dev, "ext4", "thin", zeroed=True)
+        extents, bs = await hostdev.journal_extents(dev)
+        head = _sh("dumpe2fs", "-h", dev).stdout
+    finally:
+        await hostdev.loop_detach(dev)
+    journal = sum(length for _, _, length in extents)
+    assert journal == 64 << 20 and "fast_commit" not in head
+    used = os.stat(img).st_blocks * 512
+    assert journal <= used < journal + (8 << 20), used      # no inode tables
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        for _, off, length in extents:          # every journal block allocated
+            assert os.lseek(fd, off, os.SEEK_HOLE) >= off + length
+    finally:
+        os.close(fd)
+    assert _sh("e2fsck", "-fn", str(img), check=False).returncode == 0

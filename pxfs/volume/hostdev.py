@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 
 import trio
@@ -93,10 +94,50 @@ async def mkfs(dev: str, fs: str, label: str, zeroed: bool = False) -> None:
         # full commit.  tests/t4_hostdev.py crashes after every fsync.
         ext = "nodiscard,lazy_itable_init=1" + (",assume_storage_prezeroed=1" if zeroed else "")
         await run("mkfs.ext4", "-q", "-F", "-L", label[:16], "-E", ext, dev)
+        if zeroed:
+            await write_journal(dev)
     elif fs == "xfs":
         await run("mkfs.xfs", "-q", "-f", "-K", "-L", label[:12], dev)
     else:
         raise HostError(f"cannot format {fs}")
+
+
+_EXTENT = re.compile(r"\((\d+)(?:-(\d+))?\):(\d+)(?:-(\d+))?")
+
+
+async def journal_extents(dev: str) -> tuple[list[tuple[int, int, int]], int]:
+    """(logical block, byte offset, byte length) of each extent of the ext4
+    journal on ``dev``, and the block size."""
+    head = await run("dumpe2fs", "-h", dev)
+    m = re.search(r"^Block size:\s+(\d+)$", head, re.M)
+    text = await run("debugfs", "-R", "stat <8>", dev)
+    if not m or "EXTENTS:" not in text:
+        raise HostError(f"{dev}: cannot locate the ext4 journal")
+    bs = int(m.group(1))
+    out = []
+    for first, last, pfirst, plast in _EXTENT.findall(text.split("EXTENTS:", 1)[1]):
+        n = int(last or first) - int(first) + 1
+        out.append((int(first), int(pfirst) * bs, n * bs))
+    return out, bs
+
+
+async def write_journal(dev: str) -> None:
+    """Write the ext4 journal (all but its own superblock) once, with zeros,
+    after a mkfs that skipped it: ``assume_storage_prezeroed`` leaves the
+    journal unwritten along with the inode tables.  Left unwritten, each
+    journal block jbd2 reaches for the first time is a hole in a chunk file
+    of every replica, filled by an allocation that the pool must commit
+    behind the application's fsync: ~630 instead of ~860 fsync'd 4 KiB
+    writes/s until the journal has wrapped once."""
+    extents, bs = await journal_extents(dev)
+    for logical, off, length in extents:
+        if logical == 0:            # the journal's superblock: keep it
+            off, length = off + bs, length - bs
+        if length <= 0:
+            continue
+        await run("dd", "if=/dev/zero", f"of={dev}", "bs=1M", "oflag=direct,seek_bytes",
+                  "iflag=count_bytes", f"seek={off}", f"count={length}", "conv=notrunc",
+                  "status=none")
 
 
 async def mount(dev: str, path: str, fs: str) -> None:
