@@ -101,3 +101,38 @@ async def test_thin_ext4_gets_its_journal_written_but_not_its_inode_tables(tmp_p
     finally:
         os.close(fd)
     assert _sh("e2fsck", "-fn", str(img), check=False).returncode == 0
+
+
+async def test_fast_commit_stays_until_the_journal_is_replayed(tmp_path):
+    """A journal that needs replaying is left alone (tune2fs would refuse or
+    lose it); once a mount has replayed it, the feature goes."""
+    img, mnt = tmp_path / "old.img", tmp_path / "m"
+    mnt.mkdir()
+    with open(img, "wb") as fh:
+        fh.truncate(SIZE)
+    _sh("mkfs.ext4", "-q", "-F", "-O", "fast_commit", str(img))
+    dev = await hostdev.loop_attach(str(img))
+    copy = tmp_path / "crash.img"
+    try:
+        _sh("mount", dev, str(mnt))
+        with open(mnt / "f", "wb", buffering=0) as fh:
+            fh.write(_record(0))
+            os.fsync(fh.fileno())
+        _sh("cp", "--sparse=always", str(img), str(copy))   # a crash: needs recovery
+    finally:
+        _sh("umount", str(mnt), check=False)
+        await hostdev.loop_detach(dev)
+    dev = await hostdev.loop_attach(str(copy))
+    try:
+        assert await hostdev.drop_fast_commit(dev) is False
+        assert "fast_commit" in _sh("dumpe2fs", "-h", dev).stdout
+        _sh("mount", dev, str(mnt))                          # replays the journal
+        assert (mnt / "f").read_bytes() == _record(0)
+        _sh("umount", str(mnt))
+        assert await hostdev.drop_fast_commit(dev) is True
+        assert "fast_commit" not in _sh("dumpe2fs", "-h", dev).stdout
+        assert await hostdev.drop_fast_commit(dev) is False
+    finally:
+        _sh("umount", str(mnt), check=False)
+        await hostdev.loop_detach(dev)
+    assert _sh("e2fsck", "-fn", str(copy), check=False).returncode == 0

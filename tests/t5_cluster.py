@@ -238,7 +238,7 @@ def test_first_mount_of_a_thin_volume_writes_little(make_cluster):
     c = make_cluster(2)
     c.pxctl("node1", "volume", "create", "thin", "--size", "2G", "--repl", "2")
     m = c.pxctl("node1", "host", "mount", "thin")
-    with open(os.path.join(m["mount"], "f"), "wb") as fh:
+    with open(os.path.join(m["mount"], "f"), "wb", buffering=0) as fh:
         fh.write(b"x" * 4096)
         os.fsync(fh.fileno())
     used = c.pxctl("node1", "volume", "inspect", "thin")["bytes_used"]
@@ -247,6 +247,28 @@ def test_first_mount_of_a_thin_volume_writes_little(make_cluster):
     assert "never written: nothing to zero" in log
     c.pxctl("node1", "host", "unmount", "thin")
     _fsck_clean(m["device"])
+
+
+def test_mount_clears_fast_commit_left_by_an_older_format(make_cluster):
+    """ext4 with fast_commit cannot replay a crash taken with its fast-commit
+    area full (tests/t4_hostdev.py): a volume formatted with it, as pxfs
+    did before, loses the feature at its next mount, data intact."""
+    c = make_cluster(1)
+    c.pxctl("node1", "volume", "create", "oldfmt", "--size", "256M")
+    dev = c.pxctl("node1", "host", "attach", "oldfmt")["device"]
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "fast_commit", dev], check=True)
+    m = c.pxctl("node1", "host", "mount", "oldfmt")
+    with open(os.path.join(m["mount"], "f"), "wb", buffering=0) as fh:
+        fh.write(b"kept" * 1024)
+        os.fsync(fh.fileno())
+    c.pxctl("node1", "host", "unmount", "oldfmt")
+    head = subprocess.run(["dumpe2fs", "-h", dev], capture_output=True, text=True).stdout
+    assert "fast_commit" not in head
+    _fsck_clean(dev)
+    m = c.pxctl("node1", "host", "mount", "oldfmt")
+    assert open(os.path.join(m["mount"], "f"), "rb").read() == b"kept" * 1024
+    assert "cleared ext4 fast_commit" in open(
+        os.path.join(c.workdir, "node1", "pxfsd.log")).read()
 
 
 def test_mkfs_zeroes_a_volume_that_holds_data(make_cluster):

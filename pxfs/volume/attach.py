@@ -293,6 +293,8 @@ class Attachments:
                 await hostdev.mkfs(loc.device, loc.fs, loc.name, zeroed=zeroed)
             elif found != loc.fs:
                 raise HostError(f"volume {loc.name!r} holds {found}, not {loc.fs}")
+            elif found == "ext4":
+                await hostdev.drop_fast_commit(loc.device)
             await hostdev.mount(loc.device, path, loc.fs)
             loc.mount = path
             self._save()

@@ -140,6 +140,24 @@ async def write_journal(dev: str) -> None:
                   "status=none")
 
 
+async def drop_fast_commit(dev: str) -> bool:
+    """Clear ext4's fast_commit on a volume an older pxfs formatted with it
+    (see mkfs for why), if its journal is clean; True if it did.  A journal
+    that still needs replaying keeps it until a later mount finds it clean."""
+    head = await run("dumpe2fs", "-h", dev)
+    m = re.search(r"^Filesystem features:\s+(.*)$", head, re.M)
+    features = m.group(1).split() if m else []
+    if "fast_commit" not in features:
+        return False
+    if "needs_recovery" in features:
+        log.warning("%s: ext4 fast_commit left on: its journal needs replaying first", dev)
+        return False
+    await run("tune2fs", "-O", "^fast_commit", dev)
+    log.warning("%s: cleared ext4 fast_commit (a crash with its area full cannot be replayed)",
+                dev)
+    return True
+
+
 async def mount(dev: str, path: str, fs: str) -> None:
     await trio.to_thread.run_sync(lambda: os.makedirs(path, exist_ok=True))
     await run("mount", "-t", fs, dev, path)
