@@ -249,6 +249,19 @@ def test_first_mount_of_a_thin_volume_writes_little(make_cluster):
     _fsck_clean(m["device"])
 
 
+def test_space_used_is_what_was_written(make_cluster):
+    """Thin accounting on a real XFS pool: 64 MiB written in order occupy
+    64 MiB per replica (plus chunk headers), not the space XFS would
+    preallocate past the end of chunk files that grow as they are filled."""
+    c = make_cluster(1, dir_drives=False)
+    c.pxctl("node1", "volume", "create", "acct", "--size", "256M", "--fs", "none")
+    dev = c.pxctl("node1", "host", "attach", "acct")["device"]
+    subprocess.run(["dd", "if=/dev/urandom", f"of={dev}", "bs=64K", "count=1024", "oflag=direct",
+                    "conv=fsync", "status=none"], check=True)
+    used = c.pxctl("node1", "volume", "inspect", "acct")["bytes_used"]
+    assert 64 * MiB <= used <= 64 * MiB + 64 * 8192, f"{used / MiB:.1f} MiB used for 64 MiB"
+
+
 def test_mount_clears_fast_commit_left_by_an_older_format(make_cluster):
     """ext4 with fast_commit cannot replay a crash taken with its fast-commit
     area full (tests/t4_hostdev.py): a volume formatted with it, as pxfs
