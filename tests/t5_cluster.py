@@ -262,6 +262,41 @@ def test_space_used_is_what_was_written(make_cluster):
     assert 64 * MiB <= used <= 64 * MiB + 64 * 8192, f"{used / MiB:.1f} MiB used for 64 MiB"
 
 
+def test_unreplayable_journal_mount_error_says_why(make_cluster, tmp_path):
+    """The failure fast_commit caused, made on purpose through pxfs: a volume
+    formatted with it by hand, its fast-commit area filled by fsyncs, then
+    its node SIGKILLed.  The next mount fails (the kernel cannot replay that
+    journal) and pxctl's one-line error carries what the kernel said."""
+    c = make_cluster(1)
+    c.pxctl("node1", "volume", "create", "jr", "--size", "512M")
+    dev = c.pxctl("node1", "host", "attach", "jr")["device"]
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "fast_commit", dev], check=True)
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "commit=600", dev, str(mnt)], check=True)
+    try:
+        fd = os.open(mnt / "log", os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)
+        os.fsync(fd)
+        os.sync()
+        for i in range(63):                 # the 64-block area is then full
+            os.write(fd, bytes([i]) * 4096)
+            os.fsync(fd)
+        c.stop_node("node1", kill=True)
+        os.close(fd)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    c.start_node("node1")
+    c.wait_for(lambda: c.pxctl("node1", "host", "attach", "jr", check=False).returncode == 0,
+               what="jr attached again")
+    res = c.pxctl("node1", "host", "mount", "jr", check=False)
+    assert res.returncode != 0
+    err = res.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("pxctl: cannot mount"), err
+    assert "kernel: " in err and "journal" in err, err
+    assert c.pxctl("node1", "volume", "inspect", "jr").get("mount_path") in (None, ""), \
+        "a failed mount left a mount behind"
+
+
 def test_mount_clears_fast_commit_left_by_an_older_format(make_cluster):
     """ext4 with fast_commit cannot replay a crash taken with its fast-commit
     area full (tests/t4_hostdev.py): a volume formatted with it, as pxfs

@@ -158,9 +158,42 @@ async def drop_fast_commit(dev: str) -> bool:
     return True
 
 
+_STAMP = re.compile(r"^\[\s*(\d+\.\d+)\]\s*")
+
+
+async def _kernel_log(after: float = -1.0) -> tuple[float, list[str]]:
+    """The kernel's messages logged after time ``after`` (its own clock, as
+    dmesg shows it), and the time of the last one."""
+    last, out = after, []
+    for line in (await run("dmesg", check=False)).splitlines():
+        m = _STAMP.match(line)
+        if m and float(m.group(1)) > after:
+            last = float(m.group(1))
+            out.append(line[m.end():])
+    return last, out
+
+
 async def mount(dev: str, path: str, fs: str) -> None:
+    """Mount; on failure the error says what the kernel logged about it
+    (mount(8) itself only says to look in dmesg)."""
     await trio.to_thread.run_sync(lambda: os.makedirs(path, exist_ok=True))
-    await run("mount", "-t", fs, dev, path)
+    since, _ = await _kernel_log()
+    try:
+        res = await trio.run_process(["mount", "-t", fs, dev, path], capture_stdout=True,
+                                     capture_stderr=True, check=False)
+    except OSError as exc:
+        raise HostError(f"mount: {exc}") from exc
+    if res.returncode == 0:
+        return
+    _, said = await _kernel_log(since)
+    name = os.path.basename(dev)
+    said = [line for line in said if name in line or line.startswith("JBD2")][-3:]
+    if said:
+        why = "kernel: " + " / ".join(said)
+    else:
+        lines = res.stderr.decode(errors="replace").strip().splitlines()
+        why = lines[0].strip() if lines else f"exit status {res.returncode}"
+    raise HostError(f"cannot mount {dev} ({fs}) at {path}: {why}")
 
 
 async def umount(path: str, lazy: bool = False) -> None:
