@@ -289,7 +289,10 @@ def test_unreplayable_journal_mount_error_says_why(make_cluster, tmp_path):
     c.wait_for(lambda: c.pxctl("node1", "host", "attach", "jr", check=False).returncode == 0,
                what="jr attached again")
     res = c.pxctl("node1", "host", "mount", "jr", check=False)
-    assert res.returncode != 0
+    if res.returncode == 0:                 # a kernel that replays a full area
+        with open(os.path.join(json.loads(res.stdout)["mount"], "log"), "rb") as fh:
+            assert fh.read() == b"".join(bytes([i]) * 4096 for i in range(63))
+        pytest.skip("this kernel replays a full fast-commit area: no mount error to check")
     err = res.stderr.strip()
     assert len(err.splitlines()) == 1 and err.startswith("pxctl: cannot mount"), err
     assert "kernel: " in err and "journal" in err, err
