@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import subprocess
+import time
 
 import trio
 
@@ -18,12 +19,16 @@ log = logging.getLogger(__name__)
 PXD_DIR = "/dev/pxd"
 
 
-async def run(*argv: str, check: bool = True) -> str:
+async def _exec(argv: list[str]) -> subprocess.CompletedProcess:
     try:
-        res = await trio.run_process(list(argv), capture_stdout=True, capture_stderr=True,
-                                     check=False)
+        return await trio.run_process(argv, capture_stdout=True, capture_stderr=True,
+                                      check=False)
     except OSError as exc:
         raise HostError(f"{argv[0]}: {exc}") from exc
+
+
+async def run(*argv: str, check: bool = True) -> str:
+    res = await _exec(list(argv))
     if check and res.returncode:
         msg = (res.stderr or res.stdout).decode(errors="replace").strip().splitlines()
         raise HostError(f"{' '.join(argv[:2])} failed: {msg[-1] if msg else res.returncode}")
@@ -161,33 +166,29 @@ async def drop_fast_commit(dev: str) -> bool:
 _STAMP = re.compile(r"^\[\s*(\d+\.\d+)\]\s*")
 
 
-async def _kernel_log(after: float = -1.0) -> tuple[float, list[str]]:
-    """The kernel's messages logged after time ``after`` (its own clock, as
-    dmesg shows it), and the time of the last one."""
-    last, out = after, []
+async def _kernel_log(after: float) -> list[str]:
+    """The kernel's messages logged after ``after`` (CLOCK_MONOTONIC seconds,
+    the clock dmesg's timestamps follow)."""
+    out = []
     for line in (await run("dmesg", check=False)).splitlines():
         m = _STAMP.match(line)
-        if m and float(m.group(1)) > after:
-            last = float(m.group(1))
+        if m and float(m.group(1)) >= after:
             out.append(line[m.end():])
-    return last, out
+    return out
 
 
 async def mount(dev: str, path: str, fs: str) -> None:
     """Mount; on failure the error says what the kernel logged about it
     (mount(8) itself only says to look in dmesg)."""
     await trio.to_thread.run_sync(lambda: os.makedirs(path, exist_ok=True))
-    since, _ = await _kernel_log()
-    try:
-        res = await trio.run_process(["mount", "-t", fs, dev, path], capture_stdout=True,
-                                     capture_stderr=True, check=False)
-    except OSError as exc:
-        raise HostError(f"mount: {exc}") from exc
+    # a little before now: dmesg's clock and CLOCK_MONOTONIC differ by a few ms
+    since = time.clock_gettime(time.CLOCK_MONOTONIC) - 0.5
+    res = await _exec(["mount", "-t", fs, dev, path])
     if res.returncode == 0:
         return
-    _, said = await _kernel_log(since)
     name = os.path.basename(dev)
-    said = [line for line in said if name in line or line.startswith("JBD2")][-3:]
+    said = [line for line in await _kernel_log(since)
+            if name in line or line.startswith("JBD2")][-3:]
     if said:
         why = "kernel: " + " / ".join(said)
     else:
