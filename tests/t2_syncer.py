@@ -2,6 +2,8 @@
 sync per volume in flight, flushes that wait for it, and syncs started
 behind small remote writes of a volume flushed after nearly every write."""
 
+import errno
+import os
 import time
 
 import pytest
@@ -9,6 +11,7 @@ import trio
 
 from pxfs import CSUM_BLOCK
 from pxfs.chunk.store import ChunkStore
+from pxfs.errors import PxfsError
 from pxfs.replication.replica import ReplicaService
 
 VOL = 11
@@ -100,3 +103,32 @@ async def test_syncs_behind_small_remote_writes_of_a_flush_heavy_volume(svc):
     for i in range(8):
         await svc.write(VOL, 2, i * CSUM_BLOCK, BLOCK, 1, 1)
     assert started == [], "bulk writes started writeback one by one"
+
+
+async def test_a_sync_behind_that_failed_fails_the_next_flush(svc, monkeypatch):
+    """The kernel reports a write-back error once per open file: after a
+    sync behind a write failed, the flush's own fdatasync would return 0
+    on data that never reached the disk.  The flush must fail instead."""
+    store = svc.store
+    async with trio.open_nursery() as nursery:
+        await nursery.start(svc.syncer.run)
+        for i in range(12):             # a commit after every write: syncs go behind
+            await svc.write(VOL, 1, i * CSUM_BLOCK, BLOCK, 1, 1, remote=True)
+            await svc.flush(VOL, 1)
+        real, failed = os.fdatasync, []
+
+        def fdatasync_eio(fd):          # the error is reported once, as by the kernel
+            real(fd)
+            if not failed:
+                failed.append(fd)
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        monkeypatch.setattr(os, "fdatasync", fdatasync_eio)
+        await svc.write(VOL, 1, 0, BLOCK, 1, 1, remote=True)
+        with trio.fail_after(5):        # the sync behind the write ran, and failed
+            while not failed:
+                await trio.sleep(0.005)
+        assert not store.clean(VOL)
+        with pytest.raises(PxfsError, match="Input/output error"):
+            await svc.flush(VOL, 1)
+        nursery.cancel_scope.cancel()

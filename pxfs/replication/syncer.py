@@ -73,6 +73,10 @@ class Syncer:
         self._patterns: dict[int, FlushPattern] = {}
         self._nursery: trio.Nursery | None = None
         self.sync_avg = 0.0                     # moving average of small syncs (s)
+        #: a sync behind a write failed: the next flush of the volume reports
+        #: it (the kernel reports a write-back error once per open file, so
+        #: the flush's own fdatasync would not see it again)
+        self._errors: dict[int, PxfsError] = {}
         self.stats = {"syncs": 0, "syncs_behind": 0, "syncs_acked": 0}
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -87,6 +91,7 @@ class Syncer:
 
     def forget(self, volid: int) -> None:
         self._patterns.pop(volid, None)
+        self._errors.pop(volid, None)
 
     # -- what callers do ------------------------------------------------------
     def wrote(self, volid: int, nbytes: int, behind: bool = False, acked: bool = False) -> None:
@@ -130,11 +135,14 @@ class Syncer:
                 self.stats["syncs_behind"] += 1
                 await self._sync(volid)
         except PxfsError as exc:          # the flush that follows reports it
-            log.debug("sync behind a write of volume %s failed: %s", volid, exc)
+            self._errors[volid] = exc
 
     async def _sync(self, volid: int) -> None:
         while (ev := self._syncing.get(volid)) is not None:
             await ev.wait()
+        exc = self._errors.pop(volid, None)
+        if exc is not None:
+            raise exc
         if self.store.clean(volid):
             return
         ev = self._syncing[volid] = trio.Event()
