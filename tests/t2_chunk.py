@@ -542,3 +542,71 @@ async def test_merged_put_keeps_blocks_written_during_a_resync(tmp_path):
     svc.untrack(VOL)
     await svc.put_chunk_merged(VOL, 0, 12, bytes(bitmap), bytes(copy), 1)   # plain put again
     assert await svc.read(VOL, 0, 3 * CSUM_BLOCK, CSUM_BLOCK) == b"o" * CSUM_BLOCK
+
+
+def test_two_file_sync_flushes_once_and_is_complete(tmp_path, monkeypatch):
+    """A sync of two chunk files that only overwrote blocks they hold writes
+    one back (sync_file_range) and fdatasyncs the other: one device cache
+    flush instead of two.  A file with a block allocated since its last
+    fdatasync (or not yet fdatasynced since it was opened) always gets its
+    own fdatasync.  The pool image taken right after each sync (a crash at
+    that moment, with everything the device acknowledged) holds every
+    write, with checksums that match."""
+    import pxfs.chunk.store as store_mod
+    img, mnt = tmp_path / "pool.img", tmp_path / "pool"
+    mnt.mkdir()
+    subprocess.run(["truncate", "-s", "300M", str(img)], check=True)
+    dev = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", str(img)],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    mounted = []
+    try:
+        subprocess.run(["mkfs.xfs", "-q", dev], check=True)
+        subprocess.run(["mount", "-o", "allocsize=4k", dev, str(mnt)], check=True)
+        mounted.append(str(mnt))
+        store = ChunkStore([str(mnt)])
+        calls = []
+        real_fdatasync, real_sfr = os.fdatasync, store_mod._sync_file_range
+        monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append("fdatasync"),
+                                                          real_fdatasync(fd))[1])
+        monkeypatch.setattr(store_mod, "_sync_file_range",
+                            lambda *a: (calls.append("sync_file_range"), real_sfr(*a))[1])
+
+        def sync():
+            calls.clear()
+            store.sync(7)
+            return sorted(calls)
+
+        store.write(7, 0, 0, pattern(8192, 1), 1)
+        store.write(7, 1, 4096, pattern(4096, 2), 1)
+        assert sync() == ["fdatasync", "fdatasync"]        # new files: blocks allocated
+        store.write(7, 0, 4096, pattern(4096, 3), 2)      # overwrites only
+        store.write(7, 1, 4096, pattern(4096, 4), 2)
+        assert sync() == ["fdatasync", "sync_file_range"]
+        store.write(7, 0, 0, pattern(4096, 5), 3)         # overwrite
+        store.write(7, 1, 65536, pattern(4096, 6), 3)     # a new block in chunk 1
+        assert sync() == ["fdatasync", "sync_file_range"]
+        store.write(7, 0, 65536, pattern(4096, 7), 4)     # new blocks in both
+        store.write(7, 1, 131072, pattern(4096, 8), 4)
+        assert sync() == ["fdatasync", "fdatasync"]
+        store.write(7, 0, 4096, pattern(4096, 9), 5)
+        store.write(7, 1, 65536, pattern(4096, 10), 5)
+        assert sync() == ["fdatasync", "sync_file_range"]
+        monkeypatch.undo()
+        # the crash image: copied from the loop device's file after the sync
+        crash, cmnt = tmp_path / "crash.img", tmp_path / "crash"
+        cmnt.mkdir()
+        subprocess.run(["cp", "--sparse=always", str(img), str(crash)], check=True)
+        subprocess.run(["mount", "-o", "nouuid", str(crash), str(cmnt)], check=True)
+        mounted.append(str(cmnt))
+        again = ChunkStore([str(cmnt)])
+        assert again.read(7, 0, 0, 8192) == pattern(4096, 5) + pattern(4096, 9)
+        assert again.read(7, 0, 65536, 4096) == pattern(4096, 7)
+        assert again.read(7, 1, 4096, 4096) == pattern(4096, 4)
+        assert again.read(7, 1, 65536, 4096) == pattern(4096, 10)
+        assert again.read(7, 1, 131072, 4096) == pattern(4096, 8)
+        again.close()
+        store.close()
+    finally:
+        for m in reversed(mounted):
+            subprocess.run(["umount", m], capture_output=True)
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
