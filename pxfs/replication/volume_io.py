@@ -205,8 +205,9 @@ class ReplicatedVolume:
         self._inflight[epoch] = self._inflight.get(epoch, 0) + 1
         try:
             for idx, inoff, boff, n in self._pieces(off, len(data)):
-                # a write within one chunk (the common case) is sent as it came
-                piece = data if n == len(data) else bytes(mv[boff:boff + n])
+                # a write within one chunk (the common case) is sent as it
+                # came; a piece of a larger one is a view, not a copy
+                piece = data if n == len(data) else mv[boff:boff + n]
                 async with _held(self.chunk_lock(idx)):
                     if inoff % CSUM_BLOCK or (inoff + n) % CSUM_BLOCK:
                         # partial blocks: merge with verified old data here so
