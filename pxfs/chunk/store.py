@@ -532,31 +532,27 @@ class ChunkStore:
             chunks = list(self._dirty.pop(volid, ()))
             dir_dirty = volid in self._dirty_dirs
             self._dirty_dirs.discard(volid)
-        fds, meta = [], []
+        fds = []                # (chunk, dup'ed fd, metadata to log?)
         for ch in chunks:
             with ch.lock:
                 if ch.fd >= 0 and ch.dirty:
-                    ch.dirty, ch.dirty_bytes = False, 0
-                    fds.append((ch, os.dup(ch.fd)))
-                    meta.append(ch.meta_dirty)
-                    ch.meta_dirty = False
+                    fds.append((ch, os.dup(ch.fd), ch.meta_dirty))
+                    ch.dirty, ch.dirty_bytes, ch.meta_dirty = False, 0, False
         # after the loop: a chunk evicted meanwhile moved its fd here under its lock
-        unsynced = self._take_unsynced(volid)
-        fds += [(None, fd) for fd in unsynced]
-        meta += [True] * len(unsynced)
+        fds += [(None, fd, True) for fd in self._take_unsynced(volid)]
+        fds.sort(key=lambda e: e[2])          # files with nothing to log first
         try:
-            if len(fds) == 2 and not all(meta) and _sync_file_range is not None:
+            if len(fds) == 2 and not fds[0][2] and _sync_file_range is not None:
                 # Two files (a commit's data and journal blocks), one device
                 # cache flush: a file that only overwrote blocks it holds
                 # has no metadata to log, so writing its pages back and
                 # waiting is enough before the other's fdatasync, whose
                 # flush then covers both.  Two fdatasyncs would flush twice.
-                plain = 0 if not meta[0] else 1
-                if _sync_file_range(fds[plain][1], 0, 0, SYNC_FILE_RANGE_WAIT_BEFORE
+                if _sync_file_range(fds[0][1], 0, 0, SYNC_FILE_RANGE_WAIT_BEFORE
                                     | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER):
                     err = ctypes.get_errno()
                     raise OSError(err, f"sync_file_range: {os.strerror(err)}")
-                os.fdatasync(fds[1 - plain][1])
+                os.fdatasync(fds[1][1])
             elif len(fds) > 2 and _syncfs is not None:
                 if _syncfs(fds[0][1]) != 0:
                     raise OSError(ctypes.get_errno(), "syncfs failed")
@@ -566,17 +562,17 @@ class ChunkStore:
                 # on stable storage, not only in the disk's write cache
                 os.fdatasync(fds[0][1])
             else:
-                for _, fd in fds:
+                for _, fd, _ in fds:
                     os.fdatasync(fd)
         except OSError as exc:
             with self._lock:
-                for ch, _ in fds:
+                for ch, _, _ in fds:
                     if ch is not None:
                         ch.dirty = ch.meta_dirty = True
                         self._dirty[volid].add(ch)
             raise self._oserror(exc) from exc
         finally:
-            for _, fd in fds:
+            for _, fd, _ in fds:
                 os.close(fd)
         if dir_dirty:
             d = self._voldir(volid, False)

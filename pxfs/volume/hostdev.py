@@ -110,15 +110,20 @@ async def mkfs(dev: str, fs: str, label: str, zeroed: bool = False) -> None:
 _EXTENT = re.compile(r"\((\d+)(?:-(\d+))?\):(\d+)(?:-(\d+))?")
 
 
+async def _superblock_field(dev: str, name: str) -> str | None:
+    """One field of the ext4 superblock on ``dev`` (``dumpe2fs -h``)."""
+    m = re.search(rf"^{re.escape(name)}:\s+(.*)$", await run("dumpe2fs", "-h", dev), re.M)
+    return m.group(1).strip() if m else None
+
+
 async def journal_extents(dev: str) -> tuple[list[tuple[int, int, int]], int]:
     """(logical block, byte offset, byte length) of each extent of the ext4
     journal on ``dev``, and the block size."""
-    head = await run("dumpe2fs", "-h", dev)
-    m = re.search(r"^Block size:\s+(\d+)$", head, re.M)
+    bs = await _superblock_field(dev, "Block size")
     text = await run("debugfs", "-R", "stat <8>", dev)
-    if not m or "EXTENTS:" not in text:
+    if not (bs or "").isdigit() or "EXTENTS:" not in text:
         raise HostError(f"{dev}: cannot locate the ext4 journal")
-    bs = int(m.group(1))
+    bs = int(bs)
     out = []
     for first, last, pfirst, _ in _EXTENT.findall(text.split("EXTENTS:", 1)[1]):
         n = int(last or first) - int(first) + 1
@@ -149,9 +154,7 @@ async def drop_fast_commit(dev: str) -> bool:
     """Clear ext4's fast_commit on a volume an older pxfs formatted with it
     (see mkfs for why), if its journal is clean; True if it did.  A journal
     that still needs replaying keeps it until a later mount finds it clean."""
-    head = await run("dumpe2fs", "-h", dev)
-    m = re.search(r"^Filesystem features:\s+(.*)$", head, re.M)
-    features = m.group(1).split() if m else []
+    features = (await _superblock_field(dev, "Filesystem features") or "").split()
     if "fast_commit" not in features:
         return False
     if "needs_recovery" in features:
