@@ -151,20 +151,27 @@ class ReplicatedVolume:
         bad: list[str] = []
         errors = []
         readers = self.readers()
-        async for node in _chain(readers, lambda: self._more_readers(readers)):
-            try:
-                data = await self._target(node).read(self.volid, idx, a0, a1 - a0, timeout=self.timeout)
-            except ChecksumError as exc:
-                log.error("volume %s: replica on %s: %s; reading another replica", self.volid, node, exc)
-                bad.append(node)
-                errors.append(exc)
-                continue
-            except PxfsError as exc:
-                errors.append(exc)
-                continue
-            for b in bad:
-                await self._repair(b, node, idx, a0, data, locked)
-            return data[inoff - a0:inoff - a0 + n]
+        # a plain loop, not an async generator over both lists: one that is
+        # left early costs trio a finalizer task on every read
+        for more in (False, True):
+            if more:
+                readers = await self._more_readers(readers)
+            for node in readers:
+                try:
+                    data = await self._target(node).read(self.volid, idx, a0, a1 - a0,
+                                                         timeout=self.timeout)
+                except ChecksumError as exc:
+                    log.error("volume %s: replica on %s: %s; reading another replica",
+                              self.volid, node, exc)
+                    bad.append(node)
+                    errors.append(exc)
+                    continue
+                except PxfsError as exc:
+                    errors.append(exc)
+                    continue
+                for b in bad:
+                    await self._repair(b, node, idx, a0, data, locked)
+                return data[inoff - a0:inoff - a0 + n]
         raise PxfsError(f"volume {self.volid}: no replica could serve chunk {idx}: "
                         + "; ".join(map(str, errors)) if errors else "no in-sync replica")
 
@@ -376,10 +383,3 @@ class _held:
     async def __aexit__(self, *exc):
         self.lock.release()
 
-
-async def _chain(first: list, more):
-    """The items of ``first``, then those ``await more()`` gives (once)."""
-    for x in first:
-        yield x
-    for x in await more():
-        yield x
