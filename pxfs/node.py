@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import os
 import resource
@@ -166,9 +165,8 @@ def _keep_io_buffers() -> None:
     ~30 faults per MiB written on the attached node, ~20 on a replica.
     Serving buffers up to 32 MiB from the heap and trimming it only past
     128 MiB free removes them; the cost is up to that much idle memory."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)        # this process's own C library
         libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
         libc.mallopt(_M_TRIM_THRESHOLD, 128 << 20)
     except (OSError, AttributeError):   # not glibc: its allocator, its defaults
