@@ -23,7 +23,7 @@ figures taken seconds apart (a small VM's speed drifts within minutes).
 
 Usage::
 
-    python3 benchmarks/block_fio.py [--size 1G] [--runtime 15] [--rounds 3] [--workdir DIR] [--json]
+    /opt/pxfs/bin/python benchmarks/block_fio.py [--size 1G] [--runtime 15] [--rounds 3] [--workdir DIR] [--json]
 
 Needs root, fio, etcd, losetup, mkfs.ext4 and the pxfs console scripts
 (``pxfs-cluster``, ``pxctl``).  Everything it creates is torn down at the end,

@@ -2,7 +2,7 @@
 """A bare pyfuse3 passthrough of a directory: the ceiling for any Python FUSE
 filesystem on this machine, used as a baseline by shared_meta.py.
 
-    python3 benchmarks/passthroughfs.py SOURCE MOUNTPOINT
+    /opt/pxfs/bin/python benchmarks/passthroughfs.py SOURCE MOUNTPOINT
 
 Every request is one system call on SOURCE, done on the trio thread; no
 caching beyond the kernel's one-second attribute and entry caches.

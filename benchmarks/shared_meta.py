@@ -21,7 +21,7 @@ Workloads:
 
 Usage::
 
-    python3 benchmarks/shared_meta.py [--files 10000] [--tree 10000] [--seq-mib 256] [--json]
+    /opt/pxfs/bin/python benchmarks/shared_meta.py [--files 10000] [--tree 10000] [--seq-mib 256] [--json]
 
 Needs root, etcd, fuse3 and the pxfs console scripts.  Everything it makes is
 removed at the end, also on error.
