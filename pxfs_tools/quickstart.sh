@@ -31,6 +31,8 @@ Try:
   pxctl --host $api2 volume list          # any node has the same view
   pxfs-cluster stop-node node1 --workdir $DEMO --kill    # node1 dies...
   pxctl --host $api2 host attach demovol                   # ...node2 takes over
+  umount -l $DEMO/mnt/demovol                              # node1's mount died with it
+  pxctl --host $api2 host mount demovol --path $DEMO/mnt/demovol   # same data, via node2
 A shared volume, mounted through two nodes:
   pxctl volume create ws --shared --size 1 --repl 2
   mkdir -p $DEMO/ws1 $DEMO/ws2
