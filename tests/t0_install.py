@@ -15,7 +15,8 @@ SYSPATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 def test_commands_are_on_the_system_path():
     for cmd in ("pxctl", "pxfsd", "pxfs-cluster", "pxfs", "pxfs-fsck"):
-        assert shutil.which(cmd, path=SYSPATH), f"{cmd} is not on the system PATH (install-deps links it)"
+        assert shutil.which(cmd, path=SYSPATH), \
+            f"{cmd} is not on the system PATH (install-deps links it)"
     res = subprocess.run(["pxctl", "--help"], env={"PATH": SYSPATH}, capture_output=True,
                          text=True)
     assert res.returncode == 0 and "volume" in res.stdout, res.stderr
