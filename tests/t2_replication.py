@@ -550,10 +550,12 @@ async def test_peer_survives_server_restart_on_same_port(cluster):
 
 
 async def test_small_reads_leave_the_event_loop_only_for_a_slow_device(cluster):
-    """A small read that misses the page cache is done on the event loop
-    while reads are fast on average, in a worker thread once they are slow;
-    both give the same, verified data."""
+    """A small read that misses the page cache (and whose blocks could not
+    be asked for ahead, see the next test) is done on the event loop while
+    reads are fast on average, in a worker thread once they are slow; both
+    give the same, verified data."""
     svc = cluster.nodes["a"].svc
+    svc.store.prefetch = lambda *args: False
     data = pattern(8192, seed=7)
     await svc.write(VOL, 3, 0, data, 1, 1)
     hops = []
@@ -563,6 +565,8 @@ async def test_small_reads_leave_the_event_loop_only_for_a_slow_device(cluster):
         hops.append(fn)
         return await real_run(fn, *args)
     svc._run = counting_run
+    svc.store.sync(VOL)
+    _drop_cache(cluster.nodes["a"].chunk_file(3))
     assert await svc.read(VOL, 3, 0, 8192) == data
     assert hops == [] and 0 < svc.read_avg < 0.0005
     svc.read_avg = 0.01                      # as after a run of 10 ms reads
@@ -578,3 +582,76 @@ async def test_small_reads_leave_the_event_loop_only_for_a_slow_device(cluster):
     svc.read_avg = 0.0
     with pytest.raises(ChecksumError):
         await svc.read(VOL, 3, 0, 4096)
+
+
+def _drop_cache(path):
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+
+
+async def test_cold_small_reads_ask_for_their_blocks_together(cluster):
+    """Small reads that miss the page cache each ask for their blocks
+    (WILLNEED) before any of them waits, so the disk serves them together;
+    every one still returns its own verified data, with no thread hop."""
+    node = cluster.nodes["a"]
+    svc = node.svc
+    blocks = {i: pattern(4096, seed=100 + i) for i in range(16)}
+    for i, data in blocks.items():
+        await svc.write(VOL, 20 + i, 8192, data, 1, 1)
+    svc.store.sync(VOL)
+    for i in blocks:
+        _drop_cache(node.chunk_file(20 + i))
+    asked, hops, most = [], [], [0]
+    real_prefetch, real_run = svc.store.prefetch, svc._run
+
+    def prefetch(volid, idx, off, size):
+        asked.append(idx)
+        most[0] = max(most[0], svc._prefetching + 1)
+        return real_prefetch(volid, idx, off, size)
+
+    async def counting_run(fn, *args):
+        hops.append(fn)
+        return await real_run(fn, *args)
+    svc.store.prefetch, svc._run = prefetch, counting_run
+    got = {}
+
+    async def one(i):
+        got[i] = await svc.read(VOL, 20 + i, 8192, 4096)
+    async with trio.open_nursery() as nursery:
+        for i in blocks:
+            nursery.start_soon(one, i)
+    assert got == blocks
+    assert sorted(asked) == [20 + i for i in blocks]
+    assert most[0] == len(blocks)            # all asked for before any waited
+    assert hops == [] and svc._prefetching == 0
+
+
+async def test_a_cold_read_alone_waits_in_the_kernel_not_on_the_loop(cluster):
+    """A lone small read whose blocks are not in after two scheduler rounds
+    stops polling and reads them the plain way; a damaged block read ahead
+    is still refused."""
+    node = cluster.nodes["a"]
+    svc = node.svc
+    data = pattern(4096, seed=9)
+    await svc.write(VOL, 40, 0, data, 1, 1)
+    svc.store.sync(VOL)
+    _drop_cache(node.chunk_file(40))
+    real_read = svc.store.read
+    tries = []
+
+    def never_cached(volid, idx, off, size, *, nowait=False, inline=False):
+        if nowait:
+            tries.append(idx)
+            raise BlockingIOError("not cached")
+        return real_read(volid, idx, off, size, nowait=nowait, inline=inline)
+    svc.store.read = never_cached
+    assert await svc.read(VOL, 40, 0, 4096) == data
+    assert tries == [40, 40, 40]             # the first try, then two rounds
+    svc.store.read = real_read
+    node.corrupt(40, 10)
+    svc.store.sync(VOL)
+    _drop_cache(node.chunk_file(40))
+    with pytest.raises(ChecksumError):
+        await svc.read(VOL, 40, 0, 4096)
+

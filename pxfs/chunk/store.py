@@ -387,6 +387,26 @@ class ChunkStore:
         start = off - first * CSUM_BLOCK
         return data[start:start + size]
 
+    def prefetch(self, volid: int, idx: int, off: int, size: int) -> bool:
+        """Start reading the blocks of ``off..off+size`` into the page cache
+        without waiting (POSIX_FADV_WILLNEED); False if the chunk is not
+        open or busy (nothing started)."""
+        try:
+            ch = self._locked(volid, idx, False, True)
+        except BlockingIOError:
+            return False
+        if ch is None:
+            return False
+        try:
+            first, last = off // CSUM_BLOCK, (off + size - 1) // CSUM_BLOCK
+            os.posix_fadvise(ch.fd, HEADER_SIZE + first * CSUM_BLOCK,
+                             (last - first + 1) * CSUM_BLOCK, os.POSIX_FADV_WILLNEED)
+            return True
+        except OSError:
+            return False
+        finally:
+            ch.lock.release()
+
     def get_chunk(self, volid: int, idx: int) -> tuple[int, bytes, bytes] | None:
         """(gen, bitmap, data) of a whole chunk, verified; None if absent."""
         _check_id(volid, idx)
