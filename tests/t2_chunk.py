@@ -4,6 +4,7 @@ checksums, thin files, whole-chunk copies, fencing terms, eviction."""
 import os
 import platform
 import subprocess
+import time
 
 import pytest
 
@@ -391,6 +392,81 @@ def test_nowait_io_refuses_to_block(tmp_path):
     with ch.lock:                                      # another thread holds it
         with pytest.raises(BlockingIOError):
             store.write(1, 0, 0, b"y" * 4096, 2, nowait=True)
+
+
+def _drop_cache(path):
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+
+
+def _resident(path) -> int:
+    """Bytes of the file in the page cache, asked without reading it."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         check=True, capture_output=True, text=True).stdout
+    return int(out.strip())
+
+
+def test_nowait_reads_of_blocks_never_written_are_zeros(tmp_path):
+    """A no-wait read that comes up short because the file ends (or has a
+    hole) where blocks were never written is complete: those read as zeros.
+    One that is short on a written block is a miss."""
+    store = ChunkStore([str(tmp_path)])
+    store.write(1, 0, 0, b"x" * 4096, 1)
+    store.write(1, 0, 8 * 4096, b"y" * 4096, 1)
+    store.sync(1)
+    path = chunk_path(tmp_path, 1, 0)
+    assert store.read(1, 0, 16 * 4096, 8192, nowait=True) == bytes(8192)     # past the end
+    assert store.read(1, 0, 4096, 4096, nowait=True) == bytes(4096)          # a hole
+    _drop_cache(path)
+    with pytest.raises(BlockingIOError):
+        store.read(1, 0, 4 * 4096, 5 * 4096, nowait=True)   # hole, then a written block
+    assert store.read(1, 0, 4 * 4096, 5 * 4096) == bytes(4 * 4096) + b"y" * 4096
+    store.close()
+
+
+def test_nowait_reads_refused_by_the_filesystem(tmp_path, monkeypatch):
+    """A pool that refuses RWF_NOWAIT reads (EOPNOTSUPP) turns them into
+    misses, once and for all; plain reads go on."""
+    store = ChunkStore([str(tmp_path)])
+    store.write(1, 0, 0, b"x" * 4096, 1)
+    calls = []
+
+    def refusing(fd, bufs, pos, flags=0):
+        calls.append(flags)
+        raise OSError(95, "Operation not supported")
+    monkeypatch.setattr(os, "preadv", refusing)
+    with pytest.raises(BlockingIOError):
+        store.read(1, 0, 0, 4096, nowait=True)
+    assert not store.nowait_reads
+    with pytest.raises(BlockingIOError):
+        store.read(1, 0, 0, 4096, nowait=True)
+    assert len(calls) == 1                               # not asked again
+    monkeypatch.undo()
+    assert store.read(1, 0, 0, 4096) == b"x" * 4096
+    store.close()
+
+
+def test_prefetch_brings_blocks_into_the_page_cache(tmp_path):
+    """prefetch asks the kernel for the blocks (WILLNEED) and returns at
+    once; they then arrive in the page cache without any read."""
+    store = ChunkStore([str(tmp_path)])
+    store.write(1, 0, 0, os.urandom(CHUNK_SIZE), 1)
+    store.sync(1)
+    path = chunk_path(tmp_path, 1, 0)
+    _drop_cache(path)
+    assert _resident(path) == 0
+    assert store.prefetch(1, 0, 64 * 4096, 2 * 4096)
+    for _ in range(500):
+        if _resident(path) >= 2 * 4096:
+            break
+        time.sleep(0.01)
+    assert 2 * 4096 <= _resident(path) < CHUNK_SIZE
+    assert not store.prefetch(1, 5, 0, 4096)               # not open: nothing asked
+    with pytest.raises(InvalidArgument):
+        store.prefetch(1, 0, CHUNK_SIZE - 1, 2)
+    store.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,9 @@
 """ChunkStore: chunks of volumes on this node's pool, keyed by (volid, idx).
 
-Blocking calls; the replication layer runs them in worker threads.  Each
+Blocking calls; the replication layer runs them in worker threads, except
+the ones that never wait for the disk (``nowait``/``inline`` reads and
+writes, ``prefetch``, ``start_writeback``), which it makes on the trio
+thread.  Each
 CSUM_BLOCK is checked against its CRC32 on every read (``_crc.c`` computes
 them without the GIL when it is built).  Layout on a pool
 root::
@@ -99,6 +102,7 @@ class ChunkStore:
         #: the pool filesystem takes RWF_NOWAIT buffered writes (XFS does,
         #: ext4 does not); cleared on the first refusal
         self.nowait_writes = hasattr(os, "RWF_NOWAIT")
+        self.nowait_reads = hasattr(os, "RWF_NOWAIT")
         self._root_fds: dict[str, int] = {}
         self._no_handles: set[str] = set()
         for root in self.roots:
@@ -335,10 +339,23 @@ class ChunkStore:
                      nowait: bool = False) -> bytes:
         n, pos = (last - first + 1) * CSUM_BLOCK, HEADER_SIZE + first * CSUM_BLOCK
         if nowait:      # page cache only: EAGAIN (BlockingIOError) if it would wait for the disk
+            if not self.nowait_reads:
+                raise BlockingIOError("the pool refuses no-wait reads")
             buf = bytearray(n)
-            got = os.preadv(ch.fd, [buf], pos, os.RWF_NOWAIT)
-            if got < n:         # partly cached (or EOF): let a thread do the plain read
-                raise BlockingIOError("partly cached")
+            try:
+                got = os.preadv(ch.fd, [buf], pos, os.RWF_NOWAIT)
+            except OSError as exc:
+                if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                    self.nowait_reads = False
+                    raise BlockingIOError("the pool refuses no-wait reads") from None
+                raise
+            if got < n:
+                # short: the rest is not cached, or was never written (the
+                # file ends or has a hole there, and it reads as zeros)
+                written = ch.hdr.written
+                if any(written(b) for b in range(first + got // CSUM_BLOCK, last + 1)):
+                    raise BlockingIOError("partly cached")
+                del buf[got:]
             raw = bytes(buf)
         else:
             raw = os.pread(ch.fd, n, pos)
@@ -388,9 +405,14 @@ class ChunkStore:
         return data[start:start + size]
 
     def prefetch(self, volid: int, idx: int, off: int, size: int) -> bool:
-        """Start reading the blocks of ``off..off+size`` into the page cache
-        without waiting (POSIX_FADV_WILLNEED); False if the chunk is not
-        open or busy (nothing started)."""
+        """Ask the kernel to start reading the blocks of ``off..off+size``
+        into the page cache (POSIX_FADV_WILLNEED: it submits the reads and
+        does not wait for them); False if the chunk is not open or busy
+        (nothing asked)."""
+        _check_id(volid, idx)
+        _check_range(off, size)
+        if size == 0:
+            return False
         try:
             ch = self._locked(volid, idx, False, True)
         except BlockingIOError:

@@ -28,9 +28,10 @@ INLINE_IO = 64 * 1024
 #: A small read that missed the page cache yields at most this many times
 #: while its blocks are read in (ReplicaService._read_cached)
 PREFETCH_ROUNDS = 8
-#: Such reads are done on the trio thread even when they miss the page cache
-#: while they take less than this on average (s): a fast device answers in
-#: ~20 us, a thread hop costs ~130 us.  A slow device sends them to threads.
+#: A small read that still has to wait for the disk after those rounds is
+#: done on the trio thread while such waits take less than this on average
+#: (s): a fast device answers in ~20 us, a thread hop costs ~130 us.  A slow
+#: device sends them to threads (without the rounds).
 INLINE_READ_MAX = 0.0005
 
 
@@ -112,7 +113,7 @@ class ReplicaService:
 
     async def read(self, volid, idx, off, size):
         data = None
-        if 0 < size <= INLINE_IO:
+        if 0 < size <= INLINE_IO and self.read_avg < INLINE_READ_MAX and self.store.nowait_reads:
             data = await self._read_cached(volid, idx, off, size)
         if data is None and size <= INLINE_IO:
             try:
@@ -134,8 +135,8 @@ class ReplicaService:
     async def _read_cached(self, volid, idx, off, size) -> bytes | None:
         """A small read from the page cache, if it is there or gets there
         within a few scheduler rounds; None: read it the plain way.  On a
-        miss its blocks are asked for without waiting (WILLNEED) and the
-        task yields, so that the reads queued behind it (a database's, or
+        miss the kernel is asked to start reading its blocks (WILLNEED) and
+        the task yields, so that the reads queued behind it (a database's, or
         the loop device's at a deep queue) ask for theirs too: the disk then
         serves them together instead of one after another on this thread."""
         try:
