@@ -102,6 +102,7 @@ class ChunkStore:
         #: the pool filesystem takes RWF_NOWAIT buffered writes (XFS does,
         #: ext4 does not); cleared on the first refusal
         self.nowait_writes = hasattr(os, "RWF_NOWAIT")
+        #: ... and RWF_NOWAIT buffered reads (most do); cleared likewise
         self.nowait_reads = hasattr(os, "RWF_NOWAIT")
         self._root_fds: dict[str, int] = {}
         self._no_handles: set[str] = set()

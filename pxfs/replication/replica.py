@@ -21,9 +21,9 @@ from .syncer import Syncer
 
 log = logging.getLogger(__name__)
 
-#: Reads up to this size are tried on the trio thread, from the page cache
-#: only (RWF_NOWAIT); anything that would wait goes to a worker thread.
-#: Writes up to this size to an open chunk are done on the trio thread.
+#: Reads up to this size are first tried on the trio thread from the page
+#: cache only (RWF_NOWAIT); larger ones go to a worker thread.  Writes up to
+#: this size to an open chunk are done on the trio thread.
 INLINE_IO = 64 * 1024
 #: A small read that missed the page cache yields at most this many times
 #: while its blocks are read in (ReplicaService._read_cached)
@@ -49,7 +49,7 @@ class ReplicaService:
         self._held: dict[tuple[int, int], trio.Event] = {}
         self._inflight: collections.Counter = collections.Counter()
         self._prefetching = 0        # small reads waiting for their blocks (_read_cached)
-        self.read_avg = 0.0          # moving average of small reads' duration (s)
+        self.read_avg = 0.0          # moving average of small reads' waits for the disk (s)
         self.syncer = Syncer(store, self._run)   # flushes; its run() is a node service
 
     async def _run(self, fn, *args):
