@@ -4,6 +4,7 @@ checksums, thin files, whole-chunk copies, fencing terms, eviction."""
 import os
 import platform
 import subprocess
+import threading
 import time
 
 import pytest
@@ -288,6 +289,35 @@ def test_put_chunk_replaces_an_open_chunk(store):
     store.put_chunk(VOL, 0, 9, bitmap, data)
     assert store.read(VOL, 0, 0, CSUM_BLOCK) == b"N" * CSUM_BLOCK
     assert store.list_chunks(VOL) == {0: 9}
+
+
+def test_put_chunk_leaves_no_descriptor_of_the_old_file(tmp_path, monkeypatch):
+    """A chunk opened by another thread while put_chunk replaces it is the
+    new file: no descriptor of the replaced one stays in the cache, where
+    later writes would go to a file that is gone."""
+    store = ChunkStore([str(tmp_path)])
+    store.write(1, 0, 0, b"o" * 4096, 1)
+    store.sync(1)
+    store._evict(1, 0)                          # closed, as after LRU eviction
+    real_rename, seen, threads = os.rename, [], []
+
+    def racing_rename(src, dst):
+        t = threading.Thread(target=lambda: seen.append(store.read(1, 0, 0, 4096)))
+        threads.append(t)
+        t.start()
+        t.join(0.3)                              # the old file is still in place here
+        real_rename(src, dst)
+    monkeypatch.setattr(os, "rename", racing_rename)
+    store.put_chunk(1, 0, 2, b"\xff" * (NBLOCKS // 8), b"n" * CHUNK_SIZE)
+    monkeypatch.undo()
+    threads[0].join()
+    assert seen == [b"n" * 4096]
+    store.write(1, 0, 4096, b"w" * 4096, 3)      # goes to the new file
+    store.sync(1)
+    store.close()
+    again = ChunkStore([str(tmp_path)])
+    assert again.read(1, 0, 0, 8192) == b"n" * 4096 + b"w" * 4096
+    again.close()
 
 
 def test_put_chunk_none_deletes(store, tmp_path):

@@ -449,12 +449,16 @@ class ChunkStore:
         _check_id(volid, idx)
         d = self._voldir(volid, True)
         path = os.path.join(d, f"{idx:08x}.chk")
-        self._evict(volid, idx)
+        # Evicting and replacing happen under the open lock: a thread that
+        # opened the chunk between the two would keep (and write to) a
+        # descriptor of the file that is being replaced.
         if data is None:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            with self._open_lock:
+                self._evict(volid, idx)
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
             self._fsync_dir(d)
             return
         if len(data) != CHUNK_SIZE or bitmap is None or len(bitmap) != NBLOCKS // 8:
@@ -462,7 +466,10 @@ class ChunkStore:
         hdr = Header(volid, idx, gen, bitmap)
         tmp = path + ".tmp"
         try:
-            self._put_file(tmp, path, hdr, data)
+            self._write_file(tmp, hdr, data)
+            with self._open_lock:
+                self._evict(volid, idx)
+                os.rename(tmp, path)
         except OSError as exc:
             try:
                 os.unlink(tmp)
@@ -472,7 +479,8 @@ class ChunkStore:
         self._fsync_dir(d)
 
     @staticmethod
-    def _put_file(tmp: str, path: str, hdr: Header, data: bytes) -> None:
+    def _write_file(tmp: str, hdr: Header, data: bytes) -> None:
+        """A whole chunk file at ``tmp``, on stable storage."""
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             crcs = array.array("I", block_crcs(data))
@@ -485,7 +493,6 @@ class ChunkStore:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(tmp, path)
 
     def drop_chunks(self, volid: int, first: int, count: int) -> int:
         """Delete chunks first..first+count-1 (a shared volume's file that
