@@ -14,6 +14,8 @@ from pxfs.chunk.layout import HEADER_SIZE, NBLOCKS
 from pxfs.chunk.store import ChunkStore, block_crcs
 from pxfs.errors import ChecksumError, InvalidArgument
 
+from conftest import drop_cache
+
 VOL = 7
 
 
@@ -424,13 +426,6 @@ def test_nowait_io_refuses_to_block(tmp_path):
             store.write(1, 0, 0, b"y" * 4096, 2, nowait=True)
 
 
-def _drop_cache(path):
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
-
-
 def _resident(path) -> int:
     """Bytes of the file in the page cache, asked without reading it."""
     out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
@@ -496,7 +491,7 @@ def test_prefetch_brings_blocks_into_the_page_cache(tmp_path):
     store.write(1, 0, 0, os.urandom(CHUNK_SIZE), 1)
     store.sync(1)
     path = chunk_path(tmp_path, 1, 0)
-    _drop_cache(path)
+    drop_cache(path)
     assert _resident(path) == 0
     assert store.prefetch(1, 0, 64 * 4096, 2 * 4096)
     for _ in range(500):

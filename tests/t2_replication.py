@@ -24,6 +24,8 @@ from pxfs.rpc.client import Peer
 from pxfs.rpc.frames import FrameReader, encode
 from pxfs.rpc.server import RpcServer
 
+from conftest import drop_cache
+
 VOL = 11
 SIZE = 64 << 20
 
@@ -549,14 +551,6 @@ async def test_peer_survives_server_restart_on_same_port(cluster):
     await peer.aclose()
 
 
-def _drop_cache(path):
-    """Out of the page cache (written back first: DONTNEED keeps dirty pages)."""
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
-
-
 def _first_nowait_misses(store, n=1):
     """Make the store's next ``n`` no-wait reads miss.  A dropped page can
     come back during the no-wait read itself (the read starts read-ahead,
@@ -590,7 +584,7 @@ async def test_small_reads_leave_the_event_loop_only_for_a_slow_device(cluster):
         return await real_run(fn, *args)
     svc._run = counting_run
     svc.store.sync(VOL)
-    _drop_cache(cluster.nodes["a"].chunk_file(3))
+    drop_cache(cluster.nodes["a"].chunk_file(3))
     _first_nowait_misses(svc.store)
     assert await svc.read(VOL, 3, 0, 8192) == data
     assert hops == [] and svc.read_avg > 0   # waited for the disk, on the event loop
@@ -598,7 +592,7 @@ async def test_small_reads_leave_the_event_loop_only_for_a_slow_device(cluster):
     assert await svc.read(VOL, 3, 4096, 4096) == data[4096:]
     assert hops == []                        # in the page cache: no wait, no hop
     svc.store.sync(VOL)                      # then out of it
-    _drop_cache(cluster.nodes["a"].chunk_file(3))
+    drop_cache(cluster.nodes["a"].chunk_file(3))
     _first_nowait_misses(svc.store)
     assert await svc.read(VOL, 3, 4096, 4096) == data[4096:]
     assert hops == [svc._timed_read]         # a miss on a slow device: a thread
@@ -620,7 +614,7 @@ async def test_cold_small_reads_ask_for_their_blocks_together(cluster):
         await svc.write(VOL, 20 + i, 8192, data, 1, 1)
     svc.store.sync(VOL)
     for i in blocks:
-        _drop_cache(node.chunk_file(20 + i))
+        drop_cache(node.chunk_file(20 + i))
     asked, hops, most = [], [], [0]
     real_prefetch, real_run = svc.store.prefetch, svc._run
 
@@ -657,7 +651,7 @@ async def test_a_cold_read_alone_waits_in_the_kernel_not_on_the_loop(cluster):
     data = pattern(4096, seed=9)
     await svc.write(VOL, 40, 0, data, 1, 1)
     svc.store.sync(VOL)
-    _drop_cache(node.chunk_file(40))
+    drop_cache(node.chunk_file(40))
     real_read = svc.store.read
     tries = []
 
@@ -671,7 +665,7 @@ async def test_a_cold_read_alone_waits_in_the_kernel_not_on_the_loop(cluster):
     assert tries == [40, 40, 40]             # the first try, then two rounds
     svc.store.read = real_read
     node.corrupt(40, 10)
-    _drop_cache(node.chunk_file(40))
+    drop_cache(node.chunk_file(40))
     _first_nowait_misses(svc.store)
     asked = []
     real_prefetch = svc.store.prefetch

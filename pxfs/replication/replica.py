@@ -113,12 +113,13 @@ class ReplicaService:
 
     async def read(self, volid, idx, off, size):
         data = None
-        if 0 < size <= INLINE_IO and self.read_avg < INLINE_READ_MAX and self.store.nowait_reads:
-            data = await self._read_cached(volid, idx, off, size)
-        if data is None and size <= INLINE_IO:
+        if size <= INLINE_IO:
             try:
-                if self.read_avg < INLINE_READ_MAX:
-                    data = self._timed_read(volid, idx, off, size, True)
+                if self.read_avg < INLINE_READ_MAX:     # a fast device
+                    if size and self.store.nowait_reads:
+                        data = await self._read_cached(volid, idx, off, size)
+                    if data is None:
+                        data = self._timed_read(volid, idx, off, size, True)
                 else:
                     data = self.store.read(volid, idx, off, size, nowait=True)
             except BlockingIOError:     # file not open, chunk busy (or not cached)
