@@ -114,11 +114,21 @@ class HostError(PxfsError):
     """A host tool (losetup, mkfs, mount) failed."""
 
 
+class LockConflict(PxfsError):
+    """An advisory lock is held by another owner (F_SETLK, LOCK_NB)."""
+    errno = _errno.EAGAIN
+
+
+class LockUnavailable(PxfsError):
+    """Locks cannot be granted now: this mount's etcd lease is gone."""
+    errno = _errno.ENOLCK
+
+
 #: errno -> class, so a remote error can be raised again locally.
 BY_NAME = {c.__name__: c for c in (
     PxfsError, InvalidArgument, NotFound, AlreadyExists, Busy, NoSpace,
     MetaError, TxnConflict, RpcError, FrameError, PeerUnavailable, Fenced,
-    ChecksumError, HostError)}
+    ChecksumError, HostError, LockConflict, LockUnavailable)}
 
 
 def from_wire(name: str, message: str) -> PxfsError:

@@ -196,7 +196,9 @@ class MountClient:
 
 async def serve(source: str, mountpoint: str, opts: dict, ready_fd: int | None,
                 cluster: dict, vol_desc: dict) -> int:
+    from .fuse.locks import LockService
     from .fuse.shared import SharedFS
+    from .namespace.locks import NsLocks
     import pyfuse3
 
     if not vol_desc.get("shared"):
@@ -218,12 +220,17 @@ async def serve(source: str, mountpoint: str, opts: dict, ready_fd: int | None,
         with contextlib.suppress(PxfsError):
             sv.check_alive()
     mc.on_stale = stale
-    fs = SharedFS(sv)
+    locks = LockService(NsLocks(kv, mc.cid, mc.volid, mc.client, lambda: mc.lease))
+    locks.install()
+    fs = SharedFS(sv, locks)
     fuse_opts = {f"fsname={source}", "subtype=pxfs"} | (opts["flags"] - {"rw"})
     pyfuse3.init(fs, mountpoint, fuse_opts)
+    if not locks.active():
+        log.warning("flock/fcntl locks on %s hold on this node only", mountpoint)
     try:
         async with trio.open_nursery() as nursery:
             lease_fn = await nursery.start(mc.registration)
+            await nursery.start(locks.run)
             await nursery.start(sv.service)
             await nursery.start(mc.refresh_service, vol)
             if ready_fd is not None:

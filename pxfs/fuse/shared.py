@@ -38,9 +38,10 @@ class _Dir:
 class SharedFS(pyfuse3.Operations):
     enable_writeback_cache = False
 
-    def __init__(self, sv):
+    def __init__(self, sv, locks=None):
         super().__init__()
         self.sv = sv
+        self.locks = locks            # LockService, or None: locks per node (the kernel's)
         self._fhs: dict[int, object] = {}
         self._fh_ids = itertools.count(1)
 
@@ -170,12 +171,16 @@ class SharedFS(pyfuse3.Operations):
         return await self._call(self.sv.write(self._ino(fh), off, buf))
 
     async def flush(self, fh):
+        if self.locks is not None:
+            await self.locks.closed(fh)
         await self._call(self.sv.close(self._ino(fh)))
 
     async def fsync(self, fh, datasync):
         await self._call(self.sv.fsync(self._ino(fh)))
 
     async def release(self, fh):
+        if self.locks is not None:
+            await self.locks.released(fh)
         ino = self._fhs.pop(fh, None)
         if isinstance(ino, int):
             await self._call(self.sv.release(ino))

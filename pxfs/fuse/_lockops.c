@@ -1,0 +1,227 @@
+/* FUSE lock requests (GETLK, SETLK/SETLKW, flock) for pyfuse3 mounts.
+ *
+ * Why: pyfuse3 registers no lock handlers, so libfuse never asks the kernel
+ * for FUSE_CAP_POSIX_LOCKS / FUSE_CAP_FLOCK_LOCKS and the kernel keeps every
+ * lock to itself: two nodes could both "hold" the same lock file.  libfuse
+ * turns those capabilities on when the operations table passed to
+ * fuse_session_new() has the handlers.
+ *
+ * How: this module defines fuse_session_new().  pxfs.fuse loads it with
+ * RTLD_GLOBAL before pyfuse3, so pyfuse3's call binds here (the global scope
+ * is searched before a module's own libraries).  When a handler has been set
+ * (set_handler), the table pyfuse3 passes is copied, the lock operations are
+ * added, flush and release are wrapped to report the lock owner the kernel
+ * sends with them (pyfuse3 drops it), and libfuse's own fuse_session_new() is
+ * called with the copy.  Without a handler nothing is changed.
+ *
+ * The lock handlers run where libfuse calls every handler: inside
+ * fuse_session_process_buf() on pyfuse3's trio thread.  They pass the request
+ * to the Python handler, which answers later through reply_err() and
+ * reply_lock(); a waiting SETLKW whose caller gets a signal is reported with
+ * kind "interrupt".
+ */
+#define PY_SSIZE_T_CLEAN
+#define FUSE_USE_VERSION 35
+#include <Python.h>
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/file.h>
+#include <fuse3/fuse_lowlevel.h>
+
+typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct fuse_lowlevel_ops *,
+                                               size_t, void *);
+
+static PyObject *handler = NULL;        /* handler(kind, req, ino, fh, owner, a, b, c, d) */
+static struct fuse_lowlevel_ops ops;
+static void (*orig_flush)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
+static void (*orig_release)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
+static int sessions = 0;                /* sessions made with the lock operations */
+
+/* Call the Python handler; a handler that raises fails the request. */
+static int call(const char *kind, fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi,
+                long long a, long long b, long long c, long long d)
+{
+    PyGILState_STATE g = PyGILState_Ensure();
+    int ok = 0;
+    if (handler) {
+        PyObject *r = PyObject_CallFunction(handler, "sKKKKLLLL", kind,
+                                            (unsigned long long)(uintptr_t)req,
+                                            (unsigned long long)ino,
+                                            (unsigned long long)(fi ? fi->fh : 0),
+                                            (unsigned long long)(fi ? fi->lock_owner : 0),
+                                            a, b, c, d);
+        if (r) {
+            ok = 1;
+            Py_DECREF(r);
+        } else {
+            PyErr_WriteUnraisable(handler);
+        }
+    }
+    PyGILState_Release(g);
+    return ok;
+}
+
+/* struct flock (as libfuse hands it over) -> inclusive byte range */
+static long long lock_end(const struct flock *lk)
+{
+    return lk->l_len == 0 ? INT64_MAX : (long long)(lk->l_start + lk->l_len - 1);
+}
+
+static void interrupted(fuse_req_t req, void *data)
+{
+    (void)data;
+    call("interrupt", req, 0, NULL, 0, 0, 0, 0);
+}
+
+static void px_getlk(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi, struct flock *lk)
+{
+    if (!call("getlk", req, ino, fi, lk->l_type, lk->l_start, lock_end(lk), lk->l_pid))
+        fuse_reply_err(req, EIO);
+}
+
+static void px_setlk(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi, struct flock *lk,
+                     int sleep)
+{
+    if (sleep)
+        fuse_req_interrupt_func(req, interrupted, NULL);
+    if (!call(sleep ? "setlkw" : "setlk", req, ino, fi, lk->l_type, lk->l_start, lock_end(lk),
+              lk->l_pid))
+        fuse_reply_err(req, EIO);
+}
+
+static void px_flock(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi, int op)
+{
+    int type = (op & LOCK_UN) ? F_UNLCK : (op & LOCK_EX) ? F_WRLCK : F_RDLCK;
+    int sleep = !(op & LOCK_NB) && type != F_UNLCK;
+    if (sleep)
+        fuse_req_interrupt_func(req, interrupted, NULL);
+    if (!call(sleep ? "flockw" : "flock", req, ino, fi, type, 0, INT64_MAX, 0))
+        fuse_reply_err(req, EIO);
+}
+
+/* close(): the kernel sends the closing process's lock owner; its POSIX
+ * locks on the file go before pyfuse3's flush handler answers. */
+static void px_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    call("flush", NULL, ino, fi, 0, 0, 0, 0);
+    if (orig_flush)
+        orig_flush(req, ino, fi);
+    else
+        fuse_reply_err(req, ENOSYS);
+}
+
+/* last close of an open file: its flock goes with it */
+static void px_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    if (fi && fi->flock_release)
+        call("release", NULL, ino, fi, 0, 0, 0, 0);
+    if (orig_release)
+        orig_release(req, ino, fi);
+    else
+        fuse_reply_err(req, 0);
+}
+
+__attribute__((visibility("default")))
+struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
+                                      size_t op_size, void *userdata)
+{
+    static session_new_fn real = NULL;
+    if (!real) {
+        void *lib = dlopen("libfuse3.so.3", RTLD_NOW | RTLD_GLOBAL);
+        if (lib) {
+            real = (session_new_fn)dlvsym(lib, "fuse_session_new", "FUSE_3.0");
+            if (!real)
+                real = (session_new_fn)dlsym(lib, "fuse_session_new");
+        }
+        if (!real)
+            return NULL;
+    }
+    if (!handler)
+        return real(args, op, op_size, userdata);
+    memset(&ops, 0, sizeof ops);
+    memcpy(&ops, op, op_size < sizeof ops ? op_size : sizeof ops);
+    orig_flush = ops.flush;
+    orig_release = ops.release;
+    ops.getlk = px_getlk;
+    ops.setlk = px_setlk;
+    ops.flock = px_flock;
+    ops.flush = px_flush;
+    ops.release = px_release;
+    struct fuse_session *se = real(args, &ops, sizeof ops, userdata);
+    if (se)
+        sessions++;
+    return se;
+}
+
+static PyObject *set_handler(PyObject *self, PyObject *fn)
+{
+    (void)self;
+    if (fn != Py_None && !PyCallable_Check(fn)) {
+        PyErr_SetString(PyExc_TypeError, "handler must be callable or None");
+        return NULL;
+    }
+    Py_XDECREF(handler);
+    handler = NULL;
+    if (fn != Py_None) {
+        Py_INCREF(fn);
+        handler = fn;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *reply_err(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long req;
+    int err;
+    if (!PyArg_ParseTuple(args, "Ki", &req, &err))
+        return NULL;
+    int r = fuse_reply_err((fuse_req_t)(uintptr_t)req, err);
+    return PyLong_FromLong(r);
+}
+
+static PyObject *reply_lock(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long req;
+    int type, pid;
+    long long start, end;
+    if (!PyArg_ParseTuple(args, "KiLLi", &req, &type, &start, &end, &pid))
+        return NULL;
+    struct flock lk;
+    memset(&lk, 0, sizeof lk);
+    lk.l_type = type;
+    lk.l_whence = SEEK_SET;
+    lk.l_start = start;
+    lk.l_len = end == INT64_MAX ? 0 : end - start + 1;
+    lk.l_pid = pid;
+    int r = fuse_reply_lock((fuse_req_t)(uintptr_t)req, &lk);
+    return PyLong_FromLong(r);
+}
+
+static PyObject *installed(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyLong_FromLong(sessions);
+}
+
+static PyMethodDef methods[] = {
+    {"set_handler", set_handler, METH_O,
+     "Handle lock requests of FUSE sessions made from now on (None: leave them to the kernel)."},
+    {"reply_err", reply_err, METH_VARARGS, "reply_err(req, errno): answer a lock request."},
+    {"reply_lock", reply_lock, METH_VARARGS,
+     "reply_lock(req, type, start, end, pid): answer a GETLK (end inclusive)."},
+    {"installed", installed, METH_NOARGS,
+     "How many FUSE sessions were made with the lock operations."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_lockops", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__lockops(void)
+{
+    return PyModule_Create(&module);
+}

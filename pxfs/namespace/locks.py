@@ -1,0 +1,259 @@
+"""Advisory locks on a shared volume's files, held across all its mounts:
+``fcntl`` byte-range locks and ``flock`` locks, as on a local filesystem.
+
+Each mount keeps its own locks in memory, by the lock owner the kernel
+names (a process's file table for fcntl locks, an open file for flock), and
+publishes them per inode in etcd under its mount lease:
+
+* ``ns/<vol>/l/<ino>/<client>``: that mount's locks on the inode;
+* ``ns/<vol>/l/<ino>/`` (the prefix itself): the inode's lock version.
+
+Granting reads the prefix (every mount's locks and the version) in one
+range, checks for conflicts, then writes this mount's record and the
+version in one transaction that requires the version unchanged: of two
+mounts granting at once, one transaction fails and that mount reads again.
+A release only shrinks a record, so it needs no compare.  A mount that dies
+(or loses etcd for its lease's TTL) loses its locks when its lease expires,
+as an NFS client's locks go with its lease; such a mount has turned stale
+(EIO) by then.
+
+Waiting (F_SETLKW, flock without LOCK_NB): a release in this mount wakes
+its waiters at once; other mounts' locks are polled, 20 ms doubling up to
+250 ms.  No fairness between waiters, and no deadlock detection across
+mounts (NFS has none either); within a mount neither does the kernel
+forward lock requests anywhere but here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import logging
+
+import trio
+
+from .. import codec
+from ..errors import InvalidArgument, LockConflict, LockUnavailable, PxfsError
+from ..meta import keys
+from ..meta.kv import Compare, Delete, Put
+
+log = logging.getLogger(__name__)
+
+POSIX, FLOCK = "p", "f"
+RD, WR, UN = fcntl.F_RDLCK, fcntl.F_WRLCK, fcntl.F_UNLCK
+END = 2 ** 63 - 1                 # "to the end of the file" (l_len 0)
+REMOTE = -1                       # the owner of another mount's locks
+POLL_MIN, POLL_MAX = 0.02, 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class Lock:
+    owner: int
+    kind: str
+    type: int
+    start: int
+    end: int                      # inclusive
+    pid: int = 0
+
+
+def conflicts(held: Lock, kind: str, owner: int, type_: int, start: int, end: int) -> bool:
+    """Whether ``held`` stops ``owner`` from taking [start, end] as ``type_``.
+    fcntl and flock locks do not see each other, as on Linux."""
+    return (held.kind == kind and held.owner != owner and held.start <= end
+            and start <= held.end and WR in (held.type, type_))
+
+
+def apply(locks: list[Lock], owner: int, kind: str, type_: int, start: int, end: int,
+          pid: int = 0) -> list[Lock]:
+    """The locks after ``owner`` sets [start, end] to ``type_`` (UN unlocks):
+    the owner's locks inside the range are replaced and split at its edges,
+    and its touching locks of one type merge, as POSIX has it."""
+    out, mine = [], []
+    for lk in locks:
+        if lk.owner != owner or lk.kind != kind:
+            out.append(lk)
+        elif lk.end < start or lk.start > end:
+            mine.append(lk)
+        else:
+            if lk.start < start:
+                mine.append(dataclasses.replace(lk, end=start - 1))
+            if lk.end > end:
+                mine.append(dataclasses.replace(lk, start=end + 1))
+    if type_ != UN:
+        mine.append(Lock(owner, kind, type_, start, end, pid))
+    mine.sort(key=lambda lk: lk.start)
+    merged: list[Lock] = []
+    for lk in mine:
+        last = merged[-1] if merged else None
+        if last is not None and last.type == lk.type and last.end + 1 >= lk.start:
+            merged[-1] = dataclasses.replace(last, end=max(last.end, lk.end))
+        else:
+            merged.append(lk)
+    return out + merged
+
+
+def check_request(kind: str, type_: int, start: int, end: int) -> None:
+    if kind not in (POSIX, FLOCK) or type_ not in (RD, WR, UN):
+        raise InvalidArgument(f"bad lock request {kind!r} type {type_}")
+    if not 0 <= start <= end <= END:
+        raise InvalidArgument(f"bad lock range {start}-{end}")
+
+
+class NsLocks:
+    """This mount's locks on one shared volume, and the view of the others'."""
+
+    def __init__(self, kv, cid: str, volid: int, client: str, lease_fn):
+        self.kv, self.cid, self.volid, self.client = kv, cid, volid, client
+        self._lease = lease_fn                    # -> this mount's etcd lease (0: none)
+        self._held: dict[int, list[Lock]] = {}    # ino -> this mount's locks
+        self._mutex: dict[int, trio.Lock] = {}
+        self._released = trio.Event()             # set (and replaced) on every release
+
+    def held(self, ino: int) -> list[Lock]:
+        return list(self._held.get(ino, ()))
+
+    # -- requests -------------------------------------------------------------
+    async def test(self, ino: int, kind: str, owner: int, type_: int, start: int,
+                   end: int) -> Lock | None:
+        """F_GETLK: a lock that would stop this one, or None."""
+        check_request(kind, type_, start, end)
+        for lk in self._held.get(ino, ()):
+            if conflicts(lk, kind, owner, type_, start, end):
+                return lk
+        others, _ = await self._read(ino)
+        return next((lk for lk in others if conflicts(lk, kind, owner, type_, start, end)), None)
+
+    async def lock(self, ino: int, kind: str, owner: int, type_: int, start: int, end: int,
+                   pid: int = 0, *, wait: bool = False) -> None:
+        """Take (or change, or with UN release) a lock; LockConflict when
+        another owner holds a conflicting one and ``wait`` is false."""
+        check_request(kind, type_, start, end)
+        if type_ == UN:
+            await self.unlock(ino, kind, owner, start, end)
+            return
+        delay = POLL_MIN
+        while True:
+            released = self._released
+            holder = await self._try(ino, kind, owner, type_, start, end, pid)
+            if holder is None:
+                return
+            if not wait:
+                raise LockConflict(f"inode {ino}: range {start}-{end} is locked "
+                                   + ("here" if holder.owner != REMOTE else "by another mount"))
+            with trio.move_on_after(delay):
+                await released.wait()
+            delay = min(delay * 2, POLL_MAX)
+
+    async def unlock(self, ino: int, kind: str, owner: int, start: int = 0,
+                     end: int = END) -> None:
+        try:
+            async with self._mx(ino):
+                old = self._held.get(ino, [])
+                new = apply(old, owner, kind, UN, start, end)
+                if new != old:
+                    # here first: the kernel holds the owner's locks released
+                    # whatever etcd says; a record left stale by a failed write
+                    # is rewritten whole by this mount's next change on the file
+                    self._store(ino, new)
+                    await self._publish(ino, new)
+        finally:
+            self._wake()
+
+    async def drop_owner(self, ino: int, kind: str, owner: int) -> None:
+        """Every lock ``owner`` holds on ``ino`` goes (close, last release)."""
+        if any(lk.owner == owner and lk.kind == kind for lk in self._held.get(ino, ())):
+            await self.unlock(ino, kind, owner)
+
+    # -- internals ----------------------------------------------------------------
+    async def _try(self, ino, kind, owner, type_, start, end, pid) -> Lock | None:
+        """One attempt: None once granted, else the lock in the way."""
+        while True:
+            async with self._mx(ino):
+                held = self._held.get(ino, [])
+                for lk in held:
+                    if conflicts(lk, kind, owner, type_, start, end):
+                        return lk
+                others, version = await self._read(ino)
+                for lk in others:
+                    if conflicts(lk, kind, owner, type_, start, end):
+                        return lk
+                new = apply(held, owner, kind, type_, start, end, pid)
+                if await self._publish(ino, new, version):
+                    self._store(ino, new)
+                    return None
+            # another mount granted a lock on this inode meanwhile: look again
+
+    async def _read(self, ino: int) -> tuple[list[Lock], int]:
+        """Other mounts' locks on ``ino`` and the inode's lock version."""
+        prefix = keys.ns_lock_prefix(self.cid, self.volid, ino)
+        mine = keys.ns_lock_key(self.cid, self.volid, ino, self.client)
+        others, version = [], 0
+        for it in await self.kv.range(prefix):
+            if it.key == prefix:
+                version = it.mod_rev
+            elif it.key != mine:
+                others.extend(self._decode(it.key, it.value))
+        return others, version
+
+    @staticmethod
+    def _decode(key: str, value: bytes) -> list[Lock]:
+        try:
+            return [Lock(REMOTE, str(k), int(t), int(s), int(e), 0)
+                    for k, t, s, e, _pid in codec.unpack(value)]
+        except (PxfsError, TypeError, ValueError) as exc:
+            # fail safe: an unreadable record of another mount blocks the whole file
+            log.warning("unreadable lock record %s (%s): treated as a lock on the whole file",
+                        key, exc)
+            return [Lock(REMOTE, kind, WR, 0, END) for kind in (POSIX, FLOCK)]
+
+    async def _publish(self, ino: int, locks: list[Lock], version: int | None = None) -> bool:
+        """Write this mount's record for ``ino``.  With ``version`` (a grant):
+        only if the inode's lock version is still that, bumping it."""
+        key = keys.ns_lock_key(self.cid, self.volid, ino, self.client)
+        lease = self._lease()
+        value = codec.pack([[lk.kind, lk.type, lk.start, lk.end, lk.pid] for lk in locks])
+        if version is None:
+            # a release: without a lease the record cannot be kept, and what
+            # it held was lost with the lease anyway
+            op = Put(key, value, lease) if locks and lease else Delete(key)
+            await self.kv.txn([], [op])
+            return True
+        if not lease:
+            raise LockUnavailable(f"volume {self.volid}: this mount has no etcd lease; "
+                                  "locks cannot be granted")
+        prefix = keys.ns_lock_prefix(self.cid, self.volid, ino)
+        return await self.kv.txn([Compare(prefix, version)],
+                                 [Put(prefix, b"", lease), Put(key, value, lease)])
+
+    def _store(self, ino: int, locks: list[Lock]) -> None:
+        if locks:
+            self._held[ino] = locks
+        else:
+            self._held.pop(ino, None)
+
+    def _mx(self, ino: int) -> "_InodeMutex":
+        return _InodeMutex(self._mutex, ino)
+
+    def _wake(self) -> None:
+        self._released.set()
+        self._released = trio.Event()
+
+
+class _InodeMutex:
+    """Serializes one inode's lock changes in this mount; forgets the mutex
+    when nobody holds or waits for it, so the map does not grow with every
+    file ever locked."""
+    __slots__ = ("table", "ino", "mx")
+
+    def __init__(self, table: dict, ino: int):
+        self.table, self.ino = table, ino
+
+    async def __aenter__(self):
+        self.mx = self.table.setdefault(self.ino, trio.Lock())
+        await self.mx.acquire()
+
+    async def __aexit__(self, *exc):
+        self.mx.release()
+        if not self.mx.locked() and not self.mx.statistics().tasks_waiting:
+            if self.table.get(self.ino) is self.mx:
+                del self.table[self.ino]
