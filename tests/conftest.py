@@ -218,3 +218,33 @@ def drop_cache(path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+@pytest.fixture
+def shared(make_cluster):
+    """(cluster, mount(node, vol, path, *opts) -> path); every mount made is
+    undone at the end, also when the test fails."""
+    c = make_cluster(3)
+    made = []
+
+    def mount(node: str, vol: str, path: str, *opts: str, check: bool = True):
+        os.makedirs(path, exist_ok=True)
+        o = ",".join((f"node={c.api(node)}",) + opts)
+        res = subprocess.run(["mount", "-t", "fuse.pxfs", vol, path, "-o", o],
+                             capture_output=True, text=True, timeout=120)
+        if not check:
+            if res.returncode == 0:
+                made.append(path)
+            return res
+        assert res.returncode == 0, res.stderr
+        made.append(path)
+        return path
+
+    yield c, mount
+    for path in reversed(made):
+        subprocess.run(["umount", path], capture_output=True)
+        subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+def mounts_of(c, vol):
+    return c.pxctl("node1", "volume", "inspect", vol)["mounts"]

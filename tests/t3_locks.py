@@ -1,0 +1,212 @@
+"""Advisory locks of shared volumes (pxfs/namespace/locks.py) on MemKV and on
+a real etcd: POSIX range rules, conflicts between mounts and within one,
+waiting, racing grants, leases that end, bad input."""
+
+import errno
+
+import pytest
+import trio
+
+from pxfs import codec
+from pxfs.errors import InvalidArgument, LockConflict, LockUnavailable
+from pxfs.meta import keys
+from pxfs.meta.kv import Put
+from pxfs.namespace.locks import END, FLOCK, POSIX, RD, UN, WR, NsLocks, apply
+
+VOL = 5151
+INO = 77
+
+
+@pytest.fixture
+async def mounts(kv, cid):
+    """make(name) -> NsLocks of a mount with its own lease"""
+    made = []
+
+    async def make(name: str, ttl: int = 30):
+        lease = await kv.lease_grant(ttl)
+        box = {"lease": lease}
+        m = NsLocks(kv, cid, VOL, name, lambda: box["lease"])
+        m.box = box
+        made.append(m)
+        return m
+    yield make
+    for m in made:
+        if m.box["lease"]:
+            await kv.lease_revoke(m.box["lease"])
+
+
+def ranges(locks, owner=1):
+    return [(lk.type, lk.start, lk.end) for lk in locks if lk.owner == owner]
+
+
+def test_range_rules():
+    locks = apply([], 1, POSIX, WR, 0, 99)
+    locks = apply(locks, 1, POSIX, UN, 40, 49)               # unlock in the middle: split
+    assert ranges(locks) == [(WR, 0, 39), (WR, 50, 99)]
+    locks = apply(locks, 1, POSIX, RD, 30, 59)               # downgrade across the hole
+    assert ranges(locks) == [(WR, 0, 29), (RD, 30, 59), (WR, 60, 99)]
+    locks = apply(locks, 1, POSIX, WR, 30, 59)               # upgrade back: one range again
+    assert ranges(locks) == [(WR, 0, 99)]
+    locks = apply(locks, 1, POSIX, WR, 100, END)             # touching ranges merge
+    assert ranges(locks) == [(WR, 0, END)]
+    locks = apply(locks, 2, POSIX, RD, 0, 9)                 # another owner's are kept apart
+    locks = apply(locks, 1, FLOCK, WR, 0, END)
+    locks = apply(locks, 1, POSIX, UN, 0, END)
+    assert ranges(locks) == [(WR, 0, END)]
+    assert [lk.kind for lk in locks if lk.owner == 1] == [FLOCK]
+    assert ranges(locks, 2) == [(RD, 0, 9)]
+
+
+async def test_conflicts_between_mounts(mounts):
+    a, b = await mounts("a"), await mounts("b")
+    await a.lock(INO, POSIX, 1, WR, 0, 99, pid=123)
+    with pytest.raises(LockConflict) as ei:
+        await b.lock(INO, POSIX, 1, WR, 50, 60)              # the same owner number elsewhere
+    assert ei.value.errno == errno.EAGAIN
+    with pytest.raises(LockConflict):
+        await b.lock(INO, POSIX, 9, RD, 99, 99)
+    await b.lock(INO, POSIX, 9, WR, 100, 199)                # beside it: fine
+    await b.lock(INO + 1, POSIX, 9, WR, 0, END)              # another file: fine
+    await b.lock(INO, FLOCK, 9, WR, 0, END)                  # flock does not see fcntl locks
+    holder = await b.test(INO, POSIX, 9, RD, 0, 10)
+    assert (holder.type, holder.start, holder.end, holder.pid) == (WR, 0, 99, 0)
+    assert await b.test(INO, POSIX, 9, RD, 150, 160) is None     # its own
+    assert await a.test(INO, POSIX, 1, RD, 150, 160) is not None
+    # shared locks share; an exclusive one waits for both to go
+    await a.lock(INO + 2, POSIX, 1, RD, 0, END)
+    await b.lock(INO + 2, POSIX, 2, RD, 0, END)
+    with pytest.raises(LockConflict):
+        await a.lock(INO + 2, POSIX, 1, WR, 0, END)          # an upgrade is refused, the old kept
+    assert ranges(a.held(INO + 2)) == [(RD, 0, END)]
+    await b.unlock(INO + 2, POSIX, 2)
+    await a.lock(INO + 2, POSIX, 1, WR, 0, END)
+    # unlocking a part lets the other mount into that part only
+    await a.unlock(INO, POSIX, 1, 0, 49)
+    await b.lock(INO, POSIX, 9, WR, 0, 49)
+    with pytest.raises(LockConflict):
+        await b.lock(INO, POSIX, 9, WR, 50, 50)
+
+
+async def test_owners_within_one_mount(mounts):
+    a = await mounts("a")
+    await a.lock(INO, FLOCK, 1, WR, 0, END)
+    await a.lock(INO, FLOCK, 1, RD, 0, END)                  # its own lock converts
+    await a.lock(INO, FLOCK, 2, RD, 0, END)
+    with pytest.raises(LockConflict):
+        await a.lock(INO, FLOCK, 3, WR, 0, END)
+    holder = await a.test(INO, FLOCK, 3, WR, 0, END)
+    assert holder.owner in (1, 2)
+    await a.drop_owner(INO, FLOCK, 1)
+    await a.drop_owner(INO, FLOCK, 2)
+    await a.lock(INO, FLOCK, 3, WR, 0, END)
+    assert [lk.owner for lk in a.held(INO)] == [3]
+
+
+async def test_waiters_are_woken(mounts, monkeypatch):
+    import pxfs.namespace.locks as locks_mod
+    a, b = await mounts("a"), await mounts("b")
+    monkeypatch.setattr(locks_mod, "POLL_MIN", 5.0)          # a local release must not need a poll
+    monkeypatch.setattr(locks_mod, "POLL_MAX", 5.0)
+    await a.lock(INO, POSIX, 1, WR, 0, END)
+    got = []
+
+    async def wait_local(owner):
+        await a.lock(INO, POSIX, owner, WR, 0, END, wait=True)
+        got.append(("a", owner, trio.current_time()))
+
+    async def wait_remote():
+        await b.lock(INO, POSIX, 5, WR, 0, END, wait=True)
+        got.append(("b", 5, trio.current_time()))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(wait_local, 2)
+            await trio.sleep(0.3)
+            assert got == []
+            t0 = trio.current_time()
+            await a.unlock(INO, POSIX, 1)
+            await trio.sleep(0.2)
+            assert [g[:2] for g in got] == [("a", 2)]        # a release here wakes at once
+            assert got[0][2] - t0 < 0.15
+            monkeypatch.setattr(locks_mod, "POLL_MIN", 0.02)
+            monkeypatch.setattr(locks_mod, "POLL_MAX", 0.25)
+            n.start_soon(wait_remote)
+            await trio.sleep(0.6)
+            assert len(got) == 1                             # still held by owner 2
+            t0 = trio.current_time()
+            await a.unlock(INO, POSIX, 2)
+    assert [g[:2] for g in got] == [("a", 2), ("b", 5)]
+    assert got[1][2] - t0 < 1.0                              # another mount polls
+
+
+async def test_racing_grants_never_overlap(mounts):
+    ms = [await mounts(f"m{i}") for i in range(4)]
+    inside = []
+    worst = [0]
+
+    async def worker(m, i):
+        for _ in range(6):
+            await m.lock(INO, POSIX, 100 + i, WR, 0, END, wait=True)
+            inside.append(i)
+            worst[0] = max(worst[0], len(inside))
+            await trio.sleep(0.005)
+            inside.remove(i)
+            await m.unlock(INO, POSIX, 100 + i)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            for i, m in enumerate(ms):
+                n.start_soon(worker, m, i)
+    assert worst[0] == 1
+    assert all(not m.held(INO) for m in ms)
+
+
+async def test_a_mount_whose_lease_ends_loses_its_locks(kv, cid, mounts):
+    a, b = await mounts("a"), await mounts("b")
+    await a.lock(INO, FLOCK, 1, WR, 0, END)
+    with pytest.raises(LockConflict):
+        await b.lock(INO, FLOCK, 2, WR, 0, END)
+    await kv.lease_revoke(a.box["lease"])                    # a's mount died
+    a.box["lease"] = 0
+    await b.lock(INO, FLOCK, 2, WR, 0, END)
+    with pytest.raises(LockUnavailable) as ei:               # no lease: no new locks
+        await a.lock(INO + 1, FLOCK, 1, WR, 0, END)
+    assert ei.value.errno == errno.ENOLCK
+    await a.unlock(INO, FLOCK, 1)                            # a release still goes through
+    assert a.held(INO) == []
+
+
+async def test_records_in_etcd(kv, cid, mounts):
+    a = await mounts("a")
+    await a.lock(INO, POSIX, 1, WR, 10, 19, pid=42)
+    await a.lock(INO, POSIX, 2, RD, 30, 39, pid=43)
+    item = await kv.get(keys.ns_lock_key(cid, VOL, INO, "a"))
+    assert item.lease == a.box["lease"]
+    assert sorted(map(tuple, codec.unpack(item.value))) == sorted([(POSIX, WR, 10, 19, 42),
+                                                                   (POSIX, RD, 30, 39, 43)])
+    await a.drop_owner(INO, POSIX, 1)
+    await a.drop_owner(INO, POSIX, 2)
+    assert await kv.get(keys.ns_lock_key(cid, VOL, INO, "a")) is None
+
+
+async def test_unreadable_record_blocks_the_file(kv, cid, mounts):
+    b = await mounts("b")
+    await kv.txn([], [Put(keys.ns_lock_key(cid, VOL, INO, "junk"), b"\xc1not msgpack")])
+    with pytest.raises(LockConflict):
+        await b.lock(INO, POSIX, 1, RD, 0, 0)
+    with pytest.raises(LockConflict):
+        await b.lock(INO, FLOCK, 1, RD, 0, END)
+    await b.lock(INO + 1, POSIX, 1, RD, 0, 0)
+
+
+@pytest.mark.parametrize("kind,type_,start,end", [
+    ("x", WR, 0, 1), (POSIX, 7, 0, 1), (POSIX, WR, -1, 5), (POSIX, WR, 9, 3),
+    (POSIX, WR, 0, END + 1)])
+async def test_bad_requests(mounts, kind, type_, start, end):
+    a = await mounts("a")
+    with pytest.raises(InvalidArgument):
+        await a.lock(INO, kind, 1, type_, start, end)
+    with pytest.raises(InvalidArgument):
+        await a.test(INO, kind, 1, type_, start, end)
+    assert a.held(INO) == []
+

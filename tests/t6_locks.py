@@ -1,0 +1,240 @@
+"""Advisory locks on shared volumes end to end: `flock` and `fcntl` locks
+taken through real mounts on different nodes exclude each other, wait,
+report their holder, are interrupted by signals, go with the process that
+closed or died, and with a mount that was killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import needs_mounts
+
+
+pytestmark = needs_mounts
+
+
+def py(code: str, *args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
+                          capture_output=True, text=True, timeout=kw.pop("timeout", 60), **kw)
+
+
+def spawn(code: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_line(proc: subprocess.Popen, want: str, timeout: float = 30) -> None:
+    """Read the child's stdout until the line ``want`` (it says where it is)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.strip() == want:
+            return
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"child did not say {want!r}: {proc.stderr.read()}")
+
+
+HOLD = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+if sys.argv[2] == "flock":
+    fcntl.flock(fd, fcntl.LOCK_EX)
+else:
+    fcntl.lockf(fd, fcntl.LOCK_EX, int(sys.argv[4]), int(sys.argv[3]))
+print("held", flush=True)
+time.sleep(600)
+"""
+
+TRY = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+try:
+    if sys.argv[2] == "flock":
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    else:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, int(sys.argv[4]), int(sys.argv[3]))
+    print("got")
+except BlockingIOError:
+    print("busy")
+"""
+
+
+def try_lock(path: str, kind: str = "flock", start: int = 0, length: int = 0) -> str:
+    r = py(TRY, path, kind, str(start), str(length))
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_locks_hold_across_nodes(shared):
+    c, mount = shared
+    c.pxctl("node1", "volume", "create", "lk", "--shared", "--size", "1", "--repl", "2")
+    m1 = mount("node1", "lk", os.path.join(c.workdir, "l1"))
+    m2 = mount("node2", "lk", os.path.join(c.workdir, "l2"))
+    open(f"{m1}/lockfile", "w").close()
+    c.wait_for(lambda: os.path.exists(f"{m2}/lockfile"), timeout=3, what="file on node2")
+
+    # flock: one holder in the cluster; a blocked waiter on the other node
+    # gets the lock once the holder's process ends (its files are closed)
+    holder = spawn(HOLD, f"{m1}/lockfile", "flock")
+    try:
+        wait_line(holder, "held")
+        assert try_lock(f"{m2}/lockfile") == "busy"
+        assert try_lock(f"{m1}/lockfile") == "busy"          # another open file, same node
+        waiter = spawn("""
+            import fcntl, os, sys, time
+            fd = os.open(sys.argv[1], os.O_RDWR)
+            print("waiting", flush=True)
+            t = time.monotonic()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            print("got %.3f" % (time.monotonic() - t), flush=True)
+            """, f"{m2}/lockfile")
+        wait_line(waiter, "waiting")
+        time.sleep(1.0)
+        assert waiter.poll() is None, "the waiter got the lock while it was held"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        out, err = waiter.communicate(timeout=30)
+        assert out.startswith("got"), err
+        assert try_lock(f"{m1}/lockfile") == "got"           # the waiter exited: free again
+    finally:
+        holder.kill()
+
+    # fcntl byte ranges: disjoint ranges on two nodes, an overlap refused,
+    # F_GETLK on node2 names node1's lock
+    holder = spawn(HOLD, f"{m1}/lockfile", "fcntl", "0", "100")
+    try:
+        wait_line(holder, "held")
+        assert try_lock(f"{m2}/lockfile", "fcntl", 100, 100) == "got"
+        assert try_lock(f"{m2}/lockfile", "fcntl", 99, 2) == "busy"
+        assert try_lock(f"{m2}/lockfile", "flock") == "got"   # flock does not see fcntl locks
+        r = py("""
+            import fcntl, os, struct, sys
+            fd = os.open(sys.argv[1], os.O_RDWR)
+            fmt = "hhqqi"
+            q = struct.pack(fmt, fcntl.F_RDLCK, os.SEEK_SET, 50, 10, 0)
+            t, w, start, length, pid = struct.unpack(fmt, fcntl.fcntl(fd, fcntl.F_GETLK, q)[:struct.calcsize(fmt)])
+            q = struct.pack(fmt, fcntl.F_RDLCK, os.SEEK_SET, 500, 10, 0)
+            t2 = struct.unpack(fmt, fcntl.fcntl(fd, fcntl.F_GETLK, q)[:struct.calcsize(fmt)])[0]
+            print(t == fcntl.F_WRLCK, start, length, t2 == fcntl.F_UNLCK)
+            """, f"{m2}/lockfile")
+        assert r.stdout.split() == ["True", "0", "100", "True"], r.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    c.wait_for(lambda: try_lock(f"{m2}/lockfile", "fcntl", 0, 100) == "got", timeout=5,
+               what="range free after the holder died")
+
+
+def test_a_blocked_lock_is_interrupted_by_a_signal(shared):
+    c, mount = shared
+    c.pxctl("node1", "volume", "create", "li", "--shared", "--size", "1", "--repl", "2")
+    m1 = mount("node1", "li", os.path.join(c.workdir, "i1"))
+    m2 = mount("node2", "li", os.path.join(c.workdir, "i2"))
+    open(f"{m1}/f", "w").close()
+    c.wait_for(lambda: os.path.exists(f"{m2}/f"), timeout=3, what="file on node2")
+    holder = spawn(HOLD, f"{m1}/f", "fcntl", "0", "0")
+    try:
+        wait_line(holder, "held")
+        r = py("""
+            import fcntl, os, signal, sys, time
+            class Alarm(Exception):
+                pass
+            def ring(*_):
+                raise Alarm()
+            signal.signal(signal.SIGALRM, ring)
+            fd = os.open(sys.argv[1], os.O_RDWR)
+            signal.setitimer(signal.ITIMER_REAL, 0.5)
+            t = time.monotonic()
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+                print("got")
+            except Alarm:
+                print("interrupted %.2f" % (time.monotonic() - t))
+            """, f"{m2}/f", timeout=30)
+        word, secs = r.stdout.split()
+        assert word == "interrupted" and float(secs) < 5, r.stdout + r.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    # the interrupted request did not leave a lock behind on node2
+    c.wait_for(lambda: try_lock(f"{m1}/f", "fcntl", 0, 0) == "got", timeout=5,
+               what="lock free after the interrupt")
+
+
+APPENDER = """
+import fcntl, os, sys
+lockfile, data, tag, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+lk = os.open(lockfile, os.O_RDWR)
+for i in range(n):
+    fcntl.flock(lk, fcntl.LOCK_EX)
+    fd = os.open(data, os.O_RDWR)          # opened under the lock: close-to-open
+    size = os.fstat(fd).st_size
+    os.pwrite(fd, ("%s %04d\\n" % (tag, i)).encode() * 4, size)
+    os.close(fd)
+    fcntl.flock(lk, fcntl.LOCK_UN)
+print("done", flush=True)
+"""
+
+
+def test_racing_appends_guarded_by_flock(shared):
+    """Two writers on two nodes append records to one file, each one reading
+    the size and writing after it under an flock: no record is lost or torn.
+    (Without locks across nodes both read the same size and overwrite.)"""
+    c, mount = shared
+    c.pxctl("node1", "volume", "create", "la", "--shared", "--size", "1", "--repl", "2")
+    m1 = mount("node1", "la", os.path.join(c.workdir, "a1"))
+    m2 = mount("node2", "la", os.path.join(c.workdir, "a2"))
+    open(f"{m1}/lock", "w").close()
+    open(f"{m1}/log", "w").close()
+    c.wait_for(lambda: os.path.exists(f"{m2}/log"), timeout=3, what="files on node2")
+    n = 40
+    procs = [spawn(APPENDER, f"{m}/lock", f"{m}/log", tag, str(n))
+             for m, tag in ((m1, "A"), (m2, "B"))]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and out.strip() == "done", err
+    text = open(f"{m2}/log").read()
+    records = [text[i:i + 28] for i in range(0, len(text), 28)]
+    assert len(text) == 2 * n * 28, f"{len(text)} bytes: records were overwritten"
+    for rec in records:
+        line = rec[:7]
+        assert rec == line * 4, f"torn record {rec!r}"
+    for tag in "AB":
+        assert sorted(r[:7] for r in records if r.startswith(tag)) == \
+            [f"{tag} {i:04d}\n" for i in range(n)]
+
+
+def test_locks_of_a_killed_mount_expire(shared):
+    """SIGKILL of a mount's own process (the node's view of the volume dies
+    with it): its locks go when its etcd lease expires."""
+    c, mount = shared
+    c.pxctl("node1", "volume", "create", "lx", "--shared", "--size", "1", "--repl", "2")
+    m1 = mount("node1", "lx", os.path.join(c.workdir, "x1"))
+    m2 = mount("node2", "lx", os.path.join(c.workdir, "x2"))
+    open(f"{m1}/f", "w").close()
+    c.wait_for(lambda: os.path.exists(f"{m2}/f"), timeout=3, what="file on node2")
+    holder = spawn(HOLD, f"{m1}/f", "flock")
+    try:
+        wait_line(holder, "held")
+        assert try_lock(f"{m2}/f") == "busy"
+        pids = [int(p) for p in subprocess.run(["pgrep", "-f", f"pxfs.mount lx {m1}"],
+                                               capture_output=True, text=True).stdout.split()]
+        assert len(pids) == 1, pids
+        os.kill(pids[0], signal.SIGKILL)
+        t0 = time.monotonic()
+        c.wait_for(lambda: try_lock(f"{m2}/f") == "got", timeout=30,
+                   what="lock of the dead mount released")
+        assert time.monotonic() - t0 < 20
+    finally:
+        holder.kill()
+        holder.wait()
+        subprocess.run(["umount", "-l", m1], capture_output=True)
