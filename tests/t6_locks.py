@@ -5,8 +5,10 @@ closed or died, and with a mount that was killed."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -133,6 +135,17 @@ def test_locks_hold_across_nodes(shared):
     c.wait_for(lambda: try_lock(f"{m2}/lockfile", "fcntl", 0, 100) == "got", timeout=5,
                what="range free after the holder died")
 
+    # an open file description's own lock (F_OFD_SETLK) goes with its last close
+    fmt = "hhqqi"
+    fd = os.open(f"{m1}/lockfile", os.O_RDWR)
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(fmt, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+    dup = os.dup(fd)
+    os.close(fd)
+    assert try_lock(f"{m2}/lockfile", "fcntl", 0, 10) == "busy"     # still open through dup
+    os.close(dup)
+    c.wait_for(lambda: try_lock(f"{m2}/lockfile", "fcntl", 0, 10) == "got", timeout=5,
+               what="OFD lock released at the last close")
+
 
 def test_a_blocked_lock_is_interrupted_by_a_signal(shared):
     c, mount = shared
@@ -211,6 +224,27 @@ def test_racing_appends_guarded_by_flock(shared):
     for tag in "AB":
         assert sorted(r[:7] for r in records if r.startswith(tag)) == \
             [f"{tag} {i:04d}\n" for i in range(n)]
+
+
+def test_flock_tool_guards_shell_appends(shared):
+    """What a build script does: `flock LOCKFILE -c 'echo ... >> LOG'` in a
+    loop on two hosts.  Every line lands (without the lock, appends through
+    two mounts overwrite each other)."""
+    c, mount = shared
+    c.pxctl("node1", "volume", "create", "lf", "--shared", "--size", "1", "--repl", "2")
+    m1 = mount("node1", "lf", os.path.join(c.workdir, "f1"))
+    m2 = mount("node2", "lf", os.path.join(c.workdir, "f2"))
+    open(f"{m1}/.lock", "w").close()
+    open(f"{m1}/builds.log", "w").close()
+    c.wait_for(lambda: os.path.exists(f"{m2}/builds.log"), timeout=3, what="files on node2")
+    loop = 'for i in $(seq 1 25); do flock "$1/.lock" -c "echo $2 $i >> $1/builds.log"; done'
+    procs = [subprocess.Popen(["sh", "-c", loop, "sh", m, tag], stderr=subprocess.PIPE,
+                              text=True) for m, tag in ((m1, "A"), (m2, "B"))]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    lines = open(f"{m2}/builds.log").read().splitlines()
+    assert sorted(lines) == sorted(f"{t} {i}" for t in "AB" for i in range(1, 26)), lines
 
 
 def test_locks_of_a_killed_mount_expire(shared):

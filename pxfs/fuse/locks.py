@@ -28,6 +28,10 @@ class LockService:
         self._interrupted: set[int] = set()
         self._at_flush: dict[int, list] = collections.defaultdict(list)    # fh -> (ino, owner)
         self._at_release: dict[int, list] = collections.defaultdict(list)
+        # (ino, owner) -> the open file its last fcntl lock came through: an
+        # open file description's own (OFD) locks are released with it, and
+        # the kernel sends no owner for them
+        self._via: dict[tuple[int, int], int] = {}
 
     @staticmethod
     def available() -> bool:
@@ -69,9 +73,10 @@ class LockService:
         elif self._nursery is None:
             _lockops.reply_err(req, errno.ENOLCK)
         else:
-            self._nursery.start_soon(self._serve, kind, req, ino, owner, type_, start, end, pid)
+            self._nursery.start_soon(self._serve, kind, req, ino, fh, owner, type_, start, end,
+                                     pid)
 
-    async def _serve(self, kind, req, ino, owner, type_, start, end, pid) -> None:
+    async def _serve(self, kind, req, ino, fh, owner, type_, start, end, pid) -> None:
         err = errno.EINTR
         try:
             with trio.CancelScope() as scope:
@@ -90,6 +95,8 @@ class LockService:
                     return
                 await self.locks.lock(ino, lk_kind, owner, type_, start, end, pid,
                                       wait=kind in ("setlkw", "flockw"))
+                if lk_kind == POSIX and type_ != UN:
+                    self._via[ino, owner] = fh
                 err = 0
         except PxfsError as exc:
             err = exc.errno
@@ -108,12 +115,18 @@ class LockService:
         await self._drop(self._at_flush.pop(fh, ()), POSIX)
 
     async def released(self, fh: int) -> None:
-        """release(fh): the open file's flock goes."""
+        """release(fh), the open file's last close: its flock goes, and so do
+        the fcntl locks taken last through it.  Those of processes went at
+        their flush already (every descriptor of the file has been closed),
+        so what is left are its OFD locks (F_OFD_SETLK)."""
         self._at_flush.pop(fh, None)
         await self._drop(self._at_release.pop(fh, ()), FLOCK)
+        await self._drop([k for k, via in self._via.items() if via == fh], POSIX)
 
     async def _drop(self, owners, kind: str) -> None:
         for ino, owner in owners:
+            if kind == POSIX:
+                self._via.pop((ino, owner), None)
             try:
                 await self.locks.drop_owner(ino, kind, owner)
             except PxfsError as exc:     # the close itself went well
