@@ -91,6 +91,13 @@ def test_locks_hold_across_nodes(shared):
         wait_line(holder, "held")
         assert try_lock(f"{m2}/lockfile") == "busy"
         assert try_lock(f"{m1}/lockfile") == "busy"          # another open file, same node
+        # a node's own mount of the volume (pxctl host mount, the Docker plugin's) too
+        c.pxctl("node3", "host", "mount", "lk")
+        pxns = os.path.join(c.nodes["node3"]["osd_root"], "pxns", "lk")
+        try:
+            assert try_lock(f"{pxns}/lockfile") == "busy"
+        finally:
+            c.pxctl("node3", "host", "unmount", "lk")
         waiter = spawn("""
             import fcntl, os, sys, time
             fd = os.open(sys.argv[1], os.O_RDWR)
