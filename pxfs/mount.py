@@ -220,7 +220,7 @@ async def serve(source: str, mountpoint: str, opts: dict, ready_fd: int | None,
         with contextlib.suppress(PxfsError):
             sv.check_alive()
     mc.on_stale = stale
-    locks = LockService(NsLocks(kv, mc.cid, mc.volid, mc.client, lambda: mc.lease))
+    locks = LockService(NsLocks(kv, mc.cid, mc.volid, mc.client, lambda: mc.lease, mc.alive))
     locks.install()
     fs = SharedFS(sv, locks)
     fuse_opts = {f"fsname={source}", "subtype=pxfs"} | (opts["flags"] - {"rw"})

@@ -76,6 +76,7 @@ class Fsck:
         self.entries: list[tuple[int, bytes, int, str]] = []    # parent, name, child, key
         self.orphans: set[int] = set()
         self.xattr_inos: collections.defaultdict[int, list[str]] = collections.defaultdict(list)
+        self.lock_inos: collections.defaultdict[int, list[str]] = collections.defaultdict(list)
         for it in await self.kv.range(p):
             rest = it.key[len(p):]
             kind, _, tail = rest.partition("/")
@@ -90,6 +91,8 @@ class Fsck:
                 self.orphans.add(int(tail, 16))
             elif kind == "x":
                 self.xattr_inos[int(tail.partition("/")[0], 16)].append(it.key)
+            elif kind == "l":
+                self.lock_inos[int(tail.partition("/")[0], 16)].append(it.key)
         book = PeerBook()
         book.learn(await list_nodes(self.kv, self.cid))
         self.peers = {n: RemoteReplica(n, book.known(n)) for n in book.addrs}
@@ -131,7 +134,11 @@ class Fsck:
             self.note(f"orphan inode {node.ino} ({node.size} bytes) removed")
             ops.append(Delete(keys.ns_inode_key(self.cid, self.volid, node.ino)))
             ops += [Delete(k) for k in self.xattr_inos.get(node.ino, [])]
+            ops += [Delete(k) for k in self.lock_inos.pop(node.ino, [])]
             del self.inodes[node.ino]
+        for ino in sorted(set(self.lock_inos) - set(self.inodes)):
+            self.note(f"lock records of missing inode {ino} removed")
+            ops += [Delete(k) for k in self.lock_inos[ino]]
         for ino in self.orphans - set(self.inodes):
             ops.append(Delete(keys.ns_orphan_key(self.cid, self.volid, ino)))
         await self._apply(ops)

@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from pxfs import codec
-from pxfs.errors import InvalidArgument, LockConflict, LockUnavailable
+from pxfs.errors import InvalidArgument, LockConflict, LockUnavailable, MetaError
 from pxfs.meta import keys
 from pxfs.meta.kv import Put
 from pxfs.namespace.locks import END, FLOCK, POSIX, RD, UN, WR, NsLocks, apply
@@ -125,9 +125,9 @@ async def test_waiters_are_woken(mounts, monkeypatch):
             assert got == []
             t0 = trio.current_time()
             await a.unlock(INO, POSIX, 1)
-            await trio.sleep(0.2)
+            await trio.sleep(1.0)
             assert [g[:2] for g in got] == [("a", 2)]        # a release here wakes at once
-            assert got[0][2] - t0 < 0.15
+            assert got[0][2] - t0 < 1.0                      # (the poll would take 5 s)
             monkeypatch.setattr(locks_mod, "POLL_MIN", 0.02)
             monkeypatch.setattr(locks_mod, "POLL_MAX", 0.25)
             n.start_soon(wait_remote)
@@ -139,8 +139,30 @@ async def test_waiters_are_woken(mounts, monkeypatch):
     assert got[1][2] - t0 < 1.0                              # another mount polls
 
 
-async def test_racing_grants_never_overlap(mounts):
-    ms = [await mounts(f"m{i}") for i in range(4)]
+class Yielding:
+    """The KV with a trip through the scheduler before and after every call,
+    so that MemKV interleaves mounts as a real etcd does."""
+
+    def __init__(self, kv):
+        self.kv = kv
+
+    def __getattr__(self, name):
+        fn = getattr(self.kv, name)
+
+        async def call(*args, **kw):
+            await trio.sleep(0)
+            try:
+                return await fn(*args, **kw)
+            finally:
+                await trio.sleep(0)
+        return call
+
+
+async def test_racing_grants_never_overlap(kv, cid):
+    ms = []
+    for i in range(4):
+        lease = await kv.lease_grant(30)
+        ms.append(NsLocks(Yielding(kv), cid, VOL, f"m{i}", lambda lease=lease: lease))
     inside = []
     worst = [0]
 
@@ -172,8 +194,136 @@ async def test_a_mount_whose_lease_ends_loses_its_locks(kv, cid, mounts):
     with pytest.raises(LockUnavailable) as ei:               # no lease: no new locks
         await a.lock(INO + 1, FLOCK, 1, WR, 0, END)
     assert ei.value.errno == errno.ENOLCK
-    await a.unlock(INO, FLOCK, 1)                            # a release still goes through
+    await a.unlock(INO, FLOCK, 1)                            # a release is taken here
     assert a.held(INO) == []
+
+
+async def test_version_key_cannot_come_back(kv, cid, mounts):
+    """A grant that read the version, then another mount's conflicting grant
+    and a third mount's grant and unmount: the first must not succeed (the
+    version key outlives the leases of those who wrote it)."""
+    a, b, c = await mounts("a"), await mounts("b"), await mounts("c")
+    gate, go = trio.Event(), trio.Event()
+    read = a._read
+
+    async def slow_read(ino):
+        got = await read(ino)
+        gate.set()
+        await go.wait()
+        return got
+    a._read = slow_read
+    outcome = []
+
+    async def a_locks():
+        try:
+            await a.lock(INO, POSIX, 1, WR, 0, END)
+            outcome.append("granted")
+        except LockConflict:
+            outcome.append("refused")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(a_locks)
+            await gate.wait()
+            await b.lock(INO, POSIX, 2, WR, 0, END)
+            await c.lock(INO, FLOCK, 3, WR, 0, END)
+            await kv.lease_revoke(c.box["lease"])
+            c.box["lease"] = 0
+            a._read = read
+            go.set()
+    assert outcome == ["refused"] and a.held(INO) == []
+    assert ranges(b.held(INO), 2) == [(WR, 0, END)]
+
+
+async def test_a_release_that_failed_is_written_later(kv, cid, mounts):
+    a, b = await mounts("a"), await mounts("b")
+    await a.lock(INO, FLOCK, 1, WR, 0, END)
+    real = a.kv
+
+    class Down:
+        async def txn(self, *args):
+            raise MetaError("etcd unavailable")
+    a.kv = Down()
+    with pytest.raises(MetaError):
+        await a.unlock(INO, FLOCK, 1)
+    a.kv = real
+    assert a.held(INO) == []
+    with pytest.raises(LockConflict):                        # etcd still shows it
+        await b.lock(INO, FLOCK, 2, WR, 0, END)
+    await a.unlock(INO, FLOCK, 1)                            # nothing changes here...
+    with pytest.raises(LockConflict):
+        await b.lock(INO, FLOCK, 2, WR, 0, END)
+    await a.repair()                                         # ...the repair writes it
+    await b.lock(INO, FLOCK, 2, WR, 0, END)
+
+
+async def test_records_follow_a_new_lease(kv, cid, mounts):
+    """The mount's lease was replaced while it is alive (a refresh failed):
+    its records move to the new lease before the old one expires."""
+    a, b = await mounts("a"), await mounts("b")
+    await a.lock(INO, POSIX, 1, WR, 0, 9)
+    await a.lock(INO + 1, FLOCK, 1, RD, 0, END)
+    old = a.box["lease"]
+    a.box["lease"] = await kv.lease_grant(30)
+    await a.repair()
+    await kv.lease_revoke(old)
+    for ino in (INO, INO + 1):
+        assert (await kv.get(keys.ns_lock_key(cid, VOL, ino, "a"))).lease == a.box["lease"]
+    with pytest.raises(LockConflict):
+        await b.lock(INO, POSIX, 2, RD, 5, 5)
+    with pytest.raises(LockConflict):
+        await b.lock(INO + 1, FLOCK, 2, WR, 0, END)
+
+
+async def test_a_mount_that_was_cut_off_forgets_its_locks(kv, cid, mounts):
+    a = await mounts("a")
+    alive = [True]
+    a._alive = lambda: alive[0]
+    await a.lock(INO, POSIX, 1, WR, 0, END)
+    alive[0] = False
+    with pytest.raises(LockUnavailable):
+        await a.lock(INO + 1, POSIX, 1, WR, 0, END)
+    await a.repair()
+    assert a.held(INO) == []
+    # what it held is not granted again by a later change on the file
+    alive[0] = True
+    await a.lock(INO, POSIX, 2, RD, 0, 0)
+    assert ranges(a.held(INO), 1) == [] and ranges(a.held(INO), 2) == [(RD, 0, 0)]
+
+
+async def test_flock_upgrades_do_not_deadlock(mounts):
+    """Two holders of a shared flock both ask for an exclusive one: as on
+    Linux, each drops its shared lock first, so one of them gets it."""
+    a, b = await mounts("a"), await mounts("b")
+    await a.lock(INO, FLOCK, 1, RD, 0, END)
+    await b.lock(INO, FLOCK, 2, RD, 0, END)
+    order = []
+
+    async def upgrade(m, owner):
+        await m.lock(INO, FLOCK, owner, WR, 0, END, wait=True)
+        order.append(owner)
+        await trio.sleep(0.1)
+        await m.unlock(INO, FLOCK, owner)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            n.start_soon(upgrade, a, 1)
+            n.start_soon(upgrade, b, 2)
+    assert sorted(order) == [1, 2]
+
+
+async def test_inode_deletion_takes_its_lock_records(kv, cid, mounts):
+    from pxfs.meta.kv import Put as P
+    from pxfs.namespace.meta import NsMeta, root_ops
+    from pxfs.namespace.records import ROOT_INO
+    import stat
+    assert await kv.txn([], [P(k, v) for k, v in root_ops(cid, VOL)])
+    ns = NsMeta(kv, cid, VOL, "n1")
+    f = await ns.mknod(ROOT_INO, b"f", stat.S_IFREG | 0o644, 0, 0)
+    a = await mounts("a")
+    await a.lock(f.ino, POSIX, 1, WR, 0, END)
+    await a.unlock(f.ino, POSIX, 1)
+    assert await kv.range(keys.ns_lock_prefix(cid, VOL, f.ino))      # the version key stays
+    await ns.unlink(ROOT_INO, b"f")
+    assert await kv.range(keys.ns_lock_prefix(cid, VOL, f.ino)) == []
 
 
 async def test_records_in_etcd(kv, cid, mounts):

@@ -5,6 +5,7 @@ closed or died, and with a mount that was killed."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import fcntl
 import os
 import signal
@@ -29,14 +30,30 @@ def py(code: str, *args: str, **kw) -> subprocess.CompletedProcess:
 
 def spawn(code: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def read_line(proc: subprocess.Popen, timeout: float = 30) -> str:
+    """The child's next line of output; the child is killed if none comes."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    fut = pool.submit(proc.stdout.readline)
+    try:
+        return fut.result(timeout)
+    except concurrent.futures.TimeoutError:
+        # not waiting for the reader: a child stuck in a lock request dies
+        # only once the request is answered (the test's cleanup frees it)
+        proc.kill()
+        raise AssertionError(f"child said nothing for {timeout} s") from None
+    finally:
+        pool.shutdown(wait=False)
 
 
 def wait_line(proc: subprocess.Popen, want: str, timeout: float = 30) -> None:
     """Read the child's stdout until the line ``want`` (it says where it is)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        line = proc.stdout.readline()
+        line = read_line(proc, max(0.1, deadline - time.monotonic()))
         if line.strip() == want:
             return
         if not line and proc.poll() is not None:
@@ -113,7 +130,8 @@ def test_locks_hold_across_nodes(shared):
         holder.wait()
         out, err = waiter.communicate(timeout=30)
         assert out.startswith("got"), err
-        assert try_lock(f"{m1}/lockfile") == "got"           # the waiter exited: free again
+        c.wait_for(lambda: try_lock(f"{m1}/lockfile") == "got", timeout=5,
+                   what="lock free once the waiter exited")
     finally:
         holder.kill()
 
@@ -162,32 +180,43 @@ def test_a_blocked_lock_is_interrupted_by_a_signal(shared):
     open(f"{m1}/f", "w").close()
     c.wait_for(lambda: os.path.exists(f"{m2}/f"), timeout=3, what="file on node2")
     holder = spawn(HOLD, f"{m1}/f", "fcntl", "0", "0")
+    # the interrupted process stays alive with the file open: a lock granted
+    # behind its back would stay held by it
+    waiter = spawn("""
+        import fcntl, os, signal, sys, time
+        class Alarm(Exception):
+            pass
+        def ring(*_):
+            raise Alarm()
+        signal.signal(signal.SIGALRM, ring)
+        fd = os.open(sys.argv[1], os.O_RDWR)
+        sys.stdin.readline()
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        t = time.monotonic()
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            print("got", flush=True)
+        except Alarm:
+            print("interrupted %.2f" % (time.monotonic() - t), flush=True)
+        time.sleep(600)
+        """, f"{m2}/f")
     try:
         wait_line(holder, "held")
-        r = py("""
-            import fcntl, os, signal, sys, time
-            class Alarm(Exception):
-                pass
-            def ring(*_):
-                raise Alarm()
-            signal.signal(signal.SIGALRM, ring)
-            fd = os.open(sys.argv[1], os.O_RDWR)
-            signal.setitimer(signal.ITIMER_REAL, 0.5)
-            t = time.monotonic()
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX)
-                print("got")
-            except Alarm:
-                print("interrupted %.2f" % (time.monotonic() - t))
-            """, f"{m2}/f", timeout=30)
-        word, secs = r.stdout.split()
-        assert word == "interrupted" and float(secs) < 5, r.stdout + r.stderr
-    finally:
+        waiter.stdin.write("go\n")
+        waiter.stdin.flush()
+        word, secs = read_line(waiter, 10).split()
+        assert word == "interrupted" and float(secs) < 5, word
         holder.kill()
         holder.wait()
-    # the interrupted request did not leave a lock behind on node2
-    c.wait_for(lambda: try_lock(f"{m1}/f", "fcntl", 0, 0) == "got", timeout=5,
-               what="lock free after the interrupt")
+        c.wait_for(lambda: try_lock(f"{m1}/f", "fcntl", 0, 0) == "got", timeout=5,
+                   what="lock free after the holder died")
+        time.sleep(1)            # a wait that went on behind the interrupt would have won by now
+        assert try_lock(f"{m1}/f", "fcntl", 0, 0) == "got"
+    finally:
+        holder.kill()
+        waiter.kill()
+        holder.wait()
+        waiter.wait()
 
 
 APPENDER = """

@@ -51,6 +51,7 @@ class LockService:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.locks.service)
             self._nursery = nursery
             task_status.started()
             try:
@@ -60,6 +61,14 @@ class LockService:
 
     # -- from the C side, on the trio thread ---------------------------------
     def _request(self, kind, req, ino, fh, owner, type_, start, end, pid):
+        try:
+            self._dispatch(kind, req, ino, fh, owner, type_, start, end, pid)
+        except BaseException:
+            # the C side answers the request (EIO): nothing of it may stay here
+            self._interrupted.discard(req)
+            raise
+
+    def _dispatch(self, kind, req, ino, fh, owner, type_, start, end, pid):
         if kind == "flush":
             self._at_flush[fh].append((ino, owner))
         elif kind == "release":
@@ -71,6 +80,7 @@ class LockService:
             else:                   # interrupted before its task began
                 self._interrupted.add(req)
         elif self._nursery is None:
+            self._interrupted.discard(req)
             _lockops.reply_err(req, errno.ENOLCK)
         else:
             self._nursery.start_soon(self._serve, kind, req, ino, fh, owner, type_, start, end,

@@ -6,16 +6,23 @@ names (a process's file table for fcntl locks, an open file for flock), and
 publishes them per inode in etcd under its mount lease:
 
 * ``ns/<vol>/l/<ino>/<client>``: that mount's locks on the inode;
-* ``ns/<vol>/l/<ino>/`` (the prefix itself): the inode's lock version.
+* ``ns/<vol>/l/<ino>/`` (the prefix itself): the inode's lock version,
+  with no lease, deleted only with the inode.
 
 Granting reads the prefix (every mount's locks and the version) in one
 range, checks for conflicts, then writes this mount's record and the
 version in one transaction that requires the version unchanged: of two
 mounts granting at once, one transaction fails and that mount reads again.
-A release only shrinks a record, so it needs no compare.  A mount that dies
-(or loses etcd for its lease's TTL) loses its locks when its lease expires,
-as an NFS client's locks go with its lease; such a mount has turned stale
-(EIO) by then.
+A release only shrinks a record, so it needs no compare; one that could not
+be written is retried (``repair``) until it is.  The version key must not
+come and go while locks are held: a grant that read it absent would succeed
+again after it vanished and came back, so it has no lease.
+
+A mount that dies (or loses etcd for its lease's TTL) loses its locks when
+its lease expires, as an NFS client's locks go with its lease; such a mount
+has turned stale (ESTALE) by then, and forgets them.  When the mount's lease
+is replaced while it is alive (a refresh failed, the old lease still runs),
+its records move to the new lease before the old one can expire.
 
 Waiting (F_SETLKW, flock without LOCK_NB): a release in this mount wakes
 its waiters at once; other mounts' locks are polled, 20 ms doubling up to
@@ -44,6 +51,7 @@ RD, WR, UN = fcntl.F_RDLCK, fcntl.F_WRLCK, fcntl.F_UNLCK
 END = 2 ** 63 - 1                 # "to the end of the file" (l_len 0)
 REMOTE = -1                       # the owner of another mount's locks
 POLL_MIN, POLL_MAX = 0.02, 0.25
+REPAIR_EVERY = 0.5                # s; a replaced lease has >= 4 s left (MOUNT_TTL 10, alive < 6)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,10 +110,13 @@ def check_request(kind: str, type_: int, start: int, end: int) -> None:
 class NsLocks:
     """This mount's locks on one shared volume, and the view of the others'."""
 
-    def __init__(self, kv, cid: str, volid: int, client: str, lease_fn):
+    def __init__(self, kv, cid: str, volid: int, client: str, lease_fn, alive_fn=lambda: True):
         self.kv, self.cid, self.volid, self.client = kv, cid, volid, client
         self._lease = lease_fn                    # -> this mount's etcd lease (0: none)
+        self._alive = alive_fn                    # -> False once that lease may have expired
         self._held: dict[int, list[Lock]] = {}    # ino -> this mount's locks
+        self._under: dict[int, int] = {}          # ino -> the lease its record is under
+        self._dirty: set[int] = set()             # records that may still show released locks
         self._mutex: dict[int, trio.Lock] = {}
         self._released = trio.Event()             # set (and replaced) on every release
 
@@ -131,6 +142,11 @@ class NsLocks:
         if type_ == UN:
             await self.unlock(ino, kind, owner, start, end)
             return
+        if kind == FLOCK and any(lk.owner == owner and lk.kind == FLOCK and lk.type != type_
+                                 for lk in self._held.get(ino, ())):
+            # Linux converts a flock by dropping the old one first: two
+            # holders of a shared lock that both upgrade do not deadlock
+            await self.unlock(ino, FLOCK, owner)
         delay = POLL_MIN
         while True:
             released = self._released
@@ -152,12 +168,44 @@ class NsLocks:
                 new = apply(old, owner, kind, UN, start, end)
                 if new != old:
                     # here first: the kernel holds the owner's locks released
-                    # whatever etcd says; a record left stale by a failed write
-                    # is rewritten whole by this mount's next change on the file
+                    # whatever etcd says; until the record says so too, repair()
+                    # writes it again
                     self._store(ino, new)
-                    await self._publish(ino, new)
+                    self._dirty.add(ino)
+                    with trio.CancelScope(shield=True):
+                        await self._publish(ino, new)
         finally:
             self._wake()
+
+    async def repair(self) -> None:
+        """Write again the records a release could not write, and move
+        records to the mount's current lease; forget every lock once the
+        lease they were under may have expired."""
+        lease = self._lease()
+        if not lease:
+            return
+        if not self._alive():
+            if self._held:
+                log.warning("volume %s: this mount lost etcd for too long; its %d locked "
+                            "files are no longer locked", self.volid, len(self._held))
+                self._held.clear()
+                self._under.clear()
+                self._wake()
+            return
+        for ino in sorted(self._dirty | {i for i in self._held if self._under.get(i) != lease}):
+            async with self._mx(ino):
+                try:
+                    await self._publish(ino, self._held.get(ino, []))
+                except PxfsError as exc:
+                    log.warning("volume %s: lock record of inode %d not written: %s",
+                                self.volid, ino, exc)
+                    return
+
+    async def service(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(REPAIR_EVERY)
+            await self.repair()
 
     async def drop_owner(self, ino: int, kind: str, owner: int) -> None:
         """Every lock ``owner`` holds on ``ino`` goes (close, last release)."""
@@ -213,17 +261,26 @@ class NsLocks:
         lease = self._lease()
         value = codec.pack([[lk.kind, lk.type, lk.start, lk.end, lk.pid] for lk in locks])
         if version is None:
-            # a release: without a lease the record cannot be kept, and what
-            # it held was lost with the lease anyway
-            op = Put(key, value, lease) if locks and lease else Delete(key)
-            await self.kv.txn([], [op])
-            return True
-        if not lease:
-            raise LockUnavailable(f"volume {self.volid}: this mount has no etcd lease; "
-                                  "locks cannot be granted")
-        prefix = keys.ns_lock_prefix(self.cid, self.volid, ino)
-        return await self.kv.txn([Compare(prefix, version)],
-                                 [Put(prefix, b"", lease), Put(key, value, lease)])
+            # a release (or repair): shrinks the record, no compare.  Without
+            # a lease it waits (dirty) for the next one
+            if not lease:
+                self._dirty.add(ino)
+                return True
+            await self.kv.txn([], [Put(key, value, lease) if locks else Delete(key)])
+        else:
+            if not lease or not self._alive():
+                raise LockUnavailable(f"volume {self.volid}: this mount has no live etcd "
+                                      "lease; locks cannot be granted")
+            prefix = keys.ns_lock_prefix(self.cid, self.volid, ino)
+            if not await self.kv.txn([Compare(prefix, version)],
+                                     [Put(prefix, b""), Put(key, value, lease)]):
+                return False
+        self._dirty.discard(ino)
+        if locks:
+            self._under[ino] = lease
+        else:
+            self._under.pop(ino, None)
+        return True
 
     def _store(self, ino: int, locks: list[Lock]) -> None:
         if locks:

@@ -97,9 +97,11 @@ class RememberedInodes:
         txn.written[node.ino] = node
 
     def _gone(self, txn, ino: int) -> None:
-        """Delete an inode and its extended attributes, in this transaction."""
+        """Delete an inode, its extended attributes and its lock records, in
+        this transaction."""
         txn.delete(self.ikey(ino))
         txn.delete_prefix(keys.ns_xattr_prefix(self.cid, self.volid, ino))
+        txn.delete_prefix(keys.ns_lock_prefix(self.cid, self.volid, ino))
         txn.written[ino] = None
 
     async def _absent(self, txn, key: str) -> bool:
