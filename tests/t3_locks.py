@@ -128,15 +128,36 @@ async def test_waiters_are_woken(mounts, monkeypatch):
             await trio.sleep(1.0)
             assert [g[:2] for g in got] == [("a", 2)]        # a release here wakes at once
             assert got[0][2] - t0 < 1.0                      # (the poll would take 5 s)
-            monkeypatch.setattr(locks_mod, "POLL_MIN", 0.02)
-            monkeypatch.setattr(locks_mod, "POLL_MAX", 0.25)
             n.start_soon(wait_remote)
             await trio.sleep(0.6)
             assert len(got) == 1                             # still held by owner 2
             t0 = trio.current_time()
             await a.unlock(INO, POSIX, 2)
     assert [g[:2] for g in got] == [("a", 2), ("b", 5)]
-    assert got[1][2] - t0 < 1.0                              # another mount polls
+    assert got[1][2] - t0 < 1.0                              # another mount's: the etcd watch
+
+
+async def test_waiters_poll_without_a_watch(kv, cid):
+    """If etcd gives no watch, a waiter still gets the lock by looking again."""
+    from pxfs.errors import MetaError as ME
+
+    class NoWatch(Yielding):
+        def watch(self, prefix):
+            raise ME("no watch today")
+    leases = [await kv.lease_grant(30) for _ in range(2)]
+    a = NsLocks(kv, cid, VOL, "a", lambda: leases[0])
+    b = NsLocks(NoWatch(kv), cid, VOL, "b", lambda: leases[1])
+    await a.lock(INO, POSIX, 1, WR, 0, END)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(lambda: b.lock(INO, POSIX, 2, WR, 0, END, wait=True))
+            await trio.sleep(0.5)
+            t0 = trio.current_time()
+            await a.unlock(INO, POSIX, 1)
+    assert trio.current_time() - t0 < 1.0
+    assert ranges(b.held(INO), 2) == [(WR, 0, END)]
+    for lease in leases:
+        await kv.lease_revoke(lease)
 
 
 class Yielding:
@@ -145,6 +166,9 @@ class Yielding:
 
     def __init__(self, kv):
         self.kv = kv
+
+    def watch(self, prefix):
+        return self.kv.watch(prefix)
 
     def __getattr__(self, name):
         fn = getattr(self.kv, name)

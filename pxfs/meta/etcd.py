@@ -6,19 +6,27 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import types
 
 import trio
 
 import etcd3
 import etcd3.exceptions
 import etcd3.utils
+import etcd3.watch
 from etcd3 import etcdrpc
 import grpc
 
 from ..errors import MetaError
-from .kv import Compare, Delete, DeletePrefix, Item, Put
+from .kv import Changes, Compare, Delete, DeletePrefix, Item, Put
 
 log = logging.getLogger(__name__)
+
+if not hasattr(etcd3.watch, "six"):
+    # python3-etcd3 0.13.0's watch thread ends with six.itervalues() but no
+    # longer imports six: the NameError kills it before it tells the
+    # remaining callbacks that the stream ended (at every client close)
+    etcd3.watch.six = types.SimpleNamespace(itervalues=lambda d: iter(list(d.values())))
 
 
 @contextlib.contextmanager
@@ -129,6 +137,20 @@ class EtcdKV:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:
                     raise
         await self._call("lease revoke", fn)
+
+    @contextlib.asynccontextmanager
+    async def watch(self, prefix: str):
+        """etcd's watch on ``prefix``; its callback (on the client's watch
+        thread) fires the Changes, errors included: a waiter then looks
+        again."""
+        changes = Changes()
+        wid = await self._call("watch", lambda c: c.add_watch_prefix_callback(
+            prefix, lambda _resp: changes.fire_threadsafe()))
+        try:
+            yield changes
+        finally:
+            with trio.CancelScope(shield=True), contextlib.suppress(MetaError):
+                await self._call("cancel watch", lambda c: c.cancel_watch(wid))
 
     async def close(self) -> None:
         if self._client is not None:

@@ -5,10 +5,13 @@ transactions) for unit tests.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import time
-from typing import Protocol
+from typing import AsyncContextManager, Protocol
+
+import trio
 
 from ..errors import MetaError
 
@@ -48,6 +51,29 @@ class Compare:
     mod_rev: int
 
 
+class Changes:
+    """What ``KV.watch`` gives: ``await wait()`` returns once a key under the
+    watched prefix changed since the watch began or the last wait returned.
+    Watch callbacks may come from another thread (``fire_threadsafe``)."""
+
+    def __init__(self):
+        self._event = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+
+    def fire(self) -> None:
+        self._event.set()
+
+    def fire_threadsafe(self) -> None:
+        try:
+            self._token.run_sync_soon(self.fire)
+        except trio.RunFinishedError:
+            pass
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = trio.Event()
+
+
 class KV(Protocol):
     async def get(self, key: str) -> Item | None: ...
     async def range(self, prefix: str, limit: int = 0) -> list[Item]: ...
@@ -58,6 +84,7 @@ class KV(Protocol):
     async def lease_grant(self, ttl: int) -> int: ...
     async def lease_refresh(self, lease: int) -> bool: ...
     async def lease_revoke(self, lease: int) -> None: ...
+    def watch(self, prefix: str) -> AsyncContextManager[Changes]: ...
     async def close(self) -> None: ...
 
 
@@ -70,6 +97,21 @@ class MemKV:
         self._leases: dict[int, tuple[int, float]] = {}
         self._ids = itertools.count(1000)
         self._clock = clock
+        self._watches: list[tuple[str, Changes]] = []
+
+    def _changed(self, key_or_prefix: str, *, prefix: bool = False) -> None:
+        for wp, changes in self._watches:
+            if key_or_prefix.startswith(wp) or (prefix and wp.startswith(key_or_prefix)):
+                changes.fire()
+
+    @contextlib.asynccontextmanager
+    async def watch(self, prefix: str):
+        entry = (prefix, Changes())
+        self._watches.append(entry)
+        try:
+            yield entry[1]
+        finally:
+            self._watches.remove(entry)
 
     def _expire(self) -> None:
         now = self._clock()
@@ -78,6 +120,7 @@ class MemKV:
             del self._leases[lid]
             for k in [k for k, it in self._data.items() if it.lease == lid]:
                 del self._data[k]
+                self._changed(k)
             self._rev += 1
 
     async def get(self, key: str) -> Item | None:
@@ -114,11 +157,13 @@ class MemKV:
                 old = self._data.get(op.key)
                 self._data[op.key] = Item(op.key, op.value, self._rev,
                                           old.create_rev if old else self._rev, op.lease)
+                self._changed(op.key)
             elif isinstance(op, DeletePrefix):
                 for k in [k for k in self._data if k.startswith(op.prefix)]:
                     del self._data[k]
-            else:
-                self._data.pop(op.key, None)
+                self._changed(op.prefix, prefix=True)
+            elif self._data.pop(op.key, None) is not None:
+                self._changed(op.key)
         return self._rev
 
     async def delete_prefix(self, prefix: str) -> int:
@@ -129,6 +174,7 @@ class MemKV:
             self._rev += 1
             for k in doomed:
                 del self._data[k]
+            self._changed(prefix, prefix=True)
         return len(doomed)
 
     async def lease_grant(self, ttl: int) -> int:

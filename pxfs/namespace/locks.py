@@ -25,14 +25,17 @@ is replaced while it is alive (a refresh failed, the old lease still runs),
 its records move to the new lease before the old one can expire.
 
 Waiting (F_SETLKW, flock without LOCK_NB): a release in this mount wakes
-its waiters at once; other mounts' locks are polled, 20 ms doubling up to
-250 ms.  No fairness between waiters, and no deadlock detection across
+its waiters at once; one blocked by another mount's lock watches the
+file's lock records in etcd, so that mount's release wakes it too, and
+also looks again every 20 ms doubling up to 2 s (250 ms if etcd gives no
+watch).  No fairness between waiters, and no deadlock detection across
 mounts (NFS has none either); within a mount neither does the kernel
 forward lock requests anywhere but here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import logging
@@ -51,6 +54,7 @@ RD, WR, UN = fcntl.F_RDLCK, fcntl.F_WRLCK, fcntl.F_UNLCK
 END = 2 ** 63 - 1                 # "to the end of the file" (l_len 0)
 REMOTE = -1                       # the owner of another mount's locks
 POLL_MIN, POLL_MAX = 0.02, 0.25
+WATCHED_POLL_MAX = 2.0            # s; with an etcd watch the poll is only a safety net
 REPAIR_EVERY = 0.5                # s; a replaced lease has >= 4 s left (MOUNT_TTL 10, alive < 6)
 
 
@@ -148,17 +152,22 @@ class NsLocks:
             # holders of a shared lock that both upgrade do not deadlock
             await self.unlock(ino, FLOCK, owner)
         delay = POLL_MIN
-        while True:
-            released = self._released
-            holder = await self._try(ino, kind, owner, type_, start, end, pid)
-            if holder is None:
-                return
-            if not wait:
-                raise LockConflict(f"inode {ino}: range {start}-{end} is locked "
-                                   + ("here" if holder.owner != REMOTE else "by another mount"))
-            with trio.move_on_after(delay):
-                await released.wait()
-            delay = min(delay * 2, POLL_MAX)
+        async with contextlib.AsyncExitStack() as stack:
+            changes = None
+            while True:
+                released = self._released
+                holder = await self._try(ino, kind, owner, type_, start, end, pid)
+                if holder is None:
+                    return
+                if not wait:
+                    raise LockConflict(f"inode {ino}: range {start}-{end} is locked " + (
+                        "here" if holder.owner != REMOTE else "by another mount"))
+                if holder.owner == REMOTE and changes is None:
+                    changes = await self._watch(stack, ino)
+                    if changes is not None:
+                        continue    # a change before the watch began is not reported: look again
+                await _first(delay, released.wait, changes.wait if changes else None)
+                delay = min(delay * 2, WATCHED_POLL_MAX if changes else POLL_MAX)
 
     async def unlock(self, ino: int, kind: str, owner: int, start: int = 0,
                      end: int = END) -> None:
@@ -176,6 +185,17 @@ class NsLocks:
                         await self._publish(ino, new)
         finally:
             self._wake()
+
+    async def _watch(self, stack, ino: int):
+        """A watch on the inode's lock records (other mounts' releases wake
+        the waiter at once), or None if etcd would not give one: polling
+        alone then."""
+        try:
+            return await stack.enter_async_context(
+                self.kv.watch(keys.ns_lock_prefix(self.cid, self.volid, ino)))
+        except PxfsError as exc:
+            log.info("no etcd watch for a lock wait (polling): %s", exc)
+            return None
 
     async def repair(self) -> None:
         """Write again the records a release could not write, and move
@@ -294,6 +314,20 @@ class NsLocks:
     def _wake(self) -> None:
         self._released.set()
         self._released = trio.Event()
+
+
+async def _first(timeout: float, *waits) -> None:
+    """Until the first of ``waits`` (async callables; None ignored) returns,
+    or ``timeout`` passes."""
+    async with trio.open_nursery() as nursery:
+        nursery.cancel_scope.deadline = trio.current_time() + timeout
+
+        async def one(fn):
+            await fn()
+            nursery.cancel_scope.cancel()
+        for fn in waits:
+            if fn is not None:
+                nursery.start_soon(one, fn)
 
 
 class _InodeMutex:
