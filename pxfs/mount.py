@@ -175,10 +175,14 @@ class MountClient:
             if not self.alive() and self.on_stale is not None:
                 self.on_stale()               # latched: a late refresh must not undo it
             try:
+                # etcd counts the lease's TTL from when it takes the request:
+                # the time before the call, so that alive() never outlasts it
+                asked = time.monotonic()
                 if not self.lease or not await self.kv.lease_refresh(self.lease):
+                    asked = time.monotonic()
                     self.lease = await self.kv.lease_grant(MOUNT_TTL)
                     await self.publish()
-                self.alive_at = time.monotonic()
+                self.alive_at = asked
             except PxfsError as exc:
                 log.warning("mount record not kept alive: %s", exc)
                 self.lease = 0
@@ -220,7 +224,8 @@ async def serve(source: str, mountpoint: str, opts: dict, ready_fd: int | None,
         with contextlib.suppress(PxfsError):
             sv.check_alive()
     mc.on_stale = stale
-    locks = LockService(NsLocks(kv, mc.cid, mc.volid, mc.client, lambda: mc.lease, mc.alive))
+    locks = LockService(NsLocks(kv, mc.cid, mc.volid, mc.client, lambda: mc.lease,
+                                lambda: mc.alive() and not vol.fenced))
     locks.install()
     fs = SharedFS(sv, locks)
     fuse_opts = {f"fsname={source}", "subtype=pxfs"} | (opts["flags"] - {"rw"})

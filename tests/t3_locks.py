@@ -264,7 +264,7 @@ async def test_a_release_that_failed_is_written_later(kv, cid, mounts):
     real = a.kv
 
     class Down:
-        async def txn(self, *args):
+        async def commit(self, *args):
             raise MetaError("etcd unavailable")
     a.kv = Down()
     with pytest.raises(MetaError):
@@ -298,8 +298,10 @@ async def test_records_follow_a_new_lease(kv, cid, mounts):
         await b.lock(INO + 1, FLOCK, 2, WR, 0, END)
 
 
-async def test_a_mount_that_was_cut_off_forgets_its_locks(kv, cid, mounts):
-    a = await mounts("a")
+async def test_a_mount_that_is_not_alive_grants_nothing(kv, cid, mounts):
+    """Cut off longer than it may trust its lease (or fenced): no new locks;
+    what it holds stays held while its record stands."""
+    a, b = await mounts("a"), await mounts("b")
     alive = [True]
     a._alive = lambda: alive[0]
     await a.lock(INO, POSIX, 1, WR, 0, END)
@@ -307,11 +309,40 @@ async def test_a_mount_that_was_cut_off_forgets_its_locks(kv, cid, mounts):
     with pytest.raises(LockUnavailable):
         await a.lock(INO + 1, POSIX, 1, WR, 0, END)
     await a.repair()
-    assert a.held(INO) == []
-    # what it held is not granted again by a later change on the file
+    assert ranges(a.held(INO)) == [(WR, 0, END)]
+    with pytest.raises(LockConflict):
+        await b.lock(INO, POSIX, 2, RD, 0, 0)
     alive[0] = True
-    await a.lock(INO, POSIX, 2, RD, 0, 0)
-    assert ranges(a.held(INO), 1) == [] and ranges(a.held(INO), 2) == [(RD, 0, 0)]
+    await a.lock(INO + 1, POSIX, 1, WR, 0, END)
+
+
+async def test_locks_that_expired_never_come_back(kv, cid, mounts):
+    """The mount's lease expired (its record went) and another mount took the
+    lock; then the first mount gets a new lease: neither moving its records
+    to it, nor a release, nor a grant on the file writes the lost lock back."""
+    a, b = await mounts("a"), await mounts("b")
+    await a.lock(INO, POSIX, 1, WR, 0, 99)
+    await a.lock(INO, POSIX, 2, WR, 200, 299)
+    await a.lock(INO + 1, FLOCK, 1, WR, 0, END)
+    await a.lock(INO + 2, FLOCK, 1, WR, 0, END)
+    old = a.box["lease"]
+    a.box["lease"] = 0                      # a refresh failed...
+    await kv.lease_revoke(old)              # ...and the lease ran out
+    await b.lock(INO, POSIX, 7, WR, 0, 99)
+    await b.lock(INO + 1, FLOCK, 7, WR, 0, END)
+    await b.lock(INO + 2, FLOCK, 7, WR, 0, END)
+    a.box["lease"] = await kv.lease_grant(30)
+    await a.unlock(INO, POSIX, 2)           # a release: finds its record gone
+    assert a.held(INO) == []
+    await a.repair()                        # the move to the new lease: the same
+    assert a.held(INO + 1) == []
+    with pytest.raises(LockConflict):       # a grant on the file: reads it gone first
+        await a.lock(INO + 2, FLOCK, 3, RD, 0, END)
+    assert a.held(INO + 2) == []
+    for ino in (INO, INO + 1, INO + 2):
+        assert await kv.get(keys.ns_lock_key(cid, VOL, ino, "a")) is None
+    assert await a.test(INO, POSIX, 9, RD, 0, 99) is not None       # b's
+    await a.lock(INO, POSIX, 1, WR, 100, 199)   # beside b's: a fresh grant works
 
 
 async def test_flock_upgrades_do_not_deadlock(mounts):

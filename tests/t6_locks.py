@@ -210,7 +210,7 @@ def test_a_blocked_lock_is_interrupted_by_a_signal(shared):
         holder.wait()
         c.wait_for(lambda: try_lock(f"{m1}/f", "fcntl", 0, 0) == "got", timeout=5,
                    what="lock free after the holder died")
-        time.sleep(1)            # a wait that went on behind the interrupt would have won by now
+        time.sleep(2.5)          # a wait that went on behind the interrupt would have won by now
         assert try_lock(f"{m1}/f", "fcntl", 0, 0) == "got"
     finally:
         holder.kill()

@@ -46,6 +46,9 @@ class EtcdKV:
         self._endpoints = list(endpoints)
         self._timeout = timeout
         self._limiter = trio.CapacityLimiter(8)
+        # creating a watch can take the client's whole timeout, one at a
+        # time: not on the limiter that lease refreshes need
+        self._watch_limiter = trio.CapacityLimiter(2)
         self._client = None
         self._pick = 0
 
@@ -55,7 +58,7 @@ class EtcdKV:
             self._client = etcd3.client(host=host, port=port, timeout=self._timeout)
         return self._client
 
-    async def _call(self, what, fn):
+    async def _call(self, what, fn, limiter=None):
         def run():
             with map_etcd_errors(what):
                 try:
@@ -64,7 +67,7 @@ class EtcdKV:
                     # try the next endpoint once
                     self._client, self._pick = None, self._pick + 1
                     return fn(self._connect())
-        return await trio.to_thread.run_sync(run, limiter=self._limiter)
+        return await trio.to_thread.run_sync(run, limiter=limiter or self._limiter)
 
     @staticmethod
     def _item(key, value, meta) -> Item:
@@ -144,13 +147,24 @@ class EtcdKV:
         thread) fires the Changes, errors included: a waiter then looks
         again."""
         changes = Changes()
-        wid = await self._call("watch", lambda c: c.add_watch_prefix_callback(
-            prefix, lambda _resp: changes.fire_threadsafe()))
+
+        def on_event(resp):
+            if isinstance(resp, Exception):   # the stream ended; python3-etcd3 drops the watch
+                changes.broken = True
+            changes.fire_threadsafe()
+
+        def start(c):
+            return c, c.add_watch_prefix_callback(prefix, on_event)
+        client, wid = await self._call("watch", start, limiter=self._watch_limiter)
         try:
             yield changes
         finally:
-            with trio.CancelScope(shield=True), contextlib.suppress(MetaError):
-                await self._call("cancel watch", lambda c: c.cancel_watch(wid))
+            # on the client that made it (ids are per client and per stream);
+            # after the stream ended the id may be another watch's already
+            if not changes.broken:
+                with trio.CancelScope(shield=True), contextlib.suppress(MetaError):
+                    await self._call("cancel watch", lambda _c: client.cancel_watch(wid),
+                                     limiter=self._watch_limiter)
 
     async def close(self) -> None:
         if self._client is not None:

@@ -141,10 +141,6 @@ def ns_lock_key(cid: str, volid: int, ino: int, client: str) -> str:
     return ns_lock_prefix(cid, volid, ino) + client
 
 
-def ns_lockver_key(cid: str, volid: int, ino: int) -> str:
-    return f"{ROOT}/{cid}/ns/{volid}/lv/{ino:x}"
-
-
 def encode_name(name: bytes) -> str:
     try:
         text = name.decode("utf-8")

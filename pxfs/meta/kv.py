@@ -59,6 +59,7 @@ class Changes:
     def __init__(self):
         self._event = trio.Event()
         self._token = trio.lowlevel.current_trio_token()
+        self.broken = False          # the watch ended (etcd's stream failed): poll instead
 
     def fire(self) -> None:
         self._event.set()

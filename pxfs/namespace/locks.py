@@ -20,9 +20,11 @@ again after it vanished and came back, so it has no lease.
 
 A mount that dies (or loses etcd for its lease's TTL) loses its locks when
 its lease expires, as an NFS client's locks go with its lease; such a mount
-has turned stale (ESTALE) by then, and forgets them.  When the mount's lease
-is replaced while it is alive (a refresh failed, the old lease still runs),
-its records move to the new lease before the old one can expire.
+has fenced itself (ESTALE) by then.  Every write of a mount's own record
+requires its revision to be the one that mount last wrote, so a record that
+expired is never written back: the mount finds out and forgets those locks.
+When the mount's lease is replaced while its record still stands (a refresh
+failed, the old lease still runs), the record moves to the new lease.
 
 Waiting (F_SETLKW, flock without LOCK_NB): a release in this mount wakes
 its waiters at once; one blocked by another mount's lock watches the
@@ -120,6 +122,7 @@ class NsLocks:
         self._alive = alive_fn                    # -> False once that lease may have expired
         self._held: dict[int, list[Lock]] = {}    # ino -> this mount's locks
         self._under: dict[int, int] = {}          # ino -> the lease its record is under
+        self._rev: dict[int, int] = {}            # ino -> its record's revision (absent: none)
         self._dirty: set[int] = set()             # records that may still show released locks
         self._mutex: dict[int, trio.Lock] = {}
         self._released = trio.Event()             # set (and replaced) on every release
@@ -135,7 +138,7 @@ class NsLocks:
         for lk in self._held.get(ino, ()):
             if conflicts(lk, kind, owner, type_, start, end):
                 return lk
-        others, _ = await self._read(ino)
+        others, _, _ = await self._read(ino)
         return next((lk for lk in others if conflicts(lk, kind, owner, type_, start, end)), None)
 
     async def lock(self, ino: int, kind: str, owner: int, type_: int, start: int, end: int,
@@ -153,7 +156,7 @@ class NsLocks:
             await self.unlock(ino, FLOCK, owner)
         delay = POLL_MIN
         async with contextlib.AsyncExitStack() as stack:
-            changes = None
+            changes, watched = None, False
             while True:
                 released = self._released
                 holder = await self._try(ino, kind, owner, type_, start, end, pid)
@@ -162,12 +165,14 @@ class NsLocks:
                 if not wait:
                     raise LockConflict(f"inode {ino}: range {start}-{end} is locked " + (
                         "here" if holder.owner != REMOTE else "by another mount"))
-                if holder.owner == REMOTE and changes is None:
+                if holder.owner == REMOTE and not watched:
+                    watched = True
                     changes = await self._watch(stack, ino)
                     if changes is not None:
                         continue    # a change before the watch began is not reported: look again
-                await _first(delay, released.wait, changes.wait if changes else None)
-                delay = min(delay * 2, WATCHED_POLL_MAX if changes else POLL_MAX)
+                live = changes is not None and not changes.broken
+                await _first(delay, released.wait, changes.wait if live else None)
+                delay = min(delay * 2, WATCHED_POLL_MAX if live else POLL_MAX)
 
     async def unlock(self, ino: int, kind: str, owner: int, start: int = 0,
                      end: int = END) -> None:
@@ -199,18 +204,11 @@ class NsLocks:
 
     async def repair(self) -> None:
         """Write again the records a release could not write, and move
-        records to the mount's current lease; forget every lock once the
-        lease they were under may have expired."""
+        records to the mount's current lease.  Each write requires the record
+        to be as this mount last wrote it: one that expired with an old
+        lease is not brought back, its locks are lost (``_lost``)."""
         lease = self._lease()
         if not lease:
-            return
-        if not self._alive():
-            if self._held:
-                log.warning("volume %s: this mount lost etcd for too long; its %d locked "
-                            "files are no longer locked", self.volid, len(self._held))
-                self._held.clear()
-                self._under.clear()
-                self._wake()
             return
         for ino in sorted(self._dirty | {i for i in self._held if self._under.get(i) != lease}):
             async with self._mx(ino):
@@ -219,7 +217,6 @@ class NsLocks:
                 except PxfsError as exc:
                     log.warning("volume %s: lock record of inode %d not written: %s",
                                 self.volid, ino, exc)
-                    return
 
     async def service(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -237,11 +234,13 @@ class NsLocks:
         """One attempt: None once granted, else the lock in the way."""
         while True:
             async with self._mx(ino):
-                held = self._held.get(ino, [])
-                for lk in held:
+                for lk in self._held.get(ino, ()):
                     if conflicts(lk, kind, owner, type_, start, end):
                         return lk
-                others, version = await self._read(ino)
+                others, version, mine = await self._read(ino)
+                if mine != self._rev.get(ino, 0):
+                    self._lost(ino)
+                held = self._held.get(ino, [])
                 for lk in others:
                     if conflicts(lk, kind, owner, type_, start, end):
                         return lk
@@ -251,17 +250,33 @@ class NsLocks:
                     return None
             # another mount granted a lock on this inode meanwhile: look again
 
-    async def _read(self, ino: int) -> tuple[list[Lock], int]:
-        """Other mounts' locks on ``ino`` and the inode's lock version."""
+    async def _read(self, ino: int) -> tuple[list[Lock], int, int]:
+        """Other mounts' locks on ``ino``, the inode's lock version and the
+        revision of this mount's record (0: none)."""
         prefix = keys.ns_lock_prefix(self.cid, self.volid, ino)
-        mine = keys.ns_lock_key(self.cid, self.volid, ino, self.client)
-        others, version = [], 0
+        key = keys.ns_lock_key(self.cid, self.volid, ino, self.client)
+        others, version, mine = [], 0, 0
         for it in await self.kv.range(prefix):
             if it.key == prefix:
                 version = it.mod_rev
-            elif it.key != mine:
+            elif it.key == key:
+                mine = it.mod_rev
+            else:
                 others.extend(self._decode(it.key, it.value))
-        return others, version
+        return others, version, mine
+
+    def _lost(self, ino: int) -> None:
+        """This mount's record of ``ino`` is not as it wrote it: it expired
+        with a lease this mount lost (or the file was deleted).  Its locks
+        there are gone for the rest of the cluster; forget them here too."""
+        if self._held.get(ino):
+            log.warning("volume %s: the locks on inode %d were lost with this mount's etcd "
+                        "lease", self.volid, ino)
+        self._held.pop(ino, None)
+        self._rev.pop(ino, None)
+        self._under.pop(ino, None)
+        self._dirty.discard(ino)
+        self._wake()
 
     @staticmethod
     def _decode(key: str, value: bytes) -> list[Lock]:
@@ -280,25 +295,31 @@ class NsLocks:
         key = keys.ns_lock_key(self.cid, self.volid, ino, self.client)
         lease = self._lease()
         value = codec.pack([[lk.kind, lk.type, lk.start, lk.end, lk.pid] for lk in locks])
+        mine = Compare(key, self._rev.get(ino, 0))   # the record is as this mount left it
         if version is None:
-            # a release (or repair): shrinks the record, no compare.  Without
-            # a lease it waits (dirty) for the next one
+            # a release (or repair): only shrinks the record or moves it to
+            # the current lease.  Without a lease it waits (dirty) for one
             if not lease:
                 self._dirty.add(ino)
                 return True
-            await self.kv.txn([], [Put(key, value, lease) if locks else Delete(key)])
+            rev = await self.kv.commit([mine], [Put(key, value, lease) if locks else Delete(key)])
+            if not rev:
+                self._lost(ino)
+                return True
         else:
             if not lease or not self._alive():
                 raise LockUnavailable(f"volume {self.volid}: this mount has no live etcd "
                                       "lease; locks cannot be granted")
             prefix = keys.ns_lock_prefix(self.cid, self.volid, ino)
-            if not await self.kv.txn([Compare(prefix, version)],
-                                     [Put(prefix, b""), Put(key, value, lease)]):
-                return False
+            rev = await self.kv.commit([Compare(prefix, version), mine],
+                                       [Put(prefix, b""), Put(key, value, lease)])
+            if not rev:
+                return False        # _try reads again (and finds out if the record was lost)
         self._dirty.discard(ino)
         if locks:
-            self._under[ino] = lease
+            self._rev[ino], self._under[ino] = rev, lease
         else:
+            self._rev.pop(ino, None)
             self._under.pop(ino, None)
         return True
 
