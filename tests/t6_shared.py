@@ -365,6 +365,9 @@ def test_fsck_repairs_damage(shared):
             Put(ik(inos["a"]), a.pack()),
             Put(ik(orphan.ino), orphan.pack()), Put(ik(lost.ino), lost.pack()),
             Put(keys.ns_dentry_key(cid, volid, 1, b"dangling"), pack_ino(123_456)),
+            # lock records of a file that is gone (another mount deleted it meanwhile)
+            Put(keys.ns_lock_prefix(cid, volid, 777_777), b""),
+            Put(keys.ns_lock_key(cid, volid, 777_777, "m.h.1"), b"\x90"),
             Delete(ik(inos["dir/c"]))])                        # c's entry now dangles
         data = {n["id"]: n["data"] for n in c.pxctl("node1", "status")["nodes"]}
         h2, p2 = data["node2"].rsplit(":", 1)
@@ -380,6 +383,7 @@ def test_fsck_repairs_damage(shared):
     text = "\n".join(res["problems"])
     for words in ("points to missing inode 123456", "orphan inode 999000",
                   "unreachable inode 999001", f"inode {inos['a']}: link count 7, should be 2",
+                  "lock records of missing inode 777777",
                   "chunk(s) that no file references", f"chunk {inos['b']}:0 missing on node2",
                   "usage records"):
         assert words in text, (words, text)
