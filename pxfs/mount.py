@@ -200,10 +200,9 @@ class MountClient:
 
 async def serve(source: str, mountpoint: str, opts: dict, ready_fd: int | None,
                 cluster: dict, vol_desc: dict) -> int:
+    from .fuse import shared as fuse_shared
     from .fuse.locks import LockService
-    from .fuse.shared import SharedFS
     from .namespace.locks import NsLocks
-    import pyfuse3
 
     if not vol_desc.get("shared"):
         raise InvalidArgument(f"volume {source!r} is a block volume: attach and mount it with "
@@ -226,10 +225,9 @@ async def serve(source: str, mountpoint: str, opts: dict, ready_fd: int | None,
     mc.on_stale = stale
     locks = LockService(NsLocks(kv, mc.cid, mc.volid, mc.client, lambda: mc.lease,
                                 lambda: mc.alive() and not vol.fenced))
-    locks.install()
-    fs = SharedFS(sv, locks)
+    fs = fuse_shared.SharedFS(sv, locks)
     fuse_opts = {f"fsname={source}", "subtype=pxfs"} | (opts["flags"] - {"rw"})
-    pyfuse3.init(fs, mountpoint, fuse_opts)
+    fuse_shared.mount(fs, mountpoint, fuse_opts)
     if not locks.active():
         log.warning("flock/fcntl locks on %s hold on this node only", mountpoint)
     try:
@@ -251,10 +249,10 @@ async def serve(source: str, mountpoint: str, opts: dict, ready_fd: int | None,
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
                     async for _ in sigs:
                         log.info("signal: unmounting %s", mountpoint)
-                        pyfuse3.terminate()
+                        fuse_shared.terminate()
                         return
             nursery.start_soon(signals)
-            await pyfuse3.main(max_tasks=64)
+            await fuse_shared.serve()
             with trio.move_on_after(10):
                 with contextlib.suppress(PxfsError):
                     await sv.finish()
@@ -263,7 +261,7 @@ async def serve(source: str, mountpoint: str, opts: dict, ready_fd: int | None,
             nursery.cancel_scope.cancel()
     finally:
         with contextlib.suppress(Exception):
-            pyfuse3.close(unmount=True)
+            fuse_shared.unmount()
         await kv.close()
     return 0
 

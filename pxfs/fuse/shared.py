@@ -243,3 +243,24 @@ class SharedFS(pyfuse3.Operations):
 
     async def removexattr(self, inode, name, ctx):
         await self._call(self.sv.meta.removexattr(inode, name))
+
+
+# -- the mount program's session (pxfs/mount.py) ----------------------------------------
+def mount(fs: SharedFS, mountpoint: str, options: set[str]) -> None:
+    """Make this process's FUSE session for ``fs``: with the lock
+    operations when ``fs`` has a LockService (set before the session is)."""
+    if fs.locks is not None:
+        fs.locks.install()
+    pyfuse3.init(fs, mountpoint, options)
+
+
+async def serve() -> None:
+    await pyfuse3.main(max_tasks=64)
+
+
+def terminate() -> None:
+    pyfuse3.terminate()
+
+
+def unmount() -> None:
+    pyfuse3.close(unmount=True)
