@@ -15,7 +15,6 @@ import sys
 import textwrap
 import time
 
-import pytest
 
 from conftest import needs_mounts
 
@@ -62,6 +61,20 @@ def wait_line(proc: subprocess.Popen, want: str, timeout: float = 30) -> None:
     raise AssertionError(f"child did not say {want!r}: {proc.stderr.read()}")
 
 
+def two_mounts(shared, vol: str, *files: str):
+    """(cluster, m1, m2): shared volume ``vol`` mounted through node1 and
+    node2, with empty ``files`` made on m1 and visible on m2."""
+    c, mount = shared
+    c.pxctl("node1", "volume", "create", vol, "--shared", "--size", "1", "--repl", "2")
+    m1 = mount("node1", vol, os.path.join(c.workdir, vol + "1"))
+    m2 = mount("node2", vol, os.path.join(c.workdir, vol + "2"))
+    for f in files:
+        open(f"{m1}/{f}", "w").close()
+    c.wait_for(lambda: all(os.path.exists(f"{m2}/{f}") for f in files), timeout=3,
+               what="files on node2")
+    return c, m1, m2
+
+
 HOLD = """
 import fcntl, os, sys, time
 fd = os.open(sys.argv[1], os.O_RDWR)
@@ -94,12 +107,7 @@ def try_lock(path: str, kind: str = "flock", start: int = 0, length: int = 0) ->
 
 
 def test_locks_hold_across_nodes(shared):
-    c, mount = shared
-    c.pxctl("node1", "volume", "create", "lk", "--shared", "--size", "1", "--repl", "2")
-    m1 = mount("node1", "lk", os.path.join(c.workdir, "l1"))
-    m2 = mount("node2", "lk", os.path.join(c.workdir, "l2"))
-    open(f"{m1}/lockfile", "w").close()
-    c.wait_for(lambda: os.path.exists(f"{m2}/lockfile"), timeout=3, what="file on node2")
+    c, m1, m2 = two_mounts(shared, "lk", "lockfile")
 
     # flock: one holder in the cluster; a blocked waiter on the other node
     # gets the lock once the holder's process ends (its files are closed)
@@ -173,12 +181,7 @@ def test_locks_hold_across_nodes(shared):
 
 
 def test_a_blocked_lock_is_interrupted_by_a_signal(shared):
-    c, mount = shared
-    c.pxctl("node1", "volume", "create", "li", "--shared", "--size", "1", "--repl", "2")
-    m1 = mount("node1", "li", os.path.join(c.workdir, "i1"))
-    m2 = mount("node2", "li", os.path.join(c.workdir, "i2"))
-    open(f"{m1}/f", "w").close()
-    c.wait_for(lambda: os.path.exists(f"{m2}/f"), timeout=3, what="file on node2")
+    c, m1, m2 = two_mounts(shared, "li", "f")
     holder = spawn(HOLD, f"{m1}/f", "fcntl", "0", "0")
     # the interrupted process stays alive with the file open: a lock granted
     # behind its back would stay held by it
@@ -238,13 +241,7 @@ def test_racing_appends_guarded_by_flock(shared):
     """Two writers on two nodes append records to one file, each one reading
     the size and writing after it under an flock: no record is lost or torn.
     (Without locks across nodes both read the same size and overwrite.)"""
-    c, mount = shared
-    c.pxctl("node1", "volume", "create", "la", "--shared", "--size", "1", "--repl", "2")
-    m1 = mount("node1", "la", os.path.join(c.workdir, "a1"))
-    m2 = mount("node2", "la", os.path.join(c.workdir, "a2"))
-    open(f"{m1}/lock", "w").close()
-    open(f"{m1}/log", "w").close()
-    c.wait_for(lambda: os.path.exists(f"{m2}/log"), timeout=3, what="files on node2")
+    c, m1, m2 = two_mounts(shared, "la", "lock", "log")
     n = 40
     procs = [spawn(APPENDER, f"{m}/lock", f"{m}/log", tag, str(n))
              for m, tag in ((m1, "A"), (m2, "B"))]
@@ -266,13 +263,7 @@ def test_flock_tool_guards_shell_appends(shared):
     """What a build script does: `flock LOCKFILE -c 'echo ... >> LOG'` in a
     loop on two hosts.  Every line lands (without the lock, appends through
     two mounts overwrite each other)."""
-    c, mount = shared
-    c.pxctl("node1", "volume", "create", "lf", "--shared", "--size", "1", "--repl", "2")
-    m1 = mount("node1", "lf", os.path.join(c.workdir, "f1"))
-    m2 = mount("node2", "lf", os.path.join(c.workdir, "f2"))
-    open(f"{m1}/.lock", "w").close()
-    open(f"{m1}/builds.log", "w").close()
-    c.wait_for(lambda: os.path.exists(f"{m2}/builds.log"), timeout=3, what="files on node2")
+    c, m1, m2 = two_mounts(shared, "lf", ".lock", "builds.log")
     loop = 'for i in $(seq 1 25); do flock "$1/.lock" -c "echo $2 $i >> $1/builds.log"; done'
     procs = [subprocess.Popen(["sh", "-c", loop, "sh", m, tag], stderr=subprocess.PIPE,
                               text=True) for m, tag in ((m1, "A"), (m2, "B"))]
@@ -286,12 +277,7 @@ def test_flock_tool_guards_shell_appends(shared):
 def test_locks_of_a_killed_mount_expire(shared):
     """SIGKILL of a mount's own process (the node's view of the volume dies
     with it): its locks go when its etcd lease expires."""
-    c, mount = shared
-    c.pxctl("node1", "volume", "create", "lx", "--shared", "--size", "1", "--repl", "2")
-    m1 = mount("node1", "lx", os.path.join(c.workdir, "x1"))
-    m2 = mount("node2", "lx", os.path.join(c.workdir, "x2"))
-    open(f"{m1}/f", "w").close()
-    c.wait_for(lambda: os.path.exists(f"{m2}/f"), timeout=3, what="file on node2")
+    c, m1, m2 = two_mounts(shared, "lx", "f")
     holder = spawn(HOLD, f"{m1}/f", "flock")
     try:
         wait_line(holder, "held")

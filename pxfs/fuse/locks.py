@@ -33,10 +33,6 @@ class LockService:
         # the kernel sends no owner for them
         self._via: dict[tuple[int, int], int] = {}
 
-    @staticmethod
-    def available() -> bool:
-        return _lockops is not None
-
     def install(self) -> None:
         """Before pyfuse3.init: the session it makes gets the lock operations."""
         if _lockops is None:

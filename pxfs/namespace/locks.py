@@ -77,6 +77,11 @@ def conflicts(held: Lock, kind: str, owner: int, type_: int, start: int, end: in
             and start <= held.end and WR in (held.type, type_))
 
 
+def first_conflict(locks, kind: str, owner: int, type_: int, start: int,
+                   end: int) -> Lock | None:
+    return next((lk for lk in locks if conflicts(lk, kind, owner, type_, start, end)), None)
+
+
 def apply(locks: list[Lock], owner: int, kind: str, type_: int, start: int, end: int,
           pid: int = 0) -> list[Lock]:
     """The locks after ``owner`` sets [start, end] to ``type_`` (UN unlocks):
@@ -121,8 +126,7 @@ class NsLocks:
         self._lease = lease_fn                    # -> this mount's etcd lease (0: none)
         self._alive = alive_fn                    # -> False once that lease may have expired
         self._held: dict[int, list[Lock]] = {}    # ino -> this mount's locks
-        self._under: dict[int, int] = {}          # ino -> the lease its record is under
-        self._rev: dict[int, int] = {}            # ino -> its record's revision (absent: none)
+        self._record: dict[int, tuple[int, int]] = {}   # ino -> its record's (revision, lease)
         self._dirty: set[int] = set()             # records that may still show released locks
         self._mutex: dict[int, trio.Lock] = {}
         self._released = trio.Event()             # set (and replaced) on every release
@@ -135,11 +139,11 @@ class NsLocks:
                    end: int) -> Lock | None:
         """F_GETLK: a lock that would stop this one, or None."""
         check_request(kind, type_, start, end)
-        for lk in self._held.get(ino, ()):
-            if conflicts(lk, kind, owner, type_, start, end):
-                return lk
-        others, _, _ = await self._read(ino)
-        return next((lk for lk in others if conflicts(lk, kind, owner, type_, start, end)), None)
+        holder = first_conflict(self._held.get(ino, ()), kind, owner, type_, start, end)
+        if holder is None:
+            others, _, _ = await self._read(ino)
+            holder = first_conflict(others, kind, owner, type_, start, end)
+        return holder
 
     async def lock(self, ino: int, kind: str, owner: int, type_: int, start: int, end: int,
                    pid: int = 0, *, wait: bool = False) -> None:
@@ -210,7 +214,7 @@ class NsLocks:
         lease = self._lease()
         if not lease:
             return
-        for ino in sorted(self._dirty | {i for i in self._held if self._under.get(i) != lease}):
+        for ino in sorted(self._dirty | {i for i in self._held if self._record.get(i, (0, 0))[1] != lease}):
             async with self._mx(ino):
                 try:
                     await self._publish(ino, self._held.get(ino, []))
@@ -234,16 +238,16 @@ class NsLocks:
         """One attempt: None once granted, else the lock in the way."""
         while True:
             async with self._mx(ino):
-                for lk in self._held.get(ino, ()):
-                    if conflicts(lk, kind, owner, type_, start, end):
-                        return lk
+                holder = first_conflict(self._held.get(ino, ()), kind, owner, type_, start, end)
+                if holder is not None:
+                    return holder
                 others, version, mine = await self._read(ino)
-                if mine != self._rev.get(ino, 0):
+                if mine != self._record.get(ino, (0, 0))[0]:
                     self._lost(ino)
+                holder = first_conflict(others, kind, owner, type_, start, end)
+                if holder is not None:
+                    return holder
                 held = self._held.get(ino, [])
-                for lk in others:
-                    if conflicts(lk, kind, owner, type_, start, end):
-                        return lk
                 new = apply(held, owner, kind, type_, start, end, pid)
                 if await self._publish(ino, new, version):
                     self._store(ino, new)
@@ -273,8 +277,7 @@ class NsLocks:
             log.warning("volume %s: the locks on inode %d were lost with this mount's etcd "
                         "lease", self.volid, ino)
         self._held.pop(ino, None)
-        self._rev.pop(ino, None)
-        self._under.pop(ino, None)
+        self._record.pop(ino, None)
         self._dirty.discard(ino)
         self._wake()
 
@@ -295,7 +298,7 @@ class NsLocks:
         key = keys.ns_lock_key(self.cid, self.volid, ino, self.client)
         lease = self._lease()
         value = codec.pack([[lk.kind, lk.type, lk.start, lk.end, lk.pid] for lk in locks])
-        mine = Compare(key, self._rev.get(ino, 0))   # the record is as this mount left it
+        mine = Compare(key, self._record.get(ino, (0, 0))[0])   # the record is as this mount left it
         if version is None:
             # a release (or repair): only shrinks the record or moves it to
             # the current lease.  Without a lease it waits (dirty) for one
@@ -317,10 +320,9 @@ class NsLocks:
                 return False        # _try reads again (and finds out if the record was lost)
         self._dirty.discard(ino)
         if locks:
-            self._rev[ino], self._under[ino] = rev, lease
+            self._record[ino] = (rev, lease)
         else:
-            self._rev.pop(ino, None)
-            self._under.pop(ino, None)
+            self._record.pop(ino, None)
         return True
 
     def _store(self, ino: int, locks: list[Lock]) -> None:
