@@ -15,7 +15,6 @@ import sys
 import textwrap
 import time
 
-
 from conftest import needs_mounts
 
 
