@@ -561,3 +561,28 @@ def test_stat_sees_deferred_attributes_while_they_are_recorded(shared):
                 stale.append((i, oct(mode)))
                 break
     assert not stale, f"stat showed the mode from before fchmod: {stale[:5]}"
+
+
+def test_appends_take_turns_across_mounts(shared):
+    """`>>` on one mount right after a close on another lands after it, also
+    while this mount's kernel still holds the file's old size (its name is
+    cached for a second): an O_APPEND write goes to the end pxfs knows."""
+    c, mount = shared
+    c.pxctl("node1", "volume", "create", "app", "--shared", "--size", "1", "--repl", "2")
+    m1 = mount("node1", "app", os.path.join(c.workdir, "a1"))
+    m2 = mount("node2", "app", os.path.join(c.workdir, "a2"))
+    open(f"{m1}/log", "w").close()
+    c.wait_for(lambda: os.path.exists(f"{m2}/log"), what="log visible on node2")
+    want = []
+    for i in range(20):
+        for m, tag in ((m1, "A"), (m2, "B")):
+            line = f"{tag} {i}\n"
+            fd = os.open(f"{m}/log", os.O_WRONLY | os.O_APPEND)
+            try:
+                assert os.write(fd, line.encode()) == len(line)
+            finally:
+                os.close(fd)
+            want.append(line)
+    for m in (m1, m2):
+        assert open(f"{m}/log").read() == "".join(want), m
+        assert os.stat(f"{m}/log").st_size == len("".join(want))

@@ -44,6 +44,11 @@ class SharedFS(pyfuse3.Operations):
         self.locks = locks            # LockService, or None: locks per node (the kernel's)
         self._fhs: dict[int, object] = {}
         self._fh_ids = itertools.count(1)
+        # Handles opened O_APPEND.  The kernel sends such a write at the size
+        # it cached, which another mount may have grown since (the name stays
+        # cached for ENTRY_TIMEOUT), so pxfs appends at the end it knows, as
+        # a passthrough filesystem's pwrite() on an O_APPEND file does.
+        self._appending: set[int] = set()
 
     def _attr(self, node: Inode) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -127,9 +132,7 @@ class SharedFS(pyfuse3.Operations):
             info = await self.open(node.ino, flags, ctx)
             return info, self._attr(self.sv.overlay(await self._call(self.sv.getattr(node.ino))))
         node = await self._call(self.sv.open(node.ino, node))
-        fh = next(self._fh_ids)
-        self._fhs[fh] = node.ino
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._attr(node)
+        return self._handle(node.ino, flags), self._attr(node)
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
         node = await self._call(self.sv.meta.link(inode, new_parent_inode, new_name))
@@ -154,8 +157,13 @@ class SharedFS(pyfuse3.Operations):
             except BaseException:
                 await self.sv.release(inode)
                 raise
+        return self._handle(inode, flags)
+
+    def _handle(self, ino: int, flags: int) -> pyfuse3.FileInfo:
         fh = next(self._fh_ids)
-        self._fhs[fh] = inode
+        self._fhs[fh] = ino
+        if flags & os.O_APPEND:
+            self._appending.add(fh)
         return pyfuse3.FileInfo(fh=fh, keep_cache=False)
 
     def _ino(self, fh) -> int:
@@ -168,7 +176,8 @@ class SharedFS(pyfuse3.Operations):
         return await self._call(self.sv.read(self._ino(fh), off, size))
 
     async def write(self, fh, off, buf):
-        return await self._call(self.sv.write(self._ino(fh), off, buf))
+        return await self._call(self.sv.write(self._ino(fh), off, buf,
+                                              append=fh in self._appending))
 
     async def flush(self, fh):
         if self.locks is not None:
@@ -182,6 +191,7 @@ class SharedFS(pyfuse3.Operations):
         if self.locks is not None:
             await self.locks.released(fh)
         ino = self._fhs.pop(fh, None)
+        self._appending.discard(fh)
         if isinstance(ino, int):
             await self._call(self.sv.release(ino))
 

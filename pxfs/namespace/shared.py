@@ -346,11 +346,15 @@ class SharedVolume:
         n = min(size, fsize - off)
         return await self.vol.read(self.base(ino) + off, n)
 
-    async def write(self, ino: int, off: int, data: bytes) -> int:
+    async def write(self, ino: int, off: int, data: bytes, *, append: bool = False) -> int:
+        """Write at ``off``, or at the end this mount knows (fresh from etcd
+        at the open) for an O_APPEND handle."""
         f = self.files.get(ino)
         if f is None:
             raise PxfsError("file is not open", errno=errno.EBADF)
         self.check_alive()
+        if append:
+            off = f.size
         n = len(data)
         end = off + n
         if end > FILE_MAX:
