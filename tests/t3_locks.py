@@ -160,6 +160,80 @@ async def test_waiters_poll_without_a_watch(kv, cid):
         await kv.lease_revoke(lease)
 
 
+async def _cutting_proxy(upstream, task_status=trio.TASK_STATUS_IGNORED):
+    """A TCP proxy to ``upstream``; started, it gives (port, cut): ``cut()``
+    closes every connection through it, as a network fault or an etcd
+    restart ends a client's streams (new connections are still taken)."""
+    live = set()
+
+    async def pipe(src, dst):
+        try:
+            while data := await src.receive_some(65536):
+                await dst.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            for s in (src, dst):
+                await trio.aclose_forcefully(s)
+
+    async def handle(client):
+        server = await trio.open_tcp_stream(*upstream)
+        live.update((client, server))
+        async with trio.open_nursery() as n:
+            n.start_soon(pipe, client, server)
+            n.start_soon(pipe, server, client)
+        live.difference_update((client, server))
+
+    async def cut():
+        for s in list(live):
+            await trio.aclose_forcefully(s)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with trio.open_nursery() as n:
+        task_status.started((listeners[0].socket.getsockname()[1], cut))
+        await trio.serve_listeners(handle, listeners, handler_nursery=n)
+
+
+async def test_a_waiter_whose_watch_dies_still_gets_the_lock(etcd_server, cid, monkeypatch):
+    """etcd's watch stream ends under a waiter (its connection cut): the
+    waiter is woken, looks again, and goes on at the short poll of a mount
+    without a watch, so another mount's release reaches it in well under a
+    second, not at the watched safety-net poll (5 s here)."""
+    import pxfs.namespace.locks as locks_mod
+    from pxfs.meta.etcd import EtcdKV
+    monkeypatch.setattr(locks_mod, "WATCHED_POLL_MAX", 5.0)
+    direct = EtcdKV([etcd_server])
+    async with trio.open_nursery() as n:
+        port, cut = await n.start(_cutting_proxy, etcd_server)
+        proxied = EtcdKV([("127.0.0.1", port)])
+        leases = [await direct.lease_grant(30), await proxied.lease_grant(30)]
+        a = NsLocks(direct, cid, VOL, "a", lambda: leases[0])
+        b = NsLocks(proxied, cid, VOL, "b", lambda: leases[1])
+        await a.lock(INO, POSIX, 1, WR, 0, END)
+        got = trio.Event()
+
+        async def wait():
+            await b.lock(INO, POSIX, 2, WR, 0, END, wait=True)
+            got.set()
+        with trio.fail_after(20):
+            n.start_soon(wait)
+            await trio.sleep(1.0)                    # waiting, with a watch
+            await cut()
+            await trio.sleep(2.5)
+            assert not got.is_set()
+            t0 = trio.current_time()
+            await a.unlock(INO, POSIX, 1)
+            await got.wait()
+        assert trio.current_time() - t0 < 1.0
+        assert ranges(b.held(INO), 2) == [(WR, 0, END)]
+        await b.unlock(INO, POSIX, 2)
+        await proxied.lease_revoke(leases[1])
+        await proxied.close()
+        n.cancel_scope.cancel()
+    await direct.lease_revoke(leases[0])
+    await direct.close()
+
+
 class Yielding:
     """The KV with a trip through the scheduler before and after every call,
     so that MemKV interleaves mounts as a real etcd does."""
