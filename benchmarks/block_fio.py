@@ -479,7 +479,9 @@ class Bench:
 
     # -- profiling (py-spy on node1 while jobs run against (c)) --------------
     def start_profile(self, key: str, pids: dict[str, int]):
-        spy = shutil.which("py-spy")
+        # on the PATH, or in pxfs's venv beside this Python (pip install py-spy)
+        spy = shutil.which("py-spy") or shutil.which(
+            "py-spy", path=os.path.dirname(sys.executable))
         if spy is None:
             log("  py-spy not installed (pip install py-spy): not profiling")
             return None
