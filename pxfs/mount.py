@@ -224,7 +224,7 @@ async def serve(source: str, mountpoint: str, opts: dict, ready_fd: int | None,
             sv.check_alive()
     mc.on_stale = stale
     locks = LockService(NsLocks(kv, mc.cid, mc.volid, mc.client, lambda: mc.lease,
-                                lambda: mc.alive() and not vol.fenced))
+                                lambda: mc.alive() and not vol.fenced), sv)
     fs = fuse_shared.SharedFS(sv, locks)
     fuse_opts = {f"fsname={source}", "subtype=pxfs"} | (opts["flags"] - {"rw"})
     fuse_shared.mount(fs, mountpoint, fuse_opts)

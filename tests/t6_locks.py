@@ -293,3 +293,59 @@ def test_locks_of_a_killed_mount_expire(shared):
         holder.kill()
         holder.wait()
         subprocess.run(["umount", "-l", m1], capture_output=True)
+
+
+LOG_WRITER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_APPEND)      # open the whole time
+for i in range(int(sys.argv[3])):
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+    size = os.fstat(fd).st_size
+    seen = os.pread(fd, size, 0)
+    assert len(seen) == size and seen.endswith(b"\\n") or not seen, seen[-40:]
+    os.write(fd, b"%s %d\\n" % (sys.argv[2].encode(), i))
+    fcntl.lockf(fd, fcntl.LOCK_UN)
+os.close(fd)
+"""
+
+
+def test_long_lived_writers_take_turns_under_fcntl_locks(shared):
+    """Two processes on two nodes keep one log open and append to it in turns
+    under fcntl locks on it, as a database or a log shipper does: what one
+    wrote under the lock is recorded before the unlock, and the other's open
+    file takes the new size at its lock (as NFS does), so no line is lost
+    and each sees whole lines."""
+    c, m1, m2 = two_mounts(shared, "ll", "log")
+    procs = [spawn(LOG_WRITER, f"{m}/log", tag, "30") for m, tag in ((m1, "A"), (m2, "B"))]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    lines = open(f"{m1}/log").read().splitlines()
+    assert sorted(lines) == sorted(f"{t} {i}" for t in "AB" for i in range(30)), lines
+
+
+def test_a_lock_shows_what_the_last_holder_wrote(shared):
+    """A reader on another node keeps the file open and cached; after it
+    takes the lock the holder just released, it reads the holder's new bytes
+    in place, at once (not a second later)."""
+    c, m1, m2 = two_mounts(shared, "lr", "db")
+    with open(f"{m1}/db", "wb") as fh:
+        fh.write(b"0" * 8192)
+    c.wait_for(lambda: os.path.getsize(f"{m2}/db") == 8192, timeout=5, what="size on node2")
+    rfd = os.open(f"{m2}/db", os.O_RDWR)
+    wfd = os.open(f"{m1}/db", os.O_RDWR)
+    try:
+        assert os.pread(rfd, 8192, 0) == b"0" * 8192            # now in node2's page cache
+        for i in range(1, 6):
+            fcntl.lockf(wfd, fcntl.LOCK_EX)
+            os.pwrite(wfd, str(i).encode() * 4096, 0)
+            os.pwrite(wfd, str(i).encode() * 100, 8192)         # and it grows
+            fcntl.lockf(wfd, fcntl.LOCK_UN)
+            fcntl.lockf(rfd, fcntl.LOCK_SH)
+            got = os.pread(rfd, 1 << 20, 0)
+            fcntl.lockf(rfd, fcntl.LOCK_UN)
+            assert got == str(i).encode() * 4096 + b"0" * 4096 + str(i).encode() * 100, (
+                i, got[:8], len(got))
+    finally:
+        os.close(rfd)
+        os.close(wfd)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -586,3 +588,55 @@ def test_appends_take_turns_across_mounts(shared):
     for m in (m1, m2):
         assert open(f"{m}/log").read() == "".join(want), m
         assert os.stat(f"{m}/log").st_size == len("".join(want))
+
+
+def test_only_appending_writes_append(shared):
+    """Which writes go to the end is the file's O_APPEND flag as the kernel
+    sends it with each write: a descriptor whose flag fcntl cleared writes
+    where it is told, and pages of an O_APPEND file written through mmap go
+    back where they belong (their write-back carries no O_APPEND)."""
+    c, mount = shared
+    c.pxctl("node1", "volume", "create", "apf", "--shared", "--size", "1", "--repl", "2")
+    m1 = mount("node1", "apf", os.path.join(c.workdir, "p1"))
+    m2 = mount("node2", "apf", os.path.join(c.workdir, "p2"))
+    with open(f"{m1}/f", "wb") as fh:
+        fh.write(b"a" * 8192)
+    fd = os.open(f"{m1}/f", os.O_RDWR | os.O_APPEND)
+    try:
+        assert os.pwrite(fd, b"A", 0) == 1                   # O_APPEND: at the end
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_APPEND)
+        assert os.pwrite(fd, b"P", 10) == 1                  # cleared: where told
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+        mm = mmap.mmap(fd, 8192)
+        try:
+            mm[20:21] = b"M"
+            mm.flush()
+        finally:
+            mm.close()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    want = bytearray(b"a" * 8192 + b"A")
+    want[10:11], want[20:21] = b"P", b"M"
+    assert open(f"{m1}/f", "rb").read() == want
+    assert open(f"{m2}/f", "rb").read() == want
+
+
+def test_one_large_direct_append(shared):
+    """An O_DIRECT append larger than one FUSE write reaches pxfs in pieces
+    at once; each piece lands after the one before it."""
+    c, mount = shared
+    c.pxctl("node1", "volume", "create", "dap", "--shared", "--size", "1", "--repl", "2")
+    m1 = mount("node1", "dap", os.path.join(c.workdir, "d1"))
+    with open(f"{m1}/f", "wb") as fh:
+        fh.write(b"h" * 4096)
+    data = mmap.mmap(-1, 4 << 20)                            # page-aligned, for O_DIRECT
+    for i in range(0, 4 << 20, 4096):
+        data[i:i + 4096] = (b"%08d" % i) * 512
+    fd = os.open(f"{m1}/f", os.O_WRONLY | os.O_APPEND | os.O_DIRECT)
+    try:
+        assert os.write(fd, data) == len(data)
+    finally:
+        os.close(fd)
+    got = open(f"{m1}/f", "rb").read()
+    assert got[:4096] == b"h" * 4096 and got[4096:] == bytes(data)

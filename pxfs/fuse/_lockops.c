@@ -11,8 +11,17 @@
  * is searched before a module's own libraries).  When a handler has been set
  * (set_handler), the table pyfuse3 passes is copied, the lock operations are
  * added, flush and release are wrapped to report the lock owner the kernel
- * sends with them (pyfuse3 drops it), and libfuse's own fuse_session_new() is
- * called with the copy.  Without a handler nothing is changed.
+ * sends with them (pyfuse3 drops it), write and write_buf are wrapped to mark
+ * appending writes (below), and libfuse's own fuse_session_new() is called
+ * with the copy.  Without a handler nothing is changed.
+ *
+ * Appending writes: the kernel sends an O_APPEND write at the end of file it
+ * cached, which another mount may have moved, so pxfs appends at the end it
+ * knows.  Whether a write appends is the file's O_APPEND flag as the kernel
+ * sends it with that very write (fcntl(F_SETFL) may have changed it since
+ * the open), and never for a write-back of mmap'ed pages (writepage), which
+ * goes through any writable open file of the inode.  pyfuse3 passes neither
+ * on, so such a write reaches Python with APPEND_FH set in its fh.
  *
  * The lock handlers run where libfuse calls every handler: inside
  * fuse_session_process_buf() on pyfuse3's trio thread.  They pass the request
@@ -37,6 +46,11 @@ static PyObject *handler = NULL;        /* handler(kind, req, ino, fh, owner, a,
 static struct fuse_lowlevel_ops ops;
 static void (*orig_flush)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
 static void (*orig_release)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
+static void (*orig_write)(fuse_req_t, fuse_ino_t, const char *, size_t, off_t,
+                          struct fuse_file_info *);
+static void (*orig_write_buf)(fuse_req_t, fuse_ino_t, struct fuse_bufvec *, off_t,
+                              struct fuse_file_info *);
+#define APPEND_FH (1ULL << 62)          /* pxfs's own fh numbers stay far below */
 static int sessions = 0;                /* sessions made with the lock operations */
 
 /* Call the Python handler; a handler that raises fails the request. */
@@ -123,6 +137,31 @@ static void px_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
         fuse_reply_err(req, 0);
 }
 
+/* fi as pyfuse3 should see it: fh marked when this write appends */
+static const struct fuse_file_info *appending(const struct fuse_file_info *fi,
+                                              struct fuse_file_info *copy)
+{
+    if (!fi || !(fi->flags & O_APPEND) || fi->writepage)
+        return fi;
+    *copy = *fi;
+    copy->fh |= APPEND_FH;
+    return copy;
+}
+
+static void px_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
+                     struct fuse_file_info *fi)
+{
+    struct fuse_file_info copy;
+    orig_write(req, ino, buf, size, off, (struct fuse_file_info *)appending(fi, &copy));
+}
+
+static void px_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *bufv, off_t off,
+                         struct fuse_file_info *fi)
+{
+    struct fuse_file_info copy;
+    orig_write_buf(req, ino, bufv, off, (struct fuse_file_info *)appending(fi, &copy));
+}
+
 __attribute__((visibility("default")))
 struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
                                       size_t op_size, void *userdata)
@@ -149,6 +188,12 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     ops.flock = px_flock;
     ops.flush = px_flush;
     ops.release = px_release;
+    orig_write = ops.write;
+    orig_write_buf = ops.write_buf;
+    if (orig_write)
+        ops.write = px_write;
+    if (orig_write_buf)
+        ops.write_buf = px_write_buf;
     struct fuse_session *se = real(args, &ops, sizeof ops, userdata);
     if (se)
         sessions++;
@@ -223,5 +268,10 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_lockops", NULL, -1,
 
 PyMODINIT_FUNC PyInit__lockops(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddObject(m, "APPEND_FH", PyLong_FromUnsignedLongLong(APPEND_FH)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

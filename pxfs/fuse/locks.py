@@ -21,8 +21,11 @@ log = logging.getLogger(__name__)
 
 
 class LockService:
-    def __init__(self, locks: NsLocks):
+    def __init__(self, locks: NsLocks, files=None):
         self.locks = locks
+        # the SharedVolume: what was written under a lock is recorded before
+        # it is released, and an open file is revalidated when one is granted
+        self.files = files
         self._nursery: trio.Nursery | None = None
         self._waiting: dict[int, trio.CancelScope] = {}   # request -> its wait
         self._interrupted: set[int] = set()
@@ -99,10 +102,14 @@ class LockService:
                                             holder.pid)
                     err = None
                     return
+                if type_ == UN:
+                    await self._publish(ino)
                 await self.locks.lock(ino, lk_kind, owner, type_, start, end, pid,
                                       wait=kind in ("setlkw", "flockw"))
-                if lk_kind == POSIX and type_ != UN:
-                    self._via[ino, owner] = fh
+                if type_ != UN:
+                    if lk_kind == POSIX:
+                        self._via[ino, owner] = fh
+                    await self._revalidate(ino)
                 err = 0
         except PxfsError as exc:
             err = exc.errno
@@ -114,6 +121,20 @@ class LockService:
             self._interrupted.discard(req)
             if err is not None:
                 _lockops.reply_err(req, err)
+
+    async def _publish(self, ino: int) -> None:
+        if self.files is not None:
+            try:
+                await self.files.publish(ino)
+            except PxfsError as exc:    # the unlock goes on: a process cannot keep it
+                log.warning("inode %d: not recorded before its unlock: %s", ino, exc)
+
+    async def _revalidate(self, ino: int) -> None:
+        if self.files is not None:
+            try:
+                await self.files.revalidate(ino)
+            except PxfsError as exc:    # the lock is held: its process goes on
+                log.warning("inode %d: not revalidated at its lock: %s", ino, exc)
 
     # -- from SharedFS -------------------------------------------------------
     async def closed(self, fh: int) -> None:

@@ -20,9 +20,11 @@ import pyfuse3
 
 from ..errors import PxfsError
 from ..namespace.records import ROOT_INO, Inode
+from . import _lockops
 
 log = logging.getLogger(__name__)
 ENTRY_TIMEOUT = 1.0
+APPEND_FH = 1 << 62 if _lockops is None else _lockops.APPEND_FH   # see _lockops.c
 #: setattr fields: (SharedVolume keyword and SetattrFields.update_<name>, attribute)
 _SETATTR = [("mode", "st_mode"), ("uid", "st_uid"), ("gid", "st_gid"), ("size", "st_size"),
             ("atime", "st_atime_ns"), ("mtime", "st_mtime_ns"), ("ctime", "st_ctime_ns")]
@@ -44,10 +46,14 @@ class SharedFS(pyfuse3.Operations):
         self.locks = locks            # LockService, or None: locks per node (the kernel's)
         self._fhs: dict[int, object] = {}
         self._fh_ids = itertools.count(1)
-        # Handles opened O_APPEND.  The kernel sends such a write at the size
-        # it cached, which another mount may have grown since (the name stays
-        # cached for ENTRY_TIMEOUT), so pxfs appends at the end it knows, as
-        # a passthrough filesystem's pwrite() on an O_APPEND file does.
+        # The kernel sends an O_APPEND write at the size it cached, which
+        # another mount may have grown since (the name stays cached for
+        # ENTRY_TIMEOUT), so pxfs appends at the end it knows, as a
+        # passthrough filesystem's pwrite() on an O_APPEND file does.  With
+        # the lock operations installed, _lockops marks each appending write
+        # (APPEND_FH in its fh, from the flags sent with it); without them,
+        # handles opened O_APPEND are remembered here.
+        self._marks = False           # set by mount()
         self._appending: set[int] = set()
 
     def _attr(self, node: Inode) -> pyfuse3.EntryAttributes:
@@ -162,7 +168,7 @@ class SharedFS(pyfuse3.Operations):
     def _handle(self, ino: int, flags: int) -> pyfuse3.FileInfo:
         fh = next(self._fh_ids)
         self._fhs[fh] = ino
-        if flags & os.O_APPEND:
+        if flags & os.O_APPEND and not self._marks:
             self._appending.add(fh)
         return pyfuse3.FileInfo(fh=fh, keep_cache=False)
 
@@ -176,13 +182,20 @@ class SharedFS(pyfuse3.Operations):
         return await self._call(self.sv.read(self._ino(fh), off, size))
 
     async def write(self, fh, off, buf):
-        return await self._call(self.sv.write(self._ino(fh), off, buf,
-                                              append=fh in self._appending))
+        if fh & APPEND_FH:
+            fh, append = fh & ~APPEND_FH, True
+        else:
+            append = fh in self._appending
+        return await self._call(self.sv.write(self._ino(fh), off, buf, append=append))
 
     async def flush(self, fh):
-        if self.locks is not None:
-            await self.locks.closed(fh)
-        await self._call(self.sv.close(self._ino(fh)))
+        # recorded before the closing process's locks go: the mount that
+        # takes one of them next must see what was written under it
+        try:
+            await self._call(self.sv.close(self._ino(fh)))
+        finally:
+            if self.locks is not None:
+                await self.locks.closed(fh)
 
     async def fsync(self, fh, datasync):
         await self._call(self.sv.fsync(self._ino(fh)))
@@ -262,6 +275,7 @@ def mount(fs: SharedFS, mountpoint: str, options: set[str]) -> None:
     if fs.locks is not None:
         fs.locks.install()
     pyfuse3.init(fs, mountpoint, options)
+    fs._marks = fs.locks is not None and fs.locks.active()
 
 
 async def serve() -> None:

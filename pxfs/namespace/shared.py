@@ -336,6 +336,16 @@ class SharedVolume:
             done.set()
             self._slots.release()
 
+    @staticmethod
+    async def _pass_on(prev, done: trio.Event) -> None:
+        """A write that left the queue before its turn: its place is done
+        once the writes before it are."""
+        try:
+            if prev is not None:
+                await prev.wait()
+        finally:
+            done.set()
+
     async def read(self, ino: int, off: int, size: int) -> bytes:
         f = self.files.get(ino)
         if f is not None:
@@ -373,16 +383,32 @@ class SharedVolume:
             pad_tail = CSUM_BLOCK - end % CSUM_BLOCK
         if pad_head or pad_tail:
             data = bytes(pad_head) + bytes(data) + bytes(pad_tail)
-        if self._nursery is None:
-            await self.vol.write(self.base(ino) + start, data)
-        else:
-            await self._slots.acquire()
-            prev, f.tail = f.tail, trio.Event()
-            self._nursery.start_soon(self._write_behind, f, prev, f.tail,
-                                     self.base(ino) + start, bytes(data))
-        if end > f.size:
-            self.usage.bytes += end - f.size
+        # The new end is taken before anything waits: appends that arrive
+        # together (the pieces of one large O_DIRECT write) each get their
+        # own.  The write joins the queue first, so a read that sees that
+        # end waits for its data.
+        old_size = f.size
+        if end > old_size:
+            self.usage.bytes += end - old_size
             f.size = end
+        try:
+            if self._nursery is None:
+                await self.vol.write(self.base(ino) + start, data)
+            else:
+                prev, done = f.tail, trio.Event()
+                f.tail = done
+                try:
+                    await self._slots.acquire()
+                except BaseException:
+                    self._nursery.start_soon(self._pass_on, prev, done)
+                    raise
+                self._nursery.start_soon(self._write_behind, f, prev, done,
+                                         self.base(ino) + start, bytes(data))
+        except BaseException:
+            if end > old_size and f.size == end:     # nothing came after it: undo
+                self.usage.bytes -= end - old_size
+                f.size = old_size
+            raise
         f.mtime = time.time_ns()
         f.attrs.pop("mtime", None)              # a write after utime sets it anew
         f.attrs.pop("ctime", None)
@@ -420,6 +446,26 @@ class SharedVolume:
             return
         async with self._lock(ino):
             await self._record(ino)
+
+    async def publish(self, ino: int) -> None:
+        """Before a lock on the file is released: record what this mount
+        wrote, so that the mount that takes the lock next sees it (NFS
+        flushes at unlock too)."""
+        if ino in self.files:
+            async with self._lock(ino):
+                await self._record(ino)
+
+    async def revalidate(self, ino: int) -> None:
+        """A lock on the file was just granted: an open file here takes the
+        size and mtime the mount that held it recorded before releasing it
+        (NFS revalidates at a lock too).  The kernel sees the change at its
+        next GETATTR, which also drops its cached pages."""
+        f = self.files.get(ino)
+        if f is None:
+            return
+        inode = await self.meta.getattr(ino)
+        if not f.dirty and not f.recording and not f.fresh and inode.rev >= f.inode.rev:
+            f.inode, f.size, f.mtime = inode, inode.size, inode.mtime
 
     async def commit_pending(self) -> None:
         """Record closed fresh files, many per transaction, after their data."""
