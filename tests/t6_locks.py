@@ -349,3 +349,30 @@ def test_a_lock_shows_what_the_last_holder_wrote(shared):
     finally:
         os.close(rfd)
         os.close(wfd)
+
+
+def test_a_downgrade_shows_what_was_written(shared):
+    """A writer that downgrades its lock to a shared one lets readers in:
+    what it wrote under the exclusive lock is recorded first, so a reader on
+    another node that gets the shared lock reads it (size included)."""
+    c, m1, m2 = two_mounts(shared, "ld", "db")
+    writer = spawn("""
+        import fcntl, os, sys
+        fd = os.open(sys.argv[1], os.O_RDWR)
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        os.pwrite(fd, b"w" * 5000, 0)
+        fcntl.lockf(fd, fcntl.LOCK_SH)                  # downgrade, keep the file open
+        print("downgraded", flush=True)
+        sys.stdin.readline()
+        """, f"{m1}/db")
+    try:
+        wait_line(writer, "downgraded")
+        fd = os.open(f"{m2}/db", os.O_RDONLY)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH)
+            assert os.pread(fd, 1 << 16, 0) == b"w" * 5000
+        finally:
+            os.close(fd)
+    finally:
+        writer.kill()
+        writer.wait()

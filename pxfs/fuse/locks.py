@@ -14,7 +14,7 @@ import logging
 import trio
 
 from ..errors import PxfsError
-from ..namespace.locks import FLOCK, POSIX, UN, NsLocks
+from ..namespace.locks import FLOCK, POSIX, RD, UN, NsLocks
 from . import _lockops
 
 log = logging.getLogger(__name__)
@@ -103,14 +103,21 @@ class LockService:
                     err = None
                     return
                 if type_ == UN:
+                    # not interruptible: a process cannot keep a lock it let go
+                    with trio.CancelScope(shield=True):
+                        await self._publish(ino)
+                        await self.locks.lock(ino, lk_kind, owner, UN, start, end, pid)
+                    err = 0
+                    return
+                if type_ == RD:         # a downgrade lets readers in: they see it all
                     await self._publish(ino)
                 await self.locks.lock(ino, lk_kind, owner, type_, start, end, pid,
                                       wait=kind in ("setlkw", "flockw"))
-                if type_ != UN:
-                    if lk_kind == POSIX:
-                        self._via[ino, owner] = fh
+                err = 0                 # granted: an interrupt now changes nothing
+                if lk_kind == POSIX:
+                    self._via[ino, owner] = fh
+                with trio.CancelScope(shield=True):
                     await self._revalidate(ino)
-                err = 0
         except PxfsError as exc:
             err = exc.errno
         except Exception:
@@ -135,6 +142,8 @@ class LockService:
                 await self.files.revalidate(ino)
             except PxfsError as exc:    # the lock is held: its process goes on
                 log.warning("inode %d: not revalidated at its lock: %s", ino, exc)
+            except Exception:
+                log.exception("inode %d: not revalidated at its lock", ino)
 
     # -- from SharedFS -------------------------------------------------------
     async def closed(self, fh: int) -> None:

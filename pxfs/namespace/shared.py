@@ -315,10 +315,12 @@ class SharedVolume:
             inode = await self.meta.getattr(inode.ino)
         return inode
 
-    async def _drain(self, f: OpenFile, check: bool = True) -> None:
-        """Wait for the file's queued writes; raise the first that failed."""
-        if f.tail is not None:
-            await f.tail.wait()
+    async def _drain(self, f: OpenFile, check: bool = True, *, upto=None) -> None:
+        """Wait for the file's queued writes (those up to the queue's end
+        ``upto``, when given); raise the first that failed."""
+        tail = f.tail if upto is None else upto
+        if tail is not None:
+            await tail.wait()
         if check and f.error is not None:
             err, f.error = f.error, None
             raise err
@@ -349,8 +351,10 @@ class SharedVolume:
     async def read(self, ino: int, off: int, size: int) -> bytes:
         f = self.files.get(ino)
         if f is not None:
-            await self._drain(f)
-        fsize = f.size if f is not None else (await self.meta.getattr(ino)).size
+            fsize = f.size                    # what the writes queued so far reach
+            await self._drain(f, upto=f.tail)
+        else:
+            fsize = (await self.meta.getattr(ino)).size
         if off >= fsize:
             return b""
         n = min(size, fsize - off)
@@ -387,12 +391,16 @@ class SharedVolume:
         # together (the pieces of one large O_DIRECT write) each get their
         # own.  The write joins the queue first, so a read that sees that
         # end waits for its data.
+        # Dirty from here: an open or a lock grant meanwhile must not put
+        # etcd's older size back over the reserved end.
         old_size = f.size
         if end > old_size:
             self.usage.bytes += end - old_size
             f.size = end
+        self._dirty(f)
+        nursery = self._nursery
         try:
-            if self._nursery is None:
+            if nursery is None:
                 await self.vol.write(self.base(ino) + start, data)
             else:
                 prev, done = f.tail, trio.Event()
@@ -400,10 +408,13 @@ class SharedVolume:
                 try:
                     await self._slots.acquire()
                 except BaseException:
-                    self._nursery.start_soon(self._pass_on, prev, done)
+                    try:
+                        nursery.start_soon(self._pass_on, prev, done)
+                    except RuntimeError:        # shutting down: nothing waits any more
+                        done.set()
                     raise
-                self._nursery.start_soon(self._write_behind, f, prev, done,
-                                         self.base(ino) + start, bytes(data))
+                nursery.start_soon(self._write_behind, f, prev, done,
+                                   self.base(ino) + start, bytes(data))
         except BaseException:
             if end > old_size and f.size == end:     # nothing came after it: undo
                 self.usage.bytes -= end - old_size
@@ -412,25 +423,29 @@ class SharedVolume:
         f.mtime = time.time_ns()
         f.attrs.pop("mtime", None)              # a write after utime sets it anew
         f.attrs.pop("ctime", None)
-        self._dirty(f)
         return n
 
     async def _record(self, ino: int) -> None:
         f = self.files.get(ino)
         if f is None:
             return
-        await self._drain(f)                  # the data first: the size makes it visible
+        # the data first: the size makes it visible (a write that reserves
+        # its end meanwhile is left to the next record)
+        tail, size = f.tail, f.size
+        await self._drain(f, upto=tail)
         if f.dirty or f.fresh:
             clear = f.fresh
             attrs = self._take(f)
             try:
-                f.inode = await self.meta.set_size(ino, f.size, f.mtime, attrs, clear_writer=clear)
+                f.inode = await self.meta.set_size(ino, size, f.mtime, attrs, clear_writer=clear)
             except BaseException:
                 f.attrs = {**attrs, **f.attrs}
                 self._dirty(f)
                 raise
             finally:
                 self._taken(f)
+            if f.tail is not tail or f.size != size:
+                self._dirty(f)
             if clear:
                 f.fresh = False
                 self._pending.discard(ino)
