@@ -18,6 +18,9 @@ Workloads:
   readback  read every file of it (tar to a pipe)           s
   seqwrite  1 MiB sequential writes of S MiB, then fsync    MiB/s
   seqread   read that file back (caches dropped)            MiB/s
+  lockpass  an exclusive flock passed between two processes ms (median, from the
+            (on two nodes' mounts for (c)): from the holder's    holder's unlock
+            unlock to the blocked waiter's return                to the waiter's grant)
 
 Usage::
 
@@ -34,6 +37,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -44,7 +48,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TARGETS = {"a": "ext4 (a)", "b": "passthrough (b)", "c": "pxfs repl=2 (c)"}
 JOBS = [("create", "files/s"), ("stat", "files/s"), ("unlink", "files/s"), ("untar", "s"),
-        ("find", "s"), ("readback", "s"), ("seqwrite", "MiB/s"), ("seqread", "MiB/s")]
+        ("find", "s"), ("readback", "s"), ("seqwrite", "MiB/s"), ("seqread", "MiB/s"),
+        ("lockpass", "ms")]
 HIGHER_IS_BETTER = {"files/s", "MiB/s"}
 
 
@@ -84,7 +89,58 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def run_jobs(where: str, args, tarball: str) -> dict:
+LOCKER = '''
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+for cmd in sys.stdin:
+    if cmd == "hold\\n":
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("held", flush=True)
+    elif cmd == "wait\\n":
+        print("waiting", flush=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("got %.9f" % time.monotonic(), flush=True)
+    elif cmd == "release\\n":
+        t = time.monotonic()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        print("released %.9f" % t, flush=True)
+'''
+
+
+def lock_handoff(path1: str, path2: str, rounds: int) -> float:
+    """Median ms from one process's unlock of an exclusive flock to the
+    return of another process's blocked request for it (CLOCK_MONOTONIC is
+    one clock for both); the two swap roles every round."""
+    procs = [subprocess.Popen([sys.executable, "-c", LOCKER, p], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for p in (path1, path2)]
+
+    def ask(p, cmd: str) -> str:
+        p.stdin.write(cmd + "\n")
+        p.stdin.flush()
+        line = p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"lock helper died at {cmd!r}")
+        return line
+
+    try:
+        holder, waiter = procs
+        ask(holder, "hold")
+        times = []
+        for _ in range(rounds):
+            ask(waiter, "wait")
+            time.sleep(0.05)                          # the waiter is blocked by now
+            t0 = float(ask(holder, "release").split()[1])
+            t1 = float(waiter.stdout.readline().split()[1])
+            times.append((t1 - t0) * 1000)
+            holder, waiter = waiter, holder
+        return statistics.median(times)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def run_jobs(where: str, args, tarball: str, where2: str | None = None) -> dict:
     out = {}
     many = os.path.join(where, "many")
     os.mkdir(many)
@@ -123,6 +179,8 @@ def run_jobs(where: str, args, tarball: str) -> dict:
             while fh.read(1 << 20):
                 pass
     out["seqread"] = args.seq_mib / timed(seqread)
+    out["lockpass"] = lock_handoff(os.path.join(where, "lockfile"),
+                                   os.path.join(where2 or where, "lockfile"), args.lock_rounds)
     return out
 
 
@@ -145,7 +203,9 @@ class Bench:
             time.sleep(0.1)
         raise RuntimeError("passthrough did not mount")
 
-    def pxfs(self) -> str:
+    def pxfs(self) -> tuple[str, str]:
+        """The volume mounted through node1, and through node2 as well (the
+        second process of ``lockpass`` runs there)."""
         cdir = os.path.join(self.workdir, "cluster")
         res = subprocess.run([sys.executable, "-m", "pxfs_tools.cluster", "up", "--nodes", "3",
                               "--workdir", cdir], capture_output=True, text=True, cwd=ROOT,
@@ -155,17 +215,22 @@ class Bench:
             capture_output=True, timeout=300))
         if res.returncode:
             raise RuntimeError(f"pxfs-cluster up failed: {res.stderr}")
-        api = json.loads(res.stdout)["nodes"][0]["api"]
+        nodes = json.loads(res.stdout)["nodes"]
+        api = nodes[0]["api"]
         size = max(4, 2 * self.args.seq_mib // 1024 + 4)
         subprocess.run([sys.executable, os.path.join(ROOT, "pxctl"), "--host", api, "volume",
                         "create", "benchns", "--shared", "--size", str(size), "--repl", "2"],
                        check=True, capture_output=True)
-        mnt = os.path.join(cdir, "mnt")
-        os.makedirs(mnt)
-        subprocess.run(["mount", "-t", "fuse.pxfs", "benchns", mnt, "-o", f"node={api}"],
-                       check=True)
-        self.cleanups.append(lambda: subprocess.run(["umount", mnt], capture_output=True))
-        return mnt
+        mnts = []
+        for i, node in enumerate(nodes[:2]):
+            mnt = os.path.join(cdir, f"mnt{i + 1}")
+            os.makedirs(mnt)
+            subprocess.run(["mount", "-t", "fuse.pxfs", "benchns", mnt, "-o",
+                            f"node={node['api']}"], check=True)
+            self.cleanups.append(lambda m=mnt: subprocess.run(["umount", m],
+                                                              capture_output=True))
+            mnts.append(mnt)
+        return mnts[0], mnts[1]
 
     def run(self) -> dict:
         src = os.path.join(self.workdir, "src")
@@ -176,15 +241,16 @@ class Bench:
         log(f"source tree: {n} entries")
         results = {}
         for t in self.args.targets:
+            where2 = None
             if t == "a":
                 where = os.path.join(self.workdir, "ext4")
                 os.makedirs(where)
             elif t == "b":
                 where = self.passthrough()
             else:
-                where = self.pxfs()
+                where, where2 = self.pxfs()
             log(f"{TARGETS[t]}: running in {where}")
-            results[t] = run_jobs(where, self.args, tarball)
+            results[t] = run_jobs(where, self.args, tarball, where2)
             for k, v in results[t].items():
                 log(f"  {k:9s} {v:10.2f}")
         return {"entries": n, "results": results}
@@ -236,6 +302,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=10000)
     ap.add_argument("--tree", type=int, default=10000, help="entries in the source tree")
     ap.add_argument("--seq-mib", type=int, default=256)
+    ap.add_argument("--lock-rounds", type=int, default=40, help="lock handoffs measured")
     ap.add_argument("--targets", default="abc")
     ap.add_argument("--workdir", default="/var/tmp")
     ap.add_argument("--json", action="store_true")
