@@ -24,7 +24,7 @@ Workloads:
 
 Usage::
 
-    /opt/pxfs/bin/python benchmarks/shared_meta.py [--files 10000] [--tree 10000] [--seq-mib 256] [--json]
+    /opt/pxfs/bin/python benchmarks/shared_meta.py [--files 10000] [--tree 10000] [--seq-mib 256] [--lock-rounds 40] [--json]
 
 Needs root, etcd, fuse3 and the pxfs console scripts.  Everything it makes is
 removed at the end, also on error.
