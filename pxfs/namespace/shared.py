@@ -288,10 +288,17 @@ class SharedVolume:
             f = self.files[ino] = OpenFile(inode, size=inode.size, mtime=inode.mtime,
                                            fresh=created is not None and bool(inode.writer),
                                            since=time.monotonic())
-        elif not f.dirty and not f.recording and inode.rev >= f.inode.rev:
-            f.inode, f.size, f.mtime = inode, inode.size, inode.mtime
+        else:
+            self._take_inode(f, inode)
         f.count += 1
         return self.overlay(inode)
+
+    @staticmethod
+    def _take_inode(f: OpenFile, inode: Inode) -> None:
+        """An open file takes etcd's size and mtime, unless this mount has
+        something of its own not recorded yet or the inode is older."""
+        if not f.dirty and not f.recording and inode.rev >= f.inode.rev:
+            f.inode, f.size, f.mtime = inode, inode.size, inode.mtime
 
     async def _await_writer(self, inode: Inode, timeout: float = 30.0) -> Inode:
         """Another mount created this file and has not recorded it since:
@@ -315,12 +322,11 @@ class SharedVolume:
             inode = await self.meta.getattr(inode.ino)
         return inode
 
-    async def _drain(self, f: OpenFile, check: bool = True, *, upto=None) -> None:
-        """Wait for the file's queued writes (those up to the queue's end
-        ``upto``, when given); raise the first that failed."""
-        tail = f.tail if upto is None else upto
-        if tail is not None:
-            await tail.wait()
+    async def _drain(self, f: OpenFile, check: bool = True) -> None:
+        """Wait for the writes queued so far (a write queued meanwhile is not
+        waited for); raise the first that failed."""
+        if f.tail is not None:
+            await f.tail.wait()
         if check and f.error is not None:
             err, f.error = f.error, None
             raise err
@@ -352,7 +358,7 @@ class SharedVolume:
         f = self.files.get(ino)
         if f is not None:
             fsize = f.size                    # what the writes queued so far reach
-            await self._drain(f, upto=f.tail)
+            await self._drain(f)
         else:
             fsize = (await self.meta.getattr(ino)).size
         if off >= fsize:
@@ -387,12 +393,12 @@ class SharedVolume:
             pad_tail = CSUM_BLOCK - end % CSUM_BLOCK
         if pad_head or pad_tail:
             data = bytes(pad_head) + bytes(data) + bytes(pad_tail)
-        # The new end is taken before anything waits: appends that arrive
+        # The new end is taken before anything waits, so appends that arrive
         # together (the pieces of one large O_DIRECT write) each get their
-        # own.  The write joins the queue first, so a read that sees that
-        # end waits for its data.
-        # Dirty from here: an open or a lock grant meanwhile must not put
-        # etcd's older size back over the reserved end.
+        # own; the file is dirty from here, so an open or a lock grant
+        # meanwhile does not put etcd's older size back over it; and the
+        # write joins the queue before waiting for a slot, so a read that
+        # sees the new end waits for its data.
         old_size = f.size
         if end > old_size:
             self.usage.bytes += end - old_size
@@ -432,7 +438,7 @@ class SharedVolume:
         # the data first: the size makes it visible (a write that reserves
         # its end meanwhile is left to the next record)
         tail, size = f.tail, f.size
-        await self._drain(f, upto=tail)
+        await self._drain(f)
         if f.dirty or f.fresh:
             clear = f.fresh
             attrs = self._take(f)
@@ -459,8 +465,7 @@ class SharedVolume:
             self._pending.add(ino)
             self._wake.set()
             return
-        async with self._lock(ino):
-            await self._record(ino)
+        await self.publish(ino)
 
     async def publish(self, ino: int) -> None:
         """Before a lock on the file is released: record what this mount
@@ -479,8 +484,8 @@ class SharedVolume:
         if f is None:
             return
         inode = await self.meta.getattr(ino)
-        if not f.dirty and not f.recording and not f.fresh and inode.rev >= f.inode.rev:
-            f.inode, f.size, f.mtime = inode, inode.size, inode.mtime
+        if not f.fresh:
+            self._take_inode(f, inode)
 
     async def commit_pending(self) -> None:
         """Record closed fresh files, many per transaction, after their data."""
