@@ -552,6 +552,60 @@ def test_node_restart_rejoins(make_cluster):
     assert all(n["status"] == "Online" for n in st["nodes"])
 
 
+def test_clean_stop_keeps_what_a_busy_mount_wrote(make_cluster):
+    """A node is stopped (SIGTERM) while an application still has a file open
+    on a volume mounted there: what it wrote before the stop survives, and
+    its next write fails instead of vanishing."""
+    c = make_cluster(3)
+    c.pxctl("node1", "volume", "create", "busy", "--size", "512M", "--repl", "2",
+            "--nodes", "node1,node2")
+    mnt = c.pxctl("node1", "host", "mount", "busy")["mount"]
+    fh = open(os.path.join(mnt, "log"), "w")
+    try:
+        for i in range(200):
+            fh.write(f"line {i}\n")
+            fh.flush()                      # into the page cache: no fsync
+        c.stop_node("node1")
+        with pytest.raises(OSError):
+            fh.write("after the stop\n")
+            fh.flush()
+    finally:
+        try:
+            fh.close()
+        except OSError:
+            pass
+    assert not os.path.ismount(mnt)
+    m2 = c.pxctl("node2", "host", "mount", "busy")["mount"]
+    lines = open(os.path.join(m2, "log")).read().splitlines()
+    assert lines == [f"line {i}" for i in range(200)]
+    assert "syncing it, failing its further I/O" in open(c.nodes["node1"]["log"]).read()
+
+
+def test_restart_leaves_another_nodes_mount_alone(make_cluster, tmp_path):
+    """Several nodes on one host: node3 dies with a volume mounted at P, the
+    user clears P and mounts the volume through node2 at P again.  When node3
+    comes back, its clean-up of what its earlier run left must not take
+    node2's mount or its /dev/pxd link away."""
+    c = make_cluster(3)
+    c.pxctl("node1", "volume", "create", "mv", "--size", "512M", "--repl", "2",
+            "--nodes", "node1,node2")
+    path = str(tmp_path / "mv")
+    c.pxctl("node3", "host", "mount", "mv", "--path", path)
+    c.stop_node("node3", kill=True)
+    subprocess.run(["umount", "-l", path], check=True)
+    c.wait_for(lambda: c.pxctl("node2", "host", "mount", "mv", "--path", path,
+                               check=False).returncode == 0, timeout=20, what="mount on node2")
+    a = c.pxctl("node2", "volume", "inspect", "mv")
+    with open(os.path.join(path, "f"), "w") as fh:
+        fh.write("node2's")
+    c.start_node("node3")
+    assert os.path.ismount(path), "node3's restart unmounted node2's mount"
+    dev = c.pxctl("node2", "host", "attach", "mv")["device"]
+    assert os.path.realpath(f"/dev/pxd/pxd{a['id']}") == dev
+    assert open(os.path.join(path, "f")).read() == "node2's"
+    assert _loops_on(c.nodes["node3"]["fuse"]) == []
+
+
 def test_pxfsd_refuses_foreign_filesystem(tmp_path, etcd_url):
     img = tmp_path / "foreign.img"
     subprocess.run(["truncate", "-s", "64M", str(img)], check=True)

@@ -67,24 +67,32 @@ class Attachments:
         os.replace(tmp, self.state_path)
 
     def recover_stale(self) -> None:
-        """Undo mounts and loop devices left by an earlier run that died (sync, at start)."""
+        """Undo mounts and loop devices left by an earlier run that died (sync,
+        at start).  Only what is still this node's: on a host that runs
+        several nodes, the path or the device an earlier run used may now
+        belong to another node that took the volume over."""
         try:
             with open(self.state_path) as fh:
                 state = json.load(fh)
         except (FileNotFoundError, ValueError):
             state = {}
+        mine = self.fuse_mountpoint.rstrip("/") + "/"
+        stale = set(hostdev.loops_backed_by(self.fuse_mountpoint))
         for volid, ent in state.items():
-            if ent.get("mount") and hostdev.is_mountpoint(ent["mount"]):
-                log.warning("unmounting %s left by a previous run", ent["mount"])
-                subprocess.run(["umount", "-l", ent["mount"]], check=False)
-            hostdev.unlink_pxd(int(volid))
-        for dev in hostdev.loops_backed_by(self.fuse_mountpoint):
+            dev = ent.get("device") or ""
+            backing = hostdev.loop_backing(dev) if dev else None
+            if dev and backing is None:
+                stale.add(dev)      # detached since: what is still mounted from it is ours
+            if dev and (backing is None or backing.startswith(mine)):
+                hostdev.unlink_pxd(int(volid), dev)
+        for dev in sorted(stale):
             for src, tgt, _ in hostdev.mounts():
-                if src == dev:
-                    log.warning("unmounting %s (on stale %s)", tgt, dev)
+                if src == dev and (hostdev.loop_backing(dev) or mine).startswith(mine):
+                    log.warning("unmounting %s (on %s, left by a previous run)", tgt, dev)
                     subprocess.run(["umount", "-l", tgt], check=False)
-            log.warning("detaching stale loop device %s", dev)
-            subprocess.run(["losetup", "-d", dev], check=False)
+            if hostdev.loop_backing(dev):
+                log.warning("detaching stale loop device %s", dev)
+                subprocess.run(["losetup", "-d", dev], check=False)
         self.local.clear()
         self._save()
 
@@ -346,7 +354,11 @@ class Attachments:
         except HostError as exc:
             if not lazy_fallback:
                 raise
-            log.warning("cannot unmount %s: %s; unmounting lazily", loc.mount, exc)
+            # still in use: what the application wrote must not die with the
+            # device, and what it writes next must fail rather than vanish
+            log.warning("cannot unmount %s: %s; syncing it, failing its further I/O and "
+                        "unmounting it lazily", loc.mount, exc)
+            await hostdev.sync_and_shut(loc.mount)
             await hostdev.umount(loc.mount, lazy=True)
         loc.mount = ""
         self._save()
@@ -354,7 +366,7 @@ class Attachments:
     async def _teardown(self, loc: Local, release: bool) -> None:
         if loc.device:
             await hostdev.loop_detach(loc.device)
-        hostdev.unlink_pxd(loc.volid)
+        hostdev.unlink_pxd(loc.volid, loc.device)
         clean = False
         if not loc.vol.fenced:
             try:

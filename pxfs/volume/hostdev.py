@@ -4,9 +4,11 @@ serving the I/O they cause."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
+import struct
 import subprocess
 import time
 
@@ -62,6 +64,17 @@ def loops_backed_by(prefix: str) -> list[str]:
         if len(parts) == 2 and parts[1].strip().startswith(prefix.rstrip("/") + "/"):
             out.append(parts[0])
     return out
+
+
+def loop_backing(dev: str) -> str | None:
+    """The file behind loop device ``dev``, None when it has none (or no
+    such device); sysfs, so no subprocess."""
+    name = os.path.basename(dev)
+    try:
+        with open(f"/sys/block/{name}/loop/backing_file") as fh:
+            return fh.read().rstrip("\n")
+    except OSError:
+        return None
 
 
 def mounts() -> list[tuple[str, str, str]]:
@@ -204,6 +217,49 @@ async def umount(path: str, lazy: bool = False) -> None:
     await run("umount", *(["-l"] if lazy else []), path)
 
 
+#: ``_IOR('X', 125, __u32)``: ext4's EXT4_IOC_SHUTDOWN and XFS's
+#: XFS_IOC_GOINGDOWN; flags 0 ("default") freeze the filesystem first, which
+#: writes back every dirty page and commits the journal
+FS_IOC_SHUTDOWN = 0x8004587D
+
+
+def _shutdown(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, FS_IOC_SHUTDOWN, struct.pack("I", 0))
+    finally:
+        os.close(fd)
+
+
+async def sync_and_shut(path: str, timeout: float = 20.0) -> bool:
+    """Make everything written so far to the filesystem mounted at ``path``
+    durable, and every later read or write fail (EIO): for a mount that is
+    still in use when its volume must go (a node's clean stop).  Without it
+    the writes in the page cache are lost once the device is gone, while
+    the application was told they succeeded.  In a worker thread: the
+    sync's I/O comes back to this node's FUSE loop.  False if it could not
+    be done (then at least ``syncfs``)."""
+    with trio.move_on_after(timeout):
+        try:
+            await trio.to_thread.run_sync(_shutdown, path, abandon_on_cancel=True)
+            return True
+        except OSError as exc:
+            log.warning("cannot shut down the filesystem at %s (%s); syncing it", path, exc)
+        try:
+            await trio.to_thread.run_sync(_syncfs, path, abandon_on_cancel=True)
+        except OSError as exc:
+            log.error("cannot sync the filesystem at %s: %s", path, exc)
+        return False
+    log.error("syncing the filesystem at %s took longer than %.0f s", path, timeout)
+    return False
+
+
+def _syncfs(path: str) -> None:
+    res = subprocess.run(["sync", "-f", path], capture_output=True, text=True)   # syncfs(2)
+    if res.returncode:
+        raise OSError(res.stderr.strip() or f"sync -f: exit status {res.returncode}")
+
+
 def link_pxd(volid: int, dev: str) -> str:
     os.makedirs(PXD_DIR, exist_ok=True)
     link = os.path.join(PXD_DIR, f"pxd{volid}")
@@ -215,10 +271,14 @@ def link_pxd(volid: int, dev: str) -> str:
     return link
 
 
-def unlink_pxd(volid: int) -> None:
+def unlink_pxd(volid: int, dev: str) -> None:
+    """Remove ``/dev/pxd/pxd<volid>`` if it still names ``dev``: after a
+    failover on the same host it names another node's device."""
+    link = os.path.join(PXD_DIR, f"pxd{volid}")
     try:
-        os.unlink(os.path.join(PXD_DIR, f"pxd{volid}"))
-    except FileNotFoundError:
+        if os.readlink(link) == dev:
+            os.unlink(link)
+    except OSError:
         pass
 
 
