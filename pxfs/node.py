@@ -95,7 +95,7 @@ class Node:
         rec, _ = await self.catalog.get(ref)
         if rec.get("shared"):
             return await self.shared_mounts.unmount(rec, path)
-        return await self.attachments.unmount(ref)
+        return await self.attachments.unmount(ref, path)
 
     def cluster_config(self) -> dict:
         """What a shared-volume mount process needs to join the cluster."""

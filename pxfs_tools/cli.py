@@ -2,7 +2,8 @@
 
     pxctl [-j] [--host URL] status
     pxctl volume create NAME [--size 10] [--repl 2] [--fs ext4] [--block_size 32] [--cos 1]
-                             [--label k=v,k2=v2] [--nodes n1,n2]
+                             [--label k=v,k2=v2] [--nodes n1,n2] [--shared]
+    pxctl volume create size=10,repl=2,name=NAME          (inline spec)
     pxctl volume list | inspect VOL | delete VOL
     pxctl host attach VOL | detach VOL | mount VOL [--path P] | unmount VOL
 
@@ -137,32 +138,34 @@ cli.add_command(volume, "v")
 @click.option("-b", "--block_size", default=None, help="block size in KiB (default 32)")
 @click.option("-r", "--repl", default=None, help="replication factor 1..3 (default 1)")
 @click.option("--cos", "--io_priority", "cos", default=None, help="class of service 1..9 or low/medium/high")
-@click.option("-l", "--label", default=None, help="labels k=v,k2=v2")
+@click.option("-l", "--label", multiple=True, help="labels k=v,k2=v2 (may be repeated)")
 @click.option("--nodes", default=None, help="pin replicas: node ids n1,n2")
 @click.option("--shared", is_flag=True, default=False, help="shared namespace volume")
 @_global_opts
 @click.pass_context
 def volume_create(click_ctx, name, size, fs, block_size, repl, cos, label, nodes, shared, host, as_json):
-    """Create a volume."""
+    """Create a volume.  NAME may also be an inline spec such as
+    size=10,repl=2,name=dbvol (the form Docker and DC/OS use)."""
     ctx = _ctx(click_ctx, host, as_json)
-    body = {"name": name}
-    for key, value in (("size", size), ("fs", fs), ("block_size", block_size), ("repl", repl),
-                       ("cos", cos)):
-        if value is not None:
-            body[key] = value
-    if label is not None:
-        labels = {}
-        for part in label.split(","):
-            k, eq, v = part.partition("=")
-            if not eq or not k:
-                click.echo(f"pxctl: --label {part!r}: expected key=value", err=True)
-                sys.exit(2)
-            labels[k] = v
-        body["labels"] = labels
-    if nodes is not None:
-        body["nodes"] = [n for n in nodes.replace(";", ",").split(",")]
-    if shared:
-        body["shared"] = True
+    flags = (("size", size), ("fs", fs), ("block_size", block_size), ("repl", repl),
+             ("cos", cos), ("labels", ",".join(label) if label else None), ("nodes", nodes))
+    if "=" in name:
+        given = [k for k, v in flags if v is not None] + (["shared"] if shared else [])
+        if given:
+            flag = {"labels": "label"}.get(given[0], given[0])
+            click.echo(f"pxctl: give either an inline spec or flags, not both (--{flag})",
+                       err=True)
+            sys.exit(2)
+        body = {"spec": name}
+    else:
+        body = {"name": name}
+        for key, value in flags:
+            if value is not None:
+                body[key] = value
+        if nodes is not None:
+            body["nodes"] = nodes.replace(";", ",").split(",")
+        if shared:
+            body["shared"] = True
     _run(ctx, lambda: ctx.client.post("/v1/volumes", body),
          lambda v: click.echo(f"Volume successfully created: {v['id']}"))
 
@@ -200,6 +203,8 @@ volume.add_command(volume_list, "l")
 
 
 def _replica_text(r):
+    if r["state"] == "resyncing" and not r.get("total_bytes"):
+        return "resyncing (starting)"
     if r["state"] == "resyncing":
         return (f"resyncing {r.get('percent', 0):.1f}% ({human(r.get('done_bytes', 0))}"
                 f" of {human(r.get('total_bytes', 0))})")
@@ -242,12 +247,15 @@ def volume_inspect(click_ctx, volumes, host, as_json):
     """Show a volume's spec, attach state and replicas."""
     ctx = _ctx(click_ctx, host, as_json)
     data = []
-    for ref in volumes:
+    failed = False
+    for ref in volumes:      # each one found is shown; each one not is said
         try:
             data.append(ctx.client.get(f"/v1/volumes/{quote(ref, safe='')}"))
         except ApiError as exc:
             click.echo(f"pxctl: {exc}", err=True)
-            sys.exit(1)
+            failed = True
+    if not data:
+        sys.exit(1)
     if ctx.json:
         click.echo(json.dumps(data[0] if len(data) == 1 else data, indent=2, sort_keys=True))
     else:
@@ -255,6 +263,8 @@ def volume_inspect(click_ctx, volumes, host, as_json):
             if i:
                 click.echo()
             _render_inspect(v)
+    if failed:
+        sys.exit(1)
 
 
 volume.add_command(volume_inspect, "i")
@@ -314,13 +324,14 @@ def host_mount(click_ctx, ref, path, host, as_json):
 
 @host_group.command("unmount")
 @click.argument("ref")
-@click.option("--path", default=None, help="shared volumes: only the mount at this path")
+@click.option("--path", default=None, help="only the mount at this path (shared volumes: one "
+              "of the node's mounts)")
 @_global_opts
 @click.pass_context
 def host_unmount(click_ctx, ref, path, host, as_json):
     """Unmount a volume on this node."""
     ctx = _ctx(click_ctx, host, as_json)
-    body = {"path": path} if path else None
+    body = {"path": os.path.abspath(path)} if path else None
     _run(ctx, lambda: ctx.client.post(f"/v1/volumes/{quote(ref, safe='')}/unmount", body),
          lambda v: click.echo(f"Volume {v['name']} successfully unmounted"))
 

@@ -80,8 +80,8 @@ def test_validate_name_accepts(name):
     (5, "non-empty"),
     ("/", "'/'"),
     ("a/b", "'/'"),
-    ("..", "'..'"),
-    (".", "'..'"),
+    ("..", "not allowed"),
+    (".", "not allowed"),
     ("../x", "'/'"),
     ("a..b", "'..'"),
     ("a\nb", "control"),
@@ -161,7 +161,7 @@ def test_spec_nodes_with_semicolons_set_repl():
 
 
 def test_spec_nodes_repl_mismatch():
-    with pytest.raises(InvalidArgument, match="nodes names 2 nodes but repl is 3"):
+    with pytest.raises(InvalidArgument, match="nodes lists 2 nodes but repl is 3"):
         spec_from_options({"name": "v", "nodes": "n1;n2", "repl": "3"})
 
 
@@ -291,3 +291,37 @@ def test_mount_options():
     for bad in ("ro,rw", "bogus", "node=10.0.0.1:9001", "allow_other=1", "max_read=5"):
         with pytest.raises(InvalidArgument):
             parse_options(bad)
+
+
+def test_label_key_twice_refused():
+    with pytest.raises(InvalidArgument, match="label 'a' given twice"):
+        spec_from_options({"name": "v", "label": "a=b,a=c"})
+
+
+def test_dot_names_say_so():
+    for name in (".", ".."):
+        with pytest.raises(InvalidArgument, match="is not allowed"):
+            validate_name(name)
+
+
+def test_shared_volume_with_fs_refused():
+    with pytest.raises(InvalidArgument, match="shared volume"):
+        spec_from_options({"name": "v", "shared": "true", "fs": "xfs"})
+
+
+def test_cos_error_names_the_words_too():
+    with pytest.raises(InvalidArgument, match="low, medium, high"):
+        spec_from_options({"name": "v", "cos": "ultra"})
+
+
+def test_rest_labels_and_nodes_are_checked_one_by_one():
+    from pxfs.api.app import create_options
+    with pytest.raises(InvalidArgument, match="label 'x=1,y=2'"):
+        create_options({"name": "v", "labels": {"x": "1,y=2"}})
+    with pytest.raises(InvalidArgument, match="not a node id"):
+        create_options({"name": "v", "nodes": ["node1;node2"], "repl": 2})
+    spec = spec_from_options(create_options({"name": "v", "labels": {"a": "b", "c": "d"},
+                                             "nodes": ["n1", "n2"]}))
+    assert spec.labels == (("a", "b"), ("c", "d")) and spec.nodes == ("n1", "n2")
+    assert spec_from_options(create_options({"name": "v", "labels": "a=b,c=d"})).labels == \
+        (("a", "b"), ("c", "d"))

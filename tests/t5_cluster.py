@@ -126,7 +126,34 @@ def test_bad_create_flags_rejected(make_cluster):
         assert r.status_code == 400 and r.json()["error"], body
     r = httpx.post(c.api("node1") + "/v1/volumes", content=b"{not json")
     assert r.status_code == 400
+    for body in ({"name": "a", "labels": {"x": "1,y=2"}}, {"name": "a", "repl": 2,
+                                                          "nodes": ["node1;node2"]},
+                 {"name": "a", "fs": "xfs", "shared": True}):
+        r = httpx.post(c.api("node1") + "/v1/volumes", json=body)
+        assert r.status_code == 400 and r.json()["error"], body
+    # repeated -l, or one key twice
+    for args in (["-l", "a=b", "-l", "a=c"], ["-l", "a=b,a=c"], ["-l", ""]):
+        res = c.pxctl("node1", "volume", "create", "v", *args, check=False)
+        assert res.returncode == 1 and "label" in res.stderr, (args, res.stderr)
+    # inline spec and flags together
+    res = c.pxctl("node1", "volume", "create", "size=1,name=v", "--repl", "2", check=False)
+    assert res.returncode == 2 and "either an inline spec or flags" in res.stderr
+    # unknown endpoints and methods answer in the API's error form
+    r = httpx.get(c.api("node1") + "/v1/nope")
+    assert r.status_code == 404 and "no such API endpoint" in r.json()["error"]
+    r = httpx.put(c.api("node1") + "/v1/volumes")
+    assert r.status_code == 405 and "not allowed" in r.json()["error"]
+    res = c.pxctl("node1", "volume", "inspect", "../v1", check=False)
+    assert res.returncode == 1 and "volume '../v1' not found" in res.stderr
     assert c.pxctl("node1", "volume", "list") == []
+    # the flags' good forms: labels repeated, inline spec
+    c.pxctl("node1", "volume", "create", "lv", "-l", "a=b", "-l", "c=d")
+    assert c.pxctl("node1", "volume", "inspect", "lv")["labels"] == {"a": "b", "c": "d"}
+    c.pxctl("node1", "volume", "create", "size=1,repl=2,name=sv,label=x=y")
+    sv = c.pxctl("node1", "volume", "inspect", "sv")
+    assert sv["ha"] == 2 and sv["labels"] == {"x": "y"}
+    res = c.pxctl("node1", "volume", "inspect", "lv", "nope", as_json=False, check=False)
+    assert res.returncode == 1 and "Name" in res.stdout and "'nope' not found" in res.stderr
 
 
 def test_concurrent_create_same_name(make_cluster):
@@ -157,6 +184,12 @@ def test_attach_mount_detach_delete(make_cluster):
     res = c.pxctl("node1", "host", "mount", "v", "--path", "/proc", check=False)
     assert res.returncode == 1 and "already a mount point" in res.stderr
     assert c.pxctl("node1", "volume", "inspect", "v")["attached_on"] is None
+    afile = os.path.join(c.workdir, "afile")
+    open(afile, "w").close()
+    for path, said in ((afile, "is not a directory"), (afile + "/sub", "cannot make the mount")):
+        res = c.pxctl("node1", "host", "mount", "v", "--path", path, check=False)
+        assert res.returncode == 1 and said in res.stderr, res.stderr
+        assert c.pxctl("node1", "volume", "inspect", "v")["attached_on"] is None
     a = c.pxctl("node1", "host", "attach", "v")
     assert a["device"].startswith("/dev/loop") and os.path.realpath(a["pxd"]) == a["device"]
     # a volume is attached on at most one node
@@ -173,8 +206,13 @@ def test_attach_mount_detach_delete(make_cluster):
     assert res.returncode == 1 and "attached" in res.stderr
     res = c.pxctl("node1", "host", "detach", "v", check=False)
     assert res.returncode == 1 and "unmount it first" in res.stderr
-    c.pxctl("node1", "host", "unmount", "v")
+    res = c.pxctl("node1", "host", "unmount", "v", "--path", "/mnt/elsewhere", check=False)
+    assert res.returncode == 1 and "not at /mnt/elsewhere" in res.stderr
+    assert os.path.ismount(m["mount"])
+    c.pxctl("node1", "host", "unmount", "v", "--path", m["mount"])
     c.pxctl("node1", "host", "detach", "v")
+    res = c.pxctl("node1", "host", "detach", "v", check=False)
+    assert res.returncode == 1 and "volume 'v' is not attached" in res.stderr
     assert not os.path.exists(a["pxd"])
     # the data is there on another node
     m2 = c.pxctl("node2", "host", "mount", "v")

@@ -20,12 +20,13 @@ import json
 import logging
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ..errors import InvalidArgument, PxfsError
-from ..volume.spec import parse_inline, spec_from_options
+from ..volume.spec import check_label, check_node, parse_inline, spec_from_options
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +61,21 @@ def create_options(body: dict) -> dict[str, str]:
     opts = {}
     for key, value in body.items():
         if key == "labels":
-            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-                raise InvalidArgument("labels must be an object of strings")
+            # an object, each pair checked before it is joined (a value
+            # holding "," or "=" must not turn into more labels), or the
+            # k=v,k2=v2 text pxctl's --label takes
+            if isinstance(value, str):
+                opts["label"] = value
+                continue
+            if not isinstance(value, dict):
+                raise InvalidArgument("labels must be an object of strings or 'k=v,k2=v2'")
             if value:
-                opts["label"] = ",".join(f"{k}={v}" for k, v in value.items())
+                opts["label"] = ",".join("=".join(check_label(k, v)) for k, v in value.items())
         elif key == "nodes":
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            if not isinstance(value, list):
                 raise InvalidArgument("nodes must be a list of node ids")
             if value:
-                opts["nodes"] = ";".join(value)
+                opts["nodes"] = ";".join(check_node(n) for n in value)
         elif isinstance(value, bool):
             opts[key] = "true" if value else "false"
         elif not isinstance(value, (str, int)):
@@ -138,16 +145,28 @@ def build_app(node) -> Starlette:
             raise InvalidArgument("path must be a string")
         return await node.unmount(request.path_params["ref"], path)
 
+    async def no_route(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 405:
+            msg = f"{request.method} is not allowed on {request.url.path}"
+            code = errno.EINVAL
+        else:
+            msg = f"no such API endpoint: {request.method} {request.url.path}"
+            code = errno.ENOENT
+        return JSONResponse({"error": msg, "errno": code, "kind": "HTTPError"},
+                            status_code=exc.status_code)
+
+    # {ref:path}: a reference holding '/' (as in ../x) still reaches the
+    # handler, which says that no such volume exists
     routes = [
         Route("/v1/cluster/status", route(status), methods=["GET"]),
         Route("/v1/cluster/config", route(cluster_config), methods=["GET"]),
         Route("/v1/volumes", route(list_volumes), methods=["GET"]),
         Route("/v1/volumes", route(create), methods=["POST"]),
-        Route("/v1/volumes/{ref}", route(inspect), methods=["GET"]),
-        Route("/v1/volumes/{ref}", route(delete), methods=["DELETE"]),
-        Route("/v1/volumes/{ref}/attach", route(attach), methods=["POST"]),
-        Route("/v1/volumes/{ref}/detach", route(detach), methods=["POST"]),
-        Route("/v1/volumes/{ref}/mount", route(mount), methods=["POST"]),
-        Route("/v1/volumes/{ref}/unmount", route(unmount), methods=["POST"]),
+        Route("/v1/volumes/{ref:path}", route(inspect), methods=["GET"]),
+        Route("/v1/volumes/{ref:path}", route(delete), methods=["DELETE"]),
+        Route("/v1/volumes/{ref:path}/attach", route(attach), methods=["POST"]),
+        Route("/v1/volumes/{ref:path}/detach", route(detach), methods=["POST"]),
+        Route("/v1/volumes/{ref:path}/mount", route(mount), methods=["POST"]),
+        Route("/v1/volumes/{ref:path}/unmount", route(unmount), methods=["POST"]),
     ]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers={HTTPException: no_route})

@@ -269,6 +269,8 @@ class Attachments:
         if not os.path.isabs(path):
             raise InvalidArgument(f"mount path {path!r} must be absolute")
         path = os.path.normpath(path)
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise InvalidArgument(f"mount path {path!r} exists and is not a directory")
         if rec["fs"] == "none":
             raise InvalidArgument(f"volume {rec['name']!r} has --fs none: use its block device")
         attached_here = volid in self.local
@@ -309,12 +311,14 @@ class Attachments:
             await self._publish(loc)
             return self._describe(loc)
 
-    async def unmount(self, ref: str) -> dict:
+    async def unmount(self, ref: str, path: str | None = None) -> dict:
         volid = await self.catalog.resolve(ref)
         async with self.lock(volid):
             loc = self.local.get(volid)
             if loc is None or not loc.mount:
                 raise NotFound(f"volume {ref!r} is not mounted on this node")
+            if path is not None and os.path.normpath(path) != loc.mount:
+                raise NotFound(f"volume {ref!r} is mounted at {loc.mount}, not at {path}")
             await self._umount(loc)
             self._save()
             if not loc.vol.fenced:
@@ -328,8 +332,10 @@ class Attachments:
             loc = self.local.get(volid)
             if loc is None:
                 att = await self.catalog.attachment(volid)
-                where = f"on node {att['node']}" if att else "anywhere"
-                raise NotFound(f"volume {ref!r} is not attached on this node (attached {where})")
+                if att:
+                    raise NotFound(f"volume {ref!r} is attached on node {att['node']}, "
+                                   "not on this node")
+                raise NotFound(f"volume {ref!r} is not attached")
             if loc.mount and self._still_mounted(loc):
                 raise Busy(f"volume {loc.name!r} is mounted at {loc.mount}; unmount it first")
             out = self._describe(loc)

@@ -4,6 +4,7 @@ serving the I/O they cause."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -196,7 +197,11 @@ async def _kernel_log(after: float) -> list[str]:
 async def mount(dev: str, path: str, fs: str) -> None:
     """Mount; on failure the error says what the kernel logged about it
     (mount(8) itself only says to look in dmesg)."""
-    await trio.to_thread.run_sync(lambda: os.makedirs(path, exist_ok=True))
+    try:
+        await trio.to_thread.run_sync(lambda: os.makedirs(path, exist_ok=True))
+    except OSError as exc:
+        raise HostError(f"cannot make the mount point {path}: {exc.strerror}",
+                        errno=errno.EINVAL) from None
     # a little before now: dmesg's clock and CLOCK_MONOTONIC differ by a few ms
     since = time.clock_gettime(time.CLOCK_MONOTONIC) - 0.5
     res = await _exec(["mount", "-t", fs, dev, path])

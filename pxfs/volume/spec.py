@@ -58,7 +58,9 @@ def validate_name(name: object) -> str:
         raise InvalidArgument(f"volume name is longer than {MAX_NAME} characters")
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise InvalidArgument("volume name must not contain control characters")
-    if "/" in name or name in (".", "..") or ".." in name:
+    if name in (".", ".."):
+        raise InvalidArgument(f"volume name {name!r} is not allowed")
+    if "/" in name or ".." in name:
         raise InvalidArgument(f"volume name {name!r} must not contain '/' or '..'")
     if not _NAME_RE.match(name):
         raise InvalidArgument(f"volume name {name!r} may only hold letters, digits and _ . + @ -, "
@@ -97,7 +99,9 @@ def parse_cos(value: str) -> int:
     named = {"low": 1, "medium": 5, "high": 9}
     if value.strip().lower() in named:
         return named[value.strip().lower()]
-    return _int_in("cos", value, 1, 9)
+    if not re.fullmatch(r"\d+", value.strip()) or not 1 <= int(value) <= 9:
+        raise InvalidArgument(f"cos {value!r}: expected low, medium, high or a whole number in 1..9")
+    return int(value)
 
 
 def cos_name(cos: int) -> str:
@@ -111,24 +115,47 @@ def parse_block_size(value: str) -> int:
     return kib * 1024
 
 
-def parse_labels(value: str, sep: str = ",") -> tuple[tuple[str, str], ...]:
-    out = {}
-    for part in value.split(sep):
-        k, eq, v = part.partition("=")
-        k, v = k.strip(), v.strip()
-        if not eq or not _LABEL_RE.match(k) or not re.fullmatch(r"[A-Za-z0-9_./-]{0,63}", v):
-            raise InvalidArgument(f"label {part!r}: expected key=value (letters, digits, _ . / -)")
+def check_label(key: object, value: object) -> tuple[str, str]:
+    """One label; keys and values are what Kubernetes allows, so they never
+    hold the separators of the k=v,k2=v2 form."""
+    if not isinstance(key, str) or not isinstance(value, str) or not _LABEL_RE.match(key) \
+            or not re.fullmatch(r"[A-Za-z0-9_./-]{0,63}", value):
+        raise InvalidArgument(f"label {f'{key}={value}'!r}: expected key=value of letters, digits "
+                              "and _ . / - (keys up to 63, values up to 63 characters)")
+    return key, value
+
+
+def labels_from_pairs(pairs) -> tuple[tuple[str, str], ...]:
+    out: dict[str, str] = {}
+    for k, v in pairs:
+        k, v = check_label(k, v)
+        if k in out:
+            raise InvalidArgument(f"label {k!r} given twice")
         out[k] = v
     return tuple(sorted(out.items()))
 
 
+def parse_labels(value: str, sep: str = ",") -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for part in value.split(sep):
+        k, eq, v = part.partition("=")
+        if not eq:
+            raise InvalidArgument(f"label {part!r}: expected key=value")
+        pairs.append((k.strip(), v.strip()))
+    return labels_from_pairs(pairs)
+
+
+def check_node(node: object) -> str:
+    if not isinstance(node, str) or not _NODE_RE.match(node):
+        raise InvalidArgument(f"nodes: {node!r} is not a node id")
+    return node
+
+
 def parse_nodes(value: str, sep: str = ";") -> tuple[str, ...]:
-    nodes = tuple(n.strip() for n in value.split(sep))
-    for n in nodes:
-        if not _NODE_RE.match(n):
-            raise InvalidArgument(f"nodes {value!r}: {n!r} is not a node id")
+    nodes = tuple(check_node(n.strip()) for n in value.split(sep))
     if len(set(nodes)) != len(nodes):
-        raise InvalidArgument(f"nodes {value!r}: a node is named twice")
+        shown = ",".join(nodes)
+        raise InvalidArgument(f"nodes {shown!r}: a node is named twice")
     return nodes
 
 
@@ -185,7 +212,12 @@ def spec_from_options(options: dict[str, str], name: str | None = None) -> Volum
         if "repl" not in fields:
             fields["repl"] = len(fields["nodes"])
         elif fields["repl"] != len(fields["nodes"]):
-            raise InvalidArgument(f"nodes names {len(fields['nodes'])} nodes but repl is {fields['repl']}")
+            n = len(fields["nodes"])
+            raise InvalidArgument(f"nodes lists {n} node{'s' if n > 1 else ''} but repl is "
+                                  f"{fields['repl']}: name one node per replica")
+    if fields.get("shared") and "fs" in fields:
+        raise InvalidArgument(f"fs {fields['fs']!r}: a shared volume is a POSIX namespace, "
+                              "not a formatted block image; leave fs out")
     if fields.get("fs") == "xfs" and fields.get("size", GiB) < MIN_XFS_SIZE:
         raise InvalidArgument("xfs needs a volume of at least 320 MiB")
     return VolumeSpec(**fields)
