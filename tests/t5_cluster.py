@@ -674,3 +674,53 @@ def test_unclean_end_reconciles_in_sync_replicas(make_cluster):
     c.pxctl("node2", "host", "detach", "uv")     # clean: the next attach need not reconcile
     c.pxctl("node3", "host", "attach", "uv")
     assert "ended uncleanly" not in open(c.nodes["node3"]["log"]).read()
+
+
+def test_a_failed_attach_leaves_the_unclean_end_to_reconcile(make_cluster, etcd_server):
+    """node1 dies attached while node2 (its other replica) is paused: an
+    attach on node3 fails (no in-sync replica answers).  That failure must
+    not record a clean end, or the next attach would skip reconciling what
+    node1 left half-written."""
+    c = make_cluster(3)
+    c.pxctl("node1", "volume", "create", "fa", "--size", "128M", "--repl", "2", "--fs", "none",
+            "--nodes", "node1,node2")
+    dev = c.pxctl("node1", "host", "attach", "fa")["device"]
+    dd_write(dev, b"f", 0, 4)
+    c.signal("node2", signal.SIGSTOP)
+    try:
+        c.stop_node("node1", kill=True)
+        c.wait_for(lambda: "no in-sync replica is reachable" in c.pxctl(
+            "node3", "host", "attach", "fa", check=False).stderr, timeout=40,
+            what="a failed attach on node3")
+    finally:
+        c.signal("node2", signal.SIGCONT)
+    rec = _vol_record(c, etcd_server, "fa")
+    assert rec["clean"] is False, "a failed attach recorded a clean end"
+    before = rec.get("durable", 0)
+    attach_after_failover(c, "node3", "fa", timeout=30)
+    dev3 = c.pxctl("node3", "host", "attach", "fa")["device"]
+    assert dd_read(dev3, 0, 4) == b"f" * (4 * MiB)
+    # node1, unreachable, is out of sync from node1's own last checkpoint on,
+    # not from the failed attach's new stamp space
+    rec = _vol_record(c, etcd_server, "fa")
+    r1 = next(r for r in rec["replicas"] if r["node"] == "node1")
+    assert r1["state"] == "out_of_sync" and r1["missed_from"] == before < rec["gen"] << 32
+
+
+def _vol_record(c, etcd_server, name: str) -> dict:
+    """The volume's record as etcd holds it."""
+    import trio
+
+    from pxfs import codec
+    from pxfs.meta import keys
+    from pxfs.meta.etcd import EtcdKV
+    volid = int(c.pxctl("node3", "volume", "inspect", name)["id"])
+    cid = c.pxctl("node3", "status")["cluster_id"]
+
+    async def get():
+        kv = EtcdKV([etcd_server])
+        try:
+            return codec.unpack_record((await kv.get(keys.vol_key(cid, volid))).value)
+        finally:
+            await kv.close()
+    return trio.run(get)

@@ -377,7 +377,9 @@ class Attachments:
         if not loc.vol.fenced:
             try:
                 await loc.vol.flush()
-                clean = release
+                # not for an attach that failed before its replicas were
+                # fenced and reconciled: the unclean end it found still is
+                clean = release and loc.ready
             except PxfsError as exc:
                 log.warning("flush at detach of %s failed: %s", loc.name, exc)
         if clean:
