@@ -249,6 +249,7 @@ async def run_node(cfg: config_mod.Config, roots: list[str]) -> int:
         log.error("cannot reach etcd at %s: %s", cfg.kvdb, exc)
         return 1
     node = Node(cfg, kv, roots)
+    await trio.to_thread.run_sync(node.store.sync_pools)
     node.attachments.recover_stale()
     _clean_fuse_mountpoint(cfg.fuse_mountpoint)
     os.makedirs(os.path.join(cfg.osd_root, "mounts"), exist_ok=True)
