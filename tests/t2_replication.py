@@ -238,6 +238,68 @@ async def test_stopped_replica_and_failed_report_fails_write(cluster):
     with pytest.raises(MetaError):
         await vol.write(0, b"data")
     assert vol.states["b"] == IN_SYNC
+    # a and c took it, b may not have: no more I/O until a new attach
+    # reconciles them
+    assert vol.fenced and "cannot record" in vol.fenced
+    with pytest.raises(Fenced):
+        await vol.read(0, 4)
+
+
+class _FailsChunk:
+    """A replica target whose writes to one chunk fail."""
+
+    def __init__(self, inner, idx):
+        self.inner, self.idx, self.local = inner, idx, inner.local
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def _check(self, op, args):
+        if op == "write" and args["idx"] == self.idx:
+            raise PxfsError(f"injected failure of chunk {self.idx}")
+
+    async def begin(self, op, args, timeout):
+        self._check(op, args)
+        return await self.inner.begin(op, args, timeout)
+
+    async def do(self, op, args, timeout=None):
+        self._check(op, args)
+        return await self.inner.do(op, args, timeout=timeout)
+
+
+async def test_two_writes_failing_on_two_replicas_at_once(cluster):
+    """b fails chunk 0 and c fails chunk 1, at the same moment: one write
+    may be acknowledged (on the replica that stays in sync), the other must
+    fail; never both, each on a replica the other marks out of sync."""
+    vol = cluster.volume(states={"b": IN_SYNC, "c": IN_SYNC})
+    fail = {"b": 0, "c": 1}
+    vol._target = lambda n: _FailsChunk(cluster.target(n), fail[n])
+    results = {}
+
+    async def one(idx):
+        try:
+            results[idx] = await vol.write(idx * CHUNK_SIZE, b"w" * 4096)
+        except PxfsError as exc:
+            results[idx] = exc
+
+    async with trio.open_nursery() as n:
+        n.start_soon(one, 0)
+        n.start_soon(one, 1)
+    acked = [i for i, r in results.items() if r == 4096]
+    assert len(acked) == 1, results
+    in_sync = [n for n, s in vol.states.items() if s == IN_SYNC]
+    assert len(in_sync) == 1 and not vol.fenced
+    # the acknowledged write is on the replica still in sync
+    i = acked[0]
+    assert cluster.nodes[in_sync[0]].store.read(VOL, i, 0, 4096) == b"w" * 4096
+
+
+async def test_a_write_failing_on_two_in_sync_replicas_stops_io(cluster):
+    vol = cluster.volume(states={"b": IN_SYNC, "c": IN_SYNC})
+    vol._target = lambda n: _FailsChunk(cluster.target(n), 0)
+    with pytest.raises(PxfsError, match="no in-sync replica took the write"):
+        await vol.write(0, b"x" * 4096)
+    assert vol.fenced
 
 
 async def test_no_in_sync_replica_took_the_write(cluster):

@@ -349,18 +349,33 @@ class ReplicatedVolume:
             raise Fenced(str(fenced[0]))
         if not failed:
             return
-        ok = [n for n in nodes if n not in failed and self.states.get(n) == IN_SYNC]
-        if not ok:
-            raise PxfsError(f"volume {self.volid}: no in-sync replica took the write: "
-                            + "; ".join(f"{n}: {e}" for n, e in failed.items()))
         async with self._state_lock:
+            # the states as they are now, not before the wait for the lock:
+            # two writes failing on two replicas at once must not each count
+            # on the replica the other one is marking out of sync
+            ok = [n for n in nodes if n not in failed and self.states.get(n) == IN_SYNC]
+            if not ok:
+                why = "; ".join(f"{n}: {e}" for n, e in failed.items())
+                if len([n for n in failed if self.states.get(n) == IN_SYNC]) > 1:
+                    # in-sync replicas that failed may still have taken it
+                    # (a late answer): they could now differ, so no more I/O
+                    # here; the next attach finds an unclean end and
+                    # reconciles them
+                    self.fence_local(f"a write failed on every in-sync replica ({why})")
+                raise PxfsError(f"volume {self.volid}: no in-sync replica took the write: {why}")
             still = [n for n in failed if self.states.get(n) in (IN_SYNC, RESYNCING)]
             if still:
                 for n in still:
                     log.warning("volume %s: replica on %s failed (%s); marking it out of sync",
                                 self.volid, n, failed[n])
-                # raises if the state could not be recorded: then we must not ack
-                self.set_gen(await self._on_failure(still, self.durable))
+                try:
+                    self.set_gen(await self._on_failure(still, self.durable))
+                except BaseException as exc:
+                    # not recorded: we must not ack, and the replicas that
+                    # took the write must not serve reads beside the ones
+                    # that missed it
+                    self.fence_local(f"cannot record that {', '.join(still)} failed: {exc!r}")
+                    raise
                 for n in still:
                     self.states[n] = OUT_OF_SYNC
 
