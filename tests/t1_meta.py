@@ -384,3 +384,23 @@ async def test_lost_lease_calls_listeners_and_rejoins(kv, cid):
                 await trio.sleep(0.05)
         assert m.lease not in (0, old)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_resync_ends_in_sync_only_while_its_source_is(kv, cid):
+    """The replica state etcd keeps is the truth: a resync whose source fell
+    out of sync meanwhile may have copied stale chunks, so its end is refused."""
+    from pxfs.errors import Busy
+    from pxfs.volume.catalog import Catalog
+    cat = Catalog(kv, cid, "n1", targets=None)
+    rec = {"id": 7, "name": "v", "term": 1, "gen": 3, "replicas": [
+        {"node": "n1", "state": "out_of_sync", "missed_from": 2 << 32},
+        {"node": "n2", "state": "resyncing", "missed_from": 1 << 32}]}
+    await kv.txn([], [Put(keys.vol_key(cid, 7), codec.pack_record(rec))])
+    with pytest.raises(Busy, match="source n1 is out_of_sync"):
+        await cat.set_replica_state(7, "n2", "in_sync", expect_state="resyncing", source="n1")
+    got = codec.unpack_record((await kv.get(keys.vol_key(cid, 7))).value)
+    assert got == rec
+    rec["replicas"][0]["state"] = "in_sync"
+    await kv.txn([], [Put(keys.vol_key(cid, 7), codec.pack_record(rec))])
+    out = await cat.set_replica_state(7, "n2", "in_sync", expect_state="resyncing", source="n1")
+    assert [r["state"] for r in out["replicas"]] == ["in_sync", "in_sync"]

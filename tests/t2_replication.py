@@ -511,6 +511,22 @@ async def test_resync_copies_only_chunks_written_since_failure(cluster):
     assert cluster.nodes["c"].svc.stats["chunks_put"] == 2
 
 
+async def test_resync_stops_when_its_source_falls_out_of_sync(cluster):
+    vol = cluster.volume(states={"a": IN_SYNC, "b": IN_SYNC})
+    for i in range(4):
+        await vol.write(i * CHUNK_SIZE, pattern(4096, i))
+    calls = []
+
+    def check():
+        calls.append(1)
+        return "the source a is out_of_sync now" if len(calls) > 2 else None
+    with pytest.raises(PxfsError, match="source a is out_of_sync"):
+        await resync_replica(VOL, cluster.target("a"), cluster.target("c"), missed_from=0,
+                             term=1, check=check)
+    # two chunks copied, then no more: nothing after the source fell out
+    assert len(calls) == 3 and sorted(cluster.nodes["c"].store.list_chunks(VOL)) == [0, 1]
+
+
 async def test_resync_deletes_chunks_gone_from_source(cluster):
     vol = cluster.volume()
     await vol.write(0, b"x")

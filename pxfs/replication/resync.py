@@ -13,6 +13,7 @@ import time
 import trio
 
 from .. import CHUNK_SIZE
+from ..errors import PxfsError
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +31,15 @@ class Progress:
 
 
 async def resync_replica(volid: int, source, target, *, missed_from: int, term: int,
-                         lock_fn=None, report=None, put=None) -> Progress:
+                         lock_fn=None, report=None, put=None, check=None) -> Progress:
     """Bring ``target`` up to date from ``source``; returns what was copied.
 
     ``lock_fn(idx)`` gives the chunk's lock (the attached node's data path);
     ``report(progress)`` is awaited now and then; ``put`` replaces
-    ``target.put_chunk`` (a shared volume's merge with live writes).
+    ``target.put_chunk`` (a shared volume's merge with live writes);
+    ``check()``, called under each chunk's lock before its copy, returns why
+    the copy must stop (the source fell out of sync: writes now pass it by,
+    so its chunks would undo them on the target), or None.
     """
     put = put or target.put_chunk
     src = await source.list_chunks(volid, missed_from)
@@ -48,6 +52,9 @@ async def resync_replica(volid: int, source, target, *, missed_from: int, term: 
     for idx in todo:
         lock = lock_fn(idx) if lock_fn else contextlib.nullcontext()
         async with _as_async(lock):
+            why = check() if check else None
+            if why:
+                raise PxfsError(f"resync of volume {volid} stopped: {why}")
             got = await source.get_chunk(volid, idx)
             if got is None:
                 await put(volid, idx, 0, None, None, term)

@@ -185,9 +185,11 @@ class Catalog:
 
     async def set_replica_state(self, volid: int, node: str, state: str, *, term: int | None = None,
                                 expect_rev: int | None = None, require_detached=False,
-                                expect_state: str | None = None) -> dict:
+                                expect_state: str | None = None, source: str | None = None) -> dict:
         """Set one replica's state; returns the new record with its
-        ``mod_rev``.  Refuses (Busy) if the replica is not in ``expect_state``."""
+        ``mod_rev``.  Refuses (Busy) if the replica is not in ``expect_state``,
+        or if ``source`` (the replica a resync copied from) is no longer in
+        sync: what it gave may be stale."""
         async def body(txn):
             item = await txn.get(keys.vol_key(self.cid, volid))
             if item is None:
@@ -199,6 +201,9 @@ class Catalog:
             rec = codec.unpack_record(item.value)
             if term is not None and rec["term"] != term:
                 raise Fenced(f"volume {volid} was attached elsewhere")
+            for r in rec["replicas"]:
+                if r["node"] == source and r["state"] != IN_SYNC:
+                    raise Busy(f"the resync source {source} is {r['state']} now")
             for r in rec["replicas"]:
                 if r["node"] == node:
                     if expect_state is not None and r["state"] != expect_state:

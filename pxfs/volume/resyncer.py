@@ -104,24 +104,32 @@ class Resyncer:
         for lock in vol.locks:
             async with lock:
                 pass
+        src = sources[0]
         log.info("volume %s: resyncing replica on %s from %s (writes since gen %d)",
-                 loc.name, node, sources[0], missed)
+                 loc.name, node, src, missed)
+
+        def source_gone():
+            state = vol.states.get(src)
+            return None if state == IN_SYNC else f"the source {src} is {state} now"
         try:
-            prog = await resync_replica(vol.volid, self.catalog.targets(sources[0]),
+            prog = await resync_replica(vol.volid, self.catalog.targets(src),
                                         self.catalog.targets(node), missed_from=missed,
                                         term=vol.term, lock_fn=vol.chunk_lock,
-                                        report=self._reporter(vol.volid, node))
+                                        report=self._reporter(vol.volid, node), check=source_gone)
+            async with vol._state_lock:
+                if vol.states.get(node) != RESYNCING:
+                    return                        # a write to it failed meanwhile
+                if source_gone():
+                    raise PxfsError(f"resync of volume {vol.volid} stopped: {source_gone()}")
+                rec = await self.catalog.set_replica_state(vol.volid, node, IN_SYNC,
+                                                           term=vol.term, expect_state=RESYNCING,
+                                                           source=src)
+                vol.states = {r["node"]: r["state"] for r in rec["replicas"]}
+                vol.set_gen(rec["gen"])
         except PxfsError:
             if vol.states.get(node) == RESYNCING and not vol.fenced:
                 vol.set_gen(await self.attachments._failure_handler(vol.volid)([node], missed))
             raise
-        async with vol._state_lock:
-            if vol.states.get(node) != RESYNCING:
-                return                            # a write to it failed meanwhile
-            rec = await self.catalog.set_replica_state(vol.volid, node, IN_SYNC, term=vol.term,
-                                                       expect_state=RESYNCING)
-            vol.states = {r["node"]: r["state"] for r in rec["replicas"]}
-            vol.set_gen(rec["gen"])
         self._done(vol.volid, node, prog)
 
     async def _offline(self, volid: int) -> None:
@@ -141,7 +149,7 @@ class Resyncer:
                                         missed_from=me["missed_from"], term=rec["term"],
                                         report=self._reporter(volid, self.node))
             await self.catalog.set_replica_state(volid, self.node, IN_SYNC, expect_rev=rev,
-                                                 require_detached=True)
+                                                 require_detached=True, source=sources[0])
         except PxfsError:
             try:
                 await self.catalog.set_replica_state(volid, self.node, OUT_OF_SYNC, expect_rev=rev,
@@ -180,7 +188,7 @@ class Resyncer:
                                             report=self._reporter(volid, self.node),
                                             put=local.put_chunk_merged)
                 await self.catalog.set_replica_state(volid, self.node, IN_SYNC,
-                                                     expect_state=RESYNCING)
+                                                     expect_state=RESYNCING, source=sources[0])
             except PxfsError:
                 try:
                     await self.catalog.set_replica_state(volid, self.node, OUT_OF_SYNC,
