@@ -18,12 +18,11 @@ import subprocess
 import trio
 
 from .. import codec
-from ..errors import Busy, Fenced, HostError, InvalidArgument, NotFound, PxfsError
+from ..errors import Busy, ChecksumError, Fenced, HostError, InvalidArgument, NotFound, PxfsError
 from ..meta import keys
 from ..meta.kv import Compare, Delete
 from ..meta.txn import run_txn
 from ..replication.volume_io import OUT_OF_SYNC, RESYNCING, ReplicatedVolume
-from ..replication.resync import resync_replica
 from . import hostdev
 
 log = logging.getLogger(__name__)
@@ -223,26 +222,58 @@ class Attachments:
     async def _reconcile(self, loc: Local, prev_durable: int) -> None:
         """The previous attachment died: a write it never acknowledged may
         have reached only some in-sync replicas.  Make them agree by copying
-        every chunk stamped since its last checkpoint from one of them."""
+        every chunk stamped since its last checkpoint from the first of them
+        that holds a whole, checked copy (a chunk torn by a power loss fails
+        its checksums: it is the one replaced, not the replicas that are
+        fine).  A replica that cannot take part falls out of sync."""
         vol = loc.vol
         readers = vol.readers()
         if len(readers) < 2:
             return
-        source, failed, copied = readers[0], [], 0
-        for node in readers[1:]:
+        t = {n: self.catalog.targets(n) for n in readers}
+        failed: dict[str, PxfsError] = {}
+        todo: set[int] = set()
+        for n in readers:
             try:
-                prog = await resync_replica(vol.volid, self.catalog.targets(source),
-                                            self.catalog.targets(node), missed_from=prev_durable,
-                                            term=vol.term)
-                copied += prog.chunks
+                todo |= set(await t[n].list_chunks(vol.volid, prev_durable))
             except PxfsError as exc:
-                log.warning("volume %s: cannot reconcile replica on %s: %s", loc.name, node, exc)
-                failed.append(node)
+                failed[n] = exc
+        copied = 0
+        for idx in sorted(todo):
+            live = [n for n in readers if n not in failed]
+            src = got = None
+            for n in live:
+                try:
+                    got = await t[n].get_chunk(vol.volid, idx)
+                    src = n
+                    break
+                except ChecksumError as exc:
+                    log.warning("volume %s: chunk %d on %s: %s; taking another copy",
+                                loc.name, idx, n, exc)
+                except PxfsError as exc:
+                    failed[n] = exc
+            if src is None:
+                log.error("volume %s: no in-sync replica holds a whole copy of chunk %d; "
+                          "left as it is (its damaged blocks fail to read)", loc.name, idx)
+                continue
+            gen, bitmap, data = got if got is not None else (0, None, None)
+            for n in live:
+                if n == src or n in failed:
+                    continue
+                try:
+                    await t[n].put_chunk(vol.volid, idx, gen, bitmap, data, vol.term)
+                except PxfsError as exc:
+                    failed[n] = exc
+            copied += 1
         if failed:
-            vol.set_gen(await self._failure_handler(vol.volid)(failed, prev_durable))
+            for n, exc in failed.items():
+                log.warning("volume %s: cannot reconcile replica on %s: %s", loc.name, n, exc)
+            if not [n for n in readers if n not in failed]:
+                raise PxfsError(f"volume {loc.name!r}: no in-sync replica could be reconciled: "
+                                + "; ".join(f"{n}: {e}" for n, e in failed.items()))
+            vol.set_gen(await self._failure_handler(vol.volid)(list(failed), prev_durable))
         log.info("volume %s: previous attachment ended uncleanly; %d chunk(s) written since its "
-                 "last checkpoint copied from %s to the other in-sync replicas",
-                 loc.name, copied, source)
+                 "last checkpoint made the same on the in-sync replicas", loc.name, copied)
 
     async def _publish(self, loc: Local) -> None:
         """Write device and mount path into the attach record."""
