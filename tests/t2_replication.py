@@ -460,6 +460,57 @@ async def test_fenced_by_newer_term(cluster):
     assert cluster.nodes["b"].store.read(VOL, 0, 0, 5) == b"fresh"
 
 
+async def test_a_fence_waits_for_the_writes_it_let_through(cluster):
+    """A large write that passed its term check is applying in a worker
+    thread when the fence comes: the fence answers only after it, and a
+    write that was waiting behind a chunk copy is refused after the fence."""
+    import threading
+    node = cluster.nodes["b"]
+    gate, entered = threading.Event(), threading.Event()
+    orig = node.store.write
+
+    def slow_write(*a, **kw):
+        if kw.get("nowait"):
+            raise BlockingIOError           # to the worker thread
+        entered.set()
+        gate.wait(10)
+        return orig(*a, **kw)
+    node.store.write = slow_write
+    order = []
+
+    async def write():
+        await node.svc.write(VOL, 0, 0, b"o" * 256 * 1024, 1, 1 << 32)
+        order.append("write")
+
+    async def fence():
+        await trio.to_thread.run_sync(entered.wait, 10)
+        async with trio.open_nursery() as n:
+            n.start_soon(node.svc.fence, VOL, 2)
+            await trio.sleep(0.2)
+            order.append("released")
+            gate.set()
+        order.append("fence")
+
+    async with trio.open_nursery() as n:
+        n.start_soon(write)
+        n.start_soon(fence)
+    assert order == ["released", "write", "fence"]
+    node.store.write = orig
+    # a write held behind a chunk copy and fenced meanwhile is refused
+    hold = trio.Event()
+    node.svc._held[(VOL, 1)] = hold
+    async with trio.open_nursery() as n:
+        async def late():
+            with pytest.raises(Fenced):
+                await node.svc.write(VOL, 1, 0, b"l" * 4096, 2, 1 << 32)
+        n.start_soon(late)
+        await trio.sleep(0.05)
+        await node.svc.fence(VOL, 3)
+        del node.svc._held[(VOL, 1)]
+        hold.set()
+    assert node.store.list_chunks(VOL) == {0: 1 << 32}
+
+
 async def test_term_survives_restart(cluster):
     await cluster.target("c").fence(VOL, 7)
     await cluster.nodes["c"].stop()

@@ -80,6 +80,9 @@ class ReplicaService:
         key = (volid, idx)
         while key in self._held:                 # a resync is replacing this chunk
             await self._held[key].wait()
+        if term < self._terms.get(volid, 0):     # fenced while it waited
+            self.stats["fenced"] += 1
+            raise Fenced(f"volume {volid}: attach term {term} is older than {self._terms[volid]}")
         self._inflight[key] += 1
         try:
             await self._write(volid, idx, off, data, gen, crcs)
@@ -177,6 +180,12 @@ class ReplicaService:
 
     async def fence(self, volid, term):
         await self.check_term(volid, term)
+        # a write that passed its term check before this fence may still be
+        # applying (in a worker thread): answer only once it is done, so that
+        # nothing the old attachment sent lands after the new one began
+        with trio.move_on_after(30):
+            while any(k[0] == volid for k in self._inflight):
+                await trio.sleep(0.001)
 
     async def get_chunk(self, volid, idx):
         return await self._run(self.store.get_chunk, volid, idx)

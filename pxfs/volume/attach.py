@@ -9,6 +9,7 @@ then refuse writes from any older term (a paused node waking up).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -191,9 +192,18 @@ class Attachments:
                 log.warning("volume %s: cannot fence replica on %s: %s", loc.name, node, exc)
                 failed.append(node)
 
+        async def stale(node):
+            # an out-of-sync replica gets the term too (best effort): a paused
+            # old attacher's resync must not go on copying into it
+            with contextlib.suppress(PxfsError):
+                await self.catalog.targets(node).fence(vol.volid, vol.term, timeout=1)
+
         async with trio.open_nursery() as n:
             for node in vol.writers():
                 n.start_soon(one, node)
+            for node in vol.states:
+                if node not in vol.writers():
+                    n.start_soon(stale, node)
         if failed:
             if not [x for x in vol.readers() if x not in failed]:
                 raise PxfsError(f"volume {loc.name!r}: no in-sync replica is reachable "
