@@ -404,3 +404,25 @@ async def test_a_resync_ends_in_sync_only_while_its_source_is(kv, cid):
     await kv.txn([], [Put(keys.vol_key(cid, 7), codec.pack_record(rec))])
     out = await cat.set_replica_state(7, "n2", "in_sync", expect_state="resyncing", source="n1")
     assert [r["state"] for r in out["replicas"]] == ["in_sync", "in_sync"]
+
+
+async def test_a_create_whose_commit_went_unanswered_is_not_reported_taken(kv, cid, monkeypatch):
+    """etcd committed a create but its answer was lost; the retry finds the
+    name taken -- by this very volume.  That is a success, not 'already
+    exists' (the user would be told a volume they just made is someone
+    else's)."""
+    from pxfs.errors import AlreadyExists
+    from pxfs.volume import catalog as catalog_mod
+    from pxfs.volume.spec import VolumeSpec
+    monkeypatch.setattr(catalog_mod, "new_volume_id", lambda: 123456789012345678)
+    async with trio.open_nursery() as nursery:
+        await start_membership(nursery, kv, cid, "n1")
+        cat = catalog_mod.Catalog(kv, cid, "n1", targets=None)
+        # the name already maps to the id this create is about to use
+        await kv.txn([], [Put(keys.volname_key(cid, "v"), codec.pack(123456789012345678))])
+        rec = await cat.create(VolumeSpec(name="v"))
+        assert rec["id"] == 123456789012345678
+        monkeypatch.setattr(catalog_mod, "new_volume_id", lambda: 223456789012345678)
+        with pytest.raises(AlreadyExists):
+            await cat.create(VolumeSpec(name="v"))
+        nursery.cancel_scope.cancel()

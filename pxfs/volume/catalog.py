@@ -85,7 +85,10 @@ class Catalog:
                                             for n in chosen])
 
         async def body(txn):
-            if await txn.get(keys.volname_key(self.cid, spec.name)):
+            taken = await txn.get(keys.volname_key(self.cid, spec.name))
+            if taken and codec.unpack(taken.value) == rec["id"]:
+                return          # our own attempt, committed although its answer timed out
+            if taken:
                 raise AlreadyExists(f"volume {spec.name!r} already exists")
             await txn.get(keys.vol_key(self.cid, rec["id"]))
             txn.put(keys.volname_key(self.cid, spec.name), codec.pack(rec["id"]))
