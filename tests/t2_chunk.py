@@ -12,7 +12,7 @@ import pytest
 from pxfs import CHUNK_SIZE, CSUM_BLOCK
 from pxfs.chunk.layout import HEADER_SIZE, NBLOCKS
 from pxfs.chunk.store import ChunkStore, block_crcs
-from pxfs.errors import ChecksumError, InvalidArgument
+from pxfs.errors import ChecksumError, InvalidArgument, PxfsError
 
 from conftest import drop_cache
 
@@ -722,3 +722,26 @@ def test_two_file_sync_flushes_once_and_is_complete(tmp_path, monkeypatch):
         for m in reversed(mounted):
             subprocess.run(["umount", m], capture_output=True)
         subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+def test_a_failed_sync_fails_every_later_one_until_a_resync(tmp_path, monkeypatch):
+    """Linux reports a write-back error once and drops the pages: the next
+    fdatasync would succeed with the data gone.  The store remembers."""
+    store = ChunkStore([str(tmp_path)])
+    store.write(5, 0, 0, b"a" * 4096, 1)
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
+    with pytest.raises(PxfsError, match="EIO"):
+        store.sync(5)
+    monkeypatch.setattr(os, "fdatasync", real)
+    assert not store.clean(5)
+    with pytest.raises(PxfsError, match="an earlier sync failed"):
+        store.sync(5)
+    store.write(5, 1, 0, b"b" * 4096, 1)
+    with pytest.raises(PxfsError, match="an earlier sync failed"):
+        store.sync(5)
+    store.sync(6)                                  # other volumes are not affected
+    # a resync replaces the chunks: syncs work again
+    store.put_chunk(5, 0, 1, *store.get_chunk(5, 0)[1:])
+    store.sync(5)
+    assert store.clean(5)

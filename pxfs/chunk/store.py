@@ -106,6 +106,11 @@ class ChunkStore:
         self.nowait_reads = hasattr(os, "RWF_NOWAIT")
         self._root_fds: dict[str, int] = {}
         self._no_handles: set[str] = set()
+        #: volid -> why a sync failed: Linux reports a write-back error once
+        #: and marks the lost pages clean, so a later fdatasync succeeds
+        #: although the data is gone; every sync fails until a resync
+        #: replaces the chunks (put_chunk)
+        self._sync_failed: dict[int, str] = {}
         for root in self.roots:
             os.makedirs(os.path.join(root, "vols"), exist_ok=True)
 
@@ -447,6 +452,9 @@ class ChunkStore:
     def put_chunk(self, volid: int, idx: int, gen: int, bitmap: bytes | None, data: bytes | None) -> None:
         """Replace a whole chunk (resync).  ``data`` None deletes it."""
         _check_id(volid, idx)
+        # a resync began: the chunks a failed sync may have lost are among
+        # the ones it copies (stamped since the last good flush)
+        self._sync_failed.pop(volid, None)
         d = self._voldir(volid, True)
         path = os.path.join(d, f"{idx:08x}.chk")
         # Evicting and replacing happen under the open lock: a thread that
@@ -558,7 +566,7 @@ class ChunkStore:
         """Whether the volume has nothing a sync would flush."""
         with self._lock:
             return (not self._dirty.get(volid) and volid not in self._dirty_dirs
-                    and not self._unsynced.get(volid))
+                    and not self._unsynced.get(volid) and volid not in self._sync_failed)
 
     def small_sync(self, volid: int, max_files: int = 2, max_bytes: int = 256 * 1024) -> bool:
         """Whether a sync of the volume now is at most ``max_files``
@@ -578,6 +586,10 @@ class ChunkStore:
         dirty files are flushed with one syncfs (one journal commit) instead
         of one fdatasync each.
         """
+        why = self._sync_failed.get(volid)
+        if why is not None:
+            raise PxfsError(f"volume {volid}: an earlier sync failed ({why}); writes since "
+                            "the sync before it may be lost here until a resync")
         with self._lock:
             chunks = list(self._dirty.pop(volid, ()))
             dir_dirty = volid in self._dirty_dirs
@@ -615,11 +627,7 @@ class ChunkStore:
                 for _, fd, _ in fds:
                     os.fdatasync(fd)
         except OSError as exc:
-            with self._lock:
-                for ch, _, _ in fds:
-                    if ch is not None:
-                        ch.dirty = ch.meta_dirty = True
-                        self._dirty[volid].add(ch)
+            self._sync_failed[volid] = str(exc)
             raise self._oserror(exc) from exc
         finally:
             for _, fd, _ in fds:
@@ -634,6 +642,7 @@ class ChunkStore:
             return self._unsynced.pop(volid, [])
 
     def delete_volume(self, volid: int) -> None:
+        self._sync_failed.pop(volid, None)
         for fd in self._take_unsynced(volid):
             os.close(fd)
         self._evict(volid)
