@@ -426,3 +426,17 @@ async def test_a_create_whose_commit_went_unanswered_is_not_reported_taken(kv, c
         with pytest.raises(AlreadyExists):
             await cat.create(VolumeSpec(name="v"))
         nursery.cancel_scope.cancel()
+
+
+async def test_a_replica_reported_again_keeps_the_earliest_miss(kv, cid):
+    from pxfs.volume.catalog import Catalog
+    cat = Catalog(kv, cid, "n1", targets=None)
+    rec = {"id": 8, "name": "w", "term": 1, "gen": 5, "replicas": [
+        {"node": "n1", "state": "in_sync", "missed_from": 0},
+        {"node": "n2", "state": "in_sync", "missed_from": 0}]}
+    await kv.txn([], [Put(keys.vol_key(cid, 8), codec.pack_record(rec))])
+    await cat.mark_out_of_sync(8, ["n2"], 1, 5 << 32)
+    await cat.mark_out_of_sync(8, ["n2"], 1, 4 << 32)     # a writer whose gen lags
+    await cat.mark_out_of_sync(8, ["n2"], 1, 6 << 32)
+    got = codec.unpack_record((await kv.get(keys.vol_key(cid, 8))).value)
+    assert got["replicas"][1] == {"node": "n2", "state": "out_of_sync", "missed_from": 4 << 32}

@@ -162,7 +162,9 @@ class Catalog:
             if rec["term"] != term:
                 raise Fenced(f"volume {volid} was attached elsewhere (term {rec['term']} > {term})")
             for r in rec["replicas"]:
-                if r["node"] in nodes and r["state"] != OUT_OF_SYNC:
+                if r["node"] in nodes:
+                    # already behind: only ever lower what it missed (another
+                    # writer of a shared volume may stamp with an older gen)
                     mf = missed_from if r["state"] == IN_SYNC else min(r["missed_from"], missed_from)
                     r.update(state=OUT_OF_SYNC, missed_from=mf)
             rec["gen"] += 1
