@@ -263,6 +263,12 @@ def test_list_chunks_from_disk(tmp_path):
     s2 = ChunkStore([root])                         # nothing open: gens read from headers
     assert s2.list_chunks(VOL, 5) == {1: 8}
     s2.close()
+    # a chunk whose header cannot be read is listed whatever the bound: a
+    # resync must replace it, not skip it
+    flip_byte(chunk_path(root, VOL, 0), 0)
+    s3 = ChunkStore([root])
+    assert s3.list_chunks(VOL, 5) == {0: 5, 1: 8}
+    s3.close()
 
 
 def test_get_put_chunk_round_trip(store, tmp_path):

@@ -86,7 +86,10 @@ class Header:
 
     @staticmethod
     def read_gen(raw: bytes) -> int:
-        return _fixed(raw).unpack_from(raw)[6]
+        fields = _fixed(raw).unpack_from(raw)
+        if fields[0] != MAGIC:
+            raise ValueError("not a chunk header")
+        return fields[6]
 
 
 def _fixed(raw: bytes) -> struct.Struct:

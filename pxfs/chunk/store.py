@@ -540,8 +540,14 @@ class ChunkStore:
                 try:
                     with open(os.path.join(d, name), "rb") as fh:
                         gen = Header.read_gen(fh.read(64))
-                except (OSError, Exception):
-                    continue
+                except FileNotFoundError:
+                    continue                    # deleted meanwhile
+                except Exception as exc:        # noqa: BLE001 - any damage
+                    # a header that cannot be read may hide any stamp: list
+                    # it, so that a resync replaces it rather than keep it
+                    log.warning("chunk %d/%s: unreadable header (%s); listed for resync",
+                                volid, name, exc)
+                    gen = min_gen
             if gen >= min_gen:
                 out[idx] = gen
         return out
