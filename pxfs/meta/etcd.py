@@ -37,6 +37,15 @@ def map_etcd_errors(what: str):
         raise MetaError(f"etcd {what} failed: {exc.__class__.__name__} {exc}") from exc
     except grpc.RpcError as exc:
         raise MetaError(f"etcd {what} failed: {exc}") from exc
+    except ValueError as exc:       # an endpoint etcd3 marked failed, a closed channel
+        raise MetaError(f"etcd {what} failed: {exc}") from exc
+
+
+#: errors after which a client is replaced: python3-etcd3 marks its endpoint
+#: failed for 300 s at the first one and then refuses it ("Trying to use a
+#: failed node"), long after etcd is back
+_CONN_ERRORS = (etcd3.exceptions.ConnectionFailedError, etcd3.exceptions.ConnectionTimeoutError,
+                ValueError)
 
 
 class EtcdKV:
@@ -61,13 +70,29 @@ class EtcdKV:
     async def _call(self, what, fn, limiter=None):
         def run():
             with map_etcd_errors(what):
+                client = self._connect()
                 try:
-                    return fn(self._connect())
-                except (etcd3.exceptions.ConnectionFailedError, etcd3.exceptions.ConnectionTimeoutError):
-                    # try the next endpoint once
-                    self._client, self._pick = None, self._pick + 1
-                    return fn(self._connect())
+                    return fn(client)
+                except _CONN_ERRORS:
+                    self._drop(client)
+                # once more, on a new client of the next endpoint; if that
+                # fails too, the next call starts with a new client as well
+                self._pick += 1
+                client = self._connect()
+                try:
+                    return fn(client)
+                except _CONN_ERRORS:
+                    self._drop(client)
+                    raise
         return await trio.to_thread.run_sync(run, limiter=limiter or self._limiter)
+
+    def _drop(self, client) -> None:
+        """Forget a client whose endpoint failed (worker thread).  Closing it
+        ends its watches too: their waiters see a broken watch and look again."""
+        if self._client is client:
+            self._client = None
+            with contextlib.suppress(Exception):
+                client.close()
 
     @staticmethod
     def _item(key, value, meta) -> Item:
