@@ -751,3 +751,40 @@ def test_a_failed_sync_fails_every_later_one_until_a_resync(tmp_path, monkeypatc
     store.put_chunk(5, 0, 1, *store.get_chunk(5, 0)[1:])
     store.sync(5)
     assert store.clean(5)
+
+
+def test_a_full_pool_refuses_cleanly_and_can_still_be_fenced(tmp_path):
+    """A pool that filled up (thin volumes over-committed): new blocks fail
+    with NoSpace, never a silent short write; overwrites, reads and a new
+    fencing term (written in place) still work."""
+    from pxfs.errors import NoSpace
+    img, mnt = tmp_path / "img", tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["truncate", "-s", "320M", str(img)], check=True)
+    subprocess.run(["mkfs.xfs", "-q", str(img)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
+    try:
+        store = ChunkStore([str(mnt)])
+        store.set_term(1, 1)
+        store.write(1, 0, 0, b"o" * 8192, 1)
+        store.sync(1)
+        free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
+        subprocess.run(["fallocate", "-l", str(free), str(mnt / "filler")], check=False)
+        # take what fallocate left: a few blocks may remain
+        try:
+            with open(mnt / "filler2", "wb") as fh:
+                while True:
+                    fh.write(b"\0" * 4096)
+                    fh.flush()
+        except OSError:
+            pass
+        with pytest.raises(NoSpace):
+            store.write(1, 5, 0, os.urandom(CHUNK_SIZE // 2), 2)   # a new chunk
+        store.write(1, 0, 0, b"n" * 4096, 2)                         # an overwrite
+        assert store.read(1, 0, 0, 8192) == b"n" * 4096 + b"o" * 4096
+        store.set_term(1, 2)
+        assert store.get_term(1) == 2
+        store.close()
+        assert ChunkStore([str(mnt)]).get_term(1) == 2
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)

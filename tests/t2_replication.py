@@ -15,7 +15,7 @@ import trio
 from pxfs import CHUNK_SIZE, CSUM_BLOCK, codec
 from pxfs.chunk.layout import HEADER_SIZE
 from pxfs.chunk.store import ChunkStore
-from pxfs.errors import ChecksumError, Fenced, MetaError, PxfsError
+from pxfs.errors import ChecksumError, Fenced, MetaError, NoSpace, PeerUnavailable, PxfsError
 from pxfs.replication.replica import ReplicaService
 from pxfs.replication.resync import resync_replica
 from pxfs.replication.targets import LocalReplica, RemoteReplica
@@ -254,9 +254,12 @@ class _FailsChunk:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
+    def __init__(self, inner, idx, exc=PxfsError):
+        self.inner, self.idx, self.local, self.exc = inner, idx, inner.local, exc
+
     def _check(self, op, args):
         if op == "write" and args["idx"] == self.idx:
-            raise PxfsError(f"injected failure of chunk {self.idx}")
+            raise self.exc(f"injected failure of chunk {self.idx}")
 
     async def begin(self, op, args, timeout):
         self._check(op, args)
@@ -295,11 +298,73 @@ async def test_two_writes_failing_on_two_replicas_at_once(cluster):
 
 
 async def test_a_write_failing_on_two_in_sync_replicas_stops_io(cluster):
+    """b did not answer (it may have taken the write), c refused it: they may
+    now differ, so no more I/O until a new attach reconciles them."""
     vol = cluster.volume(states={"b": IN_SYNC, "c": IN_SYNC})
-    vol._target = lambda n: _FailsChunk(cluster.target(n), 0)
+    exc = {"b": PeerUnavailable, "c": NoSpace}
+    vol._target = lambda n: _FailsChunk(cluster.target(n), 0, exc[n])
     with pytest.raises(PxfsError, match="no in-sync replica took the write"):
         await vol.write(0, b"x" * 4096)
     assert vol.fenced
+
+
+async def test_a_write_refused_by_every_replica_fails_alone(cluster):
+    """Both pools full: each replica refused the write, so they still agree;
+    the write fails, the volume stays usable (reads, later writes)."""
+    vol = cluster.volume(states={"b": IN_SYNC, "c": IN_SYNC})
+    await vol.write(8192, b"k" * 4096)
+    vol._target = lambda n: _FailsChunk(cluster.target(n), 0, NoSpace)
+    with pytest.raises(PxfsError, match="no in-sync replica took the write"):
+        await vol.write(0, b"x" * 4096)
+    assert not vol.fenced and vol.states == {"b": IN_SYNC, "c": IN_SYNC}
+    assert await vol.read(8192, 4096) == b"k" * 4096
+    await vol.flush()
+
+
+async def test_a_resyncing_replica_that_took_a_failed_write_falls_out(cluster):
+    """The in-sync replica refused a write that the resyncing one took: the
+    latter now holds what the former lacks, so it must not be marked in
+    sync by the resync as it is."""
+    vol = cluster.volume(states={"b": IN_SYNC, "c": RESYNCING})
+    vol._target = lambda n: _FailsChunk(cluster.target(n), 0, NoSpace) if n == "b" \
+        else cluster.target(n)
+    with pytest.raises(PxfsError, match="no in-sync replica took the write"):
+        await vol.write(0, b"x" * 4096)
+    assert vol.states == {"b": IN_SYNC, "c": OUT_OF_SYNC} and not vol.fenced
+    assert [f[0] for f in cluster.failures] == [["c"]]
+
+
+async def test_a_flush_failing_everywhere_does_not_stop_io(cluster):
+    vol = cluster.volume(states={"b": IN_SYNC, "c": IN_SYNC})
+    await vol.write(0, b"f" * 4096)
+    await cluster.nodes["b"].stop()
+    await cluster.nodes["c"].stop()
+    with pytest.raises(PxfsError):
+        await vol.flush()
+    assert not vol.fenced
+
+
+async def test_a_replica_that_restarted_with_unflushed_writes_falls_out(cluster):
+    """b took a write, then its process was replaced (its host rebooted:
+    the page cache holding the write is gone).  The flush that the new
+    process answers must not count: b is marked out of sync."""
+    vol = cluster.volume(states={"a": IN_SYNC, "b": IN_SYNC})
+    await vol.write(0, b"r" * 256 * 1024)             # plain: no durable ack
+    await cluster.nodes["b"].stop()
+    os.truncate(cluster.nodes["b"].chunk_file(0), HEADER_SIZE)   # lost with the power
+    await cluster.nodes["b"].restart(cluster.nursery)
+    await vol.flush()
+    assert vol.states["b"] == OUT_OF_SYNC
+    assert [f[0] for f in cluster.failures] == [["b"]]
+    # a restart with nothing unflushed is no reason to fail a replica
+    vol2 = cluster.volume(states={"a": IN_SYNC, "c": IN_SYNC})
+    await vol2.write(CHUNK_SIZE, b"s" * 256 * 1024)
+    await vol2.flush()
+    await cluster.nodes["c"].stop()
+    await cluster.nodes["c"].restart(cluster.nursery)
+    await vol2.write(CHUNK_SIZE, b"t" * 256 * 1024)
+    await vol2.flush()
+    assert vol2.states["c"] == IN_SYNC
 
 
 async def test_no_in_sync_replica_took_the_write(cluster):
@@ -307,7 +372,8 @@ async def test_no_in_sync_replica_took_the_write(cluster):
     await cluster.nodes["b"].stop()
     with pytest.raises(PxfsError, match="no in-sync replica took the write"):
         await vol.write(0, b"d" * 4096)          # whole block: straight to the fan-out
-    assert cluster.failures == []
+    # a, resyncing, took what b (in sync) did not: it falls out of sync
+    assert [f[0] for f in cluster.failures] == [["a"]] and vol.states["a"] == OUT_OF_SYNC
 
 
 async def test_stopped_replica_during_flush(cluster):

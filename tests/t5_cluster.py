@@ -726,34 +726,34 @@ def _vol_record(c, etcd_server, name: str) -> dict:
     return trio.run(get)
 
 
-def test_a_replica_restart_loses_no_acknowledged_write_to_power_loss(make_cluster):
-    """node2 takes writes, is killed and restarted before the attacher's
-    fsync; the fsync then goes to node2's new process.  The pages the old
-    process wrote are still only in node2's page cache, so the new process
-    makes its pools durable at start.  A power loss of node2 after the
-    fsync (an XFS shutdown without log flush throws its dirty pages away)
-    must not take them."""
+def test_a_replica_power_loss_before_the_fsync_loses_nothing(make_cluster):
+    """node2 takes writes, then loses power (an XFS shutdown without log
+    flush throws its dirty pages away) and comes back before the attacher's
+    fsync, which its new process answers.  That answer must not count:
+    node2 falls out of sync, is resynced from node1, and the data is whole
+    on it afterwards."""
     c = make_cluster(3, dir_drives=False)
     c.pxctl("node1", "volume", "create", "pl", "--size", "128M", "--repl", "2", "--fs", "none",
             "--nodes", "node1,node2")
     dev = c.pxctl("node1", "host", "attach", "pl")["device"]
     block = (b"power" * (MiB // 5 + 1))[:MiB]
+    pool = os.path.join(c.workdir, "node2", "data", "pools", "0")
     fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
     try:
         buf = mmap_block(block)
         for i in range(4):
             os.pwrite(fd, buf, i * MiB)            # taken by both replicas, not yet flushed
+        subprocess.run(["xfs_io", "-x", "-c", "shutdown", pool], check=True)   # power loss
         c.stop_node("node2", kill=True)
-        c.start_node("node2")
+        subprocess.run(["umount", pool], check=True)
+        c.start_node("node2")                      # the pool again, after log recovery
         os.fsync(fd)
     finally:
         os.close(fd)
-    assert replica_states(c, "node1", "pl") == {"node1": "in_sync", "node2": "in_sync"}
-    pool = os.path.join(c.workdir, "node2", "data", "pools", "0")
-    subprocess.run(["xfs_io", "-x", "-c", "shutdown", pool], check=True)   # power loss
-    c.stop_node("node2", kill=True)
-    subprocess.run(["umount", pool], check=True)
-    c.start_node("node2")                          # mounts the pool again: log recovery
+    assert replica_states(c, "node1", "pl")["node2"] in ("out_of_sync", "resyncing")
+    assert "restarted since it took writes" in open(c.nodes["node1"]["log"]).read()
+    c.wait_for(lambda: replica_states(c, "node1", "pl")["node2"] == "in_sync", timeout=60,
+               what="node2 resynced")
     c.stop_node("node1", kill=True)                # only node2's copy is left in sync
     attach_after_failover(c, "node3", "pl", timeout=30)
     dev3 = c.pxctl("node3", "host", "attach", "pl")["device"]

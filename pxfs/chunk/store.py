@@ -88,6 +88,17 @@ def _check_id(volid: int, idx: int) -> None:
         raise InvalidArgument(f"chunk id {volid}/{idx} out of range")
 
 
+def _pwrite_all(fd: int, buf, pos: int) -> None:
+    """pwrite every byte: a short write (the pool filled up half-way) goes
+    on, so it ends in the error that stopped it, never in silence."""
+    view = memoryview(buf)
+    while view:
+        n = os.pwrite(fd, view, pos)
+        if n <= 0:
+            raise OSError(errno.EIO, "pwrite wrote nothing")
+        view, pos = view[n:], pos + n
+
+
 class ChunkStore:
     def __init__(self, roots: list[str], max_open: int = 4096):
         self.roots = list(roots)
@@ -303,7 +314,7 @@ class ChunkStore:
                 if nowait:
                     self._write_nowait(ch.fd, buf, HEADER_SIZE + start)
                 else:
-                    os.pwrite(ch.fd, buf, HEADER_SIZE + start)
+                    _pwrite_all(ch.fd, buf, HEADER_SIZE + start)
                 hdr = ch.hdr
                 if not ch.meta_dirty and not hdr.all_written(first, last):
                     ch.meta_dirty = True        # a block never written: allocated now
@@ -333,7 +344,7 @@ class ChunkStore:
                 raise BlockingIOError("the pool filesystem cannot write without waiting") from None
             raise
         if n < len(buf):        # the page cache took only part: finish the rest now
-            os.pwrite(fd, memoryview(buf)[n:], pos + n)
+            _pwrite_all(fd, memoryview(buf)[n:], pos + n)
 
     @staticmethod
     def _oserror(exc: OSError) -> PxfsError:
@@ -687,9 +698,23 @@ class ChunkStore:
 
     def _set_term(self, volid: int, term: int) -> None:
         d = self._voldir(volid, True)
+        text = f"{term:020d}\n".encode()
+        try:
+            # in place: one sector, written whole or not at all, and no block
+            # to allocate, so a replica whose pool is full can still be fenced
+            fd = os.open(os.path.join(d, "TERM"), os.O_WRONLY)
+        except FileNotFoundError:
+            fd = -1
+        if fd >= 0:
+            try:
+                _pwrite_all(fd, text, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return
         tmp = os.path.join(d, "TERM.tmp")
-        with open(tmp, "w") as fh:
-            fh.write(str(term))
+        with open(tmp, "wb") as fh:
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.rename(tmp, os.path.join(d, "TERM"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import secrets
 import time
 
 import trio
@@ -51,6 +52,10 @@ class ReplicaService:
         self._prefetching = 0        # small reads waiting for their blocks (_read_cached)
         self.read_avg = 0.0          # moving average of small reads' waits for the disk (s)
         self.syncer = Syncer(store, self._run)   # flushes; its run() is a node service
+        #: this process, in every write and flush answer: a writer whose
+        #: unflushed writes were taken by an earlier process of this node
+        #: (its host may have lost them with its page cache) sees it change
+        self.incarnation = secrets.randbits(62) + 1
 
     async def _run(self, fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
@@ -264,14 +269,15 @@ class ReplicaService:
                                  _bytes(msg, "crcs") if "crcs" in msg else None, remote=True,
                                  acked=acked)
                 if acked:
-                    return FollowUp({}, functools.partial(self._durable, volid))
-                return {}
+                    return FollowUp({"inc": self.incarnation},
+                                    functools.partial(self._durable, volid))
+                return {"inc": self.incarnation}
             if op == "read":
                 return {"data": await self.read(_int(msg, "vol"), _int(msg, "idx"),
                                                 _int(msg, "off"), _int(msg, "size"))}
             if op == "flush":
                 await self.flush(_int(msg, "vol"), _int(msg, "term"))
-                return {}
+                return {"inc": self.incarnation}
             if op == "fence":
                 await self.fence(_int(msg, "vol"), _int(msg, "term"))
                 return {}

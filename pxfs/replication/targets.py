@@ -84,8 +84,8 @@ class RemoteReplica:
         """Send a fan-out op; ``await (await begin(...)).result()`` ends it."""
         return await self._peer.begin(op, timeout=timeout, **args)
 
-    async def do(self, op: str, args: dict, timeout=None) -> None:
-        await self._peer.call(op, timeout=timeout, **args)
+    async def do(self, op: str, args: dict, timeout=None) -> dict:
+        return await self._peer.call(op, timeout=timeout, **args)
 
     async def write(self, volid, idx, off, data, term, gen, crcs=None, timeout=None):
         args = {} if crcs is None else {"crcs": crcs}

@@ -23,7 +23,7 @@ import trio
 
 from .. import CHUNK_SIZE, CSUM_BLOCK
 from ..chunk.store import block_crcs
-from ..errors import ChecksumError, Fenced, InvalidArgument, PxfsError
+from ..errors import ChecksumError, Fenced, InvalidArgument, PeerUnavailable, PxfsError
 from .syncer import FlushPattern
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,12 @@ class ReplicatedVolume:
         self._pattern = FlushPattern()
         self._flush_lock = trio.Lock()
         self._state_lock = trio.Lock()
+        # remote replicas' processes (ReplicaService.incarnation): the one
+        # that answered last, and the write count when a node last took a
+        # write no flush has covered yet
+        self._incs: dict[str, int] = {}
+        self._unflushed: dict[str, int] = {}
+        self._wseq = 0
 
     # -- helpers -------------------------------------------------------------
     def stamp(self) -> int:
@@ -269,6 +275,7 @@ class ReplicatedVolume:
 
     async def _flush(self) -> None:
         self._pattern.flushed()
+        seq = self._wseq              # the writes answered so far are covered
         if self._max_done < self.durable and not self._inflight and not self._acks:
             return                # nothing written since the last flush succeeded
         # every write that completed before this flush is covered by it; one
@@ -286,6 +293,9 @@ class ReplicatedVolume:
         except BaseException:
             self._plain = True
             raise
+        for node, n in list(self._unflushed.items()):
+            if n <= seq:
+                del self._unflushed[node]
         self.durable = max(self.durable, low)
         self.stats.flushes += 1
 
@@ -311,7 +321,7 @@ class ReplicatedVolume:
                     continue
                 try:
                     if len(nodes) == 1 and keep is None:
-                        await t.do(op, args, timeout=timeout)
+                        self._same_process(node, op, await t.do(op, args, timeout=timeout))
                     else:
                         pending.append((node, await t.begin(op, args, timeout)))
                 except PxfsError as exc:
@@ -325,11 +335,20 @@ class ReplicatedVolume:
             while pending:
                 node, p = pending.pop(0)
                 try:
-                    await p.result(keep=keep is not None)
-                    if keep is not None:
-                        keep.append((node, p))
+                    reply = await p.result(keep=keep is not None)
                 except PxfsError as exc:
                     failed[node] = exc
+                    continue
+                try:
+                    self._same_process(node, op, reply)
+                except PxfsError as exc:
+                    failed[node] = exc
+                    if keep is not None:          # its second answer is not wanted
+                        with trio.CancelScope(shield=True):
+                            await p.abandon()
+                    continue
+                if keep is not None:
+                    keep.append((node, p))
             while acks:
                 node, p = acks.pop(0)
                 if node in failed:
@@ -356,12 +375,8 @@ class ReplicatedVolume:
             ok = [n for n in nodes if n not in failed and self.states.get(n) == IN_SYNC]
             if not ok:
                 why = "; ".join(f"{n}: {e}" for n, e in failed.items())
-                if len([n for n in failed if self.states.get(n) == IN_SYNC]) > 1:
-                    # in-sync replicas that failed may still have taken it
-                    # (a late answer): they could now differ, so no more I/O
-                    # here; the next attach finds an unclean end and
-                    # reconciles them
-                    self.fence_local(f"a write failed on every in-sync replica ({why})")
+                if op != "flush":
+                    await self._no_in_sync_took(op, nodes, failed, why)
                 raise PxfsError(f"volume {self.volid}: no in-sync replica took the write: {why}")
             still = [n for n in failed if self.states.get(n) in (IN_SYNC, RESYNCING)]
             if still:
@@ -378,6 +393,45 @@ class ReplicatedVolume:
                     raise
                 for n in still:
                     self.states[n] = OUT_OF_SYNC
+                    self._incs.pop(n, None)
+                    self._unflushed.pop(n, None)
+
+    def _same_process(self, node: str, op: str, reply) -> None:
+        """Raise if ``node`` answers from another process than the one that
+        took writes of ours no flush has covered: its host may have lost
+        them (a power loss) and this one would flush nothing."""
+        inc = reply.get("inc") if isinstance(reply, dict) else None
+        if inc is None or op not in ("write", "flush"):
+            return
+        old, self._incs[node] = self._incs.get(node), inc
+        if old is not None and old != inc and node in self._unflushed:
+            raise PxfsError(f"replica on {node} restarted since it took writes not yet flushed "
+                            "there")
+        if op == "write":
+            self._wseq += 1
+            self._unflushed[node] = self._wseq
+
+    async def _no_in_sync_took(self, op: str, nodes, failed: dict, why: str) -> None:
+        """A write (or drop) that no in-sync replica took fails.  A replica
+        that did take it (resyncing) now holds what the in-sync ones lack:
+        out of sync with it.  If an in-sync replica's failure leaves open
+        whether it took it (no answer) while another's does not, they may
+        now differ: no more I/O here; the next attach reconciles them."""
+        took = [n for n in nodes if n not in failed and self.states.get(n) == RESYNCING]
+        in_sync = [n for n in failed if self.states.get(n) == IN_SYNC]
+        unsure = [n for n in in_sync if isinstance(failed[n], PeerUnavailable)]
+        if unsure and len(in_sync) > 1:
+            self.fence_local(f"a {op} failed on every in-sync replica ({why})")
+            return
+        if took:
+            try:
+                self.set_gen(await self._on_failure(took, self.durable))
+            except BaseException as exc:
+                self.fence_local(f"cannot record that {', '.join(took)} took a failed {op}: "
+                                 f"{exc!r}")
+                raise
+            for n in took:
+                self.states[n] = OUT_OF_SYNC
 
 
 class _held:
