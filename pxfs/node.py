@@ -52,6 +52,7 @@ class Node:
         self.resyncer = Resyncer(self.catalog, self.attachments, self.membership)
         self.shared_mounts = SharedMounts(self.catalog, cfg.api_url, cfg.osd_root)
         self.membership.on_lease_lost(self.attachments.on_lease_lost)
+        self.membership.on_rejoined(self.attachments.on_rejoined)
 
     def info(self) -> dict:
         used, total = self.store.capacity()

@@ -170,11 +170,15 @@ def make_cluster(etcd_url, tmp_path_factory, request):
         pytest.skip(reason)
     made: list[Cluster] = []
 
-    def make(nodes: int = 3, dir_drives: bool = True, lease_ttl: int = 3) -> Cluster:
+    def make(nodes: int = 3, dir_drives: bool = True, lease_ttl: int = 3,
+             own_etcd: bool = False) -> Cluster:
+        """``own_etcd``: the launcher starts an etcd for this cluster alone
+        (a test may then pause or stop it)."""
         workdir = str(tmp_path_factory.mktemp("cluster"))
         argv = [sys.executable, "-m", "pxfs_tools.cluster", "up", "--nodes", str(nodes),
-                "--workdir", workdir, "--etcd", etcd_url, "--lease-ttl", str(lease_ttl),
-                "--drive-size", "8G"]
+                "--workdir", workdir, "--lease-ttl", str(lease_ttl), "--drive-size", "8G"]
+        if not own_etcd:
+            argv += ["--etcd", etcd_url]
         if dir_drives:
             argv.append("--dir-drives")
         res = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=180)

@@ -798,3 +798,59 @@ def test_reconcile_takes_a_torn_chunk_from_the_good_replica(make_cluster):
     assert replica_states(c, "node1", "tv") == {"node1": "in_sync", "node2": "in_sync"}
     dev1 = c.pxctl("node1", "host", "attach", "tv")["device"]
     assert dd_read(dev1, 0, 1) == block
+
+
+WRITE_LOOP = r"""
+import os, sys, time
+path, log, secs = sys.argv[1], sys.argv[2], float(sys.argv[3])
+end = time.monotonic() + secs
+i = 0
+with open(log, "w") as out:
+    while time.monotonic() < end:
+        t0 = time.monotonic()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            os.write(fd, b"%08d\n" % i)
+            os.fsync(fd)
+            os.close(fd)
+            out.write(f"ok {i} {time.monotonic() - t0:.2f}\n")
+        except OSError as exc:
+            out.write(f"error {i} {exc}\n")
+        out.flush()
+        i += 1
+        time.sleep(0.05)
+"""
+
+
+def test_io_waits_out_an_etcd_outage(make_cluster):
+    """etcd stops answering for longer than the nodes' leases: the attached
+    node loses its lease, holds the volume's I/O instead of failing it, and
+    when etcd is back (nobody took the volume meanwhile) takes its
+    attachment back and goes on.  Every node survives."""
+    c = make_cluster(3, own_etcd=True)
+    etcd_pid = json.load(open(os.path.join(c.workdir, "cluster.json")))["etcd_pid"]
+    c.pxctl("node1", "volume", "create", "eo", "--size", "256M", "--repl", "2",
+            "--nodes", "node1,node2")
+    mnt = c.pxctl("node1", "host", "mount", "eo")["mount"]
+    log = os.path.join(c.workdir, "eo.log")
+    w = subprocess.Popen([sys.executable, "-c", WRITE_LOOP, os.path.join(mnt, "f"), log, "26"])
+    try:
+        time.sleep(2)
+        os.kill(etcd_pid, signal.SIGSTOP)
+        # the lease (3 s) is found lost only when the keepalive's calls time
+        # out (~10 s): by 15 s writes have been held for a while
+        time.sleep(15)
+    finally:
+        os.kill(etcd_pid, signal.SIGCONT)
+        w.wait(timeout=120)
+    lines = open(log).read().split("\n")[:-1]
+    assert lines and not [x for x in lines if x.startswith("error")], lines
+    assert max(float(x.split()[2]) for x in lines) > 1, "no write was ever held"
+    written = [int(x.split()[1]) for x in lines]
+    assert open(os.path.join(mnt, "f")).read().split() == [f"{i:08d}" for i in written]
+    n1 = open(c.nodes["node1"]["log"]).read()
+    assert "I/O held" in n1 and "still attached here after the lease loss" in n1
+    assert c.pxctl("node2", "volume", "inspect", "eo")["attached_on"] == "node1"
+    for n in c.nodes:
+        os.kill(c.pid(n), 0)                       # every node still runs
+    assert all(n["status"] == "Online" for n in c.pxctl("node3", "status")["nodes"])

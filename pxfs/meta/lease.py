@@ -25,11 +25,17 @@ class Membership:
         self._info_fn = info_fn          # () -> dict, the node record's contents
         self.lease = 0
         self._lost_listeners = []
+        self._rejoined_listeners = []
         self.started = time.time()
 
     def on_lease_lost(self, fn) -> None:
         """Register ``async fn(old_lease)`` to run when the lease was lost."""
         self._lost_listeners.append(fn)
+
+    def on_rejoined(self, fn) -> None:
+        """Register ``async fn(new_lease)`` to run when the node has a lease
+        again after losing one."""
+        self._rejoined_listeners.append(fn)
 
     async def _register(self) -> None:
         lease = await self.kv.lease_grant(self.ttl)
@@ -70,14 +76,16 @@ class Membership:
                 last_ok = time.monotonic()
                 continue
             old = self.lease
-            log.warning("node %s lost its etcd lease %x; fencing local attachments and rejoining",
-                        self.node, old)
+            log.warning("node %s lost its etcd lease %x; holding local attachments' I/O and "
+                        "rejoining", self.node, old)
             for fn in self._lost_listeners:
                 await fn(old)
             try:
                 await self._register()
                 last_ok = time.monotonic()
                 log.warning("node %s rejoined the cluster", self.node)
+                for fn in self._rejoined_listeners:
+                    await fn(self.lease)
             except MetaError as exc:
                 log.warning("rejoin failed, will retry: %s", exc)
 

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 IN_SYNC, RESYNCING, OUT_OF_SYNC = "in_sync", "resyncing", "out_of_sync"
 _STRIPES = 256
+#: how long I/O waits while the attachment is suspended (its node lost
+#: its etcd lease and does not know yet whether another node took the
+#: volume) before it fails for good
+SUSPEND_MAX = 120.0
 #: A small write likely followed by a flush (FlushPattern) asks each remote
 #: replica for a second answer once it is durable there, so that the flush
 #: needs no round trip; at most this many such answers wait (each holds a
@@ -59,6 +63,8 @@ class ReplicatedVolume:
         self.timeout = timeout
         self._refresh = refresh               # async: re-read replica states (shared volumes)
         self.fenced: str | None = None
+        self._suspended: trio.Event | None = None
+        self._suspend_why = ""
         self.stats = IoStats()
         self.locks = [trio.Lock() for _ in range(_STRIPES)]
         self.epoch = 0
@@ -130,9 +136,37 @@ class ReplicatedVolume:
         if not self.fenced:
             log.warning("volume %s fenced on this node: %s", self.volid, why)
             self.fenced = why
+        self.resume()                       # held I/O fails now
+
+    @property
+    def suspended(self) -> bool:
+        return self._suspended is not None
+
+    def suspend(self, why: str) -> None:
+        """Hold new I/O (reads too: another node may be writing the volume)
+        until ``resume`` or ``fence_local``, at most SUSPEND_MAX seconds."""
+        if not self.fenced and self._suspended is None:
+            log.warning("volume %s: I/O held: %s", self.volid, why)
+            self._suspended, self._suspend_why = trio.Event(), why
+
+    def resume(self) -> None:
+        ev, self._suspended = self._suspended, None
+        if ev is not None:
+            if not self.fenced:
+                log.warning("volume %s: I/O resumed", self.volid)
+            ev.set()
+
+    async def _while_suspended(self) -> None:
+        ev = self._suspended
+        with trio.move_on_after(SUSPEND_MAX):
+            await ev.wait()
+        if self._suspended is ev:
+            self.fence_local(f"I/O held for {SUSPEND_MAX:.0f} s: {self._suspend_why}")
 
     # -- reads -----------------------------------------------------------------
     async def read(self, off: int, size: int) -> bytes:
+        if self._suspended is not None:
+            await self._while_suspended()
         self._check(off, size)
         size = max(0, min(size, self.size - off))
         pieces = list(self._pieces(off, size))
@@ -209,6 +243,8 @@ class ReplicatedVolume:
 
     # -- writes ------------------------------------------------------------------
     async def write(self, off: int, data: bytes) -> int:
+        if self._suspended is not None:
+            await self._while_suspended()
         self._check(off, len(data))
         if off + len(data) > self.size:
             raise InvalidArgument("write past the end of the volume", errno=28)
@@ -268,6 +304,8 @@ class ReplicatedVolume:
                                                 term=self.term), timeout=max(self.timeout, 30))
 
     async def flush(self) -> None:
+        if self._suspended is not None:
+            await self._while_suspended()
         if self.fenced:
             raise Fenced(self.fenced)
         async with _held(self._flush_lock):   # a second flush waits for the first's outcome

@@ -221,7 +221,8 @@ class Attachments:
             await trio.sleep(interval)
             for loc in list(self.local.values()):
                 vol = loc.vol
-                if vol.fenced or not loc.ready or recorded.get(loc.volid) == vol.durable:
+                if vol.fenced or vol.suspended or not loc.ready \
+                        or recorded.get(loc.volid) == vol.durable:
                     continue
                 try:
                     await self.catalog.checkpoint(loc.volid, vol.term, vol.durable)
@@ -439,8 +440,48 @@ class Attachments:
 
     # -- node events ------------------------------------------------------------
     async def on_lease_lost(self, old_lease: int) -> None:
+        """Its attach keys went with the lease: another node may take these
+        volumes over.  Hold their I/O (no stale reads either) until the node
+        is back in etcd and knows."""
         for loc in self.local.values():
-            loc.vol.fence_local("this node lost its etcd lease; the volume may be attached elsewhere")
+            loc.vol.suspend("this node lost its etcd lease; the volume may be attached elsewhere")
+
+    async def on_rejoined(self, lease: int) -> None:
+        """Back in etcd: an attachment whose term nobody bumped meanwhile is
+        still ours (any other attach bumps it); take its key again under
+        the new lease and let its I/O go on.  Otherwise it was taken over:
+        its I/O fails from now on."""
+        for loc in list(self.local.values()):
+            if loc.vol.fenced or not loc.vol.suspended:
+                continue
+            try:
+                await self._retake(loc, lease)
+            except PxfsError as exc:
+                loc.vol.fence_local(f"not attached here any more: {exc}")
+                continue
+            loc.vol.resume()
+
+    async def _retake(self, loc: Local, lease: int) -> None:
+        term = loc.vol.term
+
+        async def body(txn):
+            item = await txn.get(keys.vol_key(self.cid, loc.volid))
+            if item is None:
+                raise NotFound(f"volume {loc.name!r} vanished")
+            rec = codec.unpack_record(item.value)
+            if rec["term"] != term:
+                raise Fenced(f"volume {loc.name!r} was attached elsewhere (term {rec['term']} > "
+                             f"{term})")
+            cur = await txn.get(keys.attach_key(self.cid, loc.volid))
+            if cur is not None:
+                other = codec.unpack_record(cur.value)
+                if other.get("node") != self.node or other.get("term") != term:
+                    raise Fenced(f"volume {loc.name!r} is attached on node {other.get('node')}")
+            txn.put(keys.attach_key(self.cid, loc.volid), codec.pack_record(
+                {"node": self.node, "term": term, "device": loc.device, "mount": loc.mount}), lease)
+        await run_txn(self.kv, body, what="take an attachment back")
+        log.warning("volume %s: still attached here after the lease loss (term %d); I/O goes on",
+                    loc.name, term)
 
     async def shutdown(self) -> None:
         """Unmount and detach everything (clean node stop)."""
