@@ -577,6 +577,39 @@ async def test_a_fence_waits_for_the_writes_it_let_through(cluster):
     assert node.store.list_chunks(VOL) == {0: 1 << 32}
 
 
+async def test_a_fence_waits_for_a_chunk_copy_it_let_through(cluster):
+    import threading
+    node = cluster.nodes["b"]
+    gate, entered = threading.Event(), threading.Event()
+    orig = node.store.put_chunk
+
+    def slow_put(*a):
+        entered.set()
+        gate.wait(10)
+        return orig(*a)
+    node.store.put_chunk = slow_put
+    order = []
+
+    async def put():
+        await node.svc.put_chunk(VOL, 3, 1 << 32, b"\xff" * 32, b"p" * CHUNK_SIZE, 1)
+        order.append("put")
+
+    async def fence():
+        await trio.to_thread.run_sync(entered.wait, 10)
+        async with trio.open_nursery() as n:
+            n.start_soon(node.svc.fence, VOL, 2)
+            await trio.sleep(0.2)
+            order.append("released")
+            gate.set()
+        order.append("fence")
+
+    async with trio.open_nursery() as n:
+        n.start_soon(put)
+        n.start_soon(fence)
+    node.store.put_chunk = orig
+    assert order == ["released", "put", "fence"]
+
+
 async def test_term_survives_restart(cluster):
     await cluster.target("c").fence(VOL, 7)
     await cluster.nodes["c"].stop()

@@ -643,16 +643,16 @@ class ChunkStore:
             else:
                 for _, fd, _ in fds:
                     os.fdatasync(fd)
+            if dir_dirty:               # new chunk files' names
+                d = self._voldir(volid, False)
+                if d:
+                    self._fsync_dir(d)
         except OSError as exc:
             self._sync_failed[volid] = str(exc)
             raise self._oserror(exc) from exc
         finally:
             for _, fd, _ in fds:
                 os.close(fd)
-        if dir_dirty:
-            d = self._voldir(volid, False)
-            if d:
-                self._fsync_dir(d)
 
     def _take_unsynced(self, volid: int) -> list[int]:
         with self._lock:

@@ -7,6 +7,7 @@ replica has seen for the volume is refused with Fenced.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import secrets
@@ -16,7 +17,7 @@ import trio
 
 from .. import CSUM_BLOCK
 from ..chunk.store import ChunkStore
-from ..errors import Fenced, FrameError, InvalidArgument
+from ..errors import Fenced, FrameError, InvalidArgument, PxfsError
 from ..rpc.server import FollowUp
 from .syncer import Syncer
 
@@ -57,6 +58,18 @@ class ReplicaService:
         #: (its host may have lost them with its page cache) sees it change
         self.incarnation = secrets.randbits(62) + 1
 
+    @contextlib.contextmanager
+    def _applying(self, key):
+        """Count a write or chunk copy being applied (a fence, a shared
+        volume's chunk copy wait for those of their chunk or volume)."""
+        self._inflight[key] += 1
+        try:
+            yield
+        finally:
+            self._inflight[key] -= 1
+            if not self._inflight[key]:
+                del self._inflight[key]
+
     async def _run(self, fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
@@ -88,13 +101,8 @@ class ReplicaService:
         if term < self._terms.get(volid, 0):     # fenced while it waited
             self.stats["fenced"] += 1
             raise Fenced(f"volume {volid}: attach term {term} is older than {self._terms[volid]}")
-        self._inflight[key] += 1
-        try:
+        with self._applying(key):
             await self._write(volid, idx, off, data, gen, crcs)
-        finally:
-            self._inflight[key] -= 1
-            if not self._inflight[key]:
-                del self._inflight[key]
         self.syncer.wrote(volid, len(data), behind=remote, acked=acked)
         marks = self._tracking.get(volid)
         if marks is not None:
@@ -191,13 +199,16 @@ class ReplicaService:
         with trio.move_on_after(30):
             while any(k[0] == volid for k in self._inflight):
                 await trio.sleep(0.001)
+            return
+        raise PxfsError(f"volume {volid}: writes of an older term still applying after 30 s")
 
     async def get_chunk(self, volid, idx):
         return await self._run(self.store.get_chunk, volid, idx)
 
     async def put_chunk(self, volid, idx, gen, bitmap, data, term):
         await self.check_term(volid, term)
-        await self._run(self.store.put_chunk, volid, idx, gen, bitmap, data)
+        with self._applying((volid, idx)):       # a fence waits for it, as for a write
+            await self._run(self.store.put_chunk, volid, idx, gen, bitmap, data)
         self.stats["chunks_put"] += 1
 
     async def drop_chunks(self, volid, first, count, term):
@@ -243,7 +254,8 @@ class ReplicaService:
                 data, bitmap = bytes(data), bytes(bitmap)
             elif data is None and keep:
                 return                                # written here, absent there: keep ours
-            await self._run(self.store.put_chunk, volid, idx, gen, bitmap, data)
+            with self._applying(key):
+                await self._run(self.store.put_chunk, volid, idx, gen, bitmap, data)
             self.stats["chunks_put"] += 1
         finally:
             self._held.pop(key).set()
