@@ -902,3 +902,20 @@ async def test_a_cold_read_alone_waits_in_the_kernel_not_on_the_loop(cluster):
         await svc.read(VOL, 40, 0, 4096)
     assert asked == [(VOL, 40, 0, 4096)]
 
+
+
+async def test_resync_takes_a_damaged_chunk_from_another_source(cluster):
+    vol = cluster.volume(states={"a": IN_SYNC, "b": IN_SYNC})
+    for i in range(3):
+        await vol.write(i * CHUNK_SIZE, pattern(4096, i))
+    await vol.flush()
+    cluster.nodes["a"].store.close()
+    cluster.nodes["a"].corrupt(1, 100)
+    cluster.nodes["a"].store = ChunkStore([cluster.nodes["a"].root])
+    cluster.nodes["a"].svc.store = cluster.nodes["a"].store
+    with pytest.raises(ChecksumError):
+        await resync_replica(VOL, cluster.target("a"), cluster.target("c"), missed_from=0, term=1)
+    await resync_replica(VOL, cluster.target("a"), cluster.target("c"), missed_from=0, term=1,
+                         fallbacks=[cluster.target("b")])
+    for i in range(3):
+        assert cluster.nodes["c"].store.read(VOL, i, 0, 4096) == pattern(4096, i)

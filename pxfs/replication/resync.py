@@ -13,7 +13,7 @@ import time
 import trio
 
 from .. import CHUNK_SIZE
-from ..errors import PxfsError
+from ..errors import ChecksumError, PxfsError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,8 @@ class Progress:
 
 
 async def resync_replica(volid: int, source, target, *, missed_from: int, term: int,
-                         lock_fn=None, report=None, put=None, check=None) -> Progress:
+                         lock_fn=None, report=None, put=None, check=None,
+                         fallbacks=()) -> Progress:
     """Bring ``target`` up to date from ``source``; returns what was copied.
 
     ``lock_fn(idx)`` gives the chunk's lock (the attached node's data path);
@@ -39,7 +40,9 @@ async def resync_replica(volid: int, source, target, *, missed_from: int, term: 
     ``target.put_chunk`` (a shared volume's merge with live writes);
     ``check()``, called under each chunk's lock before its copy, returns why
     the copy must stop (the source fell out of sync: writes now pass it by,
-    so its chunks would undo them on the target), or None.
+    so its chunks would undo them on the target), or None; ``fallbacks``:
+    other in-sync replicas to take a chunk from when the source's copy
+    fails its checksums.
     """
     put = put or target.put_chunk
     src = await source.list_chunks(volid, missed_from)
@@ -55,7 +58,7 @@ async def resync_replica(volid: int, source, target, *, missed_from: int, term: 
             why = check() if check else None
             if why:
                 raise PxfsError(f"resync of volume {volid} stopped: {why}")
-            got = await source.get_chunk(volid, idx)
+            got = await _get_chunk(volid, idx, source, fallbacks)
             if got is None:
                 await put(volid, idx, 0, None, None, term)
             else:
@@ -69,6 +72,20 @@ async def resync_replica(volid: int, source, target, *, missed_from: int, term: 
     if report:
         await report(prog)
     return prog
+
+
+async def _get_chunk(volid: int, idx: int, source, fallbacks):
+    try:
+        return await source.get_chunk(volid, idx)
+    except ChecksumError as exc:
+        for other in fallbacks:
+            try:
+                got = await other.get_chunk(volid, idx)
+            except PxfsError:
+                continue
+            log.warning("volume %s chunk %d: %s; copied from another replica", volid, idx, exc)
+            return got
+        raise
 
 
 @contextlib.asynccontextmanager

@@ -115,7 +115,8 @@ class Resyncer:
             prog = await resync_replica(vol.volid, self.catalog.targets(src),
                                         self.catalog.targets(node), missed_from=missed,
                                         term=vol.term, lock_fn=vol.chunk_lock,
-                                        report=self._reporter(vol.volid, node), check=source_gone)
+                                        report=self._reporter(vol.volid, node), check=source_gone,
+                                        fallbacks=self._others(sources))
             async with vol._state_lock:
                 if vol.states.get(node) != RESYNCING:
                     return                        # a write to it failed meanwhile
@@ -147,7 +148,8 @@ class Resyncer:
             prog = await resync_replica(volid, self.catalog.targets(sources[0]),
                                         self.catalog.targets(self.node),
                                         missed_from=me["missed_from"], term=rec["term"],
-                                        report=self._reporter(volid, self.node))
+                                        report=self._reporter(volid, self.node),
+                                        fallbacks=self._others(sources))
             await self.catalog.set_replica_state(volid, self.node, IN_SYNC, expect_rev=rev,
                                                  require_detached=True, source=sources[0])
         except PxfsError:
@@ -186,7 +188,8 @@ class Resyncer:
                 prog = await resync_replica(volid, self.catalog.targets(sources[0]), local,
                                             missed_from=missed, term=rec["term"],
                                             report=self._reporter(volid, self.node),
-                                            put=local.put_chunk_merged)
+                                            put=local.put_chunk_merged,
+                                            fallbacks=self._others(sources))
                 await self.catalog.set_replica_state(volid, self.node, IN_SYNC,
                                                      expect_state=RESYNCING, source=sources[0])
             except PxfsError:
@@ -210,6 +213,11 @@ class Resyncer:
                 await trio.sleep(0.2)
         raise PxfsError(f"volume {volid}: mounts did not pick up the resync: "
                         + ", ".join(f"{m['node']}:{m['path']}" for m in lagging))
+
+    def _others(self, sources: list[str]) -> list:
+        """Targets of the in-sync replicas after the first, to copy a chunk
+        from when the first's copy fails its checksums."""
+        return [self.catalog.targets(n) for n in sources[1:]]
 
     def _done(self, volid, node, prog) -> None:
         log.info("volume %s: replica on %s in sync again (%d chunks, %d bytes copied)",
