@@ -854,3 +854,46 @@ def test_io_waits_out_an_etcd_outage(make_cluster):
     for n in c.nodes:
         os.kill(c.pid(n), 0)                       # every node still runs
     assert all(n["status"] == "Online" for n in c.pxctl("node3", "status")["nodes"])
+
+
+def test_a_node_taken_over_while_mounted_is_cleaned_up_through_pxctl(make_cluster):
+    """node1 is paused with the volume mounted; node2 takes it over.  When
+    node1 wakes up its attachment is gone: a new attach there is refused
+    while the old mount is still in place, and pxctl unmount/detach clear
+    it without touching node2's attachment."""
+    c = make_cluster(3)
+    c.pxctl("node1", "volume", "create", "tm", "--size", "256M", "--repl", "2",
+            "--nodes", "node1,node2")
+    mnt1 = c.pxctl("node1", "host", "mount", "tm")["mount"]
+    c.signal("node1", signal.SIGSTOP)
+    try:
+        attach_after_failover(c, "node2", "tm", timeout=30)
+    finally:
+        c.signal("node1", signal.SIGCONT)
+    c.wait_for(lambda: "not attached here any more" in open(c.nodes["node1"]["log"]).read(),
+               timeout=30, what="node1 learning it lost the volume")
+    res = c.pxctl("node1", "host", "attach", "tm", check=False)
+    assert res.returncode == 1 and "still mounted" in res.stderr, res.stderr
+    c.pxctl("node1", "host", "unmount", "tm")
+    assert not os.path.ismount(mnt1)
+    c.pxctl("node1", "host", "detach", "tm")
+    assert c.pxctl("node3", "volume", "inspect", "tm")["attached_on"] == "node2"
+    assert _loops_on(c.nodes["node1"]["fuse"]) == []
+
+
+def test_restart_cleans_what_a_crash_left_without_its_fuse_view(make_cluster):
+    """A node crashed, and its FUSE view went away with it (a crash path
+    unmounts it): its loop devices then name their file '/<volume>'.  The
+    next start still recognises them from its own records and cleans up."""
+    c = make_cluster(2)
+    c.pxctl("node1", "volume", "create", "cr", "--size", "256M", "--repl", "2")
+    mnt = c.pxctl("node1", "host", "mount", "cr")["mount"]
+    dev = c.pxctl("node1", "host", "attach", "cr")["device"]
+    c.stop_node("node1", kill=True)
+    subprocess.run(["umount", "-l", c.nodes["node1"]["fuse"]], check=True)
+    with open(f"/sys/block/{os.path.basename(dev)}/loop/backing_file") as fh:
+        assert fh.read().strip() == "/cr"
+    c.start_node("node1")
+    assert not os.path.ismount(mnt)
+    assert not os.path.exists(f"/sys/block/{os.path.basename(dev)}/loop/backing_file") or \
+        open(f"/sys/block/{os.path.basename(dev)}/loop/backing_file").read().strip() != "/cr"

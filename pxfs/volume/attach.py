@@ -80,14 +80,17 @@ class Attachments:
         stale = set(hostdev.loops_backed_by(self.fuse_mountpoint))
         for volid, ent in state.items():
             dev = ent.get("device") or ""
-            backing = hostdev.loop_backing(dev) if dev else None
-            if dev and backing is None:
-                stale.add(dev)      # detached since: what is still mounted from it is ours
-            if dev and (backing is None or backing.startswith(mine)):
+            if not dev:
+                continue
+            backing = hostdev.loop_backing(dev)
+            # once this node's FUSE mount is gone, its loop devices show
+            # their file as "/<volume name>"
+            if backing is None or backing.startswith(mine) or backing == "/" + ent.get("name", ""):
+                stale.add(dev)
                 hostdev.unlink_pxd(int(volid), dev)
         for dev in sorted(stale):
             for src, tgt, _ in hostdev.mounts():
-                if src == dev and (hostdev.loop_backing(dev) or mine).startswith(mine):
+                if src == dev:
                     log.warning("unmounting %s (on %s, left by a previous run)", tgt, dev)
                     subprocess.run(["umount", "-l", tgt], check=False)
             if hostdev.loop_backing(dev):
@@ -124,6 +127,9 @@ class Attachments:
         if loc is not None and not loc.vol.fenced:
             return self._describe(loc)
         if loc is not None:
+            if loc.mount and self._still_mounted(loc):
+                raise Busy(f"volume {rec['name']!r} lost its attachment here and is still mounted "
+                           f"at {loc.mount}; unmount it first (pxctl host unmount)")
             await self._teardown(loc, release=False)
         att = await self.catalog.attachment(volid)
         if att is not None and not (att["node"] == self.node and att["lease"] != self.membership.lease):
