@@ -919,3 +919,35 @@ async def test_resync_takes_a_damaged_chunk_from_another_source(cluster):
                          fallbacks=[cluster.target("b")])
     for i in range(3):
         assert cluster.nodes["c"].store.read(VOL, i, 0, 4096) == pattern(4096, i)
+
+
+async def test_held_io_waits_then_goes_on_or_fails(cluster, monkeypatch):
+    from pxfs.replication import volume_io
+    vol = cluster.volume(states={"a": IN_SYNC, "b": IN_SYNC})
+    await vol.write(0, b"h" * 4096)
+    vol.suspend("lease lost")
+    done = []
+
+    async def read():
+        done.append(await vol.read(0, 4096))
+    async with trio.open_nursery() as n:
+        n.start_soon(read)
+        await trio.sleep(0.2)
+        assert done == []                          # held, reads too
+        vol.resume()
+    assert done == [b"h" * 4096] and not vol.fenced
+    # taken over while held: the held write fails
+    vol.suspend("lease lost")
+    async with trio.open_nursery() as n:
+        async def write():
+            with pytest.raises(Fenced):
+                await vol.write(0, b"x" * 4096)
+        n.start_soon(write)
+        await trio.sleep(0.1)
+        vol.fence_local("attached elsewhere")
+    # held too long: it fails by itself
+    monkeypatch.setattr(volume_io, "SUSPEND_MAX", 0.2)
+    vol2 = cluster.volume(states={"a": IN_SYNC, "b": IN_SYNC})
+    vol2.suspend("lease lost")
+    with pytest.raises(Fenced, match="held for"):
+        await vol2.flush()

@@ -369,7 +369,7 @@ class Attachments:
                 raise NotFound(f"volume {ref!r} is mounted at {loc.mount}, not at {path}")
             await self._umount(loc)
             self._save()
-            if not loc.vol.fenced:
+            if not loc.vol.fenced and not loc.vol.suspended:
                 await self._publish(loc)
             return self._describe(loc)
 
@@ -418,11 +418,13 @@ class Attachments:
         self._save()
 
     async def _teardown(self, loc: Local, release: bool) -> None:
+        if loc.vol.suspended:       # its held requests fail now, not after SUSPEND_MAX
+            loc.vol.fence_local("detached while its I/O was held")
         if loc.device:
             await hostdev.loop_detach(loc.device)
         hostdev.unlink_pxd(loc.volid, loc.device)
         clean = False
-        if not loc.vol.fenced:
+        if not loc.vol.fenced and not loc.vol.suspended:     # held I/O: no flush to wait for
             try:
                 await loc.vol.flush()
                 # not for an attach that failed before its replicas were
