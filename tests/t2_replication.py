@@ -951,3 +951,17 @@ async def test_held_io_waits_then_goes_on_or_fails(cluster, monkeypatch):
     vol2.suspend("lease lost")
     with pytest.raises(Fenced, match="held for"):
         await vol2.flush()
+
+
+async def test_a_restarted_replica_keeps_failing_until_marked(cluster):
+    """The only in-sync replica restarted with unflushed writes: no flush
+    may succeed over the writes it lost, the second no more than the first."""
+    async def cannot_mark(nodes, missed_from):
+        raise MetaError("etcd is down")
+    vol = cluster.volume(states={"b": IN_SYNC}, on_failure=cannot_mark)
+    await vol.write(0, b"r" * 256 * 1024)
+    await cluster.nodes["b"].stop()
+    await cluster.nodes["b"].restart(cluster.nursery)
+    for _ in range(2):
+        with pytest.raises(PxfsError):
+            await vol.flush()

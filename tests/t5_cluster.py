@@ -897,3 +897,34 @@ def test_restart_cleans_what_a_crash_left_without_its_fuse_view(make_cluster):
     assert not os.path.ismount(mnt)
     assert not os.path.exists(f"/sys/block/{os.path.basename(dev)}/loop/backing_file") or \
         open(f"/sys/block/{os.path.basename(dev)}/loop/backing_file").read().strip() != "/cr"
+
+
+def test_no_take_back_when_a_replica_was_resynced_meanwhile(make_cluster):
+    """node1 is attached, node2's replica out of sync (node3's in sync).
+    node1 is paused past its lease; node2 comes back and, the volume looking
+    detached, resyncs its replica from node3 by itself and is marked in sync.  When node1 wakes up it
+    must not take the volume back with its old view (it would never write
+    to node2 again): its I/O fails, and the volume is attached afresh."""
+    c = make_cluster(3)
+    c.pxctl("node1", "volume", "create", "rb", "--size", "256M", "--repl", "3", "--fs", "none")
+    dev = c.pxctl("node1", "host", "attach", "rb")["device"]
+    c.stop_node("node2", kill=True)
+    dd_write(dev, b"1", 0, 2)
+    c.wait_for(lambda: replica_states(c, "node3", "rb")["node2"] == "out_of_sync", timeout=30,
+               what="node2 out of sync")
+    c.signal("node1", signal.SIGSTOP)
+    try:
+        c.wait_for(lambda: c.pxctl("node3", "volume", "inspect", "rb")["attached_on"] is None,
+                   timeout=30, what="node1's lease expiring")
+        c.start_node("node2")
+        c.wait_for(lambda: replica_states(c, "node3", "rb")["node2"] == "in_sync", timeout=60,
+                   what="node2 resynced while detached")
+    finally:
+        c.signal("node1", signal.SIGCONT)
+    c.wait_for(lambda: "changed while this node was away" in open(c.nodes["node1"]["log"]).read(),
+               timeout=30, what="node1 refusing to take the volume back")
+    c.pxctl("node1", "host", "detach", "rb")
+    dev2 = c.pxctl("node2", "host", "attach", "rb")["device"]
+    dd_write(dev2, b"2", 0, 2)
+    assert dd_read(dev2, 0, 2) == b"2" * (2 * MiB)
+    assert all(s == "in_sync" for s in replica_states(c, "node2", "rb").values())

@@ -331,9 +331,10 @@ class ReplicatedVolume:
         except BaseException:
             self._plain = True
             raise
-        for node, n in list(self._unflushed.items()):
-            if n <= seq:
-                del self._unflushed[node]
+        if plain:       # the remote replicas flushed and answered from the same process
+            for node, n in list(self._unflushed.items()):
+                if n <= seq:
+                    del self._unflushed[node]
         self.durable = max(self.durable, low)
         self.stats.flushes += 1
 
@@ -359,7 +360,8 @@ class ReplicatedVolume:
                     continue
                 try:
                     if len(nodes) == 1 and keep is None:
-                        self._same_process(node, op, await t.do(op, args, timeout=timeout))
+                        self._same_process(node, op, await t.do(op, args, timeout=timeout),
+                                           acked=False)
                     else:
                         pending.append((node, await t.begin(op, args, timeout)))
                 except PxfsError as exc:
@@ -378,7 +380,7 @@ class ReplicatedVolume:
                     failed[node] = exc
                     continue
                 try:
-                    self._same_process(node, op, reply)
+                    self._same_process(node, op, reply, acked=keep is not None)
                 except PxfsError as exc:
                     failed[node] = exc
                     if keep is not None:          # its second answer is not wanted
@@ -434,18 +436,23 @@ class ReplicatedVolume:
                     self._incs.pop(n, None)
                     self._unflushed.pop(n, None)
 
-    def _same_process(self, node: str, op: str, reply) -> None:
+    def _same_process(self, node: str, op: str, reply, *, acked: bool) -> None:
         """Raise if ``node`` answers from another process than the one that
-        took writes of ours no flush has covered: its host may have lost
-        them (a power loss) and this one would flush nothing."""
+        took plain writes of ours no flush has covered: its host may have
+        lost them (a power loss) and this one would flush nothing.  It keeps
+        failing so until the node is marked out of sync (a write with a
+        durable ack needs no such record: its second answer comes from the
+        same process, on the same connection)."""
         inc = reply.get("inc") if isinstance(reply, dict) else None
         if inc is None or op not in ("write", "flush"):
             return
-        old, self._incs[node] = self._incs.get(node), inc
+        old = self._incs.get(node)
         if old is not None and old != inc and node in self._unflushed:
-            raise PxfsError(f"replica on {node} restarted since it took writes not yet flushed "
-                            "there")
-        if op == "write":
+            # no answer from the process that took them: as unsure as a timeout
+            raise PeerUnavailable(f"replica on {node} restarted since it took writes not yet "
+                                  "flushed there")
+        self._incs[node] = inc
+        if op == "write" and not acked:
             self._wseq += 1
             self._unflushed[node] = self._wseq
 

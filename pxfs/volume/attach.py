@@ -460,17 +460,27 @@ class Attachments:
         the new lease and let its I/O go on.  Otherwise it was taken over:
         its I/O fails from now on."""
         for loc in list(self.local.values()):
-            if loc.vol.fenced or not loc.vol.suspended:
-                continue
-            try:
-                await self._retake(loc, lease)
-            except PxfsError as exc:
-                loc.vol.fence_local(f"not attached here any more: {exc}")
-                continue
-            loc.vol.resume()
+            async with self.lock(loc.volid):         # not while a detach tears it down
+                if loc.vol.fenced or not loc.vol.suspended or self.local.get(loc.volid) is not loc:
+                    continue
+                try:
+                    await self._retake(loc, lease)
+                except PxfsError as exc:
+                    loc.vol.fence_local(f"not attached here any more: {exc}")
+                    continue
+                loc.vol.resume()
 
     async def _retake(self, loc: Local, lease: int) -> None:
-        term = loc.vol.term
+        """Put the attach key back under ``lease`` if nothing about the
+        volume changed while the node was away: same term (nobody attached)
+        and the same replica states (nobody resynced a replica the detached
+        way, which the data path would then not write to).  A resync this
+        node was running is stopped: those replicas go back to out of sync
+        and are resynced again."""
+        vol, term = loc.vol, loc.vol.term
+
+        def settled(states):
+            return {n: OUT_OF_SYNC if st == RESYNCING else st for n, st in states.items()}
 
         async def body(txn):
             item = await txn.get(keys.vol_key(self.cid, loc.volid))
@@ -480,14 +490,26 @@ class Attachments:
             if rec["term"] != term:
                 raise Fenced(f"volume {loc.name!r} was attached elsewhere (term {rec['term']} > "
                              f"{term})")
+            if settled({r["node"]: r["state"] for r in rec["replicas"]}) != settled(vol.states):
+                raise Fenced(f"the replicas of volume {loc.name!r} changed while this node was "
+                             "away")
             cur = await txn.get(keys.attach_key(self.cid, loc.volid))
             if cur is not None:
                 other = codec.unpack_record(cur.value)
                 if other.get("node") != self.node or other.get("term") != term:
                     raise Fenced(f"volume {loc.name!r} is attached on node {other.get('node')}")
+            if any(r["state"] == RESYNCING for r in rec["replicas"]):
+                for r in rec["replicas"]:
+                    if r["state"] == RESYNCING:
+                        r["state"] = OUT_OF_SYNC
+                rec["gen"] += 1
+                txn.put(keys.vol_key(self.cid, loc.volid), codec.pack_record(rec))
             txn.put(keys.attach_key(self.cid, loc.volid), codec.pack_record(
                 {"node": self.node, "term": term, "device": loc.device, "mount": loc.mount}), lease)
-        await run_txn(self.kv, body, what="take an attachment back")
+            return rec
+        rec = await run_txn(self.kv, body, what="take an attachment back")
+        vol.states = {r["node"]: r["state"] for r in rec["replicas"]}
+        vol.set_gen(rec["gen"])
         log.warning("volume %s: still attached here after the lease loss (term %d); I/O goes on",
                     loc.name, term)
 
