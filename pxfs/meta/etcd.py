@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import time
 import types
 
 import trio
@@ -46,6 +48,15 @@ def map_etcd_errors(what: str):
 #: failed node"), long after etcd is back
 _CONN_ERRORS = (etcd3.exceptions.ConnectionFailedError, etcd3.exceptions.ConnectionTimeoutError,
                 ValueError)
+#: a replaced client is closed this much later: other worker threads may
+#: still be in calls on it, which closing it would cancel
+_CLOSE_AFTER = 60.0
+
+
+def _connection_error(exc: Exception) -> bool:
+    if isinstance(exc, ValueError):
+        return "failed node" in str(exc) or "closed channel" in str(exc)
+    return True
 
 
 class EtcdKV:
@@ -60,12 +71,15 @@ class EtcdKV:
         self._watch_limiter = trio.CapacityLimiter(2)
         self._client = None
         self._pick = 0
+        self._lock = threading.Lock()      # worker threads share the client
+        self._dropped: list = []           # (when, client) to close later
 
     def _connect(self):
-        if self._client is None:
-            host, port = self._endpoints[self._pick % len(self._endpoints)]
-            self._client = etcd3.client(host=host, port=port, timeout=self._timeout)
-        return self._client
+        with self._lock:
+            if self._client is None:
+                host, port = self._endpoints[self._pick % len(self._endpoints)]
+                self._client = etcd3.client(host=host, port=port, timeout=self._timeout)
+            return self._client
 
     async def _call(self, what, fn, limiter=None):
         def run():
@@ -73,26 +87,36 @@ class EtcdKV:
                 client = self._connect()
                 try:
                     return fn(client)
-                except _CONN_ERRORS:
-                    self._drop(client)
+                except _CONN_ERRORS as exc:
+                    if not _connection_error(exc):
+                        raise
+                    self._drop(client, next_endpoint=True)
                 # once more, on a new client of the next endpoint; if that
                 # fails too, the next call starts with a new client as well
-                self._pick += 1
                 client = self._connect()
                 try:
                     return fn(client)
-                except _CONN_ERRORS:
-                    self._drop(client)
+                except _CONN_ERRORS as exc:
+                    if _connection_error(exc):
+                        self._drop(client)
                     raise
         return await trio.to_thread.run_sync(run, limiter=limiter or self._limiter)
 
-    def _drop(self, client) -> None:
-        """Forget a client whose endpoint failed (worker thread).  Closing it
-        ends its watches too: their waiters see a broken watch and look again."""
-        if self._client is client:
-            self._client = None
+    def _drop(self, client, next_endpoint: bool = False) -> None:
+        """Forget a client whose endpoint failed (worker thread), and close
+        those forgotten a while ago.  Closing one ends its watches too: their
+        waiters see a broken watch and look again."""
+        now = time.monotonic()
+        with self._lock:
+            if self._client is client:
+                self._client = None
+                self._pick += next_endpoint
+                self._dropped.append((now, client))
+            old = [c for t, c in self._dropped if now - t > _CLOSE_AFTER]
+            self._dropped = [(t, c) for t, c in self._dropped if now - t <= _CLOSE_AFTER]
+        for c in old:
             with contextlib.suppress(Exception):
-                client.close()
+                c.close()
 
     @staticmethod
     def _item(key, value, meta) -> Item:
@@ -192,6 +216,8 @@ class EtcdKV:
                                      limiter=self._watch_limiter)
 
     async def close(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
+        with self._lock:
+            clients = [c for _, c in self._dropped] + [self._client] * (self._client is not None)
+            self._client, self._dropped = None, []
+        for client in clients:
             await trio.to_thread.run_sync(client.close)
