@@ -916,7 +916,7 @@ async def test_resync_takes_a_damaged_chunk_from_another_source(cluster):
     with pytest.raises(ChecksumError):
         await resync_replica(VOL, cluster.target("a"), cluster.target("c"), missed_from=0, term=1)
     await resync_replica(VOL, cluster.target("a"), cluster.target("c"), missed_from=0, term=1,
-                         fallbacks=[cluster.target("b")])
+                         fallbacks=lambda: [cluster.target("b")])
     for i in range(3):
         assert cluster.nodes["c"].store.read(VOL, i, 0, 4096) == pattern(4096, i)
 

@@ -702,8 +702,12 @@ class ChunkStore:
         try:
             # in place: one sector, written whole or not at all, and no block
             # to allocate, so a replica whose pool is full can still be fenced
+            # (not over an older, shorter form: its size would change too)
             fd = os.open(os.path.join(d, "TERM"), os.O_WRONLY)
         except FileNotFoundError:
+            fd = -1
+        if fd >= 0 and os.fstat(fd).st_size != len(text):
+            os.close(fd)
             fd = -1
         if fd >= 0:
             try:

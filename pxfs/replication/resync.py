@@ -32,7 +32,7 @@ class Progress:
 
 async def resync_replica(volid: int, source, target, *, missed_from: int, term: int,
                          lock_fn=None, report=None, put=None, check=None,
-                         fallbacks=()) -> Progress:
+                         fallbacks=None) -> Progress:
     """Bring ``target`` up to date from ``source``; returns what was copied.
 
     ``lock_fn(idx)`` gives the chunk's lock (the attached node's data path);
@@ -40,9 +40,9 @@ async def resync_replica(volid: int, source, target, *, missed_from: int, term: 
     ``target.put_chunk`` (a shared volume's merge with live writes);
     ``check()``, called under each chunk's lock before its copy, returns why
     the copy must stop (the source fell out of sync: writes now pass it by,
-    so its chunks would undo them on the target), or None; ``fallbacks``:
-    other in-sync replicas to take a chunk from when the source's copy
-    fails its checksums.
+    so its chunks would undo them on the target), or None; ``fallbacks()``:
+    the other replicas in sync now, to take a chunk from when the source's
+    copy fails its checksums.
     """
     put = put or target.put_chunk
     src = await source.list_chunks(volid, missed_from)
@@ -78,7 +78,7 @@ async def _get_chunk(volid: int, idx: int, source, fallbacks):
     try:
         return await source.get_chunk(volid, idx)
     except ChecksumError as exc:
-        for other in fallbacks:
+        for other in (fallbacks() if fallbacks else ()):
             try:
                 got = await other.get_chunk(volid, idx)
             except PxfsError:

@@ -116,7 +116,9 @@ class Resyncer:
                                         self.catalog.targets(node), missed_from=missed,
                                         term=vol.term, lock_fn=vol.chunk_lock,
                                         report=self._reporter(vol.volid, node), check=source_gone,
-                                        fallbacks=self._others(sources))
+                                        fallbacks=lambda: [self.catalog.targets(n)
+                                                           for n in vol.readers()
+                                                           if n not in (src, node)])
             async with vol._state_lock:
                 if vol.states.get(node) != RESYNCING:
                     return                        # a write to it failed meanwhile
@@ -149,7 +151,7 @@ class Resyncer:
                                         self.catalog.targets(self.node),
                                         missed_from=me["missed_from"], term=rec["term"],
                                         report=self._reporter(volid, self.node),
-                                        fallbacks=self._others(sources))
+                                        fallbacks=lambda: self._others(sources))
             await self.catalog.set_replica_state(volid, self.node, IN_SYNC, expect_rev=rev,
                                                  require_detached=True, source=sources[0])
         except PxfsError:
@@ -189,7 +191,7 @@ class Resyncer:
                                             missed_from=missed, term=rec["term"],
                                             report=self._reporter(volid, self.node),
                                             put=local.put_chunk_merged,
-                                            fallbacks=self._others(sources))
+                                            fallbacks=lambda: self._others(sources))
                 await self.catalog.set_replica_state(volid, self.node, IN_SYNC,
                                                      expect_state=RESYNCING, source=sources[0])
             except PxfsError:
