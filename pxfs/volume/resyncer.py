@@ -14,6 +14,7 @@ from .. import codec
 from ..errors import PxfsError
 from ..meta import keys
 from ..meta.kv import Delete, Put
+from ..meta.lease import list_nodes
 from ..replication.resync import resync_replica
 from ..replication.volume_io import IN_SYNC, OUT_OF_SYNC, RESYNCING
 
@@ -138,7 +139,8 @@ class Resyncer:
     async def _offline(self, volid: int) -> None:
         rec, rev = await self.catalog.get(volid)
         me = next(r for r in rec["replicas"] if r["node"] == self.node)
-        sources = [r["node"] for r in rec["replicas"] if r["state"] == IN_SYNC]
+        sources = await self._online_first(
+            [r["node"] for r in rec["replicas"] if r["state"] == IN_SYNC])
         if not sources:
             return
         rec = await self.catalog.set_replica_state(volid, self.node, RESYNCING, expect_rev=rev,
@@ -173,7 +175,8 @@ class Resyncer:
         local = self.catalog.targets(self.node)
         rec, rev = await self.catalog.get(volid)
         me = next(r for r in rec["replicas"] if r["node"] == self.node)
-        sources = [r["node"] for r in rec["replicas"] if r["state"] == IN_SYNC]
+        sources = await self._online_first(
+            [r["node"] for r in rec["replicas"] if r["state"] == IN_SYNC])
         if not sources:
             return
         # mounts stamp writes with their own epochs: copy every chunk written
@@ -215,6 +218,12 @@ class Resyncer:
                 await trio.sleep(0.2)
         raise PxfsError(f"volume {volid}: mounts did not pick up the resync: "
                         + ", ".join(f"{m['node']}:{m['path']}" for m in lagging))
+
+    async def _online_first(self, nodes: list[str]) -> list[str]:
+        """``nodes`` with those whose lease is alive first: a paused or dead
+        node would hold a resync up for a whole request timeout per try."""
+        online = {n["id"] for n in await list_nodes(self.kv, self.cid) if n["online"]}
+        return sorted(nodes, key=lambda n: n not in online)
 
     def _others(self, sources: list[str]) -> list:
         """Targets of the in-sync replicas after the first, to copy a chunk
