@@ -190,6 +190,7 @@ class Attachments:
         """Tell every replica the new term; unreachable ones fall out of sync."""
         vol = loc.vol
         failed = []
+        why: dict[str, PxfsError] = {}
 
         async def one(node):
             try:
@@ -197,6 +198,7 @@ class Attachments:
             except PxfsError as exc:
                 log.warning("volume %s: cannot fence replica on %s: %s", loc.name, node, exc)
                 failed.append(node)
+                why[node] = exc
 
         async def stale(node):
             # an out-of-sync replica gets the term too (best effort): a paused
@@ -212,8 +214,9 @@ class Attachments:
                     n.start_soon(stale, node)
         if failed:
             if not [x for x in vol.readers() if x not in failed]:
-                raise PxfsError(f"volume {loc.name!r}: no in-sync replica is reachable "
-                                f"(tried {', '.join(vol.readers()) or 'none'})")
+                raise PxfsError(f"volume {loc.name!r}: no in-sync replica is reachable ("
+                                + ("; ".join(f"{n}: {why[n]}" for n in vol.readers())
+                                   or "none") + ")")
             # they may lack what the previous attachment wrote after its last checkpoint
             vol.set_gen(await self._failure_handler(vol.volid)(failed, prev_durable))
 
