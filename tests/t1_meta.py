@@ -386,6 +386,30 @@ async def test_lost_lease_calls_listeners_and_rejoins(kv, cid):
         nursery.cancel_scope.cancel()
 
 
+async def test_a_slow_rejoin_listener_does_not_stall_the_keepalive(kv, cid):
+    """What waits on a rejoin (taking attachments back) must not keep the
+    node from refreshing its new lease."""
+    rejoined = []
+
+    async def slow(lease):
+        rejoined.append(lease)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        m = Membership(kv, cid, "n1", LEASE_TTL, info)
+        m.on_rejoined(slow)
+        await nursery.start(m.run)
+        old = m.lease
+        await kv.lease_revoke(old)
+        with trio.fail_after(LEASE_TTL * 3):
+            while not rejoined:
+                await trio.sleep(0.05)
+        new = m.lease
+        await trio.sleep(LEASE_TTL * 2)           # two TTLs with the listener still waiting
+        assert m.lease == new and (await list_nodes(kv, cid))[0]["online"]
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_resync_ends_in_sync_only_while_its_source_is(kv, cid):
     """The replica state etcd keeps is the truth: a resync whose source fell
     out of sync meanwhile may have copied stale chunks, so its end is refused."""

@@ -58,6 +58,12 @@ class Membership:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
         await self._register()
         task_status.started()
+        # listeners of a rejoin run beside the keepalive, which must go on
+        # refreshing the new lease whatever they wait for
+        async with trio.open_nursery() as nursery:
+            await self._keepalive(nursery)
+
+    async def _keepalive(self, nursery) -> None:
         last_ok = time.monotonic()
         beat = 0
         while True:
@@ -85,7 +91,7 @@ class Membership:
                 last_ok = time.monotonic()
                 log.warning("node %s rejoined the cluster", self.node)
                 for fn in self._rejoined_listeners:
-                    await fn(self.lease)
+                    nursery.start_soon(fn, self.lease)
             except MetaError as exc:
                 log.warning("rejoin failed, will retry: %s", exc)
 

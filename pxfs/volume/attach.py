@@ -463,15 +463,26 @@ class Attachments:
         the new lease and let its I/O go on.  Otherwise it was taken over:
         its I/O fails from now on."""
         for loc in list(self.local.values()):
-            async with self.lock(loc.volid):         # not while a detach tears it down
-                if loc.vol.fenced or not loc.vol.suspended or self.local.get(loc.volid) is not loc:
-                    continue
-                try:
+            # not under the volume's lock: a mount or unmount holding it may
+            # be waiting for this very volume's held I/O
+            if loc.vol.fenced or not loc.vol.suspended:
+                continue
+            try:
+                async with loc.vol._state_lock:    # states as the data path last set them
                     await self._retake(loc, lease)
-                except PxfsError as exc:
-                    loc.vol.fence_local(f"not attached here any more: {exc}")
-                    continue
-                loc.vol.resume()
+            except PxfsError as exc:
+                loc.vol.fence_local(f"not attached here any more: {exc}")
+                continue
+            if self.membership.lease != lease:
+                continue            # lost again meanwhile: the next rejoin decides
+            if self.local.get(loc.volid) is not loc:
+                # detached meanwhile: the key just put back is not ours to keep
+                with contextlib.suppress(PxfsError):
+                    item = await self.kv.get(keys.attach_key(self.cid, loc.volid))
+                    if item is not None and item.lease == lease:
+                        await self.kv.txn([Compare(item.key, item.mod_rev)], [Delete(item.key)])
+                continue
+            loc.vol.resume()
 
     async def _retake(self, loc: Local, lease: int) -> None:
         """Put the attach key back under ``lease`` if nothing about the
@@ -493,7 +504,11 @@ class Attachments:
             if rec["term"] != term:
                 raise Fenced(f"volume {loc.name!r} was attached elsewhere (term {rec['term']} > "
                              f"{term})")
-            if settled({r["node"]: r["state"] for r in rec["replicas"]}) != settled(vol.states):
+            theirs = {r["node"]: r["state"] for r in rec["replicas"]}
+            if settled(theirs) != settled(vol.states) or any(
+                    st == RESYNCING and vol.states.get(n) != RESYNCING for n, st in theirs.items()):
+                # (a replica resyncing in etcd but not here: its own node is
+                # resyncing it the detached way)
                 raise Fenced(f"the replicas of volume {loc.name!r} changed while this node was "
                              "away")
             cur = await txn.get(keys.attach_key(self.cid, loc.volid))
