@@ -248,14 +248,11 @@ async def test_stopped_replica_and_failed_report_fails_write(cluster):
 class _FailsChunk:
     """A replica target whose writes to one chunk fail."""
 
-    def __init__(self, inner, idx):
-        self.inner, self.idx, self.local = inner, idx, inner.local
+    def __init__(self, inner, idx, exc=PxfsError):
+        self.inner, self.idx, self.local, self.exc = inner, idx, inner.local, exc
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
-
-    def __init__(self, inner, idx, exc=PxfsError):
-        self.inner, self.idx, self.local, self.exc = inner, idx, inner.local, exc
 
     def _check(self, op, args):
         if op == "write" and args["idx"] == self.idx:
@@ -526,27 +523,26 @@ async def test_fenced_by_newer_term(cluster):
     assert cluster.nodes["b"].store.read(VOL, 0, 0, 5) == b"fresh"
 
 
-async def test_a_fence_waits_for_the_writes_it_let_through(cluster):
-    """A large write that passed its term check is applying in a worker
-    thread when the fence comes: the fence answers only after it, and a
-    write that was waiting behind a chunk copy is refused after the fence."""
+async def _fence_during(node, method: str, apply) -> list:
+    """Run ``apply()`` with ``node.store.<method>`` stopped at a gate in its
+    worker thread, fence term 2 meanwhile, then open the gate: the order in
+    which the release, ``apply`` and the fence's answer came."""
     import threading
-    node = cluster.nodes["b"]
     gate, entered = threading.Event(), threading.Event()
-    orig = node.store.write
+    orig = getattr(node.store, method)
 
-    def slow_write(*a, **kw):
+    def slow(*a, **kw):
         if kw.get("nowait"):
             raise BlockingIOError           # to the worker thread
         entered.set()
         gate.wait(10)
         return orig(*a, **kw)
-    node.store.write = slow_write
+    setattr(node.store, method, slow)
     order = []
 
-    async def write():
-        await node.svc.write(VOL, 0, 0, b"o" * 256 * 1024, 1, 1 << 32)
-        order.append("write")
+    async def run():
+        await apply()
+        order.append("applied")
 
     async def fence():
         await trio.to_thread.run_sync(entered.wait, 10)
@@ -556,12 +552,23 @@ async def test_a_fence_waits_for_the_writes_it_let_through(cluster):
             order.append("released")
             gate.set()
         order.append("fence")
+    try:
+        async with trio.open_nursery() as n:
+            n.start_soon(run)
+            n.start_soon(fence)
+    finally:
+        setattr(node.store, method, orig)
+    return order
 
-    async with trio.open_nursery() as n:
-        n.start_soon(write)
-        n.start_soon(fence)
-    assert order == ["released", "write", "fence"]
-    node.store.write = orig
+
+async def test_a_fence_waits_for_the_writes_it_let_through(cluster):
+    """A large write that passed its term check is applying in a worker
+    thread when the fence comes: the fence answers only after it, and a
+    write that was waiting behind a chunk copy is refused after the fence."""
+    node = cluster.nodes["b"]
+    order = await _fence_during(node, "write", lambda: node.svc.write(
+        VOL, 0, 0, b"o" * 256 * 1024, 1, 1 << 32))
+    assert order == ["released", "applied", "fence"]
     # a write held behind a chunk copy and fenced meanwhile is refused
     hold = trio.Event()
     node.svc._held[(VOL, 1)] = hold
@@ -578,36 +585,10 @@ async def test_a_fence_waits_for_the_writes_it_let_through(cluster):
 
 
 async def test_a_fence_waits_for_a_chunk_copy_it_let_through(cluster):
-    import threading
     node = cluster.nodes["b"]
-    gate, entered = threading.Event(), threading.Event()
-    orig = node.store.put_chunk
-
-    def slow_put(*a):
-        entered.set()
-        gate.wait(10)
-        return orig(*a)
-    node.store.put_chunk = slow_put
-    order = []
-
-    async def put():
-        await node.svc.put_chunk(VOL, 3, 1 << 32, b"\xff" * 32, b"p" * CHUNK_SIZE, 1)
-        order.append("put")
-
-    async def fence():
-        await trio.to_thread.run_sync(entered.wait, 10)
-        async with trio.open_nursery() as n:
-            n.start_soon(node.svc.fence, VOL, 2)
-            await trio.sleep(0.2)
-            order.append("released")
-            gate.set()
-        order.append("fence")
-
-    async with trio.open_nursery() as n:
-        n.start_soon(put)
-        n.start_soon(fence)
-    node.store.put_chunk = orig
-    assert order == ["released", "put", "fence"]
+    order = await _fence_during(node, "put_chunk", lambda: node.svc.put_chunk(
+        VOL, 3, 1 << 32, b"\xff" * 32, b"p" * CHUNK_SIZE, 1))
+    assert order == ["released", "applied", "fence"]
 
 
 async def test_term_survives_restart(cluster):
