@@ -14,7 +14,7 @@ VENV=${PXFS_VENV:-/opt/pxfs}
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
     etcd-server fuse3 libfuse3-dev pkg-config gcc python3 python3-dev python3-venv \
-    e2fsprogs xfsprogs util-linux mount fio iproute2 procps >/dev/null
+    e2fsprogs xfsprogs util-linux mount fio iproute2 iptables procps >/dev/null
 # Docker (the pxd volume plugin and its tests) and busybox-static (the tests' image)
 if ! command -v dockerd >/dev/null; then
     apt-get install -y -qq --no-install-recommends docker.io >/dev/null

@@ -2,6 +2,8 @@
 etcd through the ``kv`` fixture, so MemKV keeps etcd's semantics.  Also the
 optimistic transaction runner (meta/txn.py) and membership (meta/lease.py)."""
 
+import time
+
 import pytest
 import trio
 
@@ -407,6 +409,44 @@ async def test_a_slow_rejoin_listener_does_not_stall_the_keepalive(kv, cid):
         new = m.lease
         await trio.sleep(LEASE_TTL * 2)           # two TTLs with the listener still waiting
         assert m.lease == new and (await list_nodes(kv, cid))[0]["online"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_lease_clock_moves_only_with_answered_refreshes(kv, cid):
+    """``valid_until`` (what attached volumes hold their I/O by) is a
+    refresh's send time plus the TTL less the margin; while etcd does not
+    answer it stays where it was, and waiters wake at the next answer."""
+    from pxfs.meta.lease import HOLD_MARGIN
+    gate = trio.Event()
+    gate.set()
+    real = kv.lease_refresh
+
+    async def refresh(lease):
+        await gate.wait()
+        return await real(lease)
+
+    kv.lease_refresh = refresh
+    margin = min(HOLD_MARGIN, LEASE_TTL / 4)
+    async with trio.open_nursery() as nursery:
+        t0 = time.monotonic()
+        m = Membership(kv, cid, "n1", LEASE_TTL, info)
+        await nursery.start(m.run)
+        assert t0 + LEASE_TTL - margin <= m.valid_until <= time.monotonic() + LEASE_TTL - margin
+        with trio.fail_after(LEASE_TTL):
+            await m.wait_renewed()               # the keepalive refreshes it
+        gate = trio.Event()                      # etcd stops answering
+        await trio.sleep(LEASE_TTL / 2)
+        stuck = m.valid_until
+        await trio.sleep(LEASE_TTL / 2)
+        assert m.valid_until == stuck and time.monotonic() > stuck
+        t1 = time.monotonic()
+        with trio.move_on_after(0.2):
+            await m.wait_renewed()
+            pytest.fail("woke without a refresh")
+        async with trio.open_nursery() as n2:
+            n2.start_soon(m.wait_renewed)
+            gate.set()
+        assert m.valid_until >= t1 + LEASE_TTL - margin
         nursery.cancel_scope.cancel()
 
 

@@ -523,6 +523,77 @@ async def test_fenced_by_newer_term(cluster):
     assert cluster.nodes["b"].store.read(VOL, 0, 0, 5) == b"fresh"
 
 
+@pytest.mark.parametrize("fenced_on", ["a", "b"])
+async def test_a_read_of_an_older_term_is_refused(cluster, fenced_on):
+    """Attached elsewhere since (a newer term fenced the replicas): a read
+    from the old attachment, local or remote, is refused there and fences
+    it here, instead of returning data the new attacher may have changed."""
+    old = cluster.volume(term=4, states={"a": IN_SYNC, "b": IN_SYNC})
+    await old.write(0, b"old" * 100)
+    assert await old.read(0, 300) == b"old" * 100
+    # a read carries the term but does not raise the replica's
+    assert cluster.nodes["b"].store.get_term(VOL) == 4
+    await cluster.target(fenced_on).fence(VOL, 5)
+    other = {"a": "b", "b": "a"}[fenced_on]
+    if fenced_on == "b":                  # reads go to the local replica first
+        old.states = {"b": IN_SYNC}
+    with pytest.raises(Fenced, match="older than 5"):
+        await old.read(0, 300)
+    assert old.fenced
+    with pytest.raises(Fenced):
+        await old.read(0, 300)            # not from the replica that was not fenced either
+    assert cluster.nodes[other].store.get_term(VOL) == 4
+    assert cluster.nodes[fenced_on].svc.stats["fenced"] == 1
+    new = cluster.volume(term=5, states={"a": IN_SYNC, "b": IN_SYNC})
+    assert await new.read(0, 300) == b"old" * 100
+
+
+async def test_io_holds_while_the_lease_may_have_run_out(cluster, monkeypatch):
+    """Past the lease clock (no refresh answered for nearly the TTL) every
+    I/O waits for the next refresh; one that never comes fences the volume
+    after SUSPEND_MAX."""
+    import time
+    from pxfs.replication import volume_io
+
+    class Clock:
+        def __init__(self):
+            self.valid_until = time.monotonic() + 60
+            self.renewed = trio.Event()
+
+        async def wait_renewed(self):
+            await self.renewed.wait()
+
+        def renew(self):
+            self.valid_until = time.monotonic() + 60
+            self.renewed.set()
+            self.renewed = trio.Event()
+
+    clock = Clock()
+    vol = cluster.volume(states={"a": IN_SYNC, "b": IN_SYNC})
+    vol._lease = clock
+    await vol.write(0, b"l" * 4096)
+    clock.valid_until = time.monotonic() - 0.01
+    done = []
+
+    async def io(name, fn):
+        await fn()
+        done.append(name)
+    async with trio.open_nursery() as n:
+        n.start_soon(io, "read", lambda: vol.read(0, 4096))
+        n.start_soon(io, "write", lambda: vol.write(4096, b"m" * 4096))
+        n.start_soon(io, "flush", vol.flush)
+        await trio.sleep(0.3)
+        assert done == []
+        clock.renew()
+    assert sorted(done) == ["flush", "read", "write"] and not vol.fenced
+    assert await vol.read(4096, 4096) == b"m" * 4096
+    monkeypatch.setattr(volume_io, "SUSPEND_MAX", 0.2)
+    clock.valid_until = time.monotonic() - 0.01
+    with pytest.raises(Fenced, match="held for .*lease was not refreshed"):
+        await vol.read(0, 4096)
+    assert vol.fenced
+
+
 async def _fence_during(node, method: str, apply) -> list:
     """Run ``apply()`` with ``node.store.<method>`` stopped at a gate in its
     worker thread, fence term 2 meanwhile, then open the gate: the order in

@@ -22,7 +22,7 @@ MiB = 1 << 20
 
 
 def dd_write(dev: str, pattern: bytes, offset_mib: int, count_mib: int) -> None:
-    """Write ``count_mib`` MiB of a repeated pattern with O_DIRECT, then fsync."""
+    """Write ``count_mib`` MiB of a repeated pattern (buffered), then fsync."""
     block = (pattern * (MiB // len(pattern) + 1))[:MiB]
     fd = os.open(dev, os.O_WRONLY)
     try:
@@ -928,3 +928,132 @@ def test_no_take_back_when_a_replica_was_resynced_meanwhile(make_cluster):
     dd_write(dev2, b"2", 0, 2)
     assert dd_read(dev2, 0, 2) == b"2" * (2 * MiB)
     assert all(s == "in_sync" for s in replica_states(c, "node2", "rb").values())
+
+
+class CutProxy:
+    """A TCP proxy to ``upstream`` (host, port) on a free loopback port.
+    ``cut()`` makes it a black hole, as a partition does: connections stay
+    open and new ones are taken, but nothing gets through, so requests hang
+    until their timeouts.  ``mend()`` closes them all (clients reconnect)
+    and forwards again."""
+
+    def __init__(self, upstream):
+        self.upstream, self.open, self.socks = upstream, True, []
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.lsock.getsockname()[1]
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.lsock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.socks.append(conn)
+                if not self.open:
+                    threading.Thread(target=self._pipe, args=(conn, None), daemon=True).start()
+                    continue
+            try:
+                up = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                conn.close()
+                continue
+            up.settimeout(None)
+            with self.lock:
+                self.socks.append(up)
+            for a, b in ((conn, up), (up, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src, dst):
+        try:
+            while data := src.recv(65536):
+                if self.open and dst is not None:
+                    dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s and s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        self.open = False
+
+    def mend(self):
+        with self.lock:
+            for s in self.socks:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+            self.socks = []
+            self.open = True
+
+    def close(self):
+        self.mend()
+        self.lsock.close()
+
+
+@pytest.mark.parametrize("cut", ["etcd", "etcd+peers"])
+def test_a_node_cut_off_from_etcd_serves_no_stale_reads(make_cluster, cut):
+    """node1 can no longer reach etcd (requests hang, as in a partition),
+    and with "etcd+peers" its data port is unreachable too, so node2 cannot
+    fence node1's replica and marks it out of sync.  node1's lease runs out,
+    node2 takes the volume over and writes.  A read on node1 (past its page
+    cache) must not be served: it is held once node1's lease may have run
+    out, and fails when node1 learns the volume was taken."""
+    c = make_cluster(3)
+    cfg_path = c.nodes["node1"]["config"]
+    cfg = json.load(open(cfg_path))
+    host, port = cfg["kvdb"][0].rsplit("/", 1)[-1].rsplit(":", 1)    # etcd:http://H:P
+    proxy = CutProxy((host, int(port)))
+    rule = ["INPUT", "-p", "tcp", "-d", "127.0.0.1",
+            "--dport", c.nodes["node1"]["data"].rsplit(":", 1)[1], "-j", "DROP"]
+    dropping = False
+    try:
+        cfg["kvdb"] = [f"etcd:http://127.0.0.1:{proxy.port}"]
+        c.stop_node("node1")
+        with open(cfg_path, "w") as fh:
+            json.dump(cfg, fh)
+        c.start_node("node1")
+        c.pxctl("node1", "volume", "create", "sr", "--size", "64M", "--repl", "2",
+                "--nodes", "node1,node2", "--fs", "none")
+        dev1 = c.pxctl("node1", "host", "attach", "sr")["device"]
+        dd_write(dev1, b"A", 0, 1)
+        assert dd_read(dev1, 0, 1) == b"A" * MiB
+        proxy.cut()
+        if cut == "etcd+peers":
+            subprocess.run(["iptables", "-I", *rule], check=True)
+            dropping = True
+        attach_after_failover(c, "node2", "sr", timeout=40)
+        if cut == "etcd+peers":
+            assert replica_states(c, "node2", "sr")["node1"] == "out_of_sync"
+        dev2 = c.pxctl("node2", "host", "attach", "sr")["device"]    # attached: says where
+        dd_write(dev2, b"B", 0, 1)
+        reader = subprocess.Popen(["dd", f"if={dev1}", "bs=1M", "count=1", "iflag=direct",
+                                   "status=none"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            try:
+                out, err = reader.communicate(timeout=5)
+                assert out != b"A" * MiB, "node1 returned the bytes node2 replaced"
+                pytest.fail(f"node1 served a read of a volume attached on node2 ({err!r})")
+            except subprocess.TimeoutExpired:          # held: let node1 reach etcd again
+                proxy.mend()
+                out, err = reader.communicate(timeout=90)
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+                reader.wait()
+        assert out != b"A" * MiB and reader.returncode != 0, (reader.returncode, err)
+        assert b"Input/output error" in err, err
+        log1 = open(c.nodes["node1"]["log"]).read()
+        assert "I/O held: this node's etcd lease was not refreshed in time" in log1
+        assert dd_read(dev2, 0, 1) == b"B" * MiB
+    finally:
+        if dropping:
+            subprocess.run(["iptables", "-D", *rule])
+        proxy.close()

@@ -18,12 +18,23 @@ from .kv import KV, Put
 
 log = logging.getLogger(__name__)
 
+#: attached volumes hold their I/O once the lease has gone this long
+#: (at most; a quarter of the TTL for short ones) without a refresh that
+#: etcd answered: it may expire in etcd a little later, and I/O that is past
+#: its check must finish before another node can attach
+HOLD_MARGIN = 1.0
+
 
 class Membership:
     def __init__(self, kv: KV, cid: str, node: str, ttl: int, info_fn):
         self.kv, self.cid, self.node, self.ttl = kv, cid, node, ttl
         self._info_fn = info_fn          # () -> dict, the node record's contents
         self.lease = 0
+        #: time.monotonic() until which the lease surely stands in etcd,
+        #: less the margin: etcd counts the TTL from a request that was
+        #: sent no earlier than the last answered one
+        self.valid_until = 0.0
+        self._renewed = trio.Event()
         self._lost_listeners = []
         self._rejoined_listeners = []
         self.started = time.time()
@@ -37,7 +48,18 @@ class Membership:
         again after losing one."""
         self._rejoined_listeners.append(fn)
 
+    def _refreshed(self, sent: float) -> None:
+        self.valid_until = max(self.valid_until,
+                               sent + self.ttl - min(HOLD_MARGIN, self.ttl / 4))
+        ev, self._renewed = self._renewed, trio.Event()
+        ev.set()
+
+    async def wait_renewed(self) -> None:
+        """Until the next refresh (or new lease) that etcd answered."""
+        await self._renewed.wait()
+
     async def _register(self) -> None:
+        sent = time.monotonic()
         lease = await self.kv.lease_grant(self.ttl)
         rec = dict(self._info_fn(), id=self.node, started=self.started)
         try:
@@ -49,6 +71,7 @@ class Membership:
             await self.kv.lease_revoke(lease)
             raise
         self.lease = lease
+        self._refreshed(sent)
 
     async def publish(self) -> None:
         """Write the node record (addresses, capacity)."""
@@ -70,7 +93,10 @@ class Membership:
             await trio.sleep(max(0.3, self.ttl / 4))
             beat += 1
             try:
+                sent = time.monotonic()
                 alive = await self.kv.lease_refresh(self.lease)
+                if alive:
+                    self._refreshed(sent)
                 if alive and beat % 4 == 0:      # capacity figures stay fresh
                     await self.publish()
             except MetaError as exc:

@@ -89,6 +89,19 @@ class ReplicaService:
                     await self._run(self.store.set_term, volid, term)
                     self._terms[volid] = term
 
+    async def check_read_term(self, volid: int, term: int) -> None:
+        """A read from an attachment whose term is older than the highest
+        this replica was fenced with fails: the volume was attached
+        elsewhere since, and its data may have changed there.  A read never
+        raises the stored term (only attach's fence and writes do)."""
+        known = self._terms.get(volid)
+        if known is None:
+            loaded = await self._run(self.store.get_term, volid)
+            known = self._terms[volid] = max(loaded, self._terms.get(volid, 0))
+        if term < known:
+            self.stats["fenced"] += 1
+            raise Fenced(f"volume {volid}: attach term {term} is older than {known}")
+
     # -- operations (also the RPC surface) -------------------------------------
     async def write(self, volid, idx, off, data, term, gen, crcs=None, remote=False,
                     acked=False):
@@ -127,7 +140,9 @@ class ReplicaService:
         self.stats["writes"] += 1
         self.stats["bytes_written"] += len(data)
 
-    async def read(self, volid, idx, off, size):
+    async def read(self, volid, idx, off, size, term=None):
+        if term is not None:
+            await self.check_read_term(volid, term)
         data = None
         if size <= INLINE_IO:
             try:
@@ -286,7 +301,8 @@ class ReplicaService:
                 return {"inc": self.incarnation}
             if op == "read":
                 return {"data": await self.read(_int(msg, "vol"), _int(msg, "idx"),
-                                                _int(msg, "off"), _int(msg, "size"))}
+                                                _int(msg, "off"), _int(msg, "size"),
+                                                _int(msg, "term") if "term" in msg else None)}
             if op == "flush":
                 await self.flush(_int(msg, "vol"), _int(msg, "term"))
                 return {"inc": self.incarnation}

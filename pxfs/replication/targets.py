@@ -33,8 +33,8 @@ class LocalReplica:
         else:
             raise ValueError(f"not a fan-out op: {op}")
 
-    async def read(self, volid, idx, off, size, timeout=None):
-        return await self._svc.read(volid, idx, off, size)
+    async def read(self, volid, idx, off, size, timeout=None, term=None):
+        return await self._svc.read(volid, idx, off, size, term)
 
     async def flush(self, volid, term, timeout=None):
         await self._svc.flush(volid, term)
@@ -92,9 +92,10 @@ class RemoteReplica:
         await self._peer.call("write", vol=volid, idx=idx, off=off, data=data, term=term,
                               gen=gen, timeout=timeout, **args)
 
-    async def read(self, volid, idx, off, size, timeout=None):
+    async def read(self, volid, idx, off, size, timeout=None, term=None):
+        args = {} if term is None else {"term": term}
         return (await self._peer.call("read", vol=volid, idx=idx, off=off, size=size,
-                                      timeout=timeout))["data"]
+                                      timeout=timeout, **args))["data"]
 
     async def flush(self, volid, term, timeout=None):
         await self._peer.call("flush", vol=volid, term=term, timeout=timeout)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import trio
 
@@ -54,7 +55,7 @@ class IoStats:
 class ReplicatedVolume:
     def __init__(self, volid: int, size: int, term: int, gen: int, states: dict[str, str],
                  target_fn, on_replica_failure, *, local_node: str, timeout: float = 5.0,
-                 refresh=None):
+                 refresh=None, lease=None):
         self.volid, self.size, self.term, self.gen = volid, size, term, gen
         self.states = dict(states)            # node -> state, as in etcd
         self._target = target_fn              # node -> replica target
@@ -62,6 +63,10 @@ class ReplicatedVolume:
         self.local_node = local_node
         self.timeout = timeout
         self._refresh = refresh               # async: re-read replica states (shared volumes)
+        # the node's etcd lease (meta.lease.Membership): ``valid_until``
+        # (time.monotonic) and ``async wait_renewed()``; I/O is held past it
+        self._lease = lease
+        self._lease_held = False
         self.fenced: str | None = None
         self._suspended: trio.Event | None = None
         self._suspend_why = ""
@@ -156,17 +161,42 @@ class ReplicatedVolume:
                 log.warning("volume %s: I/O resumed", self.volid)
             ev.set()
 
-    async def _while_suspended(self) -> None:
-        ev = self._suspended
+    def _must_hold(self) -> bool:
+        return self._suspended is not None or (
+            self._lease is not None and time.monotonic() > self._lease.valid_until)
+
+    async def _hold(self) -> None:
+        """Wait while I/O must not run: the attachment is suspended, or this
+        node's etcd lease has gone unrefreshed for nearly its TTL (it may
+        have expired in etcd, and another node may be taking the volume:
+        the node finds out only when a keepalive answers or times out).
+        After SUSPEND_MAX the volume is fenced here."""
+        why = ""
         with trio.move_on_after(SUSPEND_MAX):
-            await ev.wait()
-        if self._suspended is ev:
-            self.fence_local(f"I/O held for {SUSPEND_MAX:.0f} s: {self._suspend_why}")
+            while not self.fenced:
+                ev = self._suspended
+                if ev is not None:
+                    why = self._suspend_why
+                    await ev.wait()
+                    continue
+                lease = self._lease
+                if lease is None or time.monotonic() <= lease.valid_until:
+                    if self._lease_held:
+                        self._lease_held = False
+                        log.warning("volume %s: the lease is refreshed; I/O goes on", self.volid)
+                    return
+                why = "this node's etcd lease was not refreshed in time"
+                if not self._lease_held:
+                    self._lease_held = True
+                    log.warning("volume %s: I/O held: %s", self.volid, why)
+                await lease.wait_renewed()
+            return
+        self.fence_local(f"I/O held for {SUSPEND_MAX:.0f} s: {why}")
 
     # -- reads -----------------------------------------------------------------
     async def read(self, off: int, size: int) -> bytes:
-        if self._suspended is not None:
-            await self._while_suspended()
+        if self._must_hold():
+            await self._hold()
         self._check(off, size)
         size = max(0, min(size, self.size - off))
         pieces = list(self._pieces(off, size))
@@ -199,7 +229,12 @@ class ReplicatedVolume:
             for node in readers:
                 try:
                     data = await self._target(node).read(self.volid, idx, a0, a1 - a0,
-                                                         timeout=self.timeout)
+                                                         timeout=self.timeout, term=self.term)
+                except Fenced as exc:
+                    # attached elsewhere since: what this node would read
+                    # may be stale
+                    self.fence_local(str(exc))
+                    raise
                 except ChecksumError as exc:
                     log.error("volume %s: replica on %s: %s; reading another replica",
                               self.volid, node, exc)
@@ -233,7 +268,7 @@ class ReplicatedVolume:
                 async with self.chunk_lock(idx):
                     # a write may have landed since the read: copy what is there now
                     data = await self._target(good).read(self.volid, idx, inoff, len(data),
-                                                         timeout=self.timeout)
+                                                         timeout=self.timeout, term=self.term)
                     await self._target(node).write(self.volid, idx, inoff, data, self.term,
                                                    self.stamp(), timeout=self.timeout)
             self.stats.repairs += 1
@@ -243,8 +278,8 @@ class ReplicatedVolume:
 
     # -- writes ------------------------------------------------------------------
     async def write(self, off: int, data: bytes) -> int:
-        if self._suspended is not None:
-            await self._while_suspended()
+        if self._must_hold():
+            await self._hold()
         self._check(off, len(data))
         if off + len(data) > self.size:
             raise InvalidArgument("write past the end of the volume", errno=28)
@@ -304,8 +339,8 @@ class ReplicatedVolume:
                                                 term=self.term), timeout=max(self.timeout, 30))
 
     async def flush(self) -> None:
-        if self._suspended is not None:
-            await self._while_suspended()
+        if self._must_hold():
+            await self._hold()
         if self.fenced:
             raise Fenced(self.fenced)
         async with _held(self._flush_lock):   # a second flush waits for the first's outcome

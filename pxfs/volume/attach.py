@@ -165,7 +165,7 @@ class Attachments:
         states = {r["node"]: r["state"] for r in rec["replicas"]}
         vol = ReplicatedVolume(volid, rec["size"], term, rec["gen"], states, self.catalog.targets,
                                self._failure_handler(volid), local_node=self.node,
-                               timeout=self.io_timeout)
+                               timeout=self.io_timeout, lease=self.membership)
         loc = Local(volid, rec["name"], rec["fs"], vol)
         loc.ready = False               # no checkpoints before fencing is done
         self.local[volid] = loc
