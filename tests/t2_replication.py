@@ -788,6 +788,33 @@ async def test_garbage_frame_closes_only_that_connection(cluster, kind):
     await fresh.aclose()
 
 
+async def test_a_frame_that_stalls_midway_closes_its_connection(cluster, monkeypatch):
+    """A peer that sends part of a frame and then nothing: the connection
+    is closed after FRAME_TIMEOUT (it would hold a server task for ever),
+    while an idle connection between frames is left alone."""
+    from pxfs.rpc import frames
+    monkeypatch.setattr(frames, "FRAME_TIMEOUT", 0.5)
+    b = cluster.nodes["b"]
+    idle = Peer("127.0.0.1", b.port)
+    await idle.call("ping")
+    stream = await trio.open_tcp_stream("127.0.0.1", b.port)
+    try:
+        await stream.send_all(struct.pack(">I", 100) + b"\x85" + b"x" * 9)   # 10 of 100 bytes
+        t0 = trio.current_time()
+        with trio.fail_after(5):
+            try:
+                assert await stream.receive_some(100) == b""
+            except trio.BrokenResourceError:
+                pass
+        assert trio.current_time() - t0 >= 0.4
+    finally:
+        await stream.aclose()
+    assert b.server.frames_rejected == 1
+    await trio.sleep(0.6)                       # idle longer than FRAME_TIMEOUT
+    assert (await idle.call("ping"))["ok"]
+    await idle.aclose()
+
+
 async def test_good_requests_before_garbage_are_answered(cluster):
     b = cluster.nodes["b"]
     stream = await trio.open_tcp_stream("127.0.0.1", b.port)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -566,8 +567,9 @@ def test_garbage_on_data_port_closes_only_that_connection(make_cluster):
     c.pxctl("node1", "volume", "create", "g", "--size", "128M", "--repl", "2", "--fs", "none")
     dev = c.pxctl("node1", "host", "attach", "g")["device"]
     host, port = c.nodes["node2"]["data"].split(":")
-    for garbage in (b"\xff\xff\xff\xff" + b"x" * 100, b"\x00\x00\x00\x03abc", os.urandom(4096),
-                    b"\x00\x00\x00\x01\x01"):
+    noise = bytes(random.Random(7).randrange(256) for _ in range(4092))
+    for garbage in (b"\xff\xff\xff\xff" + b"x" * 100, b"\x00\x00\x00\x03abc",
+                    len(noise).to_bytes(4, "big") + noise, b"\x00\x00\x00\x01\x01"):
         with socket.create_connection((host, int(port)), timeout=5) as s:
             s.sendall(garbage)
             s.settimeout(5)
@@ -578,6 +580,9 @@ def test_garbage_on_data_port_closes_only_that_connection(make_cluster):
     dd_write(dev, b"ok", 0, 2)
     assert dd_read(dev, 0, 2) == b"ok" * MiB
     assert all(s == "in_sync" for s in replica_states(c, "node1", "g").values())
+    said = [x for x in open(c.nodes["node2"]["log"]) if "closing data connection" in x]
+    assert len(said) == 4, said                   # each one named, e.g. "frame of ... exceeds"
+    assert any("exceeds" in x for x in said), said
 
 
 def test_node_restart_rejoins(make_cluster):

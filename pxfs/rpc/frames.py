@@ -63,6 +63,10 @@ async def send(wire: Wire, msg: dict) -> None:
 
 
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+#: a frame whose first bytes came must be whole within this many seconds: a
+#: peer that stops inside one (a bug, a half-dead host, a slowloris) does not
+#: hold a server task and its buffer for ever
+FRAME_TIMEOUT = 30.0
 
 
 class FrameReader:
@@ -110,9 +114,20 @@ class FrameReader:
             len(self._buf) >= 4 + (_LEN.unpack_from(self._buf)[0] & ~_RAW)
 
     async def receive(self) -> dict | None:
-        """The next frame's map, or None at a clean end of stream."""
-        if not await self._fill(4):
+        """The next frame's map, or None at a clean end of stream.  Between
+        frames it waits as long as it takes; inside one, FRAME_TIMEOUT."""
+        if not self._buf and not await self._fill(1):
             return None
+        buf = self._buf
+        if len(buf) >= 4 and len(buf) >= 4 + (_LEN.unpack_from(buf)[0] & ~_RAW):
+            return await self._receive()        # all here (the common case): no timer
+        with trio.move_on_after(FRAME_TIMEOUT):
+            return await self._receive()
+        raise FrameError(f"frame not complete after {FRAME_TIMEOUT:.0f} s")
+
+    async def _receive(self) -> dict:
+        if not await self._fill(4):
+            raise FrameError("connection closed inside a frame")
         (n,) = _LEN.unpack_from(self._buf)
         raw, n = bool(n & _RAW), n & ~_RAW
         if n > MAX_FRAME:
