@@ -492,40 +492,76 @@ def test_failover_after_sigkill_keeps_every_fsynced_write(make_cluster):
     assert c.pxctl("node1", "volume", "inspect", "dbvol")["status"] == "up"
     st = c.pxctl("node3", "status")
     assert all(n["status"] == "Online" for n in st["nodes"])
+    # what was written degraded reached node1 by the resync: with node2 gone,
+    # node3 (no replica of its own) reads everything from node1
+    c.pxctl("node2", "host", "unmount", "dbvol")
+    c.pxctl("node2", "host", "detach", "dbvol")
+    c.stop_node("node2", kill=True)
+    mnt3 = c.pxctl("node3", "host", "mount", "dbvol")["mount"]
+    with open(os.path.join(mnt3, "after"), "rb") as fh:
+        assert fh.read() == b"x" * MiB
+    with open(os.path.join(mnt3, "data"), "rb") as fh:
+        for i in done:
+            assert fh.read(64 * 1024) == hashlib.sha256(str(i).encode()).digest() * 2048, \
+                f"block {i} differs on the resynced replica"
+
+
+STALE_WRITER = r"""
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_DIRECT)
+m = mmap.mmap(-1, 1 << 20)
+m.write(b"C" * (1 << 20))
+print("writing", flush=True)
+try:
+    os.pwrite(fd, m, int(sys.argv[2]))
+    os.fsync(fd)
+except OSError as exc:
+    print("error", exc.errno, flush=True)
+    sys.exit(1)
+print("acknowledged", flush=True)
+"""
 
 
 def test_fencing_paused_node_cannot_overwrite(make_cluster):
+    """node1 is paused (SIGSTOP) with the volume attached; node2 takes it
+    over and writes.  A write node1 had queued, aimed where node2 never
+    writes (so no later copy of node2's data could hide it), is refused when
+    node1 wakes up, and no replica ever holds it."""
     c = make_cluster(3)
     c.pxctl("node1", "volume", "create", "fv", "--size", "256M", "--repl", "2", "--fs", "none",
             "--nodes", "node1,node2")
     dev1 = c.pxctl("node1", "host", "attach", "fv")["device"]
-    dd_write(dev1, b"A", 0, 4)
+    dd_write(dev1, b"A", 0, 12)
     c.signal("node1", signal.SIGSTOP)
+    stale = None
     try:
         attach_after_failover(c, "node2", "fv", timeout=30)
         dev2 = c.pxctl("node2", "host", "attach", "fv")["device"]
         assert c.pxctl("node2", "volume", "inspect", "fv")["term"] == 2
         dd_write(dev2, b"B", 0, 4)
         # the paused node has a write queued when it wakes up
-        stale = subprocess.Popen([sys.executable, "-c",
-                                  "import os,sys; fd=os.open(sys.argv[1], os.O_WRONLY|os.O_DIRECT);"
-                                  "import mmap; m=mmap.mmap(-1, 1<<20); m.write(b'C'*(1<<20));"
-                                  "os.pwrite(fd, m, 0); os.fsync(fd)", dev1],
-                                 stderr=subprocess.PIPE)
-        time.sleep(1)
+        stale = subprocess.Popen([sys.executable, "-c", STALE_WRITER, dev1, str(8 * MiB)],
+                                 stdout=subprocess.PIPE, text=True)
+        assert stale.stdout.readline() == "writing\n"
+        time.sleep(0.5)                      # into the loop device and FUSE, held there
     finally:
         c.signal("node1", signal.SIGCONT)
-    rc = stale.wait(60)
-    assert rc != 0, "the stale node's write was acknowledged"
-    assert dd_read(dev2, 0, 4) == b"B" * (4 * MiB)
-    # node1's replica catches up and the data is still B everywhere
+    try:
+        out, _ = stale.communicate(timeout=90)
+    finally:
+        if stale.poll() is None:
+            stale.kill()
+            stale.wait()
+    assert stale.returncode == 1 and out.split() == ["error", "5"], out   # EIO
+    assert dd_read(dev2, 0, 12) == b"B" * (4 * MiB) + b"A" * (8 * MiB)
+    # node1's replica catches up; then only it and node3 remain: still no C
     c.wait_for(lambda: replica_states(c, "node2", "fv")["node1"] == "in_sync", timeout=60,
                what="node1 resynced")
     c.pxctl("node2", "host", "detach", "fv")
     c.stop_node("node2", kill=True)
     attach_after_failover(c, "node3", "fv", timeout=30)
     dev3 = c.pxctl("node3", "host", "attach", "fv")["device"]
-    assert dd_read(dev3, 0, 4) == b"B" * (4 * MiB)
+    assert dd_read(dev3, 0, 12) == b"B" * (4 * MiB) + b"A" * (8 * MiB)
 
 
 def test_resync_copies_only_what_changed(make_cluster):
@@ -542,17 +578,28 @@ def test_resync_copies_only_what_changed(make_cluster):
     changed = size_mib // 10
     dd_write(dev, b"changed!", 200, changed)                      # 10 % while node3 is out
     assert replica_states(c, "node1", "rv")["node3"] in ("offline", "out_of_sync")
+    # node3's chunk files as it left them (a chunk copy replaces its file)
+    drive = json.load(open(c.nodes["node3"]["config"]))["storage"]["devices"][0]
+    chunks = os.path.join(drive, "vols", ins["id"])
+
+    def files():
+        return {f: (st.st_ino, st.st_mtime_ns) for f in os.listdir(chunks)
+                for st in [os.stat(os.path.join(chunks, f))] if f.endswith(".chk")}
+    before = files()
+    assert len(before) == size_mib
     c.start_node("node3")
-    seen = set()
 
     def synced():
         ins = c.pxctl("node1", "volume", "inspect", "rv")
         r = {x["node"]: x for x in ins["replicas"]}["node3"]
-        seen.add(r["state"])
         return r["state"] == "in_sync" and ins
     ins = c.wait_for(synced, timeout=90, what="node3 in sync")
     copied = sum(h["bytes"] for h in ins["resyncs"] if h["node"] == "node3")
     assert changed * MiB <= copied <= (changed + 4) * MiB, f"resync copied {copied} bytes"
+    after = files()
+    touched = sorted(f for f in after if before.get(f) != after[f])
+    assert changed <= len(touched) <= changed + 4, f"{len(touched)} chunk files rewritten"
+    assert set(touched) >= {f"{i:08x}.chk" for i in range(200, 200 + changed)}
     # now lose the other replica: everything must come from the resynced one
     c.stop_node("node2", kill=True)
     data = dd_read(dev, 0, size_mib)
