@@ -21,6 +21,11 @@ from .errors import ConfigError
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _LEVELS = ("debug", "info", "warning", "error")
+#: Portworx's keys that pxfs reads but does not use (a Portworx config
+#: file still loads; their values must have Portworx's form)
+UNUSED = ("loggingurl", "alertingurl", "scheduler", "secret")
+_SCHEDULERS = ("", "none", "kubernetes", "mesos", "swarm")
+_SECRET_TYPES = ("aws", "dcos", "docker", "k8s", "kvdb", "vault")
 _KNOWN = {
     "clusterid", "kvdb", "storage", "mgtiface", "dataiface", "node_id",
     "api_address", "data_address", "data_dir", "fuse_mountpoint", "osd_root",
@@ -46,6 +51,7 @@ class Config:
     lease_ttl: int
     path: str = ""
     docker_socket: str = "/run/docker/plugins/pxd.sock"   # "" = no Docker plugin
+    unused: tuple[str, ...] = ()        # Portworx keys given that pxfs does not use
 
     @property
     def api_url(self) -> str:
@@ -120,6 +126,23 @@ def _iface(raw: dict, key: str) -> str | None:
         raise ConfigError(key, f"no IPv4 address on network interface {name!r}") from None
 
 
+def _check_unused(raw: dict) -> None:
+    for key in ("loggingurl", "alertingurl"):
+        v = raw.get(key, "")
+        if not isinstance(v, str) or (v and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", v)):
+            raise ConfigError(key, "expected an http:// or https:// URL, or \"\"")
+    v = raw.get("scheduler", "")
+    if v not in _SCHEDULERS:
+        raise ConfigError("scheduler", "expected one of " + ", ".join(repr(x) for x in _SCHEDULERS))
+    v = raw.get("secret", {})
+    if not isinstance(v, dict):
+        raise ConfigError("secret", "expected an object such as {\"secret_type\": \"kvdb\"}")
+    if v.get("secret_type", "kvdb") not in _SECRET_TYPES:
+        raise ConfigError("secret.secret_type", "expected one of " + ", ".join(_SECRET_TYPES))
+    if not isinstance(v.get("cluster_secret_key", ""), str):
+        raise ConfigError("secret.cluster_secret_key", "expected a string")
+
+
 def parse(raw: object, path: str = "") -> Config:
     """Validate a decoded config.json."""
     if not isinstance(raw, dict):
@@ -127,6 +150,7 @@ def parse(raw: object, path: str = "") -> Config:
     unknown = sorted(set(raw) - _KNOWN)
     if unknown:
         raise ConfigError(unknown[0], "unknown key; known keys: " + ", ".join(sorted(_KNOWN)))
+    _check_unused(raw)
 
     clusterid = _str(raw, "clusterid")
     if not _ID_RE.match(clusterid):
@@ -181,7 +205,8 @@ def parse(raw: object, path: str = "") -> Config:
     if len(docker_socket.encode()) > 107:
         raise ConfigError("docker_socket", "path too long for a unix socket (at most 107 bytes)")
     return Config(clusterid, endpoints, tuple(devices), node_id, api_host, api_port,
-                  data_host, data_port, data_dir, fuse, osd_root, level, ttl, path, docker_socket)
+                  data_host, data_port, data_dir, fuse, osd_root, level, ttl, path, docker_socket,
+                  tuple(k for k in UNUSED if k in raw))
 
 
 def load(path: str) -> Config:

@@ -276,6 +276,9 @@ async def run_node(cfg: config_mod.Config, roots: list[str]) -> int:
             await nursery.start(serve_api, node)
             log.info("node %s up: api %s, data %s, fuse %s", cfg.node_id, cfg.api_url,
                      cfg.data_addr, cfg.fuse_mountpoint)
+            if cfg.unused:
+                log.warning("config keys %s are Portworx's and not used by pxfs",
+                            ", ".join(cfg.unused))
             print(f"pxfsd: node {cfg.node_id} ready", flush=True)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
                 async for sig in sigs:

@@ -203,6 +203,41 @@ def test_iface_naming_a_missing_interface(raw, key):
     assert "pxfs-no-such0" in bad(raw, key, **{key: "pxfs-no-such0"})
 
 
+@pytest.mark.parametrize("value", ["run/pxd.sock", 5, ["/x"], "/" + "s" * 120])
+def test_bad_docker_socket(raw, value):
+    bad(raw, "docker_socket", docker_socket=value)
+
+
+def test_docker_socket_empty_means_none(raw):
+    assert config.parse(dict(raw, docker_socket="")).docker_socket == ""
+
+
+def test_portworx_keys_pxfs_does_not_use_load_and_are_named(raw):
+    """A Portworx config.json still loads: its logging, alerting, scheduler
+    and secrets keys are checked for Portworx's form and reported unused."""
+    cfg = config.parse(dict(raw, loggingurl="http://lighthouse:8080/log",
+                            alertingurl="https://alerts.example.com/px", scheduler="mesos",
+                            secret={"secret_type": "vault", "cluster_secret_key": "k1",
+                                    "vault": {"VAULT_ADDR": "http://v:8200"}}))
+    assert cfg.unused == ("loggingurl", "alertingurl", "scheduler", "secret")
+    assert config.parse(raw).unused == ()
+
+
+@pytest.mark.parametrize("key, value, named", [
+    ("loggingurl", "lighthouse:8080", "loggingurl"),
+    ("loggingurl", 8080, "loggingurl"),
+    ("alertingurl", "ftp://a/b", "alertingurl"),
+    ("alertingurl", "http://", "alertingurl"),
+    ("scheduler", "nomad", "scheduler"),
+    ("scheduler", True, "scheduler"),
+    ("secret", "vault", "secret"),
+    ("secret", {"secret_type": "gpg"}, "secret.secret_type"),
+    ("secret", {"cluster_secret_key": 7}, "secret.cluster_secret_key"),
+])
+def test_bad_portworx_keys_pxfs_does_not_use(raw, key, value, named):
+    bad(raw, named, **{key: value})
+
+
 def test_top_level_not_an_object():
     with pytest.raises(ConfigError) as ei:
         config.parse(["clusterid", "c1"])
@@ -260,12 +295,35 @@ def run_pxfsd(path):
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
 
 
-@pytest.mark.parametrize("change, key", [
-    ({"lease_ttl": 1}, "lease_ttl"),
-    ({"data_address": "127.0.0.1:0"}, "data_address"),
+#: one wrong value for every key pxfsd knows, run through the real daemon
+PXFSD_BAD = [
+    ({"clusterid": "bad id"}, "clusterid"),
     ({"kvdb": ["etcd:http://127.0.0.1:99999"]}, "kvdb"),
+    ({"storage": {"devices": []}}, "storage.devices"),
+    ({"mgtiface": "no-such-if0"}, "mgtiface"),
+    ({"dataiface": "no-such-if0"}, "dataiface"),
+    ({"node_id": "n/1"}, "node_id"),
+    ({"api_address": "localhost"}, "api_address"),
+    ({"data_address": "127.0.0.1:0"}, "data_address"),
+    ({"data_dir": "relative/dir"}, "data_dir"),
+    ({"fuse_mountpoint": "fuse"}, "fuse_mountpoint"),
+    ({"osd_root": "osd"}, "osd_root"),
+    ({"log_level": "loud"}, "log_level"),
+    ({"lease_ttl": 1}, "lease_ttl"),
+    ({"docker_socket": "pxd.sock"}, "docker_socket"),
+    ({"loggingurl": "lighthouse"}, "loggingurl"),
+    ({"alertingurl": 1}, "alertingurl"),
+    ({"secret": []}, "secret"),
+    ({"scheduler": "nomad"}, "scheduler"),
     ({"unknown_thing": 1}, "unknown_thing"),
-])
+]
+
+
+def test_every_key_has_a_pxfsd_case():
+    assert {k.split(".")[0] for _, k in PXFSD_BAD} >= config._KNOWN
+
+
+@pytest.mark.parametrize("change, key", PXFSD_BAD)
 def test_pxfsd_bad_config_exits_2(raw, tmp_path, change, key):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(dict(raw, **change)))
