@@ -157,6 +157,67 @@ def test_bad_create_flags_rejected(make_cluster):
     assert res.returncode == 1 and "Name" in res.stdout and "'nope' not found" in res.stderr
 
 
+def _traces(c, etcd_server) -> tuple[dict, dict]:
+    """What a create leaves: the cluster's etcd keys (but the node records,
+    which the nodes refresh) and every node's pool directories."""
+    import trio
+
+    from pxfs.meta import keys
+    from pxfs.meta.etcd import EtcdKV
+    cid = c.pxctl("node1", "status")["cluster_id"]
+
+    async def get():
+        kv = EtcdKV([etcd_server])
+        try:
+            return {i.key: i.value for i in await kv.range(keys.cluster_prefix(cid))
+                    if not i.key.startswith((keys.node_prefix(cid), keys.alive_prefix(cid)))}
+        finally:
+            await kv.close()
+    pools = {}
+    for n in c.nodes.values():
+        drive = json.load(open(n["config"]))["storage"]["devices"][0]
+        for top, dirs, files in os.walk(drive):
+            pools[top] = sorted(dirs + files)
+    return trio.run(get), pools
+
+
+#: each inline-spec key with a wrong value, and what the error says
+BAD_SPECS = [
+    ("name=a/b,size=1", "'/'"), ("name=v,size=ten", "size 'ten'"),
+    ("name=v,size=1M", "below the minimum"), ("name=v,fs=btrfs", "fs 'btrfs'"),
+    ("name=v,block_size=48", "power of two"), ("name=v,bs=3", "'3'"),
+    ("name=v,repl=4", "repl '4'"), ("name=v,ha=two", "'two'"), ("name=v,cos=10", "cos '10'"),
+    ("name=v,io_priority=urgent", "'urgent'"), ("name=v,label=novalue", "label 'novalue'"),
+    ("name=v,nodes=node1;node1", "named twice"), ("name=v,repl=1,nodes=node1;node2", "repl"),
+    ("name=v,shared=maybe", "shared 'maybe'"), ("name=v,colour=red", "unknown volume option"),
+    ("name=v,size=1,size=2", "twice"), ("size=1,repl=2", "name"),
+]
+
+
+def test_bad_inline_specs_leave_no_trace(make_cluster, etcd_server):
+    """Every inline-spec key with a wrong value, through pxctl and the REST
+    API: a one-line error that says what is wrong, and nothing created in
+    etcd or on any pool; then the same for bad flags and names."""
+    import httpx
+    c = make_cluster(2)
+    c.pxctl("node1", "volume", "create", "keep", "--size", "64M", "--repl", "2")
+    before = _traces(c, etcd_server)
+    for text, fragment in BAD_SPECS:
+        res = c.pxctl("node1", "volume", "create", text, check=False)
+        assert res.returncode == 1 and fragment in res.stderr, (text, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+        r = httpx.post(c.api("node2") + "/v1/volumes", json={"spec": text})
+        assert r.status_code == 400 and fragment in r.json()["error"], (text, r.text)
+    for args, word in BAD_CREATES:
+        res = c.pxctl("node2", "volume", "create", "v", *args, check=False)
+        assert res.returncode != 0 and word in res.stderr, (args, res.stderr)
+    for name in ("../x", "a/b", "bad\x01name", "x" * 200):
+        res = c.pxctl("node1", "volume", "create", name, check=False)
+        assert res.returncode == 1 and "name" in res.stderr, (name, res.stderr)
+    assert _traces(c, etcd_server) == before
+    assert [v["name"] for v in c.pxctl("node1", "volume", "list")] == ["keep"]
+
+
 def test_concurrent_create_same_name(make_cluster):
     c = make_cluster(2)
     results = []
