@@ -193,13 +193,13 @@ def make_cluster(etcd_url, tmp_path_factory, request):
     yield make
     for c in made:
         # wake paused nodes so they can stop
-        try:
-            for n in c.nodes:
+        for n in c.nodes:
+            try:
                 pid = c.pid(n)
                 if pid:
                     os.kill(pid, signal.SIGCONT)
-        except (OSError, StopIteration, FileNotFoundError):
-            pass
+            except (OSError, StopIteration, FileNotFoundError):
+                pass
         if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
             print(c.logs())
         subprocess.run([sys.executable, "-m", "pxfs_tools.cluster", "down", "--workdir", c.workdir],

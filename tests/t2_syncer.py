@@ -4,6 +4,7 @@ behind small remote writes of a volume flushed after nearly every write."""
 
 import errno
 import os
+import threading
 import time
 
 import pytest
@@ -33,10 +34,13 @@ async def test_a_flush_waits_for_the_sync_in_flight(svc):
     synced = []
     real = store.sync
 
+    picked = threading.Event()
+
     def slow_sync(volid):
         dirty = not store.clean(volid)
         real(volid)
         if dirty:
+            picked.set()
             time.sleep(0.3)            # the fdatasync of a slow disk
             synced.append(volid)
 
@@ -44,7 +48,7 @@ async def test_a_flush_waits_for_the_sync_in_flight(svc):
     store.small_sync = lambda volid: False      # a big sync: in a thread
     async with trio.open_nursery() as nursery:
         nursery.start_soon(svc.flush, VOL, 1)
-        await trio.sleep(0.1)
+        assert await trio.to_thread.run_sync(picked.wait, 5)
         assert synced == [] and store.clean(VOL)  # picked up, not yet durable
         await svc.flush(VOL, 1)
         assert synced == [VOL], "the second flush returned before the writes were durable"

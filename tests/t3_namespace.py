@@ -438,14 +438,16 @@ async def test_a_held_directory_changed_by_this_mount_meanwhile_loses_nothing(kv
 
 async def test_held_directories_are_given_up_when_idle(kv, cid, ns, monkeypatch):
     from pxfs.namespace import delegation
-    monkeypatch.setattr(delegation, "IDLE_RELEASE", 0.2)
+    monkeypatch.setattr(delegation, "IDLE_RELEASE", 1.0)
     d = await _holder(kv, cid, ns)
     await ns.mknod(d.ino, b"f", REG, 0, 0, writer=ns.node)
     async with trio.open_nursery() as n:
         await n.start(ns.serve_recalls)
-        await trio.sleep(0.1)
+        await trio.sleep(0.2)
         assert d.ino in ns.marked                  # still busy
-        await trio.sleep(0.5)
+        with trio.fail_after(10):
+            while ns.marked:
+                await trio.sleep(0.1)
         n.cancel_scope.cancel()
     assert not ns.marked
     other = NsMeta(kv, cid, VOL, "n2")

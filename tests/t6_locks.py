@@ -69,7 +69,7 @@ def two_mounts(shared, vol: str, *files: str):
     m2 = mount("node2", vol, os.path.join(c.workdir, vol + "2"))
     for f in files:
         open(f"{m1}/{f}", "w").close()
-    c.wait_for(lambda: all(os.path.exists(f"{m2}/{f}") for f in files), timeout=3,
+    c.wait_for(lambda: all(os.path.exists(f"{m2}/{f}") for f in files), timeout=10,
                what="files on node2")
     return c, m1, m2
 
@@ -111,6 +111,7 @@ def test_locks_hold_across_nodes(shared):
     # flock: one holder in the cluster; a blocked waiter on the other node
     # gets the lock once the holder's process ends (its files are closed)
     holder = spawn(HOLD, f"{m1}/lockfile", "flock")
+    waiter = None
     try:
         wait_line(holder, "held")
         assert try_lock(f"{m2}/lockfile") == "busy"
@@ -141,6 +142,9 @@ def test_locks_hold_across_nodes(shared):
                    what="lock free once the waiter exited")
     finally:
         holder.kill()
+        if waiter is not None and waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
 
     # fcntl byte ranges: disjoint ranges on two nodes, an overlap refused,
     # F_GETLK on node2 names node1's lock
