@@ -171,35 +171,64 @@ def test_racing_exclusive_creates_across_nodes(shared):
             assert open(f"{m2}{sub}/n{i}").read() == owner
 
 
+FILE_WRITER = r"""
+import hashlib, os, sys
+root, log = sys.argv[1], sys.argv[2]
+lfd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+for i in range(100000):
+    data = os.urandom(50_000 + (i % 50) * 1000)
+    try:
+        fd = os.open(f"{root}/f{i}", os.O_CREAT | os.O_WRONLY, 0o644)
+        os.write(fd, data)
+        os.fsync(fd)
+        os.close(fd)
+        dfd = os.open(root, os.O_RDONLY)
+        os.fsync(dfd)                      # its name too
+        os.close(dfd)
+    except OSError as exc:
+        print("stopped:", exc, flush=True)
+        break
+    os.write(lfd, b"f%d %s\n" % (i, hashlib.sha256(data).hexdigest().encode()))
+    os.fsync(lfd)
+"""
+
+
 def test_fsynced_files_survive_sigkill(shared):
-    """SIGKILL a replica node and then the writing mount process while files
-    are written and fsynced: every fsynced file is intact afterwards, read
-    through another node."""
+    """A process writes and fsyncs file after file through a mount on
+    node3; a replica node is SIGKILLed mid-stream, then the mount process
+    itself while the writer still runs.  Every file whose fsyncs returned
+    is intact afterwards, read through another node."""
     c, mount = shared
     c.pxctl("node1", "volume", "create", "dur", "--shared", "--size", "1", "--repl", "2",
             "--nodes", "node1,node2")
     m1 = mount("node3", "dur", os.path.join(c.workdir, "d1"))
-    synced = {}
-    for i in range(30):
-        if i == 10:
-            c.signal("node2", signal.SIGKILL)      # a replica dies mid-stream
-        data = os.urandom(50_000 + i * 1000)
-        path = f"{m1}/f{i}"
-        fd = os.open(path, os.O_CREAT | os.O_WRONLY)
-        os.write(fd, data)
-        os.fsync(fd)
-        os.close(fd)
-        synced[f"f{i}"] = hashlib.sha256(data).hexdigest()
-    dfd = os.open(m1, os.O_RDONLY)
-    os.fsync(dfd)
-    os.close(dfd)
-    # the writer dies too, without unmounting
-    pids = [int(p) for p in subprocess.run(["pgrep", "-f", f"pxfs.mount dur {m1}"],
-                                           capture_output=True, text=True).stdout.split()]
-    assert pids
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    subprocess.run(["umount", "-l", m1], capture_output=True)
+    log = os.path.join(c.workdir, "dur.log")
+    writer = subprocess.Popen([sys.executable, "-c", FILE_WRITER, m1, log],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def logged() -> int:
+        return len(open(log).read().splitlines()) if os.path.exists(log) else 0
+    try:
+        c.wait_for(lambda: logged() >= 10, timeout=60, what="10 files written")
+        c.signal("node2", signal.SIGKILL)              # a replica dies mid-stream
+        n = logged()
+        c.wait_for(lambda: logged() >= n + 10, timeout=60, what="10 more files, degraded")
+        assert writer.poll() is None, writer.communicate()
+        # the mount dies too, under the running writer, without unmounting
+        pids = [int(p) for p in subprocess.run(["pgrep", "-f", f"pxfs.mount dur {m1}"],
+                                               capture_output=True, text=True).stdout.split()]
+        assert pids
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        out, err = writer.communicate(timeout=60)
+        assert "stopped:" in out, (out, err)              # its next call failed
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+        subprocess.run(["umount", "-l", m1], capture_output=True)
+    synced = dict(line.split() for line in open(log).read().splitlines())
+    assert len(synced) >= 20
     states = {r["node"]: r["state"] for r in c.pxctl("node1", "volume", "inspect", "dur")["replicas"]}
     assert states["node2"] in ("out_of_sync", "offline")
     m2 = mount("node1", "dur", os.path.join(c.workdir, "d2"))
