@@ -471,23 +471,34 @@ async def test_a_resync_ends_in_sync_only_while_its_source_is(kv, cid):
 
 
 async def test_a_create_whose_commit_went_unanswered_is_not_reported_taken(kv, cid, monkeypatch):
-    """etcd committed a create but its answer was lost; the retry finds the
-    name taken -- by this very volume.  That is a success, not 'already
-    exists' (the user would be told a volume they just made is someone
-    else's)."""
+    """etcd committed a create but its answer was lost; the KV client sends
+    it again (as EtcdKV does after a connection error), and that copy's
+    compares fail.  The retry then finds the name taken -- by this very
+    volume: a success, not 'already exists' (the user would be told a
+    volume they just made is someone else's), and one volume exists."""
     from pxfs.errors import AlreadyExists
     from pxfs.volume import catalog as catalog_mod
     from pxfs.volume.spec import VolumeSpec
-    monkeypatch.setattr(catalog_mod, "new_volume_id", lambda: 123456789012345678)
+    real = kv.commit
+    lost = []
+
+    async def commit(compares, ops):
+        rev = await real(compares, ops)
+        if rev and not lost and any(isinstance(o, Put) and "/volname/" in o.key for o in ops):
+            lost.append(rev)                        # applied; its answer never came back
+            return await real(compares, ops)        # the resend: compares fail now
+        return rev
+    monkeypatch.setattr(kv, "commit", commit)
     async with trio.open_nursery() as nursery:
         await start_membership(nursery, kv, cid, "n1")
         cat = catalog_mod.Catalog(kv, cid, "n1", targets=None)
-        # the name already maps to the id this create is about to use
-        await kv.txn([], [Put(keys.volname_key(cid, "v"), codec.pack(123456789012345678))])
         rec = await cat.create(VolumeSpec(name="v"))
-        assert rec["id"] == 123456789012345678
-        monkeypatch.setattr(catalog_mod, "new_volume_id", lambda: 223456789012345678)
-        with pytest.raises(AlreadyExists):
+        assert lost, "the create never went through the lost answer"
+        name = await kv.get(keys.volname_key(cid, "v"))
+        assert codec.unpack(name.value) == rec["id"]
+        vols = await kv.range(keys.vol_prefix(cid))
+        assert [codec.unpack_record(i.value)["id"] for i in vols] == [rec["id"]]
+        with pytest.raises(AlreadyExists):          # another create of the name still fails
             await cat.create(VolumeSpec(name="v"))
         nursery.cancel_scope.cancel()
 
