@@ -560,6 +560,9 @@ async def test_io_holds_while_the_lease_may_have_run_out(cluster, monkeypatch):
             self.valid_until = time.monotonic() + 60
             self.renewed = trio.Event()
 
+        def expired(self):
+            return time.monotonic() > self.valid_until
+
         async def wait_renewed(self):
             await self.renewed.wait()
 
@@ -587,11 +590,22 @@ async def test_io_holds_while_the_lease_may_have_run_out(cluster, monkeypatch):
         clock.renew()
     assert sorted(done) == ["flush", "read", "write"] and not vol.fenced
     assert await vol.read(4096, 4096) == b"m" * 4096
-    monkeypatch.setattr(volume_io, "SUSPEND_MAX", 0.2)
+    # fenced while held (a replica refused another request): fails at once
     clock.valid_until = time.monotonic() - 0.01
+    with trio.fail_after(1):                # not at the next refresh (never)
+        async with trio.open_nursery() as n:
+            async def read_fails():
+                with pytest.raises(Fenced, match="taken elsewhere"):
+                    await vol.read(0, 4096)
+            n.start_soon(read_fails)
+            await trio.sleep(0.1)
+            vol.fence_local("taken elsewhere")
+    monkeypatch.setattr(volume_io, "SUSPEND_MAX", 0.2)
+    vol2 = cluster.volume(states={"a": IN_SYNC, "b": IN_SYNC})
+    vol2._lease = clock
     with pytest.raises(Fenced, match="held for .*lease was not refreshed"):
-        await vol.read(0, 4096)
-    assert vol.fenced
+        await vol2.read(0, 4096)
+    assert vol2.fenced
 
 
 async def _fence_during(node, method: str, apply) -> list:

@@ -69,6 +69,8 @@ class EtcdKV:
         # creating a watch can take the client's whole timeout, one at a
         # time: not on the limiter that lease refreshes need
         self._watch_limiter = trio.CapacityLimiter(2)
+        # lease refreshes never queue behind other calls' threads
+        self._lease_limiter = trio.CapacityLimiter(1)
         self._client = None
         self._pick = 0
         self._lock = threading.Lock()      # worker threads share the client
@@ -177,7 +179,7 @@ class EtcdKV:
         def fn(c):
             resp = list(c.refresh_lease(lease))
             return bool(resp) and resp[0].TTL > 0
-        return await self._call("lease refresh", fn)
+        return await self._call("lease refresh", fn, limiter=self._lease_limiter)
 
     async def lease_revoke(self, lease: int) -> None:
         def fn(c):

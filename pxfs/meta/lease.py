@@ -25,14 +25,21 @@ log = logging.getLogger(__name__)
 HOLD_MARGIN = 1.0
 
 
+def _clock() -> float:
+    """Seconds on a clock that goes on while the host is suspended (unlike
+    time.monotonic): a host that slept through its TTL must find its lease
+    expired as it wakes, before its first I/O."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 class Membership:
     def __init__(self, kv: KV, cid: str, node: str, ttl: int, info_fn):
         self.kv, self.cid, self.node, self.ttl = kv, cid, node, ttl
         self._info_fn = info_fn          # () -> dict, the node record's contents
         self.lease = 0
-        #: time.monotonic() until which the lease surely stands in etcd,
-        #: less the margin: etcd counts the TTL from a request that was
-        #: sent no earlier than the last answered one
+        #: _clock() time until which the lease surely stands in etcd, less
+        #: the margin: etcd counts the TTL from a request that was sent no
+        #: earlier than the last answered one
         self.valid_until = 0.0
         self._renewed = trio.Event()
         self._lost_listeners = []
@@ -48,6 +55,11 @@ class Membership:
         again after losing one."""
         self._rejoined_listeners.append(fn)
 
+    def expired(self) -> bool:
+        """Whether the lease may have run out in etcd (no refresh answered
+        for nearly its TTL): attached volumes hold their I/O meanwhile."""
+        return _clock() > self.valid_until
+
     def _refreshed(self, sent: float) -> None:
         self.valid_until = max(self.valid_until,
                                sent + self.ttl - min(HOLD_MARGIN, self.ttl / 4))
@@ -59,7 +71,7 @@ class Membership:
         await self._renewed.wait()
 
     async def _register(self) -> None:
-        sent = time.monotonic()
+        sent = _clock()
         lease = await self.kv.lease_grant(self.ttl)
         rec = dict(self._info_fn(), id=self.node, started=self.started)
         try:
@@ -87,27 +99,27 @@ class Membership:
             await self._keepalive(nursery)
 
     async def _keepalive(self, nursery) -> None:
+        # the capacity figures are published by their own task: a slow txn
+        # must not delay the next refresh (attached volumes hold their I/O
+        # once the refreshes lag)
+        nursery.start_soon(self._publisher)
         last_ok = time.monotonic()
-        beat = 0
         while True:
             await trio.sleep(max(0.3, self.ttl / 4))
-            beat += 1
             try:
-                sent = time.monotonic()
+                sent = _clock()
                 alive = await self.kv.lease_refresh(self.lease)
-                if alive:
-                    self._refreshed(sent)
-                if alive and beat % 4 == 0:      # capacity figures stay fresh
-                    await self.publish()
             except MetaError as exc:
                 log.warning("lease keepalive failed: %s", exc)
                 if time.monotonic() - last_ok < self.ttl:
                     continue
                 alive = False
             if alive:
+                self._refreshed(sent)
                 last_ok = time.monotonic()
                 continue
             old = self.lease
+            self.valid_until = 0.0
             log.warning("node %s lost its etcd lease %x; holding local attachments' I/O and "
                         "rejoining", self.node, old)
             for fn in self._lost_listeners:
@@ -121,7 +133,16 @@ class Membership:
             except MetaError as exc:
                 log.warning("rejoin failed, will retry: %s", exc)
 
+    async def _publisher(self) -> None:
+        while True:
+            await trio.sleep(max(1.2, self.ttl))
+            try:
+                await self.publish()
+            except MetaError as exc:
+                log.info("node record not refreshed: %s", exc)
+
     async def revoke(self) -> None:
+        self.valid_until = 0.0            # its attach keys go with it
         if self.lease:
             await self.kv.lease_revoke(self.lease)
             self.lease = 0

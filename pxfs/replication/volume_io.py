@@ -63,8 +63,8 @@ class ReplicatedVolume:
         self.local_node = local_node
         self.timeout = timeout
         self._refresh = refresh               # async: re-read replica states (shared volumes)
-        # the node's etcd lease (meta.lease.Membership): ``valid_until``
-        # (time.monotonic) and ``async wait_renewed()``; I/O is held past it
+        # the node's etcd lease (meta.lease.Membership): ``expired()`` and
+        # ``async wait_renewed()``; I/O is held while it may have run out
         self._lease = lease
         self._lease_held = False
         self.fenced: str | None = None
@@ -161,9 +161,11 @@ class ReplicatedVolume:
                 log.warning("volume %s: I/O resumed", self.volid)
             ev.set()
 
-    def _must_hold(self) -> bool:
+    def must_hold(self) -> bool:
+        """Whether I/O would be held now (suspended, or the lease may have
+        run out)."""
         return self._suspended is not None or (
-            self._lease is not None and time.monotonic() > self._lease.valid_until)
+            self._lease is not None and self._lease.expired())
 
     async def _hold(self) -> None:
         """Wait while I/O must not run: the attachment is suspended, or this
@@ -180,7 +182,7 @@ class ReplicatedVolume:
                     await ev.wait()
                     continue
                 lease = self._lease
-                if lease is None or time.monotonic() <= lease.valid_until:
+                if lease is None or not lease.expired():
                     if self._lease_held:
                         self._lease_held = False
                         log.warning("volume %s: the lease is refreshed; I/O goes on", self.volid)
@@ -189,13 +191,16 @@ class ReplicatedVolume:
                 if not self._lease_held:
                     self._lease_held = True
                     log.warning("volume %s: I/O held: %s", self.volid, why)
-                await lease.wait_renewed()
+                # looking again now and then: a fence or a suspension of
+                # this volume must not wait for the next refresh
+                with trio.move_on_after(0.2):
+                    await lease.wait_renewed()
             return
         self.fence_local(f"I/O held for {SUSPEND_MAX:.0f} s: {why}")
 
     # -- reads -----------------------------------------------------------------
     async def read(self, off: int, size: int) -> bytes:
-        if self._must_hold():
+        if self.must_hold():
             await self._hold()
         self._check(off, size)
         size = max(0, min(size, self.size - off))
@@ -278,7 +283,7 @@ class ReplicatedVolume:
 
     # -- writes ------------------------------------------------------------------
     async def write(self, off: int, data: bytes) -> int:
-        if self._must_hold():
+        if self.must_hold():
             await self._hold()
         self._check(off, len(data))
         if off + len(data) > self.size:
@@ -339,7 +344,7 @@ class ReplicatedVolume:
                                                 term=self.term), timeout=max(self.timeout, 30))
 
     async def flush(self) -> None:
-        if self._must_hold():
+        if self.must_hold():
             await self._hold()
         if self.fenced:
             raise Fenced(self.fenced)

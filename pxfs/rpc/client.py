@@ -57,6 +57,12 @@ class Pending:
                     await peer._drop(conn)
                     if not self._reused:
                         raise PeerUnavailable(f"{peer.host}:{peer.port}: {self.op}: {exc}") from None
+                except BaseException:
+                    # cancelled, maybe halfway through the request: the
+                    # connection cannot carry another one
+                    with trio.CancelScope(shield=True):
+                        await peer._drop(conn)
+                    raise
         if scope.cancelled_caught:
             raise trio.TooSlowError
 

@@ -421,13 +421,14 @@ class Attachments:
         self._save()
 
     async def _teardown(self, loc: Local, release: bool) -> None:
-        if loc.vol.suspended:       # its held requests fail now, not after SUSPEND_MAX
+        held = loc.vol.must_hold()
+        if held:                    # its held requests fail now, not after SUSPEND_MAX
             loc.vol.fence_local("detached while its I/O was held")
         if loc.device:
             await hostdev.loop_detach(loc.device)
         hostdev.unlink_pxd(loc.volid, loc.device)
         clean = False
-        if not loc.vol.fenced and not loc.vol.suspended:     # held I/O: no flush to wait for
+        if not loc.vol.fenced and not held:     # held I/O: no flush to wait for
             try:
                 await loc.vol.flush()
                 # not for an attach that failed before its replicas were
