@@ -530,6 +530,51 @@ async def test_a_create_whose_commit_went_unanswered_is_not_reported_taken(kv, c
         nursery.cancel_scope.cancel()
 
 
+async def test_a_delete_whose_commit_went_unanswered_is_done(kv, cid, monkeypatch):
+    """The same for a delete: the resend finds the record gone, which is
+    this delete's own doing, so it succeeds (and cleans up) instead of
+    reporting a lost race; a delete racing a real change still fails."""
+    from pxfs.volume import catalog as catalog_mod
+    from pxfs.volume.spec import VolumeSpec
+    async with trio.open_nursery() as nursery:
+        await start_membership(nursery, kv, cid, "n1")
+
+        class NoReplicas:
+            async def delete_volume(self, volid):
+                pass
+        cat = catalog_mod.Catalog(kv, cid, "n1", targets=lambda node: NoReplicas())
+        rec = await cat.create(VolumeSpec(name="v"))
+        real = kv.commit
+        lost = []
+
+        async def commit(compares, ops):
+            rev = await real(compares, ops)
+            if rev and not lost and any(isinstance(o, Delete) for o in ops):
+                lost.append(rev)
+                return await real(compares, ops)
+            return rev
+        monkeypatch.setattr(kv, "commit", commit)
+        assert (await cat.delete("v"))["id"] == rec["id"]
+        assert lost
+        assert await kv.get(keys.vol_key(cid, rec["id"])) is None
+        assert await kv.get(keys.volname_key(cid, "v")) is None
+        # a change between the read and the delete is still a lost race
+        monkeypatch.setattr(kv, "commit", real)
+        rec = await cat.create(VolumeSpec(name="w"))
+        real_get = cat.get
+
+        async def get_then_change(ref):
+            got = await real_get(ref)
+            item = await kv.get(keys.vol_key(cid, rec["id"]))
+            await kv.txn([], [Put(item.key, item.value)])     # a new revision
+            return got
+        monkeypatch.setattr(cat, "get", get_then_change)
+        with pytest.raises(TxnConflict):
+            await cat.delete("w")
+        assert await kv.get(keys.vol_key(cid, rec["id"])) is not None
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_replica_reported_again_keeps_the_earliest_miss(kv, cid):
     from pxfs.volume.catalog import Catalog
     cat = Catalog(kv, cid, "n1", targets=None)

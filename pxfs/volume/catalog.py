@@ -10,7 +10,8 @@ import random
 import time
 
 from .. import codec
-from ..errors import AlreadyExists, Busy, Fenced, InvalidArgument, NoSpace, NotFound, PxfsError
+from ..errors import (AlreadyExists, Busy, Fenced, InvalidArgument, NoSpace, NotFound, PxfsError,
+                      TxnConflict)
 from ..meta import keys
 from ..meta.kv import KV, Delete
 from ..meta.lease import list_nodes
@@ -117,7 +118,14 @@ class Catalog:
                 raise Busy(f"volume {rec['name']!r} is attached; detach it first")
             txn.delete(keys.vol_key(self.cid, rec["id"]))
             txn.delete(keys.volname_key(self.cid, rec["name"]))
-        await run_txn(self.kv, body, tries=1, what="delete volume")
+        try:
+            await run_txn(self.kv, body, tries=1, what="delete volume")
+        except TxnConflict:
+            # the record changed since it was read -- or this very delete
+            # committed and its answer was lost, and the client's resend found
+            # the record gone: then the delete is done, go on cleaning up
+            if await self.kv.get(keys.vol_key(self.cid, rec["id"])) is not None:
+                raise
         if rec.get("shared"):
             await self.kv.delete_prefix(keys.ns_prefix(self.cid, rec["id"]))
         for r in rec["replicas"]:
