@@ -755,6 +755,43 @@ async def test_resync_deletes_chunks_gone_from_source(cluster):
     assert cluster.nodes["c"].store.list_chunks(VOL) == {0: 1 << 32}
 
 
+@pytest.mark.parametrize("source", ["a", "b"])
+async def test_resync_deletes_chunks_dropped_while_the_replica_was_out(cluster, source):
+    """A shared volume's file shrank (its chunks dropped) while replica c
+    was out of sync: the dropped chunks carry no new stamp, yet the
+    incremental resync removes them from c too, so that a later extension
+    of the file reads zeros there and not the old bytes."""
+    vol = cluster.volume()
+    for i in range(4):
+        await vol.write(i * CHUNK_SIZE, bytes([65 + i]) * 4096)
+    await vol.flush()
+    vol.states["c"] = OUT_OF_SYNC                 # c falls out here
+    vol.set_gen(vol.gen + 1)
+    missed = vol.stamp()
+    await vol.drop(1, 2)                          # on a and b only
+    await vol.write(0, b"w" * 4096)               # and a change c missed
+    c = cluster.nodes["c"].store
+    assert set(c.list_chunks(VOL)) == {0, 1, 2, 3}
+    prog = await resync_replica(VOL, cluster.target(source), cluster.target("c"),
+                                missed_from=missed, term=vol.term)
+    assert prog.chunks == 3                       # chunk 0, and 1 and 2 deleted
+    assert set(c.list_chunks(VOL)) == {0, 3}
+    assert c.read(VOL, 1, 0, 4096) == bytes(4096)
+    assert c.read(VOL, 0, 0, 4096) == b"w" * 4096
+
+
+async def test_chunk_ids_come_in_pages(cluster, monkeypatch):
+    from pxfs.replication import replica, targets
+    monkeypatch.setattr(replica, "CHUNK_IDS_PAGE", 3)
+    monkeypatch.setattr(targets, "CHUNK_IDS_PAGE", 3)
+    vol = cluster.volume()
+    for i in (0, 2, 5, 6, 9, 40, 41):
+        await vol.write(i * CHUNK_SIZE, b"p" * 4096)
+    assert await cluster.target("b").chunk_ids(VOL) == {0, 2, 5, 6, 9, 40, 41}
+    assert await cluster.target("a").chunk_ids(VOL) == {0, 2, 5, 6, 9, 40, 41}
+    assert await cluster.target("b").chunk_ids(VOL + 1) == set()
+
+
 # -- garbage on the data port ----------------------------------------------------------
 def _frame(body):
     return struct.pack(">I", len(body)) + body

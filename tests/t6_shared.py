@@ -447,7 +447,9 @@ def stat_reg():
 def test_replica_resyncs_while_mounted(shared):
     """A replica node dies while a mount writes; it comes back and catches up
     while writes go on; then the other replica dies and every file reads
-    back whole from the resynced one."""
+    back whole from the resynced one.  A file cut short while it was away
+    (its chunks dropped) and extended again reads zeros there, not the
+    bytes its old chunks held."""
     c, mount = shared
     c.pxctl("node1", "volume", "create", "rs", "--shared", "--size", "1", "--repl", "2",
             "--nodes", "node1,node2")
@@ -463,7 +465,9 @@ def test_replica_resyncs_while_mounted(shared):
             digests[name] = hashlib.sha256(fh.read()).hexdigest()
     for i in range(10):
         put(f"f{i}", os.urandom(300_000))
+    put("cut", b"\xee" * (3 * MiB))
     c.signal("node2", signal.SIGKILL)
+    os.truncate(f"{m}/cut", 1000)                   # its chunks 1 and 2 dropped on node1 only
     for i in range(10, 20):
         put(f"f{i}", os.urandom(200_000))
     for i in range(5):
@@ -484,8 +488,48 @@ def test_replica_resyncs_while_mounted(shared):
     assert "while mounted" in open(c.nodes["node2"]["log"]).read()
     c.signal("node1", signal.SIGKILL)
     for name, digest in digests.items():
-        with open(f"{m}/{name}", "rb") as fh:
-            assert hashlib.sha256(fh.read()).hexdigest() == digest, name
+        if name != "cut":
+            with open(f"{m}/{name}", "rb") as fh:
+                assert hashlib.sha256(fh.read()).hexdigest() == digest, name
+    os.truncate(f"{m}/cut", 3 * MiB)                # read from node2's replica alone
+    with open(f"{m}/cut", "rb") as fh:
+        assert fh.read() == b"\xee" * 1000 + bytes(3 * MiB - 1000)
+
+
+def test_a_file_cut_while_a_replica_was_away_reads_zeros_after_its_resync(shared):
+    """A file is cut short while replica node2 is away (its chunks dropped
+    on node1 only; they were written before, so they carry no new stamp)
+    and the volume is unmounted; node2 comes back and resyncs.  With node1
+    gone, the file extended again reads zeros past the cut from node2's
+    replica, not the bytes its dropped chunks held."""
+    c, mount = shared
+    c.pxctl("node1", "volume", "create", "ct", "--shared", "--size", "1", "--repl", "2",
+            "--nodes", "node1,node2")
+    m = mount("node3", "ct", os.path.join(c.workdir, "ct"))
+    with open(f"{m}/cut", "wb") as fh:
+        fh.write(b"\xee" * (3 * MiB))
+        fh.flush()
+        os.fsync(fh.fileno())
+    c.stop_node("node2", kill=True)
+    os.truncate(f"{m}/cut", 1000)
+    with open(f"{m}/after", "wb") as fh:          # node2's absence noticed for sure
+        fh.write(b"a" * 4096)
+        fh.flush()
+        os.fsync(fh.fileno())
+    states = lambda: {r["node"]: r["state"] for r in
+                      c.pxctl("node1", "volume", "inspect", "ct")["replicas"]}
+    assert states()["node2"] in ("out_of_sync", "offline")
+    subprocess.run(["umount", m], check=True)
+    wait_unmounted(c, "ct")
+    c.start_node("node2")
+    c.wait_for(lambda: states()["node2"] == "in_sync", timeout=60, what="node2 resynced")
+    c.stop_node("node1", kill=True)
+    m2 = mount("node3", "ct", os.path.join(c.workdir, "ct2"))
+    assert os.path.getsize(f"{m2}/cut") == 1000
+    os.truncate(f"{m2}/cut", 3 * MiB)
+    with open(f"{m2}/cut", "rb") as fh:
+        got = fh.read()
+    assert got == b"\xee" * 1000 + bytes(3 * MiB - 1000), "old bytes came back past the cut"
 
 
 def test_mount_that_lost_the_cluster_stops_writing(shared):

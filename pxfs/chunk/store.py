@@ -563,6 +563,16 @@ class ChunkStore:
                 out[idx] = gen
         return out
 
+    def chunk_ids(self, volid: int, start: int = 0, limit: int = 1 << 30) -> list[int]:
+        """The sorted indices of this volume's chunks from ``start`` on, at
+        most ``limit`` (names only: no header is read)."""
+        d = self._voldir(volid, False)
+        if d is None:
+            return []
+        ids = sorted(i for i in (int(n[:-4], 16) for n in os.listdir(d)
+                                 if n.endswith(".chk")) if i >= start)
+        return ids[:limit]
+
     def start_writeback(self, volid: int) -> None:
         """Start writing back the volume's dirty chunk files without waiting
         (sync_file_range): a later sync finds the pages on their way.  Only

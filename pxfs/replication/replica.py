@@ -6,6 +6,7 @@ replica has seen for the volume is refused with Fenced.
 
 from __future__ import annotations
 
+import array
 import collections
 import contextlib
 import functools
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 #: cache only (RWF_NOWAIT); larger ones go to a worker thread.  Writes up to
 #: this size to an open chunk are done on the trio thread.
 INLINE_IO = 64 * 1024
+#: chunk indices per chunk_ids answer (8 bytes each: well inside a frame)
+CHUNK_IDS_PAGE = 65536
 #: A small read that missed the page cache yields at most this many times
 #: while its blocks are read in (ReplicaService._read_cached)
 PREFETCH_ROUNDS = 8
@@ -278,6 +281,9 @@ class ReplicaService:
     async def list_chunks(self, volid, min_gen):
         return await self._run(self.store.list_chunks, volid, min_gen)
 
+    async def chunk_ids(self, volid, start=0, limit=CHUNK_IDS_PAGE) -> list[int]:
+        return await self._run(self.store.chunk_ids, volid, start, limit)
+
     async def delete_volume(self, volid):
         self._terms.pop(volid, None)
         self.syncer.forget(volid)
@@ -325,6 +331,10 @@ class ReplicaService:
                                                           _int(msg, "count"), _int(msg, "term"))}
             if op == "list_chunks":
                 return {"chunks": await self.list_chunks(_int(msg, "vol"), _int(msg, "min_gen"))}
+            if op == "chunk_ids":
+                ids = await self.chunk_ids(_int(msg, "vol"), _int(msg, "start"),
+                                           min(_int(msg, "limit"), CHUNK_IDS_PAGE))
+                return {"ids": array.array("Q", ids).tobytes()}
             if op == "delete_volume":
                 await self.delete_volume(_int(msg, "vol"))
                 return {}

@@ -1,7 +1,7 @@
 """Incremental resync: copy to a stale replica only the chunks written since
 it fell out of sync (those whose gen >= its ``missed_from`` on either side),
-each under the chunk's lock so that live writes and the copy never
-interleave."""
+and delete those the source no longer has, each under the chunk's lock so
+that live writes and the copy never interleave."""
 
 from __future__ import annotations
 
@@ -47,7 +47,12 @@ async def resync_replica(volid: int, source, target, *, missed_from: int, term: 
     put = put or target.put_chunk
     src = await source.list_chunks(volid, missed_from)
     dst = await target.list_chunks(volid, missed_from)
-    todo = sorted(set(src) | set(dst))
+    # and chunks the target still has that the source dropped while it was
+    # out (a shared volume's file shrank or went): they carry no new stamp.
+    # Each is looked at again under its lock below, so one written (or
+    # dropped) on both meanwhile is copied (or deleted) as it is then.
+    gone = await target.chunk_ids(volid) - await source.chunk_ids(volid)
+    todo = sorted(set(src) | set(dst) | gone)
     prog = Progress(total=len(todo) * CHUNK_SIZE)
     if report:
         await report(prog)

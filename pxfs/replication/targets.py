@@ -7,8 +7,10 @@ remote round trips without a task per replica."""
 
 from __future__ import annotations
 
+import array
+
 from ..rpc.client import Peer
-from .replica import ReplicaService
+from .replica import CHUNK_IDS_PAGE, ReplicaService
 
 
 class LocalReplica:
@@ -50,6 +52,9 @@ class LocalReplica:
 
     async def list_chunks(self, volid, min_gen):
         return await self._svc.list_chunks(volid, min_gen)
+
+    async def chunk_ids(self, volid) -> set[int]:
+        return set(await self._svc.chunk_ids(volid, 0, 1 << 62))
 
     async def drop_chunks(self, volid, first, count, term, timeout=None):
         await self._svc.drop_chunks(volid, first, count, term)
@@ -117,6 +122,20 @@ class RemoteReplica:
 
     async def list_chunks(self, volid, min_gen):
         return (await self._peer.call("list_chunks", vol=volid, min_gen=min_gen, timeout=30))["chunks"]
+
+    async def chunk_ids(self, volid) -> set[int]:
+        """Every chunk the replica holds, a page at a time."""
+        out: set[int] = set()
+        start = 0
+        while True:
+            raw = (await self._peer.call("chunk_ids", vol=volid, start=start,
+                                         limit=CHUNK_IDS_PAGE, timeout=30))["ids"]
+            page = array.array("Q")
+            page.frombytes(raw)
+            out.update(page)
+            if len(page) < CHUNK_IDS_PAGE:
+                return out
+            start = page[-1] + 1
 
     async def delete_volume(self, volid):
         await self._peer.call("delete_volume", vol=volid, timeout=30)
