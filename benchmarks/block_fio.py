@@ -4,7 +4,8 @@
   (a) ext4 on a loop device (--direct-io=on) over a sparse file on the local
       disk: the baseline;
   (b) ext4 on a pxfs volume with repl=1, mounted on node1 of a local 3-node
-      cluster (``pxfs-cluster up``, image-file drives);
+      cluster (``pxfs-cluster up``, image-file drives; ``--drives dir``:
+      directories on the local disk's filesystem);
   (c) the same with repl=2.
 
 Jobs (files inside each mounted filesystem, direct=1):
@@ -274,7 +275,10 @@ class Bench:
         os.makedirs(self.cluster_dir, exist_ok=True)
         log(f"starting a 3-node pxfs cluster in {self.cluster_dir}")
         self.cluster_started = True
-        out = run([*PXFS_CLUSTER, "up", "--nodes", "3", "--workdir", self.cluster_dir], timeout=180)
+        argv = [*PXFS_CLUSTER, "up", "--nodes", "3", "--workdir", self.cluster_dir]
+        if self.args.drives == "dir":
+            argv.append("--dir-drives")
+        out = run(argv, timeout=180)
         self.cluster = json.loads(out.strip().splitlines()[-1])
         self.node1 = self.cluster["nodes"][0]
         self.api = self.node1["api"]
@@ -764,6 +768,12 @@ def main(argv=None) -> int:
     ap.add_argument("--placement", choices=("local", "auto"), default="local",
                     help="local: pin the replicas to node1 (and node2 for repl=2), so that (b) "
                          "is local to the attaching node; auto: let pxfs place them (default local)")
+    ap.add_argument("--drives", choices=("image", "dir"), default="image",
+                    help="the nodes' drives: image (a sparse image file each, formatted XFS by "
+                         "pxfs and mounted through a loop device, as the quickstart does; the "
+                         "default) or dir (a plain directory on the local disk's filesystem: "
+                         "no pool filesystem and loop device of its own, closer to a pool on a "
+                         "raw device of its own; not the setup the targets are set for)")
     ap.add_argument("--settle", type=float, default=60,
                     help="wait up to this many seconds for the pxfs volumes to go quiet after "
                          "mkfs/mount (default 60)")
@@ -807,7 +817,7 @@ def main(argv=None) -> int:
                          capture_output=True, text=True).stdout.strip()
     bench.info.update({"pxfs_source": _PKG_ROOT, "git": rev or None, "size": args.size,
                        "runtime": args.runtime, "volume_gib": bench.vol_gib,
-                       "placement": args.placement, "workdir": bench.workdir,
+                       "placement": args.placement, "drives": args.drives, "workdir": bench.workdir,
                        "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),
                        "other_pxfsd_running": len(others),
                        "jobs": {j["key"]: " ".join(j["args"]) + (" --time_based" if j["time_based"] else "")
@@ -867,7 +877,7 @@ def main(argv=None) -> int:
         print(json.dumps(out, indent=2, default=str))
     else:
         print(f"\nfio on ext4, file {args.size // MiB} MiB, runtime {args.runtime}s, "
-              f"volumes {bench.vol_gib} GiB, placement {args.placement}")
+              f"volumes {bench.vol_gib} GiB, placement {args.placement}, drives {args.drives}")
         print(table(bench))
         if bench.profiles:
             print_profiles(bench.profiles)
