@@ -12,7 +12,8 @@ info=$(pxfs-cluster up --nodes 3 --workdir "$DEMO")
 api1=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["nodes"][0]["api"])' "$info")
 api2=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["nodes"][1]["api"])' "$info")
 export PXCTL_HOST=$api1
-pxctl volume create demovol --size 2 --repl 2 --label app=demo
+# replicas on node1, where it is mounted, and node2, which takes over below
+pxctl volume create demovol --size 2 --repl 2 --nodes node1,node2 --label app=demo
 pxctl host attach demovol
 pxctl host mount demovol --path "$DEMO/mnt/demovol"
 echo
@@ -22,7 +23,7 @@ pxctl volume list
 cat <<MSG
 
 pxfs is running: 3 nodes under $DEMO (logs: $DEMO/node*/pxfsd.log).
-The volume 'demovol' (2 GiB, 2 replicas) is mounted at $DEMO/mnt/demovol.
+The volume 'demovol' (2 GiB, replicas on node1 and node2) is mounted at $DEMO/mnt/demovol.
 
 Try:
   export PXCTL_HOST=$api1
