@@ -1095,3 +1095,26 @@ async def test_a_restarted_replica_keeps_failing_until_marked(cluster):
     for _ in range(2):
         with pytest.raises(PxfsError):
             await vol.flush()
+    assert vol.fenced
+
+
+@pytest.mark.parametrize("op", ["write", "flush"])
+async def test_the_only_in_sync_replica_restarted_stops_io(cluster, op):
+    """The only in-sync replica restarted with writes no flush covered: the
+    writes it acknowledged may be gone (a power loss), and no replica has
+    them.  The attachment stops all I/O (fenced here) rather than let the
+    filesystem go on over a device that forgot them; the next attach
+    starts from what the replica has."""
+    vol = cluster.volume(states={"b": IN_SYNC, "c": OUT_OF_SYNC})
+    await vol.write(0, b"r" * 256 * 1024)
+    await cluster.nodes["b"].stop()
+    await cluster.nodes["b"].restart(cluster.nursery)
+    with pytest.raises(PxfsError, match="restarted"):
+        if op == "write":
+            await vol.write(CHUNK_SIZE, b"s" * 4096)
+        else:
+            await vol.flush()
+    assert vol.fenced and "may have lost acknowledged writes" in vol.fenced
+    with pytest.raises(Fenced):
+        await vol.read(0, 4096)
+    assert cluster.failures == []            # not marked: no other replica to go on with

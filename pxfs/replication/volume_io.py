@@ -454,7 +454,15 @@ class ReplicatedVolume:
             ok = [n for n in nodes if n not in failed and self.states.get(n) == IN_SYNC]
             if not ok:
                 why = "; ".join(f"{n}: {e}" for n, e in failed.items())
-                if op != "flush":
+                restarted = [n for n, e in failed.items()
+                             if isinstance(e, _Restarted) and self.states.get(n) == IN_SYNC]
+                if restarted:
+                    # acknowledged writes may be gone with the old process,
+                    # and no other replica has them: the filesystem above
+                    # must not go on over a device that forgot them
+                    self.fence_local(f"in-sync replica on {', '.join(restarted)} restarted and "
+                                     "may have lost acknowledged writes no flush covered")
+                elif op != "flush":
                     await self._no_in_sync_took(op, nodes, failed, why)
                 raise PxfsError(f"volume {self.volid}: no in-sync replica took the write: {why}")
             still = [n for n in failed if self.states.get(n) in (IN_SYNC, RESYNCING)]
@@ -488,8 +496,8 @@ class ReplicatedVolume:
         old = self._incs.get(node)
         if old is not None and old != inc and node in self._unflushed:
             # no answer from the process that took them: as unsure as a timeout
-            raise PeerUnavailable(f"replica on {node} restarted since it took writes not yet "
-                                  "flushed there")
+            raise _Restarted(f"replica on {node} restarted since it took writes not yet "
+                             "flushed there")
         self._incs[node] = inc
         if op == "write" and not acked:
             self._wseq += 1
@@ -516,6 +524,11 @@ class ReplicatedVolume:
                 raise
             for n in took:
                 self.states[n] = OUT_OF_SYNC
+
+
+class _Restarted(PeerUnavailable):
+    """A replica answered from a new process while it held plain writes of
+    ours that no flush had covered yet."""
 
 
 class _held:
