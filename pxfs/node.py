@@ -50,7 +50,8 @@ class Node:
             self.catalog, self.membership, self.view, osd_root=cfg.osd_root,
             fuse_mountpoint=cfg.fuse_mountpoint, state_path=os.path.join(cfg.data_dir, "attached.json"))
         self.resyncer = Resyncer(self.catalog, self.attachments, self.membership)
-        self.shared_mounts = SharedMounts(self.catalog, cfg.api_url, cfg.osd_root)
+        self.shared_mounts = SharedMounts(self.catalog, cfg.api_url, cfg.osd_root,
+                                          own_dirs=self.attachments.own_dirs)
         self.membership.on_lease_lost(self.attachments.on_lease_lost)
         self.membership.on_rejoined(self.attachments.on_rejoined)
 

@@ -148,3 +148,52 @@ async def test_fast_commit_stays_until_the_journal_is_replayed(tmp_path):
         _sh("umount", str(mnt), check=False)
         await hostdev.loop_detach(dev)
     assert _sh("e2fsck", "-fn", str(copy), check=False).returncode == 0
+
+
+async def test_a_path_that_does_not_answer_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    """A mount path on a hung filesystem (or in a FUSE mount the node
+    serves itself) is looked at in a worker thread with a time limit: the
+    node's event loop goes on meanwhile."""
+    import threading
+
+    import trio
+
+    from pxfs.errors import HostError
+    release = threading.Event()
+    real = os.path.lexists
+
+    def hung(p):
+        if p == "/hung":
+            release.wait(5)
+        return real(p)
+    monkeypatch.setattr(os.path, "lexists", hung)
+    ticks = 0
+
+    async def loop_goes_on():
+        nonlocal ticks
+        while True:
+            await trio.sleep(0.01)
+            ticks += 1
+    async with trio.open_nursery() as n:
+        n.start_soon(loop_goes_on)
+        with pytest.raises(HostError, match="did not answer"):
+            await hostdev.probe_path("/hung", timeout=0.3)
+        n.cancel_scope.cancel()
+    release.set()
+    assert ticks >= 10
+    f = tmp_path / "f"
+    f.write_text("x")
+    assert await hostdev.probe_path(str(tmp_path)) == "dir"
+    assert await hostdev.probe_path(str(f)) == "other"
+    assert await hostdev.probe_path(str(tmp_path / "nope")) == "absent"
+    assert await hostdev.probe_path("/proc") == "mountpoint"
+
+
+def test_mounts_may_not_lie_in_or_cover_the_nodes_own_dirs():
+    from pxfs.errors import InvalidArgument
+    own = {"/var/lib/pxfs/fuse": "the FUSE view", "/var/lib/pxfs": "the data directory"}
+    for path in ("/var/lib/pxfs/fuse", "/var/lib/pxfs/fuse/v", "/var/lib/pxfs", "/var/lib", "/var"):
+        with pytest.raises(InvalidArgument, match="would lie in or cover"):
+            hostdev.refuse_own_dirs(path, own)
+    for path in ("/var/lib/pxfs-other", "/mnt/db", "/var/lib/osd/mounts/v"):
+        hostdev.refuse_own_dirs(path, own)

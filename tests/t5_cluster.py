@@ -248,10 +248,21 @@ def test_attach_mount_detach_delete(make_cluster):
     assert c.pxctl("node1", "volume", "inspect", "v")["attached_on"] is None
     afile = os.path.join(c.workdir, "afile")
     open(afile, "w").close()
-    for path, said in ((afile, "is not a directory"), (afile + "/sub", "cannot make the mount")):
+    fuse = c.nodes["node1"]["fuse"]
+    data_dir = json.load(open(c.nodes["node1"]["config"]))["data_dir"]
+    for path, said in ((afile, "is not a directory"), (afile + "/sub", "cannot make the mount"),
+                       # the node's own FUSE view (looking at it on the node's
+                       # event loop once hung the node), its data, a parent
+                       (fuse, "FUSE view"), (fuse + "/v", "FUSE view"),
+                       (data_dir + "/pools", "data directory"),
+                       (os.path.dirname(fuse), "FUSE view")):
         res = c.pxctl("node1", "host", "mount", "v", "--path", path, check=False)
         assert res.returncode == 1 and said in res.stderr, res.stderr
         assert c.pxctl("node1", "volume", "inspect", "v")["attached_on"] is None
+    c.pxctl("node1", "volume", "create", "sv", "--shared", "--size", "64M")
+    res = c.pxctl("node1", "host", "mount", "sv", "--path", fuse + "/x", check=False)
+    assert res.returncode == 1 and "FUSE view" in res.stderr, res.stderr
+    c.pxctl("node1", "volume", "delete", "sv")
     a = c.pxctl("node1", "host", "attach", "v")
     assert a["device"].startswith("/dev/loop") and os.path.realpath(a["pxd"]) == a["device"]
     # a volume is attached on at most one node

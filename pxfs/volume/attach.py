@@ -320,7 +320,8 @@ class Attachments:
         if not os.path.isabs(path):
             raise InvalidArgument(f"mount path {path!r} must be absolute")
         path = os.path.normpath(path)
-        if os.path.lexists(path) and not os.path.isdir(path):
+        hostdev.refuse_own_dirs(path, self.own_dirs())
+        if await hostdev.probe_path(path) == "other":
             raise InvalidArgument(f"mount path {path!r} exists and is not a directory")
         if rec["fs"] == "none":
             raise InvalidArgument(f"volume {rec['name']!r} has --fs none: use its block device")
@@ -335,6 +336,11 @@ class Attachments:
                     await self.detach(str(volid))
             raise
 
+    def own_dirs(self) -> dict[str, str]:
+        """Directories no volume may be mounted on, in or over."""
+        return {self.fuse_mountpoint: "this node's FUSE view",
+                os.path.dirname(self.state_path): "this node's data directory"}
+
     async def _mount(self, volid: int, rec: dict, path: str) -> dict:
         async with self.lock(volid):
             loc = self.local.get(volid)
@@ -344,7 +350,7 @@ class Attachments:
                 if loc.mount == path:
                     return self._describe(loc)
                 raise Busy(f"volume {loc.name!r} is already mounted at {loc.mount}")
-            if hostdev.is_mountpoint(path):
+            if await hostdev.probe_path(path) == "mountpoint":
                 raise Busy(f"{path} is already a mount point")
             found = await hostdev.fs_type(loc.device)
             if not found:

@@ -16,7 +16,7 @@ import time
 import trio
 
 from ..chunk import loopdev
-from ..errors import HostError
+from ..errors import HostError, InvalidArgument
 
 log = logging.getLogger(__name__)
 PXD_DIR = "/dev/pxd"
@@ -92,6 +92,33 @@ def mounts() -> list[tuple[str, str, str]]:
 def is_mountpoint(path: str) -> bool:
     path = os.path.realpath(path)
     return any(t == path for _, t, _ in mounts())
+
+
+def refuse_own_dirs(path: str, dirs: dict[str, str]) -> None:
+    """InvalidArgument if a mount at ``path`` would lie in or cover one of
+    ``dirs`` (path -> what it is): a node's FUSE view, its data directory."""
+    for root, what in dirs.items():
+        root = os.path.normpath(root)
+        if path == root or path.startswith(root + "/") or root.startswith(path.rstrip("/") + "/"):
+            raise InvalidArgument(f"mount path {path!r} would lie in or cover {what} ({root})")
+
+
+async def probe_path(path: str, timeout: float = 10.0) -> str:
+    """What ``path`` is: "absent", "mountpoint", "dir" or "other".  Looked
+    at in a worker thread: a path on a hung network filesystem, or one that
+    goes through a FUSE mount this very process serves, would otherwise
+    stall the node's event loop (and with it its lease).  HostError (EIO)
+    if it does not answer within ``timeout``."""
+    def look() -> str:
+        if not os.path.lexists(path):
+            return "absent"
+        if not os.path.isdir(path):
+            return "other"
+        return "mountpoint" if is_mountpoint(path) else "dir"
+    with trio.move_on_after(timeout):
+        return await trio.to_thread.run_sync(look, abandon_on_cancel=True)
+    raise HostError(f"{path} did not answer within {timeout:.0f} s (a hung filesystem?)",
+                    errno=errno.EIO)
 
 
 async def fs_type(dev: str) -> str:

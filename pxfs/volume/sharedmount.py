@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 
 
 class SharedMounts:
-    def __init__(self, catalog, api_url: str, osd_root: str):
+    def __init__(self, catalog, api_url: str, osd_root: str, own_dirs=dict):
         self.catalog, self.api_url, self.osd_root = catalog, api_url, osd_root
+        self._own_dirs = own_dirs             # () -> {dir: what}: none mounted in or over
 
     def default_path(self, name: str) -> str:
         """Where Portworx users look for a shared volume on a node."""
@@ -38,8 +39,12 @@ class SharedMounts:
             raise InvalidArgument(f"mount path {path!r} must be absolute")
         if any(m["path"] == path for m in await self.here(rec["id"])):
             return await self.describe(rec)
-        if hostdev.is_mountpoint(path):
+        hostdev.refuse_own_dirs(path, self._own_dirs())
+        kind = await hostdev.probe_path(path)
+        if kind == "mountpoint":
             raise Busy(f"{path} is already a mount point")
+        if kind == "other":
+            raise InvalidArgument(f"mount path {path!r} exists and is not a directory")
         await trio.to_thread.run_sync(lambda: os.makedirs(path, exist_ok=True))
         argv = [sys.executable, "-m", "pxfs.mount", str(rec["id"]), path, "-o",
                 f"node={self.api_url},allow_other,default_permissions,x-pxfs-host-mount"]
