@@ -127,6 +127,18 @@ def test_bad_create_flags_rejected(make_cluster):
         assert r.status_code == 400 and r.json()["error"], body
     r = httpx.post(c.api("node1") + "/v1/volumes", content=b"{not json")
     assert r.status_code == 400
+    for body, said in (({"name": True}, "name must be a string"),
+                       ({"name": 123}, "name must be a string"),
+                       ({"name": "a", "fs": None}, "fs must be a string"),
+                       ({"name": "a", "repl": True}, "repl must be a whole number"),
+                       ({"name": "a", "size": 1.5}, "size must be a whole number"),
+                       ({"name": "a", "shared": 1}, "shared must be true or false")):
+        r = httpx.post(c.api("node1") + "/v1/volumes", json=body)
+        assert r.status_code == 400 and said in r.json()["error"], (body, r.text)
+    r = httpx.post(c.api("node1") + "/v1/volumes", content=b'{"name": "a", "size": 1, "size": 2}')
+    assert r.status_code == 400 and "gives 'size' twice" in r.json()["error"], r.text
+    r = httpx.post(c.api("node1") + "/v1/volumes/nope/attach", json={"force": True})
+    assert r.status_code == 400 and "takes no fields" in r.json()["error"], r.text
     for body in ({"name": "a", "labels": {"x": "1,y=2"}}, {"name": "a", "repl": 2,
                                                           "nodes": ["node1;node2"]},
                  {"name": "a", "fs": "xfs", "shared": True}):

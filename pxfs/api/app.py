@@ -45,15 +45,34 @@ async def _body(request: Request, allowed: set[str]) -> dict:
     if not raw:
         return {}
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, object_pairs_hook=_no_repeats)
+    except _Repeated as exc:
+        raise InvalidArgument(f"request body gives {exc.args[0]!r} twice") from None
     except (ValueError, UnicodeDecodeError):
         raise InvalidArgument("request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidArgument("request body must be a JSON object")
     unknown = sorted(set(body) - allowed)
+    if unknown and not allowed:
+        raise InvalidArgument(f"unknown field {unknown[0]!r}: this request takes no fields")
     if unknown:
         raise InvalidArgument(f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
     return body
+
+
+class _Repeated(ValueError):
+    pass
+
+
+def _no_repeats(pairs: list) -> dict:
+    """A JSON object whose key appears twice is an error, not 'the last
+    one wins' (the same as a key given twice in an inline spec)."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Repeated(k)
+        out[k] = v
+    return out
 
 
 def create_options(body: dict) -> dict[str, str]:
@@ -76,10 +95,17 @@ def create_options(body: dict) -> dict[str, str]:
                 raise InvalidArgument("nodes must be a list of node ids")
             if value:
                 opts["nodes"] = ";".join(check_node(n) for n in value)
-        elif isinstance(value, bool):
-            opts[key] = "true" if value else "false"
-        elif not isinstance(value, (str, int)):
-            raise InvalidArgument(f"{key} must be a string or a whole number")
+        elif key in ("name", "fs"):
+            if not isinstance(value, str):
+                raise InvalidArgument(f"{key} must be a string")
+            opts[key] = value
+        elif key == "shared":
+            if not isinstance(value, (bool, str)):
+                raise InvalidArgument("shared must be true or false")
+            opts[key] = value if isinstance(value, str) else ("true" if value else "false")
+        elif isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise InvalidArgument("size must be a whole number (GiB) or a string such as '10G'"
+                                  if key == "size" else f"{key} must be a whole number or a string")
         else:
             opts[key] = str(value)
     return opts
