@@ -338,9 +338,23 @@ def host_unmount(click_ctx, ref, path, host, as_json):
 
 def main():
     try:
-        cli(standalone_mode=True)
+        rv = cli.main(standalone_mode=False, prog_name="pxctl")
+    except click.exceptions.NoArgsIsHelpError as exc:      # bare `pxctl`, `pxctl volume`
+        click.echo(exc.ctx.get_help(), err=True)
+        sys.exit(2)
+    except click.UsageError as exc:
+        # one line, like every other pxctl error: a wrong flag, a missing argument
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        click.echo("pxctl: " + " ".join(exc.format_message().split()) + hint, err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        click.echo("pxctl: " + " ".join(exc.format_message().split()), err=True)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

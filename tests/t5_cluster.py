@@ -101,6 +101,7 @@ BAD_CREATES = [
     (["--repl", "two"], "repl"), (["--cos", "10"], "cos"), (["--cos", "urgent"], "cos"),
     (["--label", "novalue"], "label"), (["--nodes", "nodeX"], "nodeX"),
     (["--nodes", "node1,node1"], "twice"), (["--repl", "1", "--nodes", "node1,node2"], "repl"),
+    (["--bogus", "1"], "No such option '--bogus'"), (["--size"], "requires an argument"),
 ]
 
 
@@ -156,6 +157,9 @@ def test_bad_create_flags_rejected(make_cluster):
     assert r.status_code == 404 and "no such API endpoint" in r.json()["error"]
     r = httpx.put(c.api("node1") + "/v1/volumes")
     assert r.status_code == 405 and "not allowed" in r.json()["error"]
+    res = c.pxctl("node1", "volume", "inspect", check=False)        # a usage error: one line too
+    assert res.returncode == 2 and res.stderr.startswith("pxctl: Missing argument"), res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
     res = c.pxctl("node1", "volume", "inspect", "../v1", check=False)
     assert res.returncode == 1 and "volume '../v1' not found" in res.stderr
     assert c.pxctl("node1", "volume", "list") == []
