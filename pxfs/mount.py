@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 
 import trio
 
@@ -79,13 +80,13 @@ def node_info(node_url: str, source: str) -> tuple[dict, dict]:
     try:
         with httpx.Client(timeout=30) as http:
             cfg = http.get(f"{node_url}/v1/cluster/config")
-            vol = http.get(f"{node_url}/v1/volumes/{source}")
+            vol = http.get(f"{node_url}/v1/volumes/{urllib.parse.quote(source, safe='')}")
     except httpx.HTTPError as exc:
         raise PxfsError(f"cannot reach pxfs node at {node_url}: {exc}") from None
     if cfg.status_code != 200:
         raise PxfsError(f"{node_url}: cannot read the cluster config (HTTP {cfg.status_code})")
     if vol.status_code != 200:
-        raise PxfsError(f"volume {source!r}: " + vol.json().get("error", f"HTTP {vol.status_code}"))
+        raise PxfsError(vol.json().get("error") or f"volume {source!r}: HTTP {vol.status_code}")
     return cfg.json(), vol.json()
 
 
@@ -282,12 +283,15 @@ def main(argv=None) -> None:
         sys.exit(2)
     mountpoint = os.path.abspath(args.mountpoint)
     if not os.path.isdir(mountpoint):
-        print(f"pxfs: mount point {mountpoint} is not a directory", file=sys.stderr)
+        why = "is not a directory" if os.path.lexists(mountpoint) else "does not exist"
+        print(f"pxfs: mount point {mountpoint} {why}", file=sys.stderr)
         sys.exit(2)
     if not args.foreground:
         sys.exit(_background(args, mountpoint))
     logging.basicConfig(level=logging.INFO, filename=opts["log"],
                         format=f"%(asctime)s pxfs[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    for chatty in ("httpx", "httpcore"):      # a line per request: not for a mount's errors
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         cluster, vol_desc = node_info(opts["node"], args.source)
         sys.exit(trio.run(serve, args.source, mountpoint, opts, args.ready_fd, cluster, vol_desc))

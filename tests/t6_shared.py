@@ -342,7 +342,12 @@ def test_bad_mount_input_changes_nothing(shared):
         res = mount("node1", vol, path, *opts, check=False)
         assert res.returncode != 0, (vol, opts)
         assert words in res.stderr, res.stderr
+        lines = res.stderr.strip().splitlines()        # one line, said once
+        assert len(lines) == 1 and lines[0].count(words) == 1, res.stderr
         assert not os.path.ismount(path)
+    res = subprocess.run(["mount", "-t", "fuse.pxfs", "sh", path + "-nope", "-o",
+                          "node=" + c.api("node1")], capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "does not exist" in res.stderr, res.stderr
     assert mounts_of(c, "sh") == []
     res = subprocess.run(["mount", "-t", "fuse.pxfs", "sh", path, "-o", "node=http://127.0.0.1:1"],
                          capture_output=True, text=True, timeout=60)
