@@ -63,7 +63,7 @@ def validate_name(name: object) -> str:
     if "/" in name or ".." in name:
         raise InvalidArgument(f"volume name {name!r} must not contain '/' or '..'")
     if not _NAME_RE.match(name):
-        raise InvalidArgument(f"volume name {name!r} may only hold letters, digits and _ . + @ -, "
+        raise InvalidArgument(f"volume name {name!r} may only hold ASCII letters, digits and _ . + @ -, "
                               "and must start with a letter, digit or _")
     if name.isdigit():
         raise InvalidArgument(f"volume name {name!r} must not be all digits (that is how ids look)")
