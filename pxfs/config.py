@@ -190,6 +190,10 @@ def parse(raw: object, path: str = "") -> Config:
     data_dir = _str(raw, "data_dir", "/var/lib/pxfs", absolute=True)
     fuse = _str(raw, "fuse_mountpoint", os.path.join(data_dir, "fuse"), absolute=True)
     osd_root = _str(raw, "osd_root", "/var/lib/osd", absolute=True)
+    for outer, okey in ((data_dir, "data_dir"), (fuse, "fuse_mountpoint")):
+        if (os.path.normpath(osd_root) + "/").startswith(os.path.normpath(outer) + "/"):
+            raise ConfigError("osd_root", f"must not lie in {okey} ({outer}): volumes are "
+                                          "mounted under it")
     level = raw.get("log_level", "info")
     if level not in _LEVELS:
         raise ConfigError("log_level", "expected one of " + ", ".join(_LEVELS))

@@ -350,9 +350,7 @@ def main():
     except click.ClickException as exc:
         click.echo("pxctl: " + " ".join(exc.format_message().split()), err=True)
         sys.exit(exc.exit_code)
-    except click.Abort:
-        sys.exit(1)
-    except KeyboardInterrupt:
+    except (click.Abort, KeyboardInterrupt):     # click turns Ctrl-C into Abort
         sys.exit(130)
     sys.exit(rv if isinstance(rv, int) else 0)
 

@@ -203,6 +203,15 @@ def test_iface_naming_a_missing_interface(raw, key):
     assert "pxfs-no-such0" in bad(raw, key, **{key: "pxfs-no-such0"})
 
 
+def test_osd_root_may_not_lie_in_the_data_dir(raw, tmp_path):
+    """Volumes are mounted under osd_root, and never in the node's own data
+    directory or FUSE view."""
+    msg = bad(raw, "osd_root", osd_root=str(tmp_path / "data" / "osd"))
+    assert "data_dir" in msg
+    bad(raw, "osd_root", osd_root=str(tmp_path / "data"))
+    assert config.parse(dict(raw, osd_root=str(tmp_path / "data-osd"))).osd_root
+
+
 @pytest.mark.parametrize("value", ["run/pxd.sock", 5, ["/x"], "/" + "s" * 120])
 def test_bad_docker_socket(raw, value):
     bad(raw, "docker_socket", docker_socket=value)

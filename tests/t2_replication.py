@@ -780,6 +780,21 @@ async def test_resync_deletes_chunks_dropped_while_the_replica_was_out(cluster, 
     assert c.read(VOL, 0, 0, 4096) == b"w" * 4096
 
 
+async def test_a_merged_copy_of_a_chunk_gone_from_the_source_keeps_only_new_blocks(cluster):
+    """Live resync of a shared volume: the source no longer has a chunk
+    (dropped while the target was away), but a write reached the target
+    since tracking began.  The target keeps that write's blocks only, not
+    the old ones the source dropped."""
+    c = cluster.nodes["c"]
+    await cluster.target("c").write(VOL, 3, 0, b"o" * 4 * CSUM_BLOCK, 1, 1)     # old, blocks 0-3
+    c.svc.track(VOL)
+    await cluster.target("c").write(VOL, 3, 5 * CSUM_BLOCK, b"n" * CSUM_BLOCK, 1, 2)   # new, block 5
+    await c.svc.put_chunk_merged(VOL, 3, 0, None, None, 1)
+    assert c.store.read(VOL, 3, 0, 4 * CSUM_BLOCK) == bytes(4 * CSUM_BLOCK)
+    assert c.store.read(VOL, 3, 5 * CSUM_BLOCK, CSUM_BLOCK) == b"n" * CSUM_BLOCK
+    c.svc.untrack(VOL)
+
+
 async def test_chunk_ids_come_in_pages(cluster, monkeypatch):
     from pxfs.replication import replica, targets
     monkeypatch.setattr(replica, "CHUNK_IDS_PAGE", 3)
@@ -1105,7 +1120,7 @@ async def test_the_only_in_sync_replica_restarted_stops_io(cluster, op):
     them.  The attachment stops all I/O (fenced here) rather than let the
     filesystem go on over a device that forgot them; the next attach
     starts from what the replica has."""
-    vol = cluster.volume(states={"b": IN_SYNC, "c": OUT_OF_SYNC})
+    vol = cluster.volume(states={"b": IN_SYNC, "c": RESYNCING})
     await vol.write(0, b"r" * 256 * 1024)
     await cluster.nodes["b"].stop()
     await cluster.nodes["b"].restart(cluster.nursery)
@@ -1117,4 +1132,6 @@ async def test_the_only_in_sync_replica_restarted_stops_io(cluster, op):
     assert vol.fenced and "may have lost acknowledged writes" in vol.fenced
     with pytest.raises(Fenced):
         await vol.read(0, 4096)
-    assert cluster.failures == []            # not marked: no other replica to go on with
+    # b is not marked (no other replica to go on with); c, resyncing, took
+    # what b may have lost: it no longer counts as b's copy
+    assert [f[0] for f in cluster.failures] == [["c"]] and vol.states["c"] == OUT_OF_SYNC

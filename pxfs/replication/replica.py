@@ -271,7 +271,18 @@ class ReplicaService:
                     bitmap[blk >> 3] |= 1 << (blk & 7)
                 data, bitmap = bytes(data), bytes(bitmap)
             elif data is None and keep:
-                return                                # written here, absent there: keep ours
+                # absent on the source, written here since tracking began:
+                # keep those blocks only, not what the source dropped
+                got = await self._run(self.store.get_chunk, volid, idx)
+                if got is None:
+                    return
+                gen, old_map, old = got
+                data, bitmap = bytearray(len(old)), bytearray(len(old_map))
+                for blk in sorted(keep):
+                    off = blk * CSUM_BLOCK
+                    data[off:off + CSUM_BLOCK] = old[off:off + CSUM_BLOCK]
+                    bitmap[blk >> 3] |= 1 << (blk & 7)
+                data, bitmap = bytes(data), bytes(bitmap)
             with self._applying(key):
                 await self._run(self.store.put_chunk, volid, idx, gen, bitmap, data)
             self.stats["chunks_put"] += 1

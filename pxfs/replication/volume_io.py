@@ -459,7 +459,19 @@ class ReplicatedVolume:
                 if restarted:
                     # acknowledged writes may be gone with the old process,
                     # and no other replica has them: the filesystem above
-                    # must not go on over a device that forgot them
+                    # must not go on over a device that forgot them.  A
+                    # resyncing replica that took this write now differs
+                    # from the in-sync one: out of sync with it first.
+                    took = [n for n in nodes
+                            if n not in failed and self.states.get(n) == RESYNCING]
+                    if took:
+                        try:
+                            self.set_gen(await self._on_failure(took, self.durable))
+                            for n in took:
+                                self.states[n] = OUT_OF_SYNC
+                        except PxfsError as exc:
+                            log.error("volume %s: cannot record that %s took a failed %s: %s",
+                                      self.volid, ", ".join(took), op, exc)
                     self.fence_local(f"in-sync replica on {', '.join(restarted)} restarted and "
                                      "may have lost acknowledged writes no flush covered")
                 elif op != "flush":
