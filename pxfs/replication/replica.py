@@ -76,15 +76,22 @@ class ReplicaService:
     async def _run(self, fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
-    async def check_term(self, volid: int, term: int) -> None:
+    async def _known_term(self, volid: int) -> int:
         known = self._terms.get(volid)
         if known is None:
             loaded = await self._run(self.store.get_term, volid)
             # a fence may have raised the cached term while we were loading it
             known = self._terms[volid] = max(loaded, self._terms.get(volid, 0))
+        return known
+
+    def _refuse_older(self, volid: int, term: int, known: int) -> None:
         if term < known:
             self.stats["fenced"] += 1
             raise Fenced(f"volume {volid}: attach term {term} is older than {known}")
+
+    async def check_term(self, volid: int, term: int) -> None:
+        known = await self._known_term(volid)
+        self._refuse_older(volid, term, known)
         if term > known:
             lock = self._term_locks.setdefault(volid, trio.Lock())
             async with lock:
@@ -97,13 +104,7 @@ class ReplicaService:
         this replica was fenced with fails: the volume was attached
         elsewhere since, and its data may have changed there.  A read never
         raises the stored term (only attach's fence and writes do)."""
-        known = self._terms.get(volid)
-        if known is None:
-            loaded = await self._run(self.store.get_term, volid)
-            known = self._terms[volid] = max(loaded, self._terms.get(volid, 0))
-        if term < known:
-            self.stats["fenced"] += 1
-            raise Fenced(f"volume {volid}: attach term {term} is older than {known}")
+        self._refuse_older(volid, term, await self._known_term(volid))
 
     # -- operations (also the RPC surface) -------------------------------------
     async def write(self, volid, idx, off, data, term, gen, crcs=None, remote=False,
@@ -114,9 +115,7 @@ class ReplicaService:
         key = (volid, idx)
         while key in self._held:                 # a resync is replacing this chunk
             await self._held[key].wait()
-        if term < self._terms.get(volid, 0):     # fenced while it waited
-            self.stats["fenced"] += 1
-            raise Fenced(f"volume {volid}: attach term {term} is older than {self._terms[volid]}")
+        self._refuse_older(volid, term, self._terms.get(volid, 0))     # fenced while it waited
         with self._applying(key):
             await self._write(volid, idx, off, data, gen, crcs)
         self.syncer.wrote(volid, len(data), behind=remote, acked=acked)

@@ -454,28 +454,7 @@ class ReplicatedVolume:
             ok = [n for n in nodes if n not in failed and self.states.get(n) == IN_SYNC]
             if not ok:
                 why = "; ".join(f"{n}: {e}" for n, e in failed.items())
-                restarted = [n for n, e in failed.items()
-                             if isinstance(e, _Restarted) and self.states.get(n) == IN_SYNC]
-                if restarted:
-                    # acknowledged writes may be gone with the old process,
-                    # and no other replica has them: the filesystem above
-                    # must not go on over a device that forgot them.  A
-                    # resyncing replica that took this write now differs
-                    # from the in-sync one: out of sync with it first.
-                    took = [n for n in nodes
-                            if n not in failed and self.states.get(n) == RESYNCING]
-                    if took:
-                        try:
-                            self.set_gen(await self._on_failure(took, self.durable))
-                            for n in took:
-                                self.states[n] = OUT_OF_SYNC
-                        except PxfsError as exc:
-                            log.error("volume %s: cannot record that %s took a failed %s: %s",
-                                      self.volid, ", ".join(took), op, exc)
-                    self.fence_local(f"in-sync replica on {', '.join(restarted)} restarted and "
-                                     "may have lost acknowledged writes no flush covered")
-                elif op != "flush":
-                    await self._no_in_sync_took(op, nodes, failed, why)
+                await self._no_in_sync_took(op, nodes, failed, why)
                 raise PxfsError(f"volume {self.volid}: no in-sync replica took the write: {why}")
             still = [n for n in failed if self.states.get(n) in (IN_SYNC, RESYNCING)]
             if still:
@@ -516,13 +495,36 @@ class ReplicatedVolume:
             self._unflushed[node] = self._wseq
 
     async def _no_in_sync_took(self, op: str, nodes, failed: dict, why: str) -> None:
-        """A write (or drop) that no in-sync replica took fails.  A replica
-        that did take it (resyncing) now holds what the in-sync ones lack:
-        out of sync with it.  If an in-sync replica's failure leaves open
-        whether it took it (no answer) while another's does not, they may
-        now differ: no more I/O here; the next attach reconciles them."""
+        """A write, flush or drop that no in-sync replica took fails.
+
+        * An in-sync replica restarted with writes no flush covered: those
+          acknowledged writes may be gone and no replica has them, so the
+          filesystem above must not go on over this device (I/O stops here);
+          a resyncing replica that took the op no longer matches it.
+        * Otherwise a failed flush changes nothing (replicas cannot differ
+          because of one).
+        * A resyncing replica that took a write now holds what the in-sync
+          ones lack: out of sync with it.  If an in-sync replica's failure
+          leaves open whether it took the write (no answer) while another's
+          does not, they may now differ: no more I/O here; the next attach
+          reconciles them."""
         took = [n for n in nodes if n not in failed and self.states.get(n) == RESYNCING]
         in_sync = [n for n in failed if self.states.get(n) == IN_SYNC]
+        restarted = [n for n in in_sync if isinstance(failed[n], _Restarted)]
+        if restarted:
+            if took:
+                try:
+                    self.set_gen(await self._on_failure(took, self.durable))
+                    for n in took:
+                        self.states[n] = OUT_OF_SYNC
+                except PxfsError as exc:
+                    log.error("volume %s: cannot record that %s took a failed %s: %s",
+                              self.volid, ", ".join(took), op, exc)
+            self.fence_local(f"in-sync replica on {', '.join(restarted)} restarted and "
+                             "may have lost acknowledged writes no flush covered")
+            return
+        if op == "flush":
+            return
         unsure = [n for n in in_sync if isinstance(failed[n], PeerUnavailable)]
         if unsure and len(in_sync) > 1:
             self.fence_local(f"a {op} failed on every in-sync replica ({why})")

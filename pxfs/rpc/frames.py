@@ -110,16 +110,19 @@ class FrameReader:
         got = self._wire.read_now(65536)
         if got:
             self._buf += got
-        return len(self._buf) >= 4 and \
-            len(self._buf) >= 4 + (_LEN.unpack_from(self._buf)[0] & ~_RAW)
+        return self._whole()
+
+    def _whole(self) -> bool:
+        """Whether the buffer holds a whole frame."""
+        buf = self._buf
+        return len(buf) >= 4 and len(buf) >= 4 + (_LEN.unpack_from(buf)[0] & ~_RAW)
 
     async def receive(self) -> dict | None:
         """The next frame's map, or None at a clean end of stream.  Between
         frames it waits as long as it takes; inside one, FRAME_TIMEOUT."""
         if not self._buf and not await self._fill(1):
             return None
-        buf = self._buf
-        if len(buf) >= 4 and len(buf) >= 4 + (_LEN.unpack_from(buf)[0] & ~_RAW):
+        if self._whole():
             return await self._receive()        # all here (the common case): no timer
         with trio.move_on_after(FRAME_TIMEOUT):
             return await self._receive()
