@@ -268,6 +268,7 @@ async def run_node(cfg: config_mod.Config, roots: list[str]) -> int:
             await nursery.start(RpcServer(cfg.data_host, cfg.data_port, node.replica.handle).run)
             await nursery.start(node.membership.run)
             await nursery.start(node.address_service)
+            await nursery.start(node.view.run)
             nursery.start_soon(fuse_view.serve)
             await node.collect_garbage()
             await nursery.start(node.resyncer.run)

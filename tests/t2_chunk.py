@@ -228,6 +228,50 @@ def test_all_written_bitmap_ranges():
     assert not h.all_written(64, 127) and h.all_written(84, 127) and h.all_written(0, 82)
 
 
+def test_unmark_range_clears_only_its_blocks():
+    from pxfs.chunk.layout import Header
+    for first, last in [(0, 0), (3, 17), (8, 15), (0, NBLOCKS - 1), (250, 255), (7, 8)]:
+        h = Header(VOL, 0)
+        h.mark_range(0, bytes(4 * NBLOCKS))
+        h.unmark_range(first, last)
+        assert [b for b in range(NBLOCKS) if not h.written(b)] == list(range(first, last + 1))
+
+
+def test_trim_reads_zeros_keeps_the_rest_and_bumps_the_gen(store, tmp_path):
+    data = pattern(32 * CSUM_BLOCK)
+    store.write(VOL, 0, 0, data, gen=5)
+    assert store.trim(VOL, 0, 4, 9, gen=9) is False
+    want = data[:4 * CSUM_BLOCK] + bytes(6 * CSUM_BLOCK) + data[10 * CSUM_BLOCK:]
+    assert store.read(VOL, 0, 0, len(data)) == want
+    assert store.list_chunks(VOL) == {0: 9}
+    store.sync(VOL)
+    again = ChunkStore([str(tmp_path / "pool")])        # the header on disk says so too
+    try:
+        assert again.read(VOL, 0, 0, len(data)) == want
+    finally:
+        again.close()
+    # a trimmed block written again reads its new data
+    store.write(VOL, 0, 5 * CSUM_BLOCK, b"n" * CSUM_BLOCK, gen=10)
+    assert store.read(VOL, 0, 5 * CSUM_BLOCK, CSUM_BLOCK) == b"n" * CSUM_BLOCK
+
+
+def test_trim_of_all_a_chunk_holds_deletes_it(store, tmp_path):
+    store.write(VOL, 3, 10 * CSUM_BLOCK, pattern(2 * CSUM_BLOCK), gen=1)
+    assert store.trim(VOL, 3, 11, 11, gen=2) is False
+    assert store.trim(VOL, 3, 0, 10, gen=3) is True
+    assert not os.path.exists(chunk_path(tmp_path / "pool", VOL, 3))
+    assert store.read(VOL, 3, 0, CHUNK_SIZE) == bytes(CHUNK_SIZE)
+    assert store.trim(VOL, 4, 0, 1, gen=3) is True                # never there
+
+
+@pytest.mark.parametrize("first, last", [(5, 4), (-1, 3), (0, NBLOCKS), (NBLOCKS, NBLOCKS)])
+def test_trim_outside_the_chunk_is_refused(store, first, last):
+    store.write(VOL, 0, 0, pattern(CSUM_BLOCK), gen=1)
+    with pytest.raises(InvalidArgument):
+        store.trim(VOL, 0, first, last, gen=2)
+    assert store.read(VOL, 0, 0, CSUM_BLOCK) == pattern(CSUM_BLOCK)
+
+
 def test_reads_mixing_written_and_unwritten_blocks(store):
     store.write(VOL, 0, CSUM_BLOCK, pattern(CSUM_BLOCK), gen=1)
     store.write(VOL, 0, 3 * CSUM_BLOCK, pattern(CSUM_BLOCK, 2), gen=1)

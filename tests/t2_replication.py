@@ -1135,3 +1135,114 @@ async def test_the_only_in_sync_replica_restarted_stops_io(cluster, op):
     # b is not marked (no other replica to go on with); c, resyncing, took
     # what b may have lost: it no longer counts as b's copy
     assert [f[0] for f in cluster.failures] == [["c"]] and vol.states["c"] == OUT_OF_SYNC
+
+
+# -- discards (fstrim, blkdiscard through the loop device) -----------------------
+async def test_a_discard_reads_as_zeros_everywhere_and_frees_whole_chunks(cluster):
+    """A range from the middle of a block of chunk 1 to the middle of a
+    block of chunk 5: its partial blocks are zeroed, the whole blocks of
+    chunks 1 and 5 marked never written, chunks 2..4 deleted on every
+    replica; every byte outside it is as written."""
+    vol = cluster.volume()
+    data = bytearray(pattern(7 * CHUNK_SIZE, 3))
+    await vol.write(0, bytes(data))
+    await vol.flush()
+    off, end = CHUNK_SIZE + 3 * CSUM_BLOCK + 100, 5 * CHUNK_SIZE + 7 * CSUM_BLOCK + 10
+    await vol.discard(off, end - off)
+    data[off:end] = bytes(end - off)
+    assert await vol.read(0, len(data)) == bytes(data)
+    for name, node in cluster.nodes.items():
+        assert sorted(node.store.list_chunks(VOL)) == [0, 1, 5, 6], name
+        for idx in range(7):
+            got = node.store.read(VOL, idx, 0, CHUNK_SIZE) if idx in (0, 1, 5, 6) else None
+            if got is not None:
+                assert got == bytes(data[idx * CHUNK_SIZE:(idx + 1) * CHUNK_SIZE]), (name, idx)
+        _, bitmap, _ = node.store.get_chunk(VOL, 1)
+        # chunk 1: blocks 0..2 kept, 3 zero-written (partial), 4..255 unwritten
+        bits = int.from_bytes(bitmap, "little")
+        assert bits == 0b1111, (name, bin(bits))
+    assert (vol.stats.discards, vol.stats.bytes_discarded) == (1, end - off)
+    assert cluster.failures == []
+
+
+async def test_a_discard_that_empties_a_chunk_deletes_it(cluster):
+    vol = cluster.volume()
+    await vol.write(2 * CHUNK_SIZE + 8 * CSUM_BLOCK, pattern(2 * CSUM_BLOCK))
+    await vol.discard(2 * CHUNK_SIZE, 16 * CSUM_BLOCK)        # a partial chunk, all it held
+    for node in cluster.nodes.values():
+        assert node.store.list_chunks(VOL) == {}
+    assert await vol.read(2 * CHUNK_SIZE, CHUNK_SIZE) == bytes(CHUNK_SIZE)
+    await vol.discard(9 * CHUNK_SIZE, 3 * CHUNK_SIZE)         # nothing there: nothing to do
+    await vol.discard(SIZE - CSUM_BLOCK, 10 * CHUNK_SIZE)     # past the end: cut at the end
+    assert cluster.failures == []
+
+
+async def test_a_discard_is_durable_at_the_flush_and_survives_a_restart(cluster):
+    vol = cluster.volume(states={"a": IN_SYNC, "b": IN_SYNC})
+    await vol.write(0, pattern(64 * CSUM_BLOCK))
+    await vol.flush()
+    await vol.discard(8 * CSUM_BLOCK, 8 * CSUM_BLOCK)
+    await vol.flush()
+    b = cluster.nodes["b"]
+    await b.restart(cluster.nursery)            # a new process reads the header from disk
+    assert b.store.read(VOL, 0, 8 * CSUM_BLOCK, 8 * CSUM_BLOCK) == bytes(8 * CSUM_BLOCK)
+    assert b.store.read(VOL, 0, 0, 8 * CSUM_BLOCK) == pattern(64 * CSUM_BLOCK)[:8 * CSUM_BLOCK]
+
+
+async def test_a_replica_that_missed_a_discard_gets_it_at_resync(cluster):
+    """c is out while a discard drops chunk 2 and trims chunk 4: it is
+    marked out of sync, and its resync deletes chunk 2 and takes chunk 4's
+    trimmed blocks; read alone afterwards it returns the zeros."""
+    vol = cluster.volume()
+    for idx in range(6):
+        await vol.write(idx * CHUNK_SIZE, pattern(CHUNK_SIZE, idx))
+    await vol.flush()
+    await cluster.nodes["c"].stop()
+    await vol.discard(2 * CHUNK_SIZE, CHUNK_SIZE)
+    await vol.discard(4 * CHUNK_SIZE + 16 * CSUM_BLOCK, 32 * CSUM_BLOCK)
+    [(nodes, missed_from)] = cluster.failures
+    assert nodes == ["c"]
+    c = cluster.nodes["c"]
+    await c.restart(cluster.nursery)
+    assert sorted(c.store.list_chunks(VOL)) == list(range(6))     # stale
+    await resync_replica(VOL, cluster.target("a"), cluster.target("c"), missed_from=missed_from,
+                         term=vol.term, lock_fn=vol.chunk_lock)
+    assert sorted(c.store.list_chunks(VOL)) == [0, 1, 3, 4, 5]
+    alone = cluster.volume(states={"c": IN_SYNC, "a": OUT_OF_SYNC, "b": OUT_OF_SYNC}, local="c")
+    want = bytearray(pattern(CHUNK_SIZE, 4))
+    want[16 * CSUM_BLOCK:48 * CSUM_BLOCK] = bytes(32 * CSUM_BLOCK)
+    assert await alone.read(4 * CHUNK_SIZE, CHUNK_SIZE) == bytes(want)
+    assert await alone.read(2 * CHUNK_SIZE, CHUNK_SIZE) == bytes(CHUNK_SIZE)
+
+
+async def test_a_replica_that_restarted_before_the_flush_of_a_trim_falls_out(cluster):
+    """A trim lives in the page cache until the flush, like a write: a
+    replica answering from a new process before that flush may have lost
+    it and must not count as having it."""
+    vol = cluster.volume(states={"a": IN_SYNC, "b": IN_SYNC})
+    await vol.write(0, pattern(16 * CSUM_BLOCK))
+    await vol.flush()
+    await vol.discard(0, 4 * CSUM_BLOCK)
+    await cluster.nodes["b"].restart(cluster.nursery)
+    await vol.flush()
+    assert cluster.failures and cluster.failures[0][0] == ["b"]
+
+
+async def test_a_trim_of_an_older_term_is_refused(cluster):
+    vol = cluster.volume(term=1)
+    await vol.write(0, pattern(8 * CSUM_BLOCK))
+    await cluster.target("b").fence(VOL, 2)
+    with pytest.raises(Fenced):
+        await vol.discard(0, 4 * CSUM_BLOCK)
+    assert cluster.nodes["b"].store.read(VOL, 0, 0, 8 * CSUM_BLOCK) == pattern(8 * CSUM_BLOCK)
+
+
+async def test_bad_trim_fields_are_an_error_reply(cluster):
+    peer = cluster.nodes["b"].peer
+    for bad in (dict(first=5, last=4), dict(first=0, last=256), dict(first=-1, last=3),
+                dict(first="0", last=3)):
+        args = dict(vol=VOL, idx=0, term=1, gen=1, first=0, last=3)
+        args.update(bad)
+        with pytest.raises(PxfsError):
+            await peer.call("trim", **args)
+    assert (await peer.call("ping"))["ok"]

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -16,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import needs_mounts
+from conftest import drop_cache, needs_mounts
 
 pytestmark = needs_mounts
 MiB = 1 << 20
@@ -343,8 +344,12 @@ def test_volume_unmounted_by_hand(make_cluster):
     res = c.pxctl("node1", "host", "detach", "u2", check=False)
     assert res.returncode == 0, res.stderr
     c.pxctl("node1", "host", "mount", "u2")
-    subprocess.run(["umount", c.pxctl("node1", "volume", "inspect", "u2")["mount_path"]],
-                   check=True)
+    m = c.pxctl("node1", "volume", "inspect", "u2")["mount_path"]
+    subprocess.run(["umount", m], check=True)
+    # mounting it again where it was really mounts it (not "already mounted")
+    got = c.pxctl("node1", "host", "mount", "u2", "--path", m)
+    assert os.path.ismount(m) and got["mount"] == m
+    subprocess.run(["umount", m], check=True)
     assert _loops_on(fuse)
     c.stop_node("node1")
     assert _loops_on(fuse) == [], "a node stop left loop devices behind"
@@ -1211,3 +1216,88 @@ def test_a_node_cut_off_from_etcd_serves_no_stale_reads(make_cluster, cut):
         if dropping:
             subprocess.run(["iptables", "-D", *rule])
         proxy.close()
+
+
+def _chunk_files(c, node: str, volid: str) -> int:
+    drive = json.load(open(c.nodes[node]["config"]))["storage"]["devices"][0]
+    d = os.path.join(drive, "vols", volid)
+    return sum(f.endswith(".chk") for f in os.listdir(d)) if os.path.isdir(d) else 0
+
+
+@pytest.mark.parametrize("fs", ["ext4", "xfs"])
+def test_fstrim_gives_the_space_of_deleted_files_back_on_every_replica(make_cluster, fs):
+    """Thin volumes shrink again: after a file is deleted, fstrim on the
+    mounted volume reaches pxfs through the loop device (discard ->
+    fallocate on the node's FUSE view) and the chunks the file held go
+    from both replicas; the file kept reads as written after a remount
+    from cold caches, and the filesystem checks clean."""
+    c = make_cluster(2)
+    c.pxctl("node1", "volume", "create", "trim", "--size", "1G", "--repl", "2", "--fs", fs)
+    m = c.pxctl("node1", "host", "mount", "trim")
+    volid = c.pxctl("node1", "volume", "inspect", "trim")["id"]
+    keep = os.urandom(8 * MiB)
+    for name, data in (("keep", keep), ("big", os.urandom(96 * MiB))):
+        with open(os.path.join(m["mount"], name), "wb") as fh:
+            fh.write(data)
+            os.fsync(fh.fileno())
+    before = {n: _chunk_files(c, n, volid) for n in ("node1", "node2")}
+    assert min(before.values()) >= 100, before
+    os.unlink(os.path.join(m["mount"], "big"))
+    subprocess.run(["sync"], check=True)
+    res = subprocess.run(["fstrim", "-v", m["mount"]], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert re.search(r"\(([1-9]\d*) bytes\) trimmed", res.stdout), res.stdout
+    after = {n: _chunk_files(c, n, volid) for n in ("node1", "node2")}
+    for n in after:
+        assert before[n] - after[n] >= 90, (n, before, after)   # most of the 96 MiB file
+    ins = c.pxctl("node1", "volume", "inspect", "trim")
+    assert {r["state"] for r in ins["replicas"]} == {"in_sync"}
+    c.pxctl("node1", "host", "unmount", "trim")
+    if fs == "ext4":
+        _fsck_clean(m["device"])
+    else:
+        res = subprocess.run(["xfs_repair", "-n", m["device"]], capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout + res.stderr
+    drop_cache(m["device"])
+    m = c.pxctl("node1", "host", "mount", "trim")
+    assert open(os.path.join(m["mount"], "keep"), "rb").read() == keep
+
+
+def test_discard_and_zeroout_on_the_block_device(make_cluster):
+    """blkdiscard, aligned and not, and BLKZEROOUT on a raw volume: those
+    ranges read as zeros (also from the other replica alone, after a
+    flush), the rest as written; preallocation through the node's FUSE
+    file is refused (a thin volume reserves nothing)."""
+    c = make_cluster(2)
+    c.pxctl("node1", "volume", "create", "raw", "--size", "64M", "--repl", "2", "--fs", "none")
+    dev = c.pxctl("node1", "host", "attach", "raw")["device"]
+    data = bytearray(os.urandom(8 * MiB))
+    fd = os.open(dev, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    for off, n, zero in [(4096, 8192, False), (MiB - 4096, 2 * MiB + 8192, False),
+                         (5 * MiB, MiB, False), (6 * MiB + 512, 1536, True),
+                         (7 * MiB + 4096, 65536, True)]:
+        subprocess.run(["blkdiscard"] + (["-z"] if zero else []) + ["-o", str(off), "-l", str(n),
+                        dev], check=True, capture_output=True)
+        data[off:off + n] = bytes(n)
+    fd = os.open(dev, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    drop_cache(dev)
+    assert dd_read(dev, 0, 8) == bytes(data)
+    image = os.path.join(c.nodes["node1"]["fuse"], "raw")
+    res = subprocess.run(["fallocate", "-o", "0", "-l", "4096", image], capture_output=True,
+                         text=True)
+    assert res.returncode != 0 and "not supported" in res.stderr, res
+    # the other replica alone has the same bytes
+    c.pxctl("node1", "host", "detach", "raw")
+    c.stop_node("node1", kill=True)
+    dev = c.pxctl("node2", "host", "attach", "raw")["device"]
+    assert replica_states(c, "node2", "raw")["node2"] == "in_sync"
+    assert dd_read(dev, 0, 8) == bytes(data)

@@ -69,6 +69,13 @@ class Header:
             self.bitmap[blk >> 3] |= 1 << (blk & 7)
             blk += 1
 
+    def unmark_range(self, first: int, last: int) -> None:
+        """Mark blocks first..last (inclusive) never written: they read as
+        zeros (a discard)."""
+        mask = ((1 << (last - first + 1)) - 1) << first
+        bits = int.from_bytes(self.bitmap, "little") & ~mask
+        self.bitmap[:] = bits.to_bytes(len(self.bitmap), "little")
+
     def pack(self) -> bytes:
         fixed = _FIXED.pack(MAGIC, FORMAT, 0, self.volid, self.idx, CSUM_BLOCK, self.gen)
         return (fixed.ljust(BITMAP_OFF, b"\0") + bytes(self.bitmap) + self.crcs.tobytes())

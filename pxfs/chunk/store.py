@@ -334,6 +334,43 @@ class ChunkStore:
         finally:
             ch.lock.release()
 
+    def trim(self, volid: int, idx: int, first: int, last: int, gen: int) -> bool:
+        """Blocks first..last (inclusive) of the chunk read as zeros from
+        now on (a discard): marked never written in its header, durable at
+        the next sync like a write.  Their space stays allocated until the
+        chunk is rewritten or deleted: punching the hole now could reach the
+        disk before the header does, and a crash would then leave blocks
+        whose checksum no longer matches.  A chunk left with no written
+        block is deleted.  Whether the chunk is gone (or was never there)."""
+        _check_id(volid, idx)
+        if not 0 <= first <= last < NBLOCKS:
+            raise InvalidArgument(f"blocks {first}..{last} outside a chunk")
+        try:
+            ch = self._locked(volid, idx, False)
+        except OSError as exc:
+            raise self._oserror(exc) from exc
+        if ch is None:
+            return True
+        try:
+            hdr = ch.hdr
+            hdr.unmark_range(first, last)
+            hdr.gen = max(hdr.gen, gen)
+            empty = not any(hdr.bitmap)
+            if not empty:
+                try:
+                    os.pwrite(ch.fd, hdr.pack(), 0)
+                except OSError as exc:
+                    raise self._oserror(exc) from exc
+                if not ch.dirty:
+                    ch.dirty = True
+                    with self._lock:
+                        self._dirty[volid].add(ch)
+        finally:
+            ch.lock.release()
+        if empty:
+            self.drop_chunks(volid, idx, 1)
+        return empty
+
     def _write_nowait(self, fd: int, buf, pos: int) -> None:
         try:
             n = os.pwritev(fd, [buf], pos, os.RWF_NOWAIT)

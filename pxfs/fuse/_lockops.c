@@ -23,6 +23,15 @@
  * goes through any writable open file of the inode.  pyfuse3 passes neither
  * on, so such a write reaches Python with APPEND_FH set in its fh.
  *
+ * fallocate: pyfuse3 has no handler for it either, so a loop device over a
+ * block volume's image could not pass discards on (fstrim, blkdiscard): the
+ * first one failed with ENOSYS and the kernel turned discard off.  When a
+ * fallocate handler has been set (set_fallocate_handler), the table gets a
+ * fallocate operation that passes (req, ino, fh, mode, offset, length) to it;
+ * it answers through reply_err().  Lock and fallocate handlers are set
+ * independently: a node's block view takes fallocate only, a shared
+ * volume's mount locks only.
+ *
  * The lock handlers run where libfuse calls every handler: inside
  * fuse_session_process_buf() on pyfuse3's trio thread.  They pass the request
  * to the Python handler, which answers later through reply_err() and
@@ -43,6 +52,7 @@ typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct 
                                                size_t, void *);
 
 static PyObject *handler = NULL;        /* handler(kind, req, ino, fh, owner, a, b, c, d) */
+static PyObject *falloc_handler = NULL; /* falloc_handler(req, ino, fh, mode, offset, length) */
 static struct fuse_lowlevel_ops ops;
 static void (*orig_flush)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
 static void (*orig_release)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
@@ -52,6 +62,7 @@ static void (*orig_write_buf)(fuse_req_t, fuse_ino_t, struct fuse_bufvec *, off_
                               struct fuse_file_info *);
 #define APPEND_FH (1ULL << 62)          /* pxfs's own fh numbers stay far below */
 static int sessions = 0;                /* sessions made with the lock operations */
+static int falloc_sessions = 0;         /* ... and with fallocate */
 
 /* Call the Python handler; a handler that raises fails the request. */
 static int call(const char *kind, fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi,
@@ -75,6 +86,29 @@ static int call(const char *kind, fuse_req_t req, fuse_ino_t ino, struct fuse_fi
     }
     PyGILState_Release(g);
     return ok;
+}
+
+static void px_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
+                         struct fuse_file_info *fi)
+{
+    PyGILState_STATE g = PyGILState_Ensure();
+    int ok = 0;
+    if (falloc_handler) {
+        PyObject *r = PyObject_CallFunction(falloc_handler, "KKKiLL",
+                                            (unsigned long long)(uintptr_t)req,
+                                            (unsigned long long)ino,
+                                            (unsigned long long)(fi ? fi->fh : 0), mode,
+                                            (long long)offset, (long long)length);
+        if (r) {
+            ok = 1;
+            Py_DECREF(r);
+        } else {
+            PyErr_WriteUnraisable(falloc_handler);
+        }
+    }
+    PyGILState_Release(g);
+    if (!ok)
+        fuse_reply_err(req, EIO);
 }
 
 /* struct flock (as libfuse hands it over) -> inclusive byte range */
@@ -177,10 +211,14 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         if (!real)
             return NULL;
     }
-    if (!handler)
+    if (!handler && !falloc_handler)
         return real(args, op, op_size, userdata);
     memset(&ops, 0, sizeof ops);
     memcpy(&ops, op, op_size < sizeof ops ? op_size : sizeof ops);
+    if (falloc_handler)
+        ops.fallocate = px_fallocate;
+    if (!handler)
+        goto make;
     orig_flush = ops.flush;
     orig_release = ops.release;
     ops.getlk = px_getlk;
@@ -194,9 +232,12 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         ops.write = px_write;
     if (orig_write_buf)
         ops.write_buf = px_write_buf;
+make:;
     struct fuse_session *se = real(args, &ops, sizeof ops, userdata);
-    if (se)
+    if (se && handler)
         sessions++;
+    if (se && falloc_handler)
+        falloc_sessions++;
     return se;
 }
 
@@ -212,6 +253,22 @@ static PyObject *set_handler(PyObject *self, PyObject *fn)
     if (fn != Py_None) {
         Py_INCREF(fn);
         handler = fn;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *set_fallocate_handler(PyObject *self, PyObject *fn)
+{
+    (void)self;
+    if (fn != Py_None && !PyCallable_Check(fn)) {
+        PyErr_SetString(PyExc_TypeError, "handler must be callable or None");
+        return NULL;
+    }
+    Py_XDECREF(falloc_handler);
+    falloc_handler = NULL;
+    if (fn != Py_None) {
+        Py_INCREF(fn);
+        falloc_handler = fn;
     }
     Py_RETURN_NONE;
 }
@@ -253,14 +310,26 @@ static PyObject *installed(PyObject *self, PyObject *unused)
     return PyLong_FromLong(sessions);
 }
 
+static PyObject *fallocate_installed(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyLong_FromLong(falloc_sessions);
+}
+
 static PyMethodDef methods[] = {
     {"set_handler", set_handler, METH_O,
      "Handle lock requests of FUSE sessions made from now on (None: leave them to the kernel)."},
-    {"reply_err", reply_err, METH_VARARGS, "reply_err(req, errno): answer a lock request."},
+    {"set_fallocate_handler", set_fallocate_handler, METH_O,
+     "Handle fallocate requests of FUSE sessions made from now on (None: ENOSYS as before)."},
+    {"reply_err", reply_err, METH_VARARGS,
+     "reply_err(req, errno): answer a lock or fallocate request (0: done)."},
     {"reply_lock", reply_lock, METH_VARARGS,
      "reply_lock(req, type, start, end, pid): answer a GETLK (end inclusive)."},
     {"installed", installed, METH_NOARGS,
      "How many FUSE sessions were made with the lock operations."},
+    {"fallocate_installed", fallocate_installed, METH_NOARGS,
+     "How many FUSE sessions were made with the fallocate operation."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,7 +1,9 @@
 """The node's FUSE mount: one flat directory in which every volume attached
 to this node is a regular file of the volume's size.  Reads, writes and
 fsyncs of that file go to the volume's replicated data path; the loop device
-sits on top of it.
+sits on top of it.  Its discards (fstrim, blkdiscard) and write-zeroes
+arrive as fallocate(PUNCH_HOLE or ZERO_RANGE), which pyfuse3 has no handler
+for: ``_lockops`` adds one (see _lockops.c).
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ import stat
 import time
 
 import pyfuse3
+import trio
 
 from ..errors import PxfsError
+from . import _lockops
 
 log = logging.getLogger(__name__)
+
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
 
 
 class NodeView(pyfuse3.Operations):
@@ -29,6 +35,27 @@ class NodeView(pyfuse3.Operations):
         self._names: dict[int, str] = {}
         self._next = pyfuse3.ROOT_INODE + 1
         self._t0 = time.time_ns()
+        self._nursery: trio.Nursery | None = None
+
+    def install_fallocate(self) -> bool:
+        """Before pyfuse3.init: the session it makes takes fallocate here.
+        Without the C helper the kernel gets ENOSYS and turns discard off."""
+        if _lockops is None:
+            log.warning("pxfs.fuse._lockops is not built: discards (fstrim) on block "
+                        "volumes are not supported")
+            return False
+        _lockops.set_fallocate_handler(self._fallocate)
+        return True
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
+        """Service: the fallocate requests run here."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
 
     # -- the volume layer's interface ---------------------------------------
     def add(self, name: str, vol) -> None:
@@ -143,6 +170,46 @@ class NodeView(pyfuse3.Operations):
     async def release(self, fh):
         pass
 
+    # -- fallocate, from _lockops on the trio thread ---------------------------
+    def _fallocate(self, req, ino, fh, mode, off, length) -> None:
+        if self._nursery is None:
+            _lockops.reply_err(req, errno.EIO)
+            return
+        self._nursery.start_soon(self._serve_fallocate, req, fh, mode, off, length)
+
+    async def _serve_fallocate(self, req, fh, mode, off, length) -> None:
+        err = errno.EIO
+        try:
+            err = await self.fallocate(fh, mode, off, length)
+        finally:
+            _lockops.reply_err(req, err)
+
+    async def fallocate(self, fh, mode, off, length) -> int:
+        """A punched hole or zeroed range reads as zeros (ReplicatedVolume.
+        discard); preallocation is refused, since a thin volume reserves no
+        space.  Returns the errno to answer (0: done)."""
+        vol = self._vols.get(fh)
+        if vol is None:
+            return errno.EBADF
+        kind = mode & ~FALLOC_FL_KEEP_SIZE
+        if kind not in (FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE):
+            return errno.EOPNOTSUPP
+        if kind == FALLOC_FL_PUNCH_HOLE and not mode & FALLOC_FL_KEEP_SIZE:
+            return errno.EOPNOTSUPP         # as fallocate(2) says
+        if off < 0 or length <= 0:
+            return errno.EINVAL
+        if off + length > vol.size and not mode & FALLOC_FL_KEEP_SIZE:
+            return errno.EFBIG              # the image's size is the volume's
+        try:
+            await vol.discard(off, length)
+        except PxfsError as exc:
+            log.warning("discard error: %s", exc)
+            return exc.errno
+        except Exception:
+            log.exception("unexpected error in the FUSE data path")
+            return errno.EIO
+        return 0
+
     async def _io(self, coro):
         try:
             return await coro
@@ -158,6 +225,7 @@ class NodeView(pyfuse3.Operations):
 
 def mount(view: NodeView, mountpoint: str) -> None:
     os.makedirs(mountpoint, exist_ok=True)
+    view.install_fallocate()
     pyfuse3.init(view, mountpoint, {"fsname=pxfs", "subtype=pxfs", "allow_other"})
 
 

@@ -228,6 +228,23 @@ class ReplicaService:
             await self._run(self.store.put_chunk, volid, idx, gen, bitmap, data)
         self.stats["chunks_put"] += 1
 
+    async def trim(self, volid, idx, first, last, term, gen):
+        """Blocks first..last of a chunk read as zeros from now on (a
+        discard), stamped ``gen`` like a write so that a resync copies the
+        chunk as it is now; a chunk left empty is deleted."""
+        await self.check_term(volid, term)
+        key = (volid, idx)
+        while key in self._held:                 # a resync is replacing this chunk
+            await self._held[key].wait()
+        self._refuse_older(volid, term, self._terms.get(volid, 0))
+        with self._applying(key):
+            await self._run(self.store.trim, volid, idx, first, last, gen)
+        marks = self._tracking.get(volid)
+        if marks is not None:
+            blocks = marks.setdefault(idx, set())
+            if blocks is not None:
+                blocks.update(range(first, last + 1))
+
     async def drop_chunks(self, volid, first, count, term):
         await self.check_term(volid, term)
         marks = self._tracking.get(volid)
@@ -336,6 +353,10 @@ class ReplicaService:
                                      _bytes(msg, "bitmap") if present else None,
                                      _bytes(msg, "data") if present else None, _int(msg, "term"))
                 return {}
+            if op == "trim":
+                await self.trim(_int(msg, "vol"), _int(msg, "idx"), _int(msg, "first"),
+                                _int(msg, "last"), _int(msg, "term"), _int(msg, "gen"))
+                return {"inc": self.incarnation}
             if op == "drop_chunks":
                 return {"dropped": await self.drop_chunks(_int(msg, "vol"), _int(msg, "first"),
                                                           _int(msg, "count"), _int(msg, "term"))}

@@ -30,6 +30,8 @@ class LocalReplica:
                             args.get("crcs"))
         elif op == "flush":
             await svc.flush(vol, term)
+        elif op == "trim":
+            await svc.trim(vol, args["idx"], args["first"], args["last"], term, args["gen"])
         elif op == "drop_chunks":
             await svc.drop_chunks(vol, args["first"], args["count"], term)
         else:

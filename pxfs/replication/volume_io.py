@@ -16,6 +16,7 @@ chunks stamped ``durable`` or higher, and resync copies only those.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
@@ -49,6 +50,8 @@ class IoStats:
     bytes_written: int = 0
     flushes: int = 0
     repairs: int = 0
+    discards: int = 0
+    bytes_discarded: int = 0
 
 
 class ReplicatedVolume:
@@ -342,6 +345,68 @@ class ReplicatedVolume:
         await self._fan_out("drop_chunks", dict(vol=self.volid, first=first, count=count,
                                                 term=self.term), timeout=max(self.timeout, 30))
 
+    async def discard(self, off: int, length: int) -> None:
+        """Bytes off..off+length read as zeros from now on: a discard or
+        write-zeroes from the loop device (fstrim, blkdiscard, mkfs).  Whole
+        chunks are deleted on every writable replica, which gives their
+        space back; the whole blocks of a partial chunk are marked never
+        written (their space stays until the chunk is rewritten, deleted or
+        emptied); bytes of a partial block are written as zeros.  Durable at
+        the next flush, like a write.  The part past the end is ignored."""
+        if self.must_hold():
+            await self._hold()
+        self._check(off, length)
+        end = min(off + length, self.size)
+        a0 = -(-off // CSUM_BLOCK) * CSUM_BLOCK
+        a1 = end // CSUM_BLOCK * CSUM_BLOCK
+        if a0 >= a1:                            # inside one block, or two partial ones
+            if off < end:
+                await self.write(off, bytes(end - off))
+            return
+        if off < a0:
+            await self.write(off, bytes(a0 - off))
+        if a1 < end:
+            await self.write(a1, bytes(end - a1))
+        epoch = self.stamp()
+        self._inflight[epoch] = self._inflight.get(epoch, 0) + 1
+        try:
+            run: list[int] = []                 # whole chunks in a row, dropped together
+            for idx, inoff, _, n in self._pieces(a0, a1 - a0):
+                if n == CHUNK_SIZE:
+                    run.append(idx)
+                    if len(run) == _STRIPES:
+                        await self._drop_run(run)
+                        run = []
+                    continue
+                if run:
+                    await self._drop_run(run)
+                    run = []
+                async with _held(self.chunk_lock(idx)):
+                    await self._fan_out("trim", dict(
+                        vol=self.volid, idx=idx, first=inoff // CSUM_BLOCK,
+                        last=(inoff + n) // CSUM_BLOCK - 1, term=self.term, gen=self.stamp()))
+            if run:
+                await self._drop_run(run)
+        finally:
+            self._inflight[epoch] -= 1
+            if not self._inflight[epoch]:
+                del self._inflight[epoch]
+            self._plain = True          # no durable acks: the next flush goes everywhere
+        self._max_done = max(self._max_done, epoch)
+        self.stats.discards += 1
+        self.stats.bytes_discarded += end - off
+
+    async def _drop_run(self, run: list[int]) -> None:
+        """Delete consecutive chunks (at most one per lock stripe) under
+        their locks, taken in stripe order so that two runs cannot deadlock:
+        a resync copying one of them meanwhile must not bring it back."""
+        async with contextlib.AsyncExitStack() as stack:
+            for stripe in sorted(idx % _STRIPES for idx in run):
+                await stack.enter_async_context(_held(self.locks[stripe]))
+            await self._fan_out("drop_chunks", dict(vol=self.volid, first=run[0], count=len(run),
+                                                    term=self.term),
+                                timeout=max(self.timeout, 30))
+
     async def flush(self) -> None:
         if self.must_hold():
             await self._hold()
@@ -482,7 +547,7 @@ class ReplicatedVolume:
         durable ack needs no such record: its second answer comes from the
         same process, on the same connection)."""
         inc = reply.get("inc") if isinstance(reply, dict) else None
-        if inc is None or op not in ("write", "flush"):
+        if inc is None or op not in ("write", "trim", "flush"):
             return
         old = self._incs.get(node)
         if old is not None and old != inc and node in self._unflushed:
@@ -490,7 +555,7 @@ class ReplicatedVolume:
             raise _Restarted(f"replica on {node} restarted since it took writes not yet "
                              "flushed there")
         self._incs[node] = inc
-        if op == "write" and not acked:
+        if op in ("write", "trim") and not acked:
             self._wseq += 1
             self._unflushed[node] = self._wseq
 

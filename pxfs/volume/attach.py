@@ -346,7 +346,7 @@ class Attachments:
             loc = self.local.get(volid)
             if loc is None:
                 raise NotFound(f"volume {rec['name']!r} is not attached here")
-            if loc.mount:
+            if loc.mount and self._still_mounted(loc):
                 if loc.mount == path:
                     return self._describe(loc)
                 raise Busy(f"volume {loc.name!r} is already mounted at {loc.mount}")
@@ -402,7 +402,7 @@ class Attachments:
     def _still_mounted(self, loc: Local) -> bool:
         """Whether the volume's mount is still there; one the user took away
         by hand (``umount /mnt/db``) is forgotten."""
-        if hostdev.is_mountpoint(loc.mount):
+        if hostdev.is_mounted(loc.device, loc.mount):
             return True
         log.info("%s is no longer mounted at %s (unmounted by hand)", loc.name, loc.mount)
         loc.mount = ""

@@ -94,6 +94,12 @@ def is_mountpoint(path: str) -> bool:
     return any(t == path for _, t, _ in mounts())
 
 
+def is_mounted(dev: str, path: str) -> bool:
+    """Whether ``dev`` is mounted at ``path`` (not merely something)."""
+    path = os.path.realpath(path)
+    return any(s == dev and t == path for s, t, _ in mounts())
+
+
 def refuse_own_dirs(path: str, dirs: dict[str, str]) -> None:
     """InvalidArgument if a mount at ``path`` would lie in or cover one of
     ``dirs`` (path -> what it is): a node's FUSE view, its data directory."""
