@@ -237,7 +237,10 @@ class ChunkStore:
 
     def _evict(self, volid: int, idx: int | None = None) -> None:
         with self._lock:
-            keys = [k for k in self._open if k[0] == volid and (idx is None or k[1] == idx)]
+            if idx is None:
+                keys = [k for k in self._open if k[0] == volid]
+            else:
+                keys = [(volid, idx)] if (volid, idx) in self._open else []
             victims = [self._open.pop(k) for k in keys]
             for v in victims:
                 self._dirty[volid].discard(v)
