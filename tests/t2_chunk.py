@@ -727,6 +727,7 @@ def test_two_file_sync_flushes_once_and_is_complete(tmp_path, monkeypatch):
         subprocess.run(["mount", "-o", "allocsize=4k", dev, str(mnt)], check=True)
         mounted.append(str(mnt))
         store = ChunkStore([str(mnt)])
+        stores = [store]
         calls = []
         real_fdatasync, real_sfr = os.fdatasync, store_mod._sync_file_range
         monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append("fdatasync"),
@@ -762,16 +763,18 @@ def test_two_file_sync_flushes_once_and_is_complete(tmp_path, monkeypatch):
         subprocess.run(["mount", "-o", "nouuid", str(crash), str(cmnt)], check=True)
         mounted.append(str(cmnt))
         again = ChunkStore([str(cmnt)])
+        stores.append(again)
         assert again.read(7, 0, 0, 8192) == pattern(4096, 5) + pattern(4096, 9)
         assert again.read(7, 0, 65536, 4096) == pattern(4096, 7)
         assert again.read(7, 1, 4096, 4096) == pattern(4096, 4)
         assert again.read(7, 1, 65536, 4096) == pattern(4096, 10)
         assert again.read(7, 1, 131072, 4096) == pattern(4096, 8)
-        again.close()
-        store.close()
     finally:
+        for st in locals().get("stores", []):
+            st.close()                  # its open chunk files would keep the mount busy
         for m in reversed(mounted):
-            subprocess.run(["umount", m], capture_output=True)
+            if subprocess.run(["umount", m], capture_output=True).returncode:
+                subprocess.run(["umount", "-l", m], capture_output=True)
         subprocess.run(["losetup", "-d", dev], capture_output=True)
 
 
@@ -838,7 +841,7 @@ def test_a_full_pool_refuses_cleanly_and_can_still_be_fenced(tmp_path):
 def test_a_failed_directory_sync_is_remembered_too(tmp_path, monkeypatch):
     store = ChunkStore([str(tmp_path)])
     store.write(5, 0, 0, b"a" * 4096, 1)             # a new chunk file: its name to sync
-    monkeypatch.setattr(store, "_fsync_dir", lambda d: (_ for _ in ()).throw(OSError(5, "EIO")))
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
     with pytest.raises(PxfsError, match="EIO"):
         store.sync(5)
     monkeypatch.undo()
