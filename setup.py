@@ -5,9 +5,6 @@ setup(ext_modules=[
     # optional: without a compiler pxfs falls back to zlib.crc32 per block
     Extension("pxfs.chunk._crc", ["pxfs/chunk/_crc.c"], optional=True,
               extra_compile_args=["-O2", "-std=c11"]),
-    # syncs of chunk files on native threads (no GIL): optional, else trio threads
-    Extension("pxfs.chunk._syncq", ["pxfs/chunk/_syncq.c"], optional=True,
-              extra_compile_args=["-O2", "-std=gnu11", "-fvisibility=hidden"]),
     # FUSE lock requests for shared volumes (pyfuse3 has no lock handlers);
     # needs libfuse3-dev, which pyfuse3 needs too
     Extension("pxfs.fuse._lockops", ["pxfs/fuse/_lockops.c"], libraries=["fuse3"],

@@ -841,7 +841,7 @@ def test_a_full_pool_refuses_cleanly_and_can_still_be_fenced(tmp_path):
 def test_a_failed_directory_sync_is_remembered_too(tmp_path, monkeypatch):
     store = ChunkStore([str(tmp_path)])
     store.write(5, 0, 0, b"a" * 4096, 1)             # a new chunk file: its name to sync
-    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
+    monkeypatch.setattr(store, "_fsync_dir", lambda d: (_ for _ in ()).throw(OSError(5, "EIO")))
     with pytest.raises(PxfsError, match="EIO"):
         store.sync(5)
     monkeypatch.undo()

@@ -11,10 +11,9 @@ import pytest
 import trio
 
 from pxfs import CSUM_BLOCK
-from pxfs.chunk.store import FDATASYNC, ChunkStore
+from pxfs.chunk.store import ChunkStore
 from pxfs.errors import PxfsError
 from pxfs.replication.replica import ReplicaService
-from pxfs.replication.syncer import _syncq
 
 VOL = 11
 BLOCK = b"\x5a" * CSUM_BLOCK
@@ -64,14 +63,7 @@ async def test_a_flush_of_a_clean_volume_costs_no_sync(svc):
     assert svc.syncer.stats["syncs"] == n
 
 
-NATIVE = [False, pytest.param(True, marks=pytest.mark.skipif(
-    _syncq is None, reason="pxfs.chunk._syncq is not built"))]
-
-
-@pytest.mark.parametrize("native", NATIVE)
-async def test_syncs_behind_small_remote_writes_of_a_flush_heavy_volume(svc, native):
-    if not native:
-        svc.syncer._native = None               # trio's threads, or the event loop
+async def test_syncs_behind_small_remote_writes_of_a_flush_heavy_volume(svc):
     async with trio.open_nursery() as nursery:
         await nursery.start(svc.syncer.run)
         # bulk writing (many writes per flush): nothing is synced behind
@@ -93,89 +85,54 @@ async def test_syncs_behind_small_remote_writes_of_a_flush_heavy_volume(svc, nat
             while not svc.store.clean(VOL):
                 await trio.sleep(0.005)
         assert svc.syncer.stats["syncs_behind"] > before
-        # the writer's own node syncs behind its local copy only on the
-        # native threads (its event loop must stay free for the other
-        # replicas' replies); else it starts writing it back, and its flush
-        # finishes the job
+        # the writer's own node never syncs behind its local copy: it only
+        # starts writing it back, and its flush finishes the job
         started = []
         real = svc.store.start_writeback
         svc.store.start_writeback = lambda volid: (started.append(volid), real(volid))
         before = svc.syncer.stats["syncs_behind"]
         await svc.write(VOL, 1, 0, BLOCK, 1, 1)
-        if native:
-            with trio.fail_after(5):
-                while not svc.store.clean(VOL):
-                    await trio.sleep(0.005)
-            assert svc.syncer.stats["syncs_behind"] == before + 1 and started == []
-        else:
-            await trio.sleep(0.05)
-            assert svc.syncer.stats["syncs_behind"] == before and not svc.store.clean(VOL)
-            assert started == [VOL]
+        await trio.sleep(0.05)
+        assert svc.syncer.stats["syncs_behind"] == before and not svc.store.clean(VOL)
+        assert started == [VOL]
         await svc.flush(VOL, 1)
         assert svc.store.clean(VOL)
-        # once the volume is written in bulk, no early writeback or sync either
-        for _ in range(4):
-            for i in range(8):
-                await svc.write(VOL, 2, i * CSUM_BLOCK, BLOCK, 1, 1)
-            await svc.flush(VOL, 1)
-        started.clear()
-        before = svc.syncer.stats["syncs_behind"]
+        nursery.cancel_scope.cancel()
+    # once the volume is written in bulk, no early writeback either
+    for _ in range(4):
         for i in range(8):
             await svc.write(VOL, 2, i * CSUM_BLOCK, BLOCK, 1, 1)
-        await trio.sleep(0.05)
-        assert started == [], "bulk writes started writeback one by one"
-        assert svc.syncer.stats["syncs_behind"] == before and not svc.store.clean(VOL)
-        nursery.cancel_scope.cancel()
+        await svc.flush(VOL, 1)
+    started.clear()
+    for i in range(8):
+        await svc.write(VOL, 2, i * CSUM_BLOCK, BLOCK, 1, 1)
+    assert started == [], "bulk writes started writeback one by one"
 
 
-@pytest.mark.parametrize("native", NATIVE)
-async def test_a_sync_behind_that_failed_fails_the_next_flush(svc, monkeypatch, native):
+async def test_a_sync_behind_that_failed_fails_the_next_flush(svc, monkeypatch):
     """The kernel reports a write-back error once per open file: after a
     sync behind a write failed, the flush's own fdatasync would return 0
-    on data that never reached the disk.  The flush must fail instead.
-    Native threads: the failing step is a real fdatasync of a pipe
-    (EINVAL), made on their thread."""
+    on data that never reached the disk.  The flush must fail instead."""
     store = svc.store
-    if not native:
-        svc.syncer._native = None
     async with trio.open_nursery() as nursery:
         await nursery.start(svc.syncer.run)
         for i in range(12):             # a commit after every write: syncs go behind
             await svc.write(VOL, 1, i * CSUM_BLOCK, BLOCK, 1, 1, remote=True)
             await svc.flush(VOL, 1)
-        failed = []
-        if native:
-            rfd, wfd = os.pipe()
-            real_begin = store.begin_sync
+        real, failed = os.fdatasync, []
 
-            def begin_failing(volid):
-                job = real_begin(volid)
-                if not failed:
-                    failed.append(volid)
-                    job.fds.append(os.dup(rfd))
-                    job.steps.insert(0, (FDATASYNC, job.fds[-1]))
-                return job
-            monkeypatch.setattr(store, "begin_sync", begin_failing)
-            why = "Invalid argument"
-        else:
-            real = os.fdatasync
+        def fdatasync_eio(fd):          # the error is reported once, as by the kernel
+            real(fd)
+            if not failed:
+                failed.append(fd)
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-            def fdatasync_eio(fd):          # the error is reported once, as by the kernel
-                real(fd)
-                if not failed:
-                    failed.append(fd)
-                    raise OSError(errno.EIO, os.strerror(errno.EIO))
-            monkeypatch.setattr(os, "fdatasync", fdatasync_eio)
-            why = "Input/output error"
+        monkeypatch.setattr(os, "fdatasync", fdatasync_eio)
         await svc.write(VOL, 1, 0, BLOCK, 1, 1, remote=True)
         with trio.fail_after(5):        # the sync behind the write ran, and failed
-            while not failed or svc.syncer._syncing:
+            while not failed:
                 await trio.sleep(0.005)
-        with pytest.raises(PxfsError, match=why):
-            await svc.flush(VOL, 1)
-        with pytest.raises(PxfsError, match="an earlier sync failed"):
+        assert not store.clean(VOL)
+        with pytest.raises(PxfsError, match="Input/output error"):
             await svc.flush(VOL, 1)
         nursery.cancel_scope.cancel()
-        if native:
-            os.close(rfd)
-            os.close(wfd)

@@ -48,36 +48,6 @@ try:
 except (OSError, AttributeError):
     _syncfs = _sync_file_range = None
 SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
-#: the steps of a sync (numbered as _syncq's)
-FDATASYNC, WRITEBACK, SYNCFS, FSYNC = 0, 1, 2, 3
-
-
-
-
-def run_step(kind: int, fd: int) -> None:
-    """One step of a SyncJob, here (OSError on failure)."""
-    if kind == FDATASYNC:
-        os.fdatasync(fd)
-    elif kind == FSYNC:
-        os.fsync(fd)
-    else:
-        if kind == WRITEBACK:
-            r = _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE
-                                 | SYNC_FILE_RANGE_WAIT_AFTER)
-        else:
-            r = _syncfs(fd)
-        if r != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-
-
-class SyncJob:
-    """A sync of one volume's chunk files: ``steps`` (kind, fd) on ``fds``,
-    which the store dup'ed and closes in end_sync."""
-    __slots__ = ("volid", "fds", "steps")
-
-    def __init__(self, volid: int, fds: list[int]):
-        self.volid, self.fds, self.steps = volid, fds, []
 
 
 def block_crcs(data) -> bytes:
@@ -676,20 +646,7 @@ class ChunkStore:
             return len(chunks) <= max_files and sum(c.dirty_bytes for c in chunks) <= max_bytes
 
     def sync(self, volid: int) -> None:
-        """Make every write to this volume so far durable (blocking)."""
-        job = self.begin_sync(volid)
-        failed = None
-        try:
-            for kind, fd in job.steps:
-                run_step(kind, fd)
-        except OSError as exc:
-            failed = exc
-        self.end_sync(job, failed)
-
-    def begin_sync(self, volid: int) -> "SyncJob":
-        """What a sync of the volume must do now, without doing it: the
-        steps of a SyncJob run in order (inline, or on _syncq's threads),
-        then ``end_sync``.
+        """Make every write to this volume so far durable.
 
         The chunk locks are held only to pick the dirty files (their fds are
         dup'ed), not during the flush, so writes go on meanwhile.  Several
@@ -713,42 +670,39 @@ class ChunkStore:
         # after the loop: a chunk evicted meanwhile moved its fd here under its lock
         fds += [(None, fd, True) for fd in self._take_unsynced(volid)]
         fds.sort(key=lambda e: e[2])          # files with nothing to log first
-        job = SyncJob(volid, [fd for _, fd, _ in fds])
-        if len(fds) == 2 and not fds[0][2] and _sync_file_range is not None:
-            # Two files (a commit's data and journal blocks), one device
-            # cache flush: a file that only overwrote blocks it holds has no
-            # metadata to log, so writing its pages back and waiting is
-            # enough before the other's fdatasync, whose flush then covers
-            # both.  Two fdatasyncs would flush twice.
-            job.steps = [(WRITEBACK, fds[0][1]), (FDATASYNC, fds[1][1])]
-        elif len(fds) > 2 and _syncfs is not None:
-            # XFS's syncfs writes the data back but, with no metadata to
-            # log, flushes no device cache; an fdatasync of a file with
-            # nothing left to write does (xfs_file_fsync), so the data is
-            # on stable storage, not only in the disk's write cache
-            job.steps = [(SYNCFS, fds[0][1]), (FDATASYNC, fds[0][1])]
-        else:
-            job.steps = [(FDATASYNC, fd) for _, fd, _ in fds]
-        d = self._voldir(volid, False) if dir_dirty else None
-        if d:                               # new chunk files' names
-            try:
-                dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-            except OSError as exc:
-                self.end_sync(job, exc)
-            job.fds.append(dfd)
-            job.steps.append((FSYNC, dfd))
-        return job
-
-    def end_sync(self, job: "SyncJob", failed: OSError | None) -> None:
-        """After a SyncJob's steps: its fds closed; a step that ``failed``
-        fails the volume's syncs from now on (Linux reports a write-back
-        error only once: a later sync would find nothing wrong)."""
-        for fd in job.fds:
-            os.close(fd)
-        job.fds = []
-        if failed is not None:
-            self._sync_failed[job.volid] = str(failed)
-            raise self._oserror(failed) from failed
+        try:
+            if len(fds) == 2 and not fds[0][2] and _sync_file_range is not None:
+                # Two files (a commit's data and journal blocks), one device
+                # cache flush: a file that only overwrote blocks it holds
+                # has no metadata to log, so writing its pages back and
+                # waiting is enough before the other's fdatasync, whose
+                # flush then covers both.  Two fdatasyncs would flush twice.
+                if _sync_file_range(fds[0][1], 0, 0, SYNC_FILE_RANGE_WAIT_BEFORE
+                                    | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER):
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"sync_file_range: {os.strerror(err)}")
+                os.fdatasync(fds[1][1])
+            elif len(fds) > 2 and _syncfs is not None:
+                if _syncfs(fds[0][1]) != 0:
+                    raise OSError(ctypes.get_errno(), "syncfs failed")
+                # XFS's syncfs writes the data back but, with no metadata to
+                # log, flushes no device cache; an fdatasync of a file with
+                # nothing left to write does (xfs_file_fsync), so the data is
+                # on stable storage, not only in the disk's write cache
+                os.fdatasync(fds[0][1])
+            else:
+                for _, fd, _ in fds:
+                    os.fdatasync(fd)
+            if dir_dirty:               # new chunk files' names
+                d = self._voldir(volid, False)
+                if d:
+                    self._fsync_dir(d)
+        except OSError as exc:
+            self._sync_failed[volid] = str(exc)
+            raise self._oserror(exc) from exc
+        finally:
+            for _, fd, _ in fds:
+                os.close(fd)
 
     def _take_unsynced(self, volid: int) -> list[int]:
         with self._lock:

@@ -23,18 +23,12 @@ Volumes written in bulk never pay for either.
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import trio
 
 from ..chunk.store import ChunkStore
 from ..errors import PxfsError
-
-try:        # the C helper (setup.py builds it): syncs on threads that need no GIL
-    from ..chunk import _syncq
-except ImportError:
-    _syncq = None
 
 log = logging.getLogger(__name__)
 
@@ -71,41 +65,6 @@ class FlushPattern:
         self.writes, self.last_flush = 0, time.monotonic()
 
 
-class NativeSyncs:
-    """Sync jobs (ChunkStore.begin_sync) run on _syncq's threads: the event
-    loop goes on meanwhile, and no GIL changes hands (see _syncq.c)."""
-
-    def __init__(self):
-        self._waiting: dict[int, list] = {}     # token -> [Event, errno]
-        self._token = 0
-        self.ready = False
-
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        efd = _syncq.start()
-        self.ready = True
-        task_status.started()
-        try:
-            while True:
-                await trio.lowlevel.wait_readable(efd)
-                for token, err in _syncq.reap():
-                    slot = self._waiting.pop(token, None)
-                    if slot is not None:
-                        slot[1] = err
-                        slot[0].set()
-        finally:
-            self.ready = False
-
-    async def do(self, steps) -> int:
-        """Run the steps; their errno (0: done).  Not cancellable: the fds
-        they use must stay open until a thread is done with them."""
-        self._token += 1
-        slot = self._waiting[self._token] = [trio.Event(), 0]
-        _syncq.submit(self._token, steps)
-        with trio.CancelScope(shield=True):
-            await slot[0].wait()
-        return slot[1]
-
-
 class Syncer:
     def __init__(self, store: ChunkStore, run_in_thread):
         self.store = store
@@ -119,14 +78,10 @@ class Syncer:
         #: the flush's own fdatasync would not see it again)
         self._errors: dict[int, PxfsError] = {}
         self.stats = {"syncs": 0, "syncs_behind": 0, "syncs_acked": 0}
-        self._native = NativeSyncs() if _syncq is not None else None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Service: the syncs started behind writes run here, and the
-        native sync threads' completions are collected."""
+        """Service: the syncs started behind writes run here."""
         async with trio.open_nursery() as nursery:
-            if self._native is not None:
-                await nursery.start(self._native.run)
             self._nursery = nursery
             task_status.started()
             try:
@@ -154,18 +109,11 @@ class Syncer:
             p = self._patterns[volid] = FlushPattern()
         if not p.wrote(nbytes):
             return
-        native = self._native is not None and self._native.ready
-        if behind or native:
-            # the sync starts now, behind the write; on the writer's own
-            # node only on the native threads, which leave its event loop
-            # free for the other replicas' replies
-            if self._nursery is not None and volid not in self._syncing:
-                self._nursery.start_soon(self._behind, volid)
-                if native:
-                    return
         # start writing the data back now, without waiting: the sync that
         # follows (behind this write, or the writer's flush) waits for less
         self.store.start_writeback(volid)
+        if behind and self._nursery is not None and volid not in self._syncing:
+            self._nursery.start_soon(self._behind, volid)
 
     async def flush(self, volid: int) -> None:
         """Every write to the volume applied here before this call is durable
@@ -202,11 +150,7 @@ class Syncer:
         ev = self._syncing[volid] = trio.Event()
         try:
             self.stats["syncs"] += 1
-            if self._native is not None and self._native.ready:
-                job = self.store.begin_sync(volid)
-                err = await self._native.do(job.steps) if job.steps else 0
-                self.store.end_sync(job, OSError(err, os.strerror(err)) if err else None)
-            elif not self.store.small_sync(volid):
+            if not self.store.small_sync(volid):
                 await self._run(self.store.sync, volid)
             elif self.sync_avg < INLINE_SYNC_MAX:
                 self._timed_sync(volid)
