@@ -838,6 +838,59 @@ def test_a_full_pool_refuses_cleanly_and_can_still_be_fenced(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
+def test_a_write_cut_short_by_a_full_pool_leaves_its_chunk_readable(tmp_path):
+    """A 1 MiB write over a chunk whose first blocks hold data and whose
+    rest was never written: the overwrite goes in, the pool fills up at the
+    first new block.  The write fails, and every block of the chunk still
+    reads (new data or old, never a checksum error), also from disk in a
+    new store after a sync, and the chunk takes writes again once there is
+    room."""
+    from pxfs.errors import NoSpace
+    img, mnt = tmp_path / "img", tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["truncate", "-s", "320M", str(img)], check=True)
+    subprocess.run(["mkfs.xfs", "-q", str(img)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
+    stores = []
+    try:
+        store = ChunkStore([str(mnt)])
+        stores.append(store)
+        old = pattern(128 * 1024, 1)
+        store.write(1, 0, 0, old, 1)
+        store.sync(1)
+        free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
+        subprocess.run(["fallocate", "-l", str(free), str(mnt / "filler")], check=False)
+        try:
+            with open(mnt / "filler2", "wb") as fh:
+                while True:
+                    fh.write(b"\0" * 4096)
+                    fh.flush()
+        except OSError:
+            pass
+        new = pattern(CHUNK_SIZE, 9)
+        with pytest.raises(NoSpace):
+            store.write(1, 0, 0, new, 2)
+        got = store.read(1, 0, 0, CHUNK_SIZE)               # no ChecksumError
+        for b in range(NBLOCKS):
+            blk = got[b * CSUM_BLOCK:(b + 1) * CSUM_BLOCK]
+            was = old[b * CSUM_BLOCK:(b + 1) * CSUM_BLOCK] or bytes(CSUM_BLOCK)
+            assert blk in (was, new[b * CSUM_BLOCK:(b + 1) * CSUM_BLOCK]), b
+        assert got[:len(old)] != old, "the overwrite did not go in: nothing was tested"
+        store.sync(1)
+        again = ChunkStore([str(mnt)])
+        stores.append(again)
+        drop_cache(chunk_path(mnt, 1, 0))
+        assert again.read(1, 0, 0, CHUNK_SIZE) == got
+        os.unlink(mnt / "filler")
+        os.unlink(mnt / "filler2")
+        again.write(1, 0, 0, new, 3)
+        assert again.read(1, 0, 0, CHUNK_SIZE) == new
+    finally:
+        for st in stores:
+            st.close()
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
 def test_a_failed_directory_sync_is_remembered_too(tmp_path, monkeypatch):
     store = ChunkStore([str(tmp_path)])
     store.write(5, 0, 0, b"a" * 4096, 1)             # a new chunk file: its name to sync

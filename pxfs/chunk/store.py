@@ -90,13 +90,19 @@ def _check_id(volid: int, idx: int) -> None:
 
 def _pwrite_all(fd: int, buf, pos: int) -> None:
     """pwrite every byte: a short write (the pool filled up half-way) goes
-    on, so it ends in the error that stopped it, never in silence."""
+    on, so it ends in the error that stopped it, never in silence.  That
+    error carries ``written``: how many bytes went in before it."""
     view = memoryview(buf)
-    while view:
-        n = os.pwrite(fd, view, pos)
-        if n <= 0:
-            raise OSError(errno.EIO, "pwrite wrote nothing")
-        view, pos = view[n:], pos + n
+    done = 0
+    try:
+        while view:
+            n = os.pwrite(fd, view, pos)
+            if n <= 0:
+                raise OSError(errno.EIO, "pwrite wrote nothing")
+            view, pos, done = view[n:], pos + n, done + n
+    except OSError as exc:
+        exc.written = done
+        raise
 
 
 class ChunkStore:
@@ -328,6 +334,8 @@ class ChunkStore:
             except BlockingIOError:
                 raise
             except OSError as exc:
+                if getattr(exc, "written", 0):
+                    self._checksum_what_went_in(ch, first, exc.written)
                 raise self._oserror(exc) from exc
             ch.dirty_bytes += len(buf)
             if not ch.dirty:
@@ -374,6 +382,29 @@ class ChunkStore:
             self.drop_chunks(volid, idx, 1)
         return empty
 
+    def _checksum_what_went_in(self, ch: _Chunk, first: int, written: int) -> None:
+        """A write failed after its first ``written`` bytes went in (a pool
+        that filled up half-way): those blocks hold new data now, under the
+        old checksums, and would never read again.  Checksum them as they
+        are in the file (a failed write may leave any mix of old and new
+        data, but what it leaves must read); best effort, the write fails
+        anyway."""
+        last = first + -(-written // CSUM_BLOCK) - 1
+        try:
+            raw = os.pread(ch.fd, (last - first + 1) * CSUM_BLOCK,
+                           HEADER_SIZE + first * CSUM_BLOCK)
+            raw = raw.ljust((last - first + 1) * CSUM_BLOCK, b"\0")
+            ch.hdr.mark_range(first, block_crcs(raw))
+            os.pwrite(ch.fd, ch.hdr.pack(), 0)
+            ch.meta_dirty = True
+            if not ch.dirty:
+                ch.dirty = True
+                with self._lock:
+                    self._dirty[ch.hdr.volid].add(ch)
+        except OSError as exc:
+            log.error("chunk %s/%s: blocks %d..%d changed by a failed write and not "
+                      "checksummed again: %s", ch.hdr.volid, ch.hdr.idx, first, last, exc)
+
     def _write_nowait(self, fd: int, buf, pos: int) -> None:
         try:
             n = os.pwritev(fd, [buf], pos, os.RWF_NOWAIT)
@@ -384,7 +415,11 @@ class ChunkStore:
                 raise BlockingIOError("the pool filesystem cannot write without waiting") from None
             raise
         if n < len(buf):        # the page cache took only part: finish the rest now
-            _pwrite_all(fd, memoryview(buf)[n:], pos + n)
+            try:
+                _pwrite_all(fd, memoryview(buf)[n:], pos + n)
+            except OSError as exc:
+                exc.written = n + getattr(exc, "written", 0)
+                raise
 
     @staticmethod
     def _oserror(exc: OSError) -> PxfsError:
