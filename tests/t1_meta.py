@@ -388,6 +388,56 @@ async def test_lost_lease_calls_listeners_and_rejoins(kv, cid):
         nursery.cancel_scope.cancel()
 
 
+async def test_a_lost_lease_that_answers_again_still_ends_in_a_rejoin(kv, cid):
+    """etcd restarts: refreshes fail for the TTL (the lease counts as lost
+    and the listeners hold I/O), re-registering fails while it is down,
+    then etcd is back with the old lease restored, so refreshes of it
+    succeed.  The node must still register a new lease and tell its rejoin
+    listeners, which are what give the held I/O back."""
+    from pxfs.errors import MetaError
+    lost, rejoined, failed_grants = [], [], []
+    real_refresh, real_grant = kv.lease_refresh, kv.lease_grant
+    etcd = {"down": False}
+    old = None
+
+    async def refresh(lease):
+        if etcd["down"]:
+            raise MetaError("etcd is down")
+        if lease == old:
+            return True                     # restored by the restarted etcd
+        return await real_refresh(lease)
+
+    async def grant(ttl):
+        if etcd["down"]:
+            failed_grants.append(1)
+            raise MetaError("etcd is down")
+        return await real_grant(ttl)
+
+    async def on_lost(lease):
+        lost.append(lease)
+
+    async def on_rejoined(lease):
+        rejoined.append(lease)
+
+    async with trio.open_nursery() as nursery:
+        m = Membership(kv, cid, "n1", LEASE_TTL, info)
+        m.on_lease_lost(on_lost)
+        m.on_rejoined(on_rejoined)
+        await nursery.start(m.run)
+        old = m.lease
+        kv.lease_refresh, kv.lease_grant = refresh, grant
+        etcd["down"] = True
+        with trio.fail_after(LEASE_TTL * 4):
+            while not failed_grants:
+                await trio.sleep(0.05)
+        etcd["down"] = False
+        with trio.fail_after(LEASE_TTL * 4):
+            while not rejoined:
+                await trio.sleep(0.05)
+        assert lost == [old] and rejoined == [m.lease] and m.lease != old
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_slow_rejoin_listener_does_not_stall_the_keepalive(kv, cid):
     """What waits on a rejoin (taking attachments back) must not keep the
     node from refreshing its new lease."""

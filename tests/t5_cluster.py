@@ -967,13 +967,17 @@ with open(log, "w") as out:
 """
 
 
-def test_io_waits_out_an_etcd_outage(make_cluster):
-    """etcd stops answering for longer than the nodes' leases: the attached
-    node loses its lease, holds the volume's I/O instead of failing it, and
-    when etcd is back (nobody took the volume meanwhile) takes its
-    attachment back and goes on.  Every node survives."""
+@pytest.mark.parametrize("outage", ["pause", "restart"])
+def test_io_waits_out_an_etcd_outage(make_cluster, outage):
+    """etcd stops answering for longer than the nodes' leases (paused, or
+    killed and started again on its data, which restores the old leases):
+    the attached node loses its lease, holds the volume's I/O instead of
+    failing it, and when etcd is back (nobody took the volume meanwhile)
+    takes its attachment back and goes on.  Every node survives."""
     c = make_cluster(3, own_etcd=True)
-    etcd_pid = json.load(open(os.path.join(c.workdir, "cluster.json")))["etcd_pid"]
+    state = os.path.join(c.workdir, "cluster.json")
+    etcd_pid = json.load(open(state))["etcd_pid"]
+    etcd_argv = open(f"/proc/{etcd_pid}/cmdline", "rb").read().split(b"\0")[:-1]
     c.pxctl("node1", "volume", "create", "eo", "--size", "256M", "--repl", "2",
             "--nodes", "node1,node2")
     mnt = c.pxctl("node1", "host", "mount", "eo")["mount"]
@@ -981,14 +985,22 @@ def test_io_waits_out_an_etcd_outage(make_cluster):
     w = subprocess.Popen([sys.executable, "-c", WRITE_LOOP, os.path.join(mnt, "f"), log, "26"])
     try:
         time.sleep(2)
-        os.kill(etcd_pid, signal.SIGSTOP)
+        os.kill(etcd_pid, signal.SIGSTOP if outage == "pause" else signal.SIGKILL)
         # I/O is held from ~2 s (the lease clock); the lease (3 s) is found
         # lost when the keepalive's calls time out (~10 s)
         c.wait_for(lambda: "lost its etcd lease" in open(c.nodes["node1"]["log"]).read(),
                    timeout=40, what="node1 finding its lease lost")
-        time.sleep(1)
+        time.sleep(1 if outage == "pause" else 4)      # a failed rejoin or two
     finally:
-        os.kill(etcd_pid, signal.SIGCONT)
+        if outage == "pause":
+            os.kill(etcd_pid, signal.SIGCONT)
+        else:
+            with open(os.path.join(c.workdir, "etcd2.log"), "ab") as out:
+                etcd = subprocess.Popen(etcd_argv, stdout=out, stderr=out,
+                                        start_new_session=True)
+            st = json.load(open(state))
+            st["etcd_pid"] = etcd.pid           # so that `down` stops it
+            json.dump(st, open(state, "w"))
         w.wait(timeout=120)
     lines = open(log).read().split("\n")[:-1]
     assert lines and not [x for x in lines if x.startswith("error")], lines

@@ -104,28 +104,35 @@ class Membership:
         # once the refreshes lag)
         nursery.start_soon(self._publisher)
         last_ok = time.monotonic()
+        lost = False
         while True:
             await trio.sleep(max(0.3, self.ttl / 4))
-            try:
-                sent = _clock()
-                alive = await self.kv.lease_refresh(self.lease)
-            except MetaError as exc:
-                log.warning("lease keepalive failed: %s", exc)
-                if time.monotonic() - last_ok < self.ttl:
+            if not lost:
+                try:
+                    sent = _clock()
+                    alive = await self.kv.lease_refresh(self.lease)
+                except MetaError as exc:
+                    log.warning("lease keepalive failed: %s", exc)
+                    if time.monotonic() - last_ok < self.ttl:
+                        continue
+                    alive = False
+                if alive:
+                    self._refreshed(sent)
+                    last_ok = time.monotonic()
                     continue
-                alive = False
-            if alive:
-                self._refreshed(sent)
-                last_ok = time.monotonic()
-                continue
-            old = self.lease
-            self.valid_until = 0.0
-            log.warning("node %s lost its etcd lease %x; holding local attachments' I/O and "
-                        "rejoining", self.node, old)
-            for fn in self._lost_listeners:
-                await fn(old)
+                old = self.lease
+                self.valid_until = 0.0
+                log.warning("node %s lost its etcd lease %x; holding local attachments' I/O "
+                            "and rejoining", self.node, old)
+                for fn in self._lost_listeners:
+                    await fn(old)
+                # from here on only a new lease ends this: the old one may
+                # answer again (etcd restarted and restored it), but the
+                # listeners were told it is gone and wait for the rejoin
+                lost = True
             try:
                 await self._register()
+                lost = False
                 last_ok = time.monotonic()
                 log.warning("node %s rejoined the cluster", self.node)
                 for fn in self._rejoined_listeners:
