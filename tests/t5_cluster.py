@@ -1313,3 +1313,36 @@ def test_discard_and_zeroout_on_the_block_device(make_cluster):
     dev = c.pxctl("node2", "host", "attach", "raw")["device"]
     assert replica_states(c, "node2", "raw")["node2"] == "in_sync"
     assert dd_read(dev, 0, 8) == bytes(data)
+
+
+def test_a_resync_orphaned_by_its_attached_node_starts_over(make_cluster):
+    """node1 (attached, holding no replica) is resyncing node2's replica
+    from node3 when it dies: the volume is detached and node2's replica
+    is left marked resyncing with nobody copying.  node2 must start over by
+    itself and end in sync, with every byte written, without an attach."""
+    c = make_cluster(3)
+    c.pxctl("node1", "volume", "create", "orph", "--size", "256M", "--repl", "2", "--fs",
+            "none", "--nodes", "node2,node3")
+    dev = c.pxctl("node1", "host", "attach", "orph")["device"]
+    dd_write(dev, b"first pass", 0, 32)
+    c.stop_node("node2", kill=True)
+    dd_write(dev, b"while node2 was out", 16, 64)
+    c.wait_for(lambda: replica_states(c, "node1", "orph")["node2"] == "out_of_sync",
+               timeout=30, what="node2 out of sync")
+    c.start_node("node2")
+    os.kill(c.pid("node3"), signal.SIGSTOP)           # the copy stalls on its source
+    try:
+        c.wait_for(lambda: replica_states(c, "node1", "orph")["node2"] == "resyncing",
+                   timeout=30, what="node2 resyncing")
+        c.stop_node("node1", kill=True)
+    finally:
+        os.kill(c.pid("node3"), signal.SIGCONT)
+    c.wait_for(lambda: replica_states(c, "node2", "orph")["node2"] == "in_sync",
+               timeout=60, what="node2 in sync again without an attach")
+    assert "stopped with its runner" in open(c.nodes["node2"]["log"]).read()
+    c.stop_node("node3", kill=True)                   # node2's copy alone
+    dev = c.pxctl("node2", "host", "attach", "orph")["device"]
+    data = dd_read(dev, 0, 80)
+    first, later = ((p * (MiB // len(p) + 1))[:MiB] for p in (b"first pass",
+                                                            b"while node2 was out"))
+    assert data == first * 16 + later * 64

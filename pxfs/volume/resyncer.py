@@ -45,6 +45,10 @@ class Resyncer:
             att = atts.get(rec["id"])
             for r in rec["replicas"]:
                 key = (rec["id"], r["node"])
+                if (r["state"] == RESYNCING and r["node"] == self.node and not att
+                        and key not in self.running):
+                    await self._orphaned(rec)
+                    continue
                 if r["state"] != OUT_OF_SYNC or key in self.running:
                     continue
                 if not nodes.get(r["node"], {}).get("online"):
@@ -59,6 +63,22 @@ class Resyncer:
                 elif not att and r["node"] == self.node and not extra.get(("mounts", rec["id"])):
                     self.running.add(key)
                     nursery.start_soon(self._guard, key, self._offline, rec["id"])
+
+    async def _orphaned(self, rec: dict) -> None:
+        """This node's replica is marked resyncing, the volume is attached
+        nowhere, and no resync of it runs here: the one that did died with
+        its runner (the attached node stopped or was killed mid-copy, or
+        this node restarted).  Out of sync again, it is picked up like any
+        other; its ``missed_from`` stays, so the copy covers the live
+        writes it took meanwhile too."""
+        try:
+            await self.catalog.set_replica_state(rec["id"], self.node, OUT_OF_SYNC,
+                                                 expect_state=RESYNCING, require_detached=True)
+        except PxfsError as exc:          # attached or changed meanwhile: next scan
+            log.debug("volume %s: orphaned resync not reset: %s", rec["id"], exc)
+            return
+        log.info("volume %s: the resync of the replica here stopped with its runner; "
+                 "starting over", rec["name"])
 
     async def _guard(self, key, fn, *args):
         try:
