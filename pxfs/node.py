@@ -141,7 +141,12 @@ class Node:
             s = loc.vol.stats
             desc["io"] = {"reads": s.reads, "writes": s.writes, "bytes_read": s.bytes_read,
                           "bytes_written": s.bytes_written, "flushes": s.flushes,
-                          "repairs": s.repairs}
+                          "repairs": s.repairs, "discards": s.discards,
+                          "bytes_discarded": s.bytes_discarded}
+            # the attachment here fails all I/O (fenced): etcd's view of the
+            # volume looks healthy, so say it where the user looks
+            if loc.vol.fenced:
+                desc["io_stopped"] = loc.vol.fenced
         desc["resyncs"] = [h for h in self.resyncer.history if h["volume"] == str(rec["id"])]
         return desc
 

@@ -224,10 +224,15 @@ def _render_inspect(v):
              if v["shared"] else v["mount_path"] or "-") or "-",
             ("Labels", ",".join(f"{k}={x}" for k, x in v["labels"].items()) or "-"),
             ("Bytes used", human(v.get("bytes_used"))), ("Attach term", v["term"])]
+    if v.get("io_stopped"):
+        rows.append(("I/O", f"STOPPED on this node ({v['io_stopped']}); detach and attach "
+                            "again"))
     if v.get("io"):
         io = v["io"]
         rows += [("Reads", io["reads"]), ("Bytes Read", io["bytes_read"]),
                  ("Writes", io["writes"]), ("Bytes Written", io["bytes_written"])]
+        if io.get("discards"):
+            rows.append(("Bytes Discarded", io["bytes_discarded"]))
     w = max(len(k) for k, _ in rows)
     for k, x in rows:
         click.echo(f"{k.ljust(w)} : {x}")

@@ -1346,3 +1346,31 @@ def test_a_resync_orphaned_by_its_attached_node_starts_over(make_cluster):
     first, later = ((p * (MiB // len(p) + 1))[:MiB] for p in (b"first pass",
                                                             b"while node2 was out"))
     assert data == first * 16 + later * 64
+
+
+def test_inspect_says_when_the_attachment_here_stopped_its_io(make_cluster):
+    """A write that both in-sync replicas leave unanswered (both paused)
+    stops the attachment's I/O (they may now differ).  etcd still shows the
+    volume up and both replicas in sync; `pxctl volume inspect` on the
+    attached node must say that its I/O stopped, and why."""
+    c = make_cluster(3)
+    c.pxctl("node1", "volume", "create", "st", "--size", "64M", "--repl", "2", "--fs", "none",
+            "--nodes", "node2,node3")
+    dev = c.pxctl("node1", "host", "attach", "st")["device"]
+    dd_write(dev, b"s", 0, 1)
+    assert "io_stopped" not in c.pxctl("node1", "volume", "inspect", "st")
+    for n in ("node2", "node3"):
+        c.signal(n, signal.SIGSTOP)
+    try:
+        with pytest.raises(OSError):
+            dd_write(dev, b"t", 1, 1)
+    finally:
+        for n in ("node2", "node3"):
+            c.signal(n, signal.SIGCONT)
+    ins = c.pxctl("node1", "volume", "inspect", "st")
+    assert "failed on every in-sync replica" in ins["io_stopped"], ins
+    text = c.pxctl("node1", "volume", "inspect", "st", as_json=False)
+    assert "STOPPED on this node" in text, text
+    c.pxctl("node1", "host", "detach", "st")
+    dev = c.pxctl("node1", "host", "attach", "st")["device"]
+    assert "io_stopped" not in c.pxctl("node1", "volume", "inspect", "st")

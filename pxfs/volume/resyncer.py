@@ -28,6 +28,11 @@ class Resyncer:
         self.interval = interval
         self.running: set[tuple[int, str]] = set()
         self.history: list[dict] = []     # finished resyncs, for tests and the API
+        #: (volid, node) -> (monotonic time before which it is not tried
+        #: again, the wait after its next failure): a resync that keeps failing
+        #: (its source down, the target's pool full) is retried after 1, 2,
+        #: 4 ... 30 s, not every scan
+        self._backoff: dict[tuple[int, str], tuple[float, float]] = {}
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
         async with trio.open_nursery() as nursery:
@@ -50,6 +55,8 @@ class Resyncer:
                     await self._orphaned(rec)
                     continue
                 if r["state"] != OUT_OF_SYNC or key in self.running:
+                    continue
+                if self._backoff.get(key, (0.0,))[0] > trio.current_time():
                     continue
                 if not nodes.get(r["node"], {}).get("online"):
                     continue
@@ -81,13 +88,20 @@ class Resyncer:
                  "starting over", rec["name"])
 
     async def _guard(self, key, fn, *args):
+        ok = False
         try:
             await fn(*args)
+            ok = True
         except PxfsError as exc:
             log.warning("resync of volume %s to %s stopped: %s", key[0], key[1], exc)
         except Exception:       # a bug must not take the node down with it
             log.exception("resync of volume %s to %s failed", key[0], key[1])
         finally:
+            if ok:
+                self._backoff.pop(key, None)
+            else:
+                wait = self._backoff.get(key, (0.0, 1.0))[1]
+                self._backoff[key] = (trio.current_time() + wait, min(30.0, wait * 2))
             self.running.discard(key)
             with trio.CancelScope(shield=True):
                 try:
