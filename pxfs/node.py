@@ -19,7 +19,7 @@ import trio
 from . import __version__, config as config_mod
 from .chunk import pool
 from .chunk.store import ChunkStore
-from .errors import ConfigError, InvalidArgument, MetaError, PxfsError
+from .errors import ConfigError, InvalidArgument, MetaError, NotFound, PxfsError
 from .meta import keys
 from .meta.etcd import EtcdKV
 from .meta.lease import Membership, list_nodes
@@ -94,7 +94,12 @@ class Node:
         return await self.attachments.mount(ref, path)
 
     async def unmount(self, ref: str, path: str | None = None) -> dict:
-        rec, _ = await self.catalog.get(ref)
+        try:
+            rec, _ = await self.catalog.get(ref)
+        except NotFound:
+            if self.attachments.local_by_ref(ref) is None:
+                raise
+            return await self.attachments.unmount(ref, path)    # deleted meanwhile
         if rec.get("shared"):
             return await self.shared_mounts.unmount(rec, path)
         return await self.attachments.unmount(ref, path)

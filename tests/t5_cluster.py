@@ -1374,3 +1374,29 @@ def test_inspect_says_when_the_attachment_here_stopped_its_io(make_cluster):
     c.pxctl("node1", "host", "detach", "st")
     dev = c.pxctl("node1", "host", "attach", "st")["device"]
     assert "io_stopped" not in c.pxctl("node1", "volume", "inspect", "st")
+
+
+def test_a_volume_deleted_while_its_node_was_cut_off_is_cleaned_up_through_pxctl(make_cluster):
+    """node1 is paused with the volume mounted; its attachment expires with
+    its lease and the volume is deleted from node2.  When node1 wakes up,
+    pxctl unmount and detach of that name still clear its mount and loop
+    device (the volume's record is gone)."""
+    c = make_cluster(3)
+    c.pxctl("node1", "volume", "create", "dz", "--size", "256M", "--repl", "2",
+            "--nodes", "node2,node3")
+    mnt1 = c.pxctl("node1", "host", "mount", "dz")["mount"]
+    c.signal("node1", signal.SIGSTOP)
+    try:
+        c.wait_for(lambda: c.pxctl("node2", "volume", "delete", "dz", check=False).returncode
+                   == 0, timeout=30, what="the delete of dz from node2")
+    finally:
+        c.signal("node1", signal.SIGCONT)
+    c.wait_for(lambda: c.pxctl("node1", "status")["nodes"] and all(
+        n["status"] == "Online" for n in c.pxctl("node1", "status")["nodes"]),
+        timeout=30, what="node1 back")
+    c.pxctl("node1", "host", "unmount", "dz")
+    assert not os.path.ismount(mnt1)
+    c.pxctl("node1", "host", "detach", "dz")
+    assert _loops_on(c.nodes["node1"]["fuse"]) == []
+    res = c.pxctl("node1", "host", "detach", "dz", check=False)
+    assert res.returncode == 1 and "not found" in res.stderr, res.stderr

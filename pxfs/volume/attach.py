@@ -368,8 +368,25 @@ class Attachments:
             await self._publish(loc)
             return self._describe(loc)
 
+    def local_by_ref(self, ref: str):
+        """The attachment here named ``ref`` (name or id), or None."""
+        return next((loc for loc in self.local.values() if ref in (loc.name, str(loc.volid))),
+                    None)
+
+    async def _resolve_here(self, ref: str) -> int:
+        """The volume's id; for one deleted while this node was cut off (its
+        lease gone, its attachment with it), the attachment left here, so
+        that it can still be unmounted and detached."""
+        try:
+            return await self.catalog.resolve(ref)
+        except NotFound:
+            loc = self.local_by_ref(ref)
+            if loc is None:
+                raise
+            return loc.volid
+
     async def unmount(self, ref: str, path: str | None = None) -> dict:
-        volid = await self.catalog.resolve(ref)
+        volid = await self._resolve_here(ref)
         async with self.lock(volid):
             loc = self.local.get(volid)
             if loc is None or not loc.mount:
@@ -384,7 +401,7 @@ class Attachments:
 
     # -- detach ----------------------------------------------------------------
     async def detach(self, ref: str) -> dict:
-        volid = await self.catalog.resolve(ref)
+        volid = await self._resolve_here(ref)
         async with self.lock(volid):
             loc = self.local.get(volid)
             if loc is None:
