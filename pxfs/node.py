@@ -251,15 +251,29 @@ def _clean_fuse_mountpoint(path: str) -> None:
     os.makedirs(path, exist_ok=True)
 
 
+async def _wait_for_etcd(kv, cfg: config_mod.Config) -> None:
+    """A node that starts while etcd is down (a power cut took both, and
+    etcd comes back later) waits for it instead of exiting: nothing of the
+    node is up meanwhile, and it says so every 30 s."""
+    wait, said = 1.0, -1e9
+    while True:
+        try:
+            with trio.fail_after(10):
+                await kv.range(keys.node_prefix(cfg.clusterid))
+            return
+        except (MetaError, trio.TooSlowError) as exc:
+            if trio.current_time() - said >= 30:
+                said = trio.current_time()
+                log.warning("waiting for etcd at %s: %s", ", ".join(
+                    f"{h}:{p}" for h, p in cfg.kvdb), exc or "no answer in 10 s")
+        await trio.sleep(wait)
+        wait = min(5.0, wait * 2)
+
+
 async def run_node(cfg: config_mod.Config, roots: list[str]) -> int:
     from .fuse import view as fuse_view
     kv = EtcdKV(cfg.kvdb)
-    try:
-        with trio.fail_after(10):
-            await kv.range(keys.node_prefix(cfg.clusterid))
-    except (MetaError, trio.TooSlowError) as exc:
-        log.error("cannot reach etcd at %s: %s", cfg.kvdb, exc)
-        return 1
+    await _wait_for_etcd(kv, cfg)
     node = Node(cfg, kv, roots)
     await trio.to_thread.run_sync(node.store.sync_pools)
     node.attachments.recover_stale()

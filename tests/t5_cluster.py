@@ -1400,3 +1400,32 @@ def test_a_volume_deleted_while_its_node_was_cut_off_is_cleaned_up_through_pxctl
     assert _loops_on(c.nodes["node1"]["fuse"]) == []
     res = c.pxctl("node1", "host", "detach", "dz", check=False)
     assert res.returncode == 1 and "not found" in res.stderr, res.stderr
+
+
+def test_a_node_started_while_etcd_is_down_waits_for_it(make_cluster):
+    """A node (re)started while etcd does not answer waits for it, says so
+    in its log, and joins once etcd is back, with its volume's data."""
+    c = make_cluster(2, own_etcd=True)
+    etcd_pid = json.load(open(os.path.join(c.workdir, "cluster.json")))["etcd_pid"]
+    c.pxctl("node1", "volume", "create", "ew", "--size", "64M", "--repl", "2", "--fs", "none")
+    dev = c.pxctl("node1", "host", "attach", "ew")["device"]
+    dd_write(dev, b"e", 0, 2)
+    c.pxctl("node1", "host", "detach", "ew")
+    c.stop_node("node1")
+    os.kill(etcd_pid, signal.SIGSTOP)
+    started = []
+    t = threading.Thread(target=lambda: started.append(c.cli("start-node", "node1")))
+    try:
+        t.start()
+        c.wait_for(lambda: "waiting for etcd" in open(c.nodes["node1"]["log"]).read(),
+                   timeout=40, what="node1 saying it waits for etcd")
+        assert t.is_alive()
+    finally:
+        os.kill(etcd_pid, signal.SIGCONT)
+        t.join(timeout=120)
+    assert started and started[0].returncode == 0, started
+    c.nodes["node1"].update(json.loads(started[0].stdout))
+    c.wait_for(lambda: all(n["status"] == "Online" for n in c.pxctl("node2", "status")["nodes"]),
+               timeout=30, what="both nodes online")
+    dev = c.pxctl("node1", "host", "attach", "ew")["device"]
+    assert dd_read(dev, 0, 2) == b"e" * (2 * MiB)
