@@ -265,7 +265,7 @@ async def _wait_for_etcd(kv, cfg: config_mod.Config) -> None:
             if trio.current_time() - said >= 30:
                 said = trio.current_time()
                 log.warning("waiting for etcd at %s: %s", ", ".join(
-                    f"{h}:{p}" for h, p in cfg.kvdb), exc or "no answer in 10 s")
+                    f"{h}:{p}" for h, p in cfg.kvdb), str(exc) or "no answer in 10 s")
         await trio.sleep(wait)
         wait = min(5.0, wait * 2)
 

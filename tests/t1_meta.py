@@ -637,3 +637,32 @@ async def test_a_replica_reported_again_keeps_the_earliest_miss(kv, cid):
     await cat.mark_out_of_sync(8, ["n2"], 1, 6 << 32)
     got = codec.unpack_record((await kv.get(keys.vol_key(cid, 8))).value)
     assert got["replicas"][1] == {"node": "n2", "state": "out_of_sync", "missed_from": 4 << 32}
+
+
+async def test_a_failing_resync_backs_off(kv, cid):
+    """A resync that keeps failing (its source down, the target's pool
+    full) is tried again after 1, 2, 4 ... 30 s, not at every scan; one
+    that succeeds clears its wait."""
+    import types
+
+    from pxfs.errors import PxfsError
+    from pxfs.volume.resyncer import Resyncer
+    catalog = types.SimpleNamespace(kv=kv, cid=cid, node="n1")
+    r = Resyncer(catalog, attachments=None, membership=None)
+    key = (7, "n2")
+
+    async def fails():
+        raise PxfsError("the source is down")
+
+    async def works():
+        pass
+    waits = []
+    for _ in range(7):
+        r.running.add(key)
+        t0 = trio.current_time()
+        await r._guard(key, fails)
+        waits.append(round(r._backoff[key][0] - t0))
+        assert key not in r.running
+    assert waits == [1, 2, 4, 8, 16, 30, 30]
+    await r._guard(key, works)
+    assert key not in r._backoff

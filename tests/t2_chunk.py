@@ -838,13 +838,16 @@ def test_a_full_pool_refuses_cleanly_and_can_still_be_fenced(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
-def test_a_write_cut_short_by_a_full_pool_leaves_its_chunk_readable(tmp_path):
+@pytest.mark.parametrize("preallocate", [True, False])
+def test_a_write_cut_short_by_a_full_pool_leaves_its_chunk_readable(tmp_path, preallocate):
     """A 1 MiB write over a chunk whose first blocks hold data and whose
-    rest was never written: the overwrite goes in, the pool fills up at the
-    first new block.  The write fails, and every block of the chunk still
-    reads (new data or old, never a checksum error), also from disk in a
-    new store after a sync, and the chunk takes writes again once there is
-    room."""
+    rest was never written, on a full pool.  The space is taken before the
+    first byte goes in (fallocate), so the write fails with the chunk as it
+    was.  On a pool without fallocate (``preallocate`` off) the overwrite
+    goes in and the write stops at the first new block: every block of the
+    chunk must still read (new data or old, never a checksum error).  Both
+    also from disk in a new store after a sync, and the chunk takes writes
+    again once there is room."""
     from pxfs.errors import NoSpace
     img, mnt = tmp_path / "img", tmp_path / "mnt"
     mnt.mkdir()
@@ -854,6 +857,7 @@ def test_a_write_cut_short_by_a_full_pool_leaves_its_chunk_readable(tmp_path):
     stores = []
     try:
         store = ChunkStore([str(mnt)])
+        store.preallocate = preallocate
         stores.append(store)
         old = pattern(128 * 1024, 1)
         store.write(1, 0, 0, old, 1)
@@ -875,7 +879,10 @@ def test_a_write_cut_short_by_a_full_pool_leaves_its_chunk_readable(tmp_path):
             blk = got[b * CSUM_BLOCK:(b + 1) * CSUM_BLOCK]
             was = old[b * CSUM_BLOCK:(b + 1) * CSUM_BLOCK] or bytes(CSUM_BLOCK)
             assert blk in (was, new[b * CSUM_BLOCK:(b + 1) * CSUM_BLOCK]), b
-        assert got[:len(old)] != old, "the overwrite did not go in: nothing was tested"
+        if preallocate:
+            assert got == old + bytes(CHUNK_SIZE - len(old))
+        else:
+            assert got[:len(old)] != old, "the overwrite did not go in: nothing was tested"
         store.sync(1)
         again = ChunkStore([str(mnt)])
         stores.append(again)

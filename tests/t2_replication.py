@@ -676,6 +676,35 @@ async def test_a_fence_waits_for_a_chunk_copy_it_let_through(cluster):
     assert order == ["released", "applied", "fence"]
 
 
+@pytest.mark.parametrize("op", ["drop_chunks", "trim"])
+async def test_a_fence_waits_for_a_discard_it_let_through(cluster, op):
+    """A drop of chunks (or a trim) of the old attachment is running when
+    the fence comes: the fence answers only after it, so it cannot delete
+    what the new attachment writes next; one that waited behind a chunk
+    copy is refused after the fence."""
+    node = cluster.nodes["b"]
+    node.store.write(VOL, 0, 0, b"d" * 4096, 1)
+    if op == "drop_chunks":
+        apply = lambda: node.svc.drop_chunks(VOL, 0, 4, 1)      # noqa: E731
+    else:
+        apply = lambda: node.svc.trim(VOL, 0, 0, 0, 1, 1 << 32)  # noqa: E731
+    order = await _fence_during(node, op, apply)
+    assert order == ["released", "applied", "fence"]
+    node.store.write(VOL, 1, 0, b"n" * 4096, 1)
+    hold = trio.Event()
+    node.svc._held[(VOL, 1)] = hold
+    async with trio.open_nursery() as n:
+        async def late():
+            with pytest.raises(Fenced):
+                await node.svc.drop_chunks(VOL, 0, 4, 2)
+        n.start_soon(late)
+        await trio.sleep(0.05)
+        await node.svc.fence(VOL, 3)
+        del node.svc._held[(VOL, 1)]
+        hold.set()
+    assert node.store.read(VOL, 1, 0, 4096) == b"n" * 4096
+
+
 async def test_term_survives_restart(cluster):
     await cluster.target("c").fence(VOL, 7)
     await cluster.nodes["c"].stop()

@@ -121,6 +121,9 @@ class ChunkStore:
         self.nowait_writes = hasattr(os, "RWF_NOWAIT")
         #: ... and RWF_NOWAIT buffered reads (most do); cleared likewise
         self.nowait_reads = hasattr(os, "RWF_NOWAIT")
+        #: the pool filesystem takes fallocate (XFS and ext4 do); cleared
+        #: on the first refusal
+        self.preallocate = True
         self._root_fds: dict[str, int] = {}
         self._no_handles: set[str] = set()
         #: volid -> why a sync failed: Linux reports a write-back error once
@@ -320,6 +323,8 @@ class ChunkStore:
             if crcs is None:
                 crcs = block_crcs(buf)
             try:
+                if self.preallocate and not ch.hdr.all_written(first, last):
+                    self._take_space(ch.fd, HEADER_SIZE + start, len(buf))
                 if nowait:
                     self._write_nowait(ch.fd, buf, HEADER_SIZE + start)
                 else:
@@ -381,6 +386,19 @@ class ChunkStore:
         if empty:
             self.drop_chunks(volid, idx, 1)
         return empty
+
+    def _take_space(self, fd: int, pos: int, size: int) -> None:
+        """Allocate the blocks a write needs before its first byte goes in:
+        a pool that is full then fails the write with the chunk as it was.
+        Otherwise the write would stop half-way, and two replicas of the
+        same write could stop at different blocks and differ from then on."""
+        try:
+            os.posix_fallocate(fd, pos, size)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self.preallocate = False        # a pool without fallocate: write as is
+                return
+            raise
 
     def _checksum_what_went_in(self, ch: _Chunk, first: int, written: int) -> None:
         """A write failed after its first ``written`` bytes went in (a pool

@@ -247,11 +247,21 @@ class ReplicaService:
 
     async def drop_chunks(self, volid, first, count, term):
         await self.check_term(volid, term)
+        while True:                              # a resync is replacing one of them
+            ev = next((e for k, e in self._held.items()
+                       if k[0] == volid and first <= k[1] < first + count), None)
+            if ev is None:
+                break
+            await ev.wait()
+        self._refuse_older(volid, term, self._terms.get(volid, 0))
         marks = self._tracking.get(volid)
         if marks is not None:
             for idx in range(first, first + count):
                 marks[idx] = None                # a resync must not bring it back
-        return await self._run(self.store.drop_chunks, volid, first, count)
+        # a fence waits for it, as for a write: chunks a new attachment
+        # writes after its fence must not be deleted by an older one
+        with self._applying((volid, first)):
+            return await self._run(self.store.drop_chunks, volid, first, count)
 
     # -- live resync of a shared volume, on the replica being brought back -----
     def track(self, volid: int) -> None:

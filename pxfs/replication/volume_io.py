@@ -362,6 +362,8 @@ class ReplicatedVolume:
         if a0 >= a1:                            # inside one block, or two partial ones
             if off < end:
                 await self.write(off, bytes(end - off))
+                self.stats.discards += 1
+                self.stats.bytes_discarded += end - off
             return
         if off < a0:
             await self.write(off, bytes(a0 - off))
@@ -372,6 +374,8 @@ class ReplicatedVolume:
         try:
             run: list[int] = []                 # whole chunks in a row, dropped together
             for idx, inoff, _, n in self._pieces(a0, a1 - a0):
+                if self.must_hold():            # a long discard outlives the lease clock
+                    await self._hold()
                 if n == CHUNK_SIZE:
                     run.append(idx)
                     if len(run) == _STRIPES:
@@ -403,9 +407,10 @@ class ReplicatedVolume:
         async with contextlib.AsyncExitStack() as stack:
             for stripe in sorted(idx % _STRIPES for idx in run):
                 await stack.enter_async_context(_held(self.locks[stripe]))
+            # every write waits meanwhile: a replica that hangs is given up
+            # on after the usual timeout, not the 30 s of a shared file's drop
             await self._fan_out("drop_chunks", dict(vol=self.volid, first=run[0], count=len(run),
-                                                    term=self.term),
-                                timeout=max(self.timeout, 30))
+                                                    term=self.term))
 
     async def flush(self) -> None:
         if self.must_hold():

@@ -240,9 +240,10 @@ class Attachments:
                     log.info("checkpoint of %s failed: %s", loc.name, exc)
 
     async def _reconcile(self, loc: Local, prev_durable: int) -> None:
-        """The previous attachment died: a write it never acknowledged may
-        have reached only some in-sync replicas.  Make them agree by copying
-        every chunk stamped since its last checkpoint from the first of them
+        """The previous attachment died: a write (or discard) it never
+        acknowledged may have reached only some in-sync replicas.  Make them
+        agree by copying every chunk stamped since its last checkpoint, and
+        every chunk some of them lack, from the first of them
         that holds a whole, checked copy (a chunk torn by a power loss fails
         its checksums: it is the one replaced, not the replicas that are
         fine).  A replica that cannot take part falls out of sync."""
@@ -253,11 +254,17 @@ class Attachments:
         t = {n: self.catalog.targets(n) for n in readers}
         failed: dict[str, PxfsError] = {}
         todo: set[int] = set()
+        held: list[set[int]] = []
         for n in readers:
             try:
                 todo |= set(await t[n].list_chunks(vol.volid, prev_durable))
+                # and chunks some hold and others do not: a discard deletes
+                # whole chunks without a stamp, and may have reached only some
+                held.append(await t[n].chunk_ids(vol.volid))
             except PxfsError as exc:
                 failed[n] = exc
+        if held:
+            todo |= set.union(*held) - set.intersection(*held)
         copied = 0
         for idx in sorted(todo):
             live = [n for n in readers if n not in failed]

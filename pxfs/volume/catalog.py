@@ -198,11 +198,14 @@ class Catalog:
 
     async def set_replica_state(self, volid: int, node: str, state: str, *, term: int | None = None,
                                 expect_rev: int | None = None, require_detached=False,
-                                expect_state: str | None = None, source: str | None = None) -> dict:
+                                expect_state: str | None = None, source: str | None = None,
+                                bump_term: bool = False) -> dict:
         """Set one replica's state; returns the new record with its
         ``mod_rev``.  Refuses (Busy) if the replica is not in ``expect_state``,
         or if ``source`` (the replica a resync copied from) is no longer in
-        sync: what it gave may be stale."""
+        sync: what it gave may be stale.  ``bump_term``: also raise the
+        attach term, so that an attachment of the old term cannot take the
+        volume back (Attachments._retake) nor finish what it was doing."""
         async def body(txn):
             item = await txn.get(keys.vol_key(self.cid, volid))
             if item is None:
@@ -226,6 +229,8 @@ class Catalog:
                         r["missed_from"] = 0
             if state == IN_SYNC:
                 rec["gen"] += 1
+            if bump_term:
+                rec["term"] += 1
             txn.put(keys.vol_key(self.cid, volid), codec.pack_record(rec))
             return rec
         rec = await run_txn(self.kv, body, what=f"set replica state {state}")

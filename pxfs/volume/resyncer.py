@@ -46,6 +46,9 @@ class Resyncer:
 
     async def _scan(self, nursery) -> None:
         vols, atts, nodes, extra = await self.catalog.snapshot()
+        known = {rec["id"] for rec in vols}
+        for key in [k for k in self._backoff if k[0] not in known]:
+            del self._backoff[key]                # deleted volumes
         for rec in vols:
             att = atts.get(rec["id"])
             for r in rec["replicas"]:
@@ -77,10 +80,14 @@ class Resyncer:
         its runner (the attached node stopped or was killed mid-copy, or
         this node restarted).  Out of sync again, it is picked up like any
         other; its ``missed_from`` stays, so the copy covers the live
-        writes it took meanwhile too."""
+        writes it took meanwhile too.  The attach term goes up with it: the
+        runner may only be paused, its lease gone with its attach key, and
+        must not take the volume back (nor mark this replica in sync) when
+        it wakes up while this node copies."""
         try:
             await self.catalog.set_replica_state(rec["id"], self.node, OUT_OF_SYNC,
-                                                 expect_state=RESYNCING, require_detached=True)
+                                                 expect_state=RESYNCING, require_detached=True,
+                                                 bump_term=True)
         except PxfsError as exc:          # attached or changed meanwhile: next scan
             log.debug("volume %s: orphaned resync not reset: %s", rec["id"], exc)
             return
