@@ -1484,3 +1484,27 @@ def test_a_node_started_while_etcd_is_down_waits_for_it(make_cluster):
                timeout=30, what="both nodes online")
     dev = c.pxctl("node1", "host", "attach", "ew")["device"]
     assert dd_read(dev, 0, 2) == b"e" * (2 * MiB)
+
+
+def test_detach_refuses_a_device_a_process_holds_open(make_cluster):
+    """A process (a database on the raw device) holds the volume's block
+    device open: detach is refused, naming it, and changes nothing; once it
+    closes the device, detach goes on."""
+    c = make_cluster(1)
+    c.pxctl("node1", "volume", "create", "busy", "--size", "64M", "--fs", "none")
+    dev = c.pxctl("node1", "host", "attach", "busy")["device"]
+    holder = subprocess.Popen([sys.executable, "-c", "import os, sys; fd = os.open(sys.argv[1], "
+                               "os.O_RDWR); print('open', flush=True); sys.stdin.read()", dev],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "open\n"
+        res = c.pxctl("node1", "host", "detach", "busy", check=False)
+        assert res.returncode == 1 and f"{dev} is open by {holder.pid} (python" in res.stderr, \
+            res.stderr
+        assert c.pxctl("node1", "volume", "inspect", "busy")["attached_on"] == "node1"
+        assert os.path.exists(dev) and dev in _loops_on(c.nodes["node1"]["fuse"])
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+    c.pxctl("node1", "host", "detach", "busy")
+    assert _loops_on(c.nodes["node1"]["fuse"]) == []

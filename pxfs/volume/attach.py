@@ -419,6 +419,11 @@ class Attachments:
                 raise NotFound(f"volume {ref!r} is not attached")
             if loc.mount and self._still_mounted(loc):
                 raise Busy(f"volume {loc.name!r} is mounted at {loc.mount}; unmount it first")
+            if loc.device:
+                users = await trio.to_thread.run_sync(hostdev.device_users, loc.device)
+                if users:       # their next read or write would fail with EIO
+                    raise Busy(f"volume {loc.name!r}: {loc.device} is open by "
+                               f"{', '.join(users[:5])}; close it first")
             out = self._describe(loc)
             await self._teardown(loc, release=True)
             return out

@@ -94,6 +94,35 @@ def is_mountpoint(path: str) -> bool:
     return any(t == path for _, t, _ in mounts())
 
 
+def device_users(dev: str) -> list[str]:
+    """"pid (command)" of every other process holding ``dev`` open (a
+    database on the raw device, a dd).  Only the /proc/PID/fd links are
+    read, never stat'ed: a link to a file on a hung mount would hang."""
+    out = []
+    me = str(os.getpid())
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or pid == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:             # gone, or not ours to look at
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") != dev:
+                    continue
+            except OSError:
+                continue
+            try:
+                with open(f"/proc/{pid}/comm") as fh:
+                    comm = fh.read().strip()
+            except OSError:
+                comm = "?"
+            out.append(f"{pid} ({comm})")
+            break
+    return out
+
+
 def is_mounted(dev: str, path: str) -> bool:
     """Whether ``dev`` is mounted at ``path`` (not merely something)."""
     path = os.path.realpath(path)
