@@ -801,6 +801,21 @@ def test_a_failed_sync_fails_every_later_one_until_a_resync(tmp_path, monkeypatc
     assert store.clean(5)
 
 
+def _fill_up(mnt) -> None:
+    """Leave no free block on the filesystem at ``mnt`` (files filler and
+    filler2)."""
+    free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
+    subprocess.run(["fallocate", "-l", str(free), str(mnt / "filler")], check=False)
+    # take what fallocate left: a few blocks may remain
+    try:
+        with open(mnt / "filler2", "wb") as fh:
+            while True:
+                fh.write(b"\0" * 4096)
+                fh.flush()
+    except OSError:
+        pass
+
+
 def test_a_full_pool_refuses_cleanly_and_can_still_be_fenced(tmp_path):
     """A pool that filled up (thin volumes over-committed): new blocks fail
     with NoSpace, never a silent short write; overwrites, reads and a new
@@ -816,16 +831,7 @@ def test_a_full_pool_refuses_cleanly_and_can_still_be_fenced(tmp_path):
         store.set_term(1, 1)
         store.write(1, 0, 0, b"o" * 8192, 1)
         store.sync(1)
-        free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
-        subprocess.run(["fallocate", "-l", str(free), str(mnt / "filler")], check=False)
-        # take what fallocate left: a few blocks may remain
-        try:
-            with open(mnt / "filler2", "wb") as fh:
-                while True:
-                    fh.write(b"\0" * 4096)
-                    fh.flush()
-        except OSError:
-            pass
+        _fill_up(mnt)
         with pytest.raises(NoSpace):
             store.write(1, 5, 0, os.urandom(CHUNK_SIZE // 2), 2)   # a new chunk
         store.write(1, 0, 0, b"n" * 4096, 2)                         # an overwrite
@@ -862,15 +868,7 @@ def test_a_write_cut_short_by_a_full_pool_leaves_its_chunk_readable(tmp_path, pr
         old = pattern(128 * 1024, 1)
         store.write(1, 0, 0, old, 1)
         store.sync(1)
-        free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
-        subprocess.run(["fallocate", "-l", str(free), str(mnt / "filler")], check=False)
-        try:
-            with open(mnt / "filler2", "wb") as fh:
-                while True:
-                    fh.write(b"\0" * 4096)
-                    fh.flush()
-        except OSError:
-            pass
+        _fill_up(mnt)
         new = pattern(CHUNK_SIZE, 9)
         with pytest.raises(NoSpace):
             store.write(1, 0, 0, new, 2)

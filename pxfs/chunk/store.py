@@ -322,16 +322,17 @@ class ChunkStore:
                 buf = data
             if crcs is None:
                 crcs = block_crcs(buf)
+            hdr = ch.hdr
+            fresh = not hdr.all_written(first, last)      # a block never written here
             try:
-                if self.preallocate and not ch.hdr.all_written(first, last):
+                if fresh and self.preallocate:
                     self._take_space(ch.fd, HEADER_SIZE + start, len(buf))
                 if nowait:
                     self._write_nowait(ch.fd, buf, HEADER_SIZE + start)
                 else:
                     _pwrite_all(ch.fd, buf, HEADER_SIZE + start)
-                hdr = ch.hdr
-                if not ch.meta_dirty and not hdr.all_written(first, last):
-                    ch.meta_dirty = True        # a block never written: allocated now
+                if fresh:
+                    ch.meta_dirty = True        # its block is allocated now
                 hdr.mark_range(first, crcs)
                 hdr.gen = max(hdr.gen, gen)
                 # the header page was written by every earlier write: cached
@@ -343,10 +344,7 @@ class ChunkStore:
                     self._checksum_what_went_in(ch, first, exc.written)
                 raise self._oserror(exc) from exc
             ch.dirty_bytes += len(buf)
-            if not ch.dirty:
-                ch.dirty = True
-                with self._lock:
-                    self._dirty[volid].add(ch)
+            self._mark_dirty(ch)
         finally:
             ch.lock.release()
 
@@ -377,10 +375,7 @@ class ChunkStore:
                     os.pwrite(ch.fd, hdr.pack(), 0)
                 except OSError as exc:
                     raise self._oserror(exc) from exc
-                if not ch.dirty:
-                    ch.dirty = True
-                    with self._lock:
-                        self._dirty[volid].add(ch)
+                self._mark_dirty(ch)
         finally:
             ch.lock.release()
         if empty:
@@ -415,13 +410,17 @@ class ChunkStore:
             ch.hdr.mark_range(first, block_crcs(raw))
             os.pwrite(ch.fd, ch.hdr.pack(), 0)
             ch.meta_dirty = True
-            if not ch.dirty:
-                ch.dirty = True
-                with self._lock:
-                    self._dirty[ch.hdr.volid].add(ch)
+            self._mark_dirty(ch)
         except OSError as exc:
             log.error("chunk %s/%s: blocks %d..%d changed by a failed write and not "
                       "checksummed again: %s", ch.hdr.volid, ch.hdr.idx, first, last, exc)
+
+    def _mark_dirty(self, ch: _Chunk) -> None:
+        """The chunk (locked) has changes the volume's next sync must flush."""
+        if not ch.dirty:
+            ch.dirty = True
+            with self._lock:
+                self._dirty[ch.hdr.volid].add(ch)
 
     def _write_nowait(self, fd: int, buf, pos: int) -> None:
         try:

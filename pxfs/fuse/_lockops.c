@@ -241,36 +241,31 @@ make:;
     return se;
 }
 
-static PyObject *set_handler(PyObject *self, PyObject *fn)
+/* *slot = fn (a callable, or None for none) */
+static PyObject *store_handler(PyObject **slot, PyObject *fn)
 {
-    (void)self;
     if (fn != Py_None && !PyCallable_Check(fn)) {
         PyErr_SetString(PyExc_TypeError, "handler must be callable or None");
         return NULL;
     }
-    Py_XDECREF(handler);
-    handler = NULL;
+    Py_CLEAR(*slot);
     if (fn != Py_None) {
         Py_INCREF(fn);
-        handler = fn;
+        *slot = fn;
     }
     Py_RETURN_NONE;
+}
+
+static PyObject *set_handler(PyObject *self, PyObject *fn)
+{
+    (void)self;
+    return store_handler(&handler, fn);
 }
 
 static PyObject *set_fallocate_handler(PyObject *self, PyObject *fn)
 {
     (void)self;
-    if (fn != Py_None && !PyCallable_Check(fn)) {
-        PyErr_SetString(PyExc_TypeError, "handler must be callable or None");
-        return NULL;
-    }
-    Py_XDECREF(falloc_handler);
-    falloc_handler = NULL;
-    if (fn != Py_None) {
-        Py_INCREF(fn);
-        falloc_handler = fn;
-    }
-    Py_RETURN_NONE;
+    return store_handler(&falloc_handler, fn);
 }
 
 static PyObject *reply_err(PyObject *self, PyObject *args)
