@@ -438,6 +438,67 @@ async def test_a_lost_lease_that_answers_again_still_ends_in_a_rejoin(kv, cid):
         nursery.cancel_scope.cancel()
 
 
+async def test_a_lost_lease_is_not_handed_out_and_is_revoked_after_the_rejoin(kv, cid):
+    """etcd restarted and restored the old lease, which a stray refresh
+    (here: the test) keeps alive.  While the node counts it as lost it hands
+    out no lease for new keys; once it has a new one it revokes the old, so
+    the keys still bound to it go as the lost listeners were told."""
+    from pxfs.errors import MetaError
+    real_refresh, real_grant = kv.lease_refresh, kv.lease_grant
+    etcd = {"down": False}
+    rejoined, seen_while_lost = [], []
+
+    async def refresh(lease):
+        if etcd["down"]:
+            raise MetaError("etcd is down")
+        return await real_refresh(lease)
+
+    async def grant(ttl):
+        if etcd["down"]:
+            raise MetaError("etcd is down")
+        return await real_grant(ttl)
+
+    async def on_lost(lease):
+        seen_while_lost.append(m.lease)
+        with pytest.raises(MetaError, match="rejoining"):
+            m.held()
+
+    async def on_rejoined(lease):
+        rejoined.append(lease)
+
+    async with trio.open_nursery() as nursery:
+        m = Membership(kv, cid, "n1", LEASE_TTL, info)
+        m.on_lease_lost(on_lost)
+        m.on_rejoined(on_rejoined)
+        await nursery.start(m.run)
+        old = m.held()
+        await put(kv, keys.node_key(cid, "bound"), b"x", old)
+        keeper = trio.CancelScope()
+
+        async def keep_old_alive():
+            with keeper:
+                while True:
+                    await real_refresh(old)
+                    await trio.sleep(LEASE_TTL / 4)
+        nursery.start_soon(keep_old_alive)
+        kv.lease_refresh, kv.lease_grant = refresh, grant
+        etcd["down"] = True
+        with trio.fail_after(LEASE_TTL * 4):
+            while not seen_while_lost:
+                await trio.sleep(0.05)
+        etcd["down"] = False
+        with trio.fail_after(LEASE_TTL * 4):
+            while not rejoined:
+                await trio.sleep(0.05)
+        keeper.cancel()
+        assert seen_while_lost == [0] and m.held() == rejoined[0] != old
+        with trio.fail_after(LEASE_TTL / 2):     # well before it could expire
+            while await real_refresh(old):
+                await trio.sleep(0.05)
+        assert await kv.get(keys.node_key(cid, "bound")) is None
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_slow_rejoin_listener_does_not_stall_the_keepalive(kv, cid):
     """What waits on a rejoin (taking attachments back) must not keep the
     node from refreshing its new lease."""

@@ -6,6 +6,7 @@ attach made under it vanished with it, so the node must stop writing).
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 
@@ -36,6 +37,7 @@ class Membership:
     def __init__(self, kv: KV, cid: str, node: str, ttl: int, info_fn):
         self.kv, self.cid, self.node, self.ttl = kv, cid, node, ttl
         self._info_fn = info_fn          # () -> dict, the node record's contents
+        #: the etcd lease this node holds now; 0 from its loss to the rejoin
         self.lease = 0
         #: _clock() time until which the lease surely stands in etcd, less
         #: the margin: etcd counts the TTL from a request that was sent no
@@ -54,6 +56,15 @@ class Membership:
         """Register ``async fn(new_lease)`` to run when the node has a lease
         again after losing one."""
         self._rejoined_listeners.append(fn)
+
+    def held(self) -> int:
+        """The lease to bind a new key to; MetaError while the node has
+        none (it lost its lease and is rejoining): a key put under the lost
+        one would go with it, one put under no lease would outlive the node."""
+        if not self.lease:
+            raise MetaError(f"node {self.node} lost its etcd lease and is rejoining the cluster; "
+                            "try again in a few seconds", errno=errno.EAGAIN)
+        return self.lease
 
     def expired(self) -> bool:
         """Whether the lease may have run out in etcd (no refresh answered
@@ -120,7 +131,7 @@ class Membership:
                     self._refreshed(sent)
                     last_ok = time.monotonic()
                     continue
-                old = self.lease
+                old, self.lease = self.lease, 0
                 self.valid_until = 0.0
                 log.warning("node %s lost its etcd lease %x; holding local attachments' I/O "
                             "and rejoining", self.node, old)
@@ -135,10 +146,21 @@ class Membership:
                 lost = False
                 last_ok = time.monotonic()
                 log.warning("node %s rejoined the cluster", self.node)
+                # the old lease may still stand (etcd restarted and restored
+                # it): end it, and the keys still bound to it, as the
+                # listeners were told
+                nursery.start_soon(self._revoke_old, old)
                 for fn in self._rejoined_listeners:
                     nursery.start_soon(fn, self.lease)
             except MetaError as exc:
                 log.warning("rejoin failed, will retry: %s", exc)
+
+    async def _revoke_old(self, old: int) -> None:
+        with trio.move_on_after(max(2.0, self.ttl)):
+            try:
+                await self.kv.lease_revoke(old)
+            except MetaError as exc:
+                log.info("old lease %x not revoked (it expires by itself): %s", old, exc)
 
     async def _publisher(self) -> None:
         while True:

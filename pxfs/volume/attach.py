@@ -134,7 +134,7 @@ class Attachments:
         att = await self.catalog.attachment(volid)
         if att is not None and not (att["node"] == self.node and att["lease"] != self.membership.lease):
             raise Busy(f"volume {rec['name']!r} is attached on node {att['node']}")
-        lease = self.membership.lease
+        lease = self.membership.held()
 
         async def body(txn):
             item = await txn.get(keys.vol_key(self.cid, volid))
@@ -304,13 +304,15 @@ class Attachments:
 
     async def _publish(self, loc: Local) -> None:
         """Write device and mount path into the attach record."""
+        lease = self.membership.held()
+
         async def body(txn):
             item = await txn.get(keys.attach_key(self.cid, loc.volid))
-            if item is None or item.lease != self.membership.lease:
+            if item is None or item.lease != lease:
                 raise Fenced(f"volume {loc.name!r} lost its attachment")
             txn.put(keys.attach_key(self.cid, loc.volid), codec.pack_record(
                 {"node": self.node, "term": loc.vol.term, "device": loc.device, "mount": loc.mount}),
-                self.membership.lease)
+                lease)
         await run_txn(self.kv, body, what="publish attach")
 
     def _describe(self, loc: Local) -> dict:

@@ -121,7 +121,7 @@ class Resyncer:
             rec = {"done": p.done, "total": p.total, "percent": p.percent, "chunks": p.chunks,
                    "started": p.started}
             await self.kv.txn([], [Put(keys.resync_key(self.cid, volid, node),
-                                       codec.pack_record(rec), self.membership.lease)])
+                                       codec.pack_record(rec), self.membership.held())])
         return report
 
     async def _live(self, loc, node: str) -> None:
