@@ -1041,6 +1041,43 @@ def test_io_waits_out_an_etcd_outage(make_cluster, outage):
     assert all(n["status"] == "Online" for n in c.pxctl("node3", "status")["nodes"])
 
 
+def test_a_node_stopped_while_cut_off_from_etcd_stops_in_time(make_cluster):
+    """etcd stops answering; node1, with a volume mounted and its I/O held
+    (its lease is lost), is told to stop.  The unmount waits in the kernel
+    for that held I/O, where no cancellation reaches: the node fails the
+    held I/O after a grace period and stops within ~20 s (before, only the
+    launcher's SIGKILL after 60 s ended it), leaving no mount or loop device
+    behind.  What was fsynced before is there after the failover."""
+    c = make_cluster(3, own_etcd=True)
+    etcd_pid = json.load(open(os.path.join(c.workdir, "cluster.json")))["etcd_pid"]
+    c.pxctl("node1", "volume", "create", "so", "--size", "256M", "--repl", "2",
+            "--nodes", "node1,node2")
+    mnt = c.pxctl("node1", "host", "mount", "so")["mount"]
+    dev = c.pxctl("node1", "volume", "inspect", "so")["device_path"]
+    with open(os.path.join(mnt, "kept"), "wb") as f:
+        f.write(b"fsynced before the outage\n")
+        f.flush()
+        os.fsync(f.fileno())
+    with open(os.path.join(mnt, "dirty"), "wb") as f:
+        f.write(b"x" * 65536)           # in the page cache: the unmount must write it
+    os.kill(etcd_pid, signal.SIGSTOP)
+    try:
+        c.wait_for(lambda: "lost its etcd lease" in open(c.nodes["node1"]["log"]).read(),
+                   timeout=40, what="node1 finding its lease lost")
+        t0 = time.monotonic()
+        c.stop_node("node1")
+        took = time.monotonic() - t0
+    finally:
+        os.kill(etcd_pid, signal.SIGCONT)
+    log = open(c.nodes["node1"]["log"]).read()
+    assert took < 40 and "the node is stopping and the volume's I/O was held" in log, took
+    assert not os.path.ismount(mnt)
+    assert dev not in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    attach_after_failover(c, "node2", "so", timeout=30)
+    mnt2 = c.pxctl("node2", "host", "mount", "so")["mount"]
+    assert open(os.path.join(mnt2, "kept"), "rb").read() == b"fsynced before the outage\n"
+
+
 def test_a_node_taken_over_while_mounted_is_cleaned_up_through_pxctl(make_cluster):
     """node1 is paused with the volume mounted; node2 takes it over.  When
     node1 wakes up its attachment is gone: a new attach there is refused

@@ -481,7 +481,7 @@ class Attachments:
         self.view.remove(loc.name)
         self.local.pop(loc.volid, None)
         self._save()
-        if release:
+        if release and self.membership.lease:   # (none: the key went with the lost one)
             item = await self.kv.get(keys.attach_key(self.cid, loc.volid))
             if item is not None and item.lease == self.membership.lease:
                 await self.kv.txn([Compare(item.key, item.mod_rev)], [Delete(item.key)])
@@ -569,12 +569,27 @@ class Attachments:
         log.warning("volume %s: still attached here after the lease loss (term %d); I/O goes on",
                     loc.name, term)
 
-    async def shutdown(self) -> None:
-        """Unmount and detach everything (clean node stop)."""
+    async def shutdown(self, grace: float = 15.0) -> None:
+        """Unmount and detach everything (clean node stop).  A volume whose
+        I/O is still held after ``grace`` seconds (the node is cut off from
+        etcd) has that I/O failed: the unmount waits for it in the kernel,
+        where no cancellation reaches, and the node must stop."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._fail_held_io_after, grace)
+            for loc in list(self.local.values()):
+                try:            # one volume's trouble must not leave the others attached
+                    if loc.mount:
+                        await self._umount(loc, lazy_fallback=True)
+                    await self._teardown(loc, release=True)
+                except PxfsError as exc:
+                    log.error("could not detach %s at stop: %s", loc.name, exc)
+            nursery.cancel_scope.cancel()
+
+    async def _fail_held_io_after(self, grace: float) -> None:
+        await trio.sleep(grace)
         for loc in list(self.local.values()):
-            try:            # one volume's trouble must not leave the others attached
-                if loc.mount:
-                    await self._umount(loc, lazy_fallback=True)
-                await self._teardown(loc, release=True)
-            except PxfsError as exc:
-                log.error("could not detach %s at stop: %s", loc.name, exc)
+            if loc.vol.must_hold():
+                # what an fsync returned is on the replicas; the rest is
+                # lost as in a crash, and the next attach reconciles
+                loc.vol.fence_local(f"the node is stopping and the volume's I/O was held for "
+                                    f"{grace:.0f} s (no etcd lease); failing it")
