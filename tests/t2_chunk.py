@@ -255,6 +255,34 @@ def test_trim_reads_zeros_keeps_the_rest_and_bumps_the_gen(store, tmp_path):
     assert store.read(VOL, 0, 5 * CSUM_BLOCK, CSUM_BLOCK) == b"n" * CSUM_BLOCK
 
 
+def test_trimmed_blocks_give_their_space_back_once_synced(store, tmp_path):
+    """The hole is punched only after the sync that made the header
+    durable (never before: a crash between the two would leave blocks whose
+    checksum does not match), and only where no write took a block again."""
+    B = CSUM_BLOCK
+    data = pattern(64 * B)
+    store.write(VOL, 0, 0, data, gen=1)
+    store.sync(VOL)
+    path = chunk_path(tmp_path / "pool", VOL, 0)
+    full = os.stat(path).st_blocks
+    store.trim(VOL, 0, 8, 39, gen=2)
+    assert os.stat(path).st_blocks == full              # the header is not durable yet
+    store.write(VOL, 0, 20 * B, b"n" * B, gen=3)        # one block taken again
+    store.sync(VOL)
+    assert os.stat(path).st_blocks <= full - 31 * B // 512
+    want = data[:8 * B] + bytes(12 * B) + b"n" * B + bytes(19 * B) + data[40 * B:]
+    assert store.read(VOL, 0, 0, 64 * B) == want
+    store.write(VOL, 0, 30 * B, b"m" * B, gen=4)        # a punched block written again
+    store.sync(VOL)
+    want = want[:30 * B] + b"m" * B + want[31 * B:]
+    again = ChunkStore([str(tmp_path / "pool")])
+    try:
+        drop_cache(path)
+        assert again.read(VOL, 0, 0, 64 * B) == want
+    finally:
+        again.close()
+
+
 def test_trim_of_all_a_chunk_holds_deletes_it(store, tmp_path):
     store.write(VOL, 3, 10 * CSUM_BLOCK, pattern(2 * CSUM_BLOCK), gen=1)
     assert store.trim(VOL, 3, 11, 11, gen=2) is False

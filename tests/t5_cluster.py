@@ -1385,6 +1385,42 @@ def test_discard_and_zeroout_on_the_block_device(make_cluster):
     assert dd_read(dev, 0, 8) == bytes(data)
 
 
+def _bytes_held(c, node: str, volid: str) -> int:
+    drive = json.load(open(c.nodes[node]["config"]))["storage"]["devices"][0]
+    d = os.path.join(drive, "vols", volid)
+    return sum(os.stat(os.path.join(d, f)).st_blocks * 512 for f in os.listdir(d)
+               if f.endswith(".chk"))
+
+
+def test_discards_inside_chunks_give_space_back_after_the_flush(make_cluster):
+    """A discard of part of each chunk (a filesystem's free space is rarely
+    whole 1 MiB chunks) gives that part's space back on every replica once
+    a flush has made it durable, and the rest reads as written."""
+    c = make_cluster(2)
+    c.pxctl("node1", "volume", "create", "holes", "--size", "64M", "--repl", "2", "--fs",
+            "none")
+    volid = c.pxctl("node1", "volume", "inspect", "holes")["id"]
+    dev = c.pxctl("node1", "host", "attach", "holes")["device"]
+    data = bytearray(os.urandom(8 * MiB))
+    fd = os.open(dev, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+        before = {n: _bytes_held(c, n, volid) for n in ("node1", "node2")}
+        for i in range(8):              # the middle 768 KiB of each chunk
+            subprocess.run(["blkdiscard", "-o", str(i * MiB + 128 * 1024), "-l",
+                            str(768 * 1024), dev], check=True, capture_output=True)
+            data[i * MiB + 128 * 1024:i * MiB + 896 * 1024] = bytes(768 * 1024)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    after = {n: _bytes_held(c, n, volid) for n in ("node1", "node2")}
+    for n in after:
+        assert before[n] - after[n] >= 6 * MiB, (before, after)
+    drop_cache(dev)
+    assert dd_read(dev, 0, 8) == bytes(data)
+
+
 @pytest.mark.parametrize("how", ["killed", "paused"])
 def test_a_resync_orphaned_by_its_attached_node_starts_over(make_cluster, how):
     """node1 (attached, holding no replica) is resyncing node2's replica

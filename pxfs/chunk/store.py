@@ -45,8 +45,11 @@ try:
     _sync_file_range = _libc.sync_file_range
     _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong,
                                  ctypes.c_uint]
+    _fallocate = _libc.fallocate
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 except (OSError, AttributeError):
-    _syncfs = _sync_file_range = None
+    _syncfs = _sync_file_range = _fallocate = None
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 
 
@@ -62,7 +65,7 @@ def block_crcs(data) -> bytes:
 
 
 class _Chunk:
-    __slots__ = ("fd", "hdr", "lock", "dirty", "dirty_bytes", "meta_dirty")
+    __slots__ = ("fd", "hdr", "lock", "dirty", "dirty_bytes", "meta_dirty", "punch")
 
     def __init__(self, fd: int, hdr: Header):
         self.fd, self.hdr, self.lock, self.dirty = fd, hdr, threading.Lock(), False
@@ -72,6 +75,9 @@ class _Chunk:
         #: be synced by writing its data back (see ChunkStore.sync).  True
         #: until the first fdatasync of this descriptor.
         self.meta_dirty = True
+        #: block ranges trimmed since the last sync: their space is given
+        #: back once that sync has made the header that unmarks them durable
+        self.punch: list[tuple[int, int]] = []
 
 
 MAX_IDX = (1 << 64) - 1
@@ -124,6 +130,8 @@ class ChunkStore:
         #: the pool filesystem takes fallocate (XFS and ext4 do); cleared
         #: on the first refusal
         self.preallocate = True
+        #: ... and punching holes (trimmed blocks give their space back)
+        self.punch_holes = True
         self._root_fds: dict[str, int] = {}
         self._no_handles: set[str] = set()
         #: volid -> why a sync failed: Linux reports a write-back error once
@@ -351,8 +359,8 @@ class ChunkStore:
     def trim(self, volid: int, idx: int, first: int, last: int, gen: int) -> bool:
         """Blocks first..last (inclusive) of the chunk read as zeros from
         now on (a discard): marked never written in its header, durable at
-        the next sync like a write.  Their space stays allocated until the
-        chunk is rewritten or deleted: punching the hole now could reach the
+        the next sync like a write.  Their space is given back (a hole
+        punched) only after that sync: punched now, the hole could reach the
         disk before the header does, and a crash would then leave blocks
         whose checksum no longer matches.  A chunk left with no written
         block is deleted.  Whether the chunk is gone (or was never there)."""
@@ -375,6 +383,7 @@ class ChunkStore:
                     os.pwrite(ch.fd, hdr.pack(), 0)
                 except OSError as exc:
                     raise self._oserror(exc) from exc
+                ch.punch.append((first, last))
                 self._mark_dirty(ch)
         finally:
             ch.lock.release()
@@ -714,11 +723,15 @@ class ChunkStore:
             dir_dirty = volid in self._dirty_dirs
             self._dirty_dirs.discard(volid)
         fds = []                # (chunk, dup'ed fd, metadata to log?)
+        punches = []            # (chunk, ranges its header, synced now, unmarks)
         for ch in chunks:
             with ch.lock:
                 if ch.fd >= 0 and ch.dirty:
                     fds.append((ch, os.dup(ch.fd), ch.meta_dirty))
                     ch.dirty, ch.dirty_bytes, ch.meta_dirty = False, 0, False
+                    if ch.punch:
+                        punches.append((ch, ch.punch))
+                        ch.punch = []
         # after the loop: a chunk evicted meanwhile moved its fd here under its lock
         fds += [(None, fd, True) for fd in self._take_unsynced(volid)]
         fds.sort(key=lambda e: e[2])          # files with nothing to log first
@@ -755,6 +768,38 @@ class ChunkStore:
         finally:
             for _, fd, _ in fds:
                 os.close(fd)
+        for ch, ranges in punches:
+            self._punch(ch, ranges)
+
+    def _punch(self, ch: _Chunk, ranges: list[tuple[int, int]]) -> None:
+        """Give back the space of the blocks in ``ranges`` that are still
+        unwritten (a write may have taken some again since the trim).  Best
+        effort: a crash before it, or a pool without hole punching, only
+        keeps the space allocated; the blocks read as zeros either way."""
+        if _fallocate is None or not self.punch_holes:
+            return
+        with ch.lock:
+            if ch.fd < 0:
+                return                  # evicted: the space stays
+            for first, last in ranges:
+                blk = first
+                while blk <= last:
+                    if ch.hdr.written(blk):
+                        blk += 1
+                        continue
+                    end = blk
+                    while end < last and not ch.hdr.written(end + 1):
+                        end += 1
+                    if _fallocate(ch.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                  HEADER_SIZE + blk * CSUM_BLOCK,
+                                  (end - blk + 1) * CSUM_BLOCK):
+                        err = ctypes.get_errno()
+                        if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+                            self.punch_holes = False
+                            return
+                        log.info("cannot give back the space of trimmed blocks: %s",
+                                 os.strerror(err))
+                    blk = end + 1
 
     def _take_unsynced(self, volid: int) -> list[int]:
         with self._lock:
