@@ -283,6 +283,45 @@ def test_trimmed_blocks_give_their_space_back_once_synced(store, tmp_path):
         again.close()
 
 
+def _allocated(path, blk: int) -> bool:
+    """Whether block ``blk`` of a chunk file holds space (is not a hole)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pos = HEADER_SIZE + blk * CSUM_BLOCK
+        try:
+            return os.lseek(fd, pos, os.SEEK_DATA) == pos
+        except OSError:
+            return False                # ENXIO: nothing but holes from there
+    finally:
+        os.close(fd)
+
+
+def test_a_block_trimmed_again_during_a_sync_waits_for_the_next(store, tmp_path, monkeypatch):
+    """A write and a second trim of a block between the moment a sync takes
+    its list of trims and the moment it punches: the header on the disk may
+    mark that block written again, so its hole waits for the next sync."""
+    B = CSUM_BLOCK
+    store.write(VOL, 0, 0, pattern(64 * B), gen=1)
+    store.sync(VOL)
+    path = chunk_path(tmp_path / "pool", VOL, 0)
+    store.trim(VOL, 0, 8, 15, gen=2)
+    punch = store._punch
+
+    def racing_punch(ch, ranges):
+        store.write(VOL, 0, 10 * B, b"w" * B, gen=3)
+        store.trim(VOL, 0, 10, 10, gen=4)
+        punch(ch, ranges)
+
+    monkeypatch.setattr(store, "_punch", racing_punch)
+    store.sync(VOL)
+    monkeypatch.setattr(store, "_punch", punch)
+    assert [_allocated(path, b) for b in range(8, 16)] == [
+        False, False, True, False, False, False, False, False]
+    store.sync(VOL)
+    assert not _allocated(path, 10)
+    assert store.read(VOL, 0, 8 * B, 8 * B) == bytes(8 * B)
+
+
 def test_trim_of_all_a_chunk_holds_deletes_it(store, tmp_path):
     store.write(VOL, 3, 10 * CSUM_BLOCK, pattern(2 * CSUM_BLOCK), gen=1)
     assert store.trim(VOL, 3, 11, 11, gen=2) is False

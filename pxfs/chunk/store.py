@@ -773,22 +773,31 @@ class ChunkStore:
 
     def _punch(self, ch: _Chunk, ranges: list[tuple[int, int]]) -> None:
         """Give back the space of the blocks in ``ranges`` that are still
-        unwritten (a write may have taken some again since the trim).  Best
-        effort: a crash before it, or a pool without hole punching, only
-        keeps the space allocated; the blocks read as zeros either way."""
+        unwritten (a write may have taken some again since the trim).  A
+        block trimmed again since the sync began is left to the next sync:
+        a write between the two trims may have put a header that marks it
+        written on the disk, and only that next sync makes it unmarked
+        there again.  Best effort: a crash before it, or a pool without
+        hole punching, only keeps the space allocated; the blocks read as
+        zeros either way."""
         if _fallocate is None or not self.punch_holes:
             return
         with ch.lock:
             if ch.fd < 0:
                 return                  # evicted: the space stays
+            pending = ch.punch
+
+            def keep(b: int) -> bool:
+                return ch.hdr.written(b) or any(f <= b <= t for f, t in pending)
+
             for first, last in ranges:
                 blk = first
                 while blk <= last:
-                    if ch.hdr.written(blk):
+                    if keep(blk):
                         blk += 1
                         continue
                     end = blk
-                    while end < last and not ch.hdr.written(end + 1):
+                    while end < last and not keep(end + 1):
                         end += 1
                     if _fallocate(ch.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                                   HEADER_SIZE + blk * CSUM_BLOCK,
