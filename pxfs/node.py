@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import resource
@@ -270,10 +271,80 @@ async def _wait_for_etcd(kv, cfg: config_mod.Config) -> None:
         wait = min(5.0, wait * 2)
 
 
+def _check_ports(cfg: config_mod.Config) -> None:
+    """ConfigError if the API or data address cannot be listened on (held by
+    another process): checked before any pool is mounted or anything is
+    registered, so that a refused start leaves nothing behind."""
+    for key, host, port in (("api_address", cfg.api_host, cfg.api_port),
+                            ("data_address", cfg.data_host, cfg.data_port)):
+        try:
+            socket.create_server((host, port), family=socket.AF_INET6 if ":" in host
+                                 else socket.AF_INET).close()
+        except OSError as exc:
+            why = ("another process listens there" if exc.errno == errno.EADDRINUSE
+                   else exc.strerror or str(exc))
+            raise ConfigError(key, f"cannot listen on {host}:{port}: {why}") from None
+
+
+async def _refuse_duplicate(kv, cfg: config_mod.Config) -> None:
+    """ConfigError if another running pxfsd is this node already.  Its record
+    in etcd names its API; a record whose lease still stands may also be
+    this node's own last run, killed less than a lease ago: that one no
+    longer answers, so ask the API whose it is."""
+    nodes = {n["id"]: n for n in await list_nodes(kv, cfg.clusterid)}
+    rec = nodes.get(cfg.node_id)
+    if rec is None or not rec["online"] or not rec.get("api"):
+        return
+    import httpx
+    try:
+        async with httpx.AsyncClient(timeout=3) as http:
+            with trio.move_on_after(4):
+                res = await http.get(f"{rec['api']}/v1/cluster/status")
+                if res.status_code == 200 and res.json().get("node_id") == cfg.node_id \
+                        and res.json().get("cluster_id") == cfg.clusterid:
+                    raise ConfigError("node_id", f"node {cfg.node_id!r} is already running in "
+                                      f"cluster {cfg.clusterid!r} (its API answers at "
+                                      f"{rec['api']}); give each node an id of its own")
+    except (httpx.HTTPError, ValueError):
+        pass                    # nothing (or something else) answers there: a dead run
+
+
+async def _until_etcd(kv, cfg: config_mod.Config, sigs) -> bool:
+    """Wait for etcd; False if told to stop meanwhile."""
+    stopped = False
+    async with trio.open_nursery() as nursery:
+        async def watch():
+            nonlocal stopped
+            async for sig in sigs:
+                log.info("signal %d while waiting for etcd: stopping", sig)
+                stopped = True
+                nursery.cancel_scope.cancel()
+        nursery.start_soon(watch)
+        await _wait_for_etcd(kv, cfg)
+        nursery.cancel_scope.cancel()
+    return not stopped
+
+
 async def run_node(cfg: config_mod.Config, roots: list[str]) -> int:
-    from .fuse import view as fuse_view
     kv = EtcdKV(cfg.kvdb)
-    await _wait_for_etcd(kv, cfg)
+    # from the start: a stop while waiting for etcd (or starting) must still
+    # unmount the pools (main's finally), not end the process where it is
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+        try:
+            started = await _until_etcd(kv, cfg, sigs)
+            if started:
+                await _refuse_duplicate(kv, cfg)
+        except BaseException:
+            await kv.close()
+            raise
+        if not started:
+            await kv.close()
+            return 0
+        return await _run(cfg, kv, roots, sigs)
+
+
+async def _run(cfg: config_mod.Config, kv, roots: list[str], sigs) -> int:
+    from .fuse import view as fuse_view
     node = Node(cfg, kv, roots)
     await trio.to_thread.run_sync(node.store.sync_pools)
     node.attachments.recover_stale()
@@ -306,10 +377,9 @@ async def run_node(cfg: config_mod.Config, roots: list[str]) -> int:
                 log.warning("config keys %s are Portworx's and not used by pxfs",
                             ", ".join(cfg.unused))
             print(f"pxfsd: node {cfg.node_id} ready", flush=True)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                async for sig in sigs:
-                    log.info("signal %d: stopping node", sig)
-                    break
+            async for sig in sigs:
+                log.info("signal %d: stopping node", sig)
+                break
             with trio.move_on_after(30):
                 await node.attachments.shutdown()
             with trio.move_on_after(5):
@@ -334,6 +404,7 @@ def main(argv=None) -> None:
         sys.exit(2)
     logging.basicConfig(level=cfg.log_level.upper(),
                         format=f"%(asctime)s {cfg.node_id} %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)    # a line per request otherwise
     if os.geteuid() != 0:
         print("pxfsd: must run as root (FUSE, loop devices, mounts)", file=sys.stderr)
         sys.exit(2)
@@ -342,14 +413,18 @@ def main(argv=None) -> None:
     _keep_io_buffers()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
-    os.makedirs(cfg.data_dir, exist_ok=True)
     try:
-        roots = pool.prepare(cfg.devices, cfg.data_dir)
+        _check_ports(cfg)
+        os.makedirs(cfg.data_dir, exist_ok=True)
+        roots = pool.prepare(cfg.devices, cfg.data_dir, cfg.clusterid, cfg.node_id)
     except ConfigError as exc:
         print(f"pxfsd: {exc}", file=sys.stderr)
         sys.exit(2)
     try:
         rc = trio.run(run_node, cfg, roots)
+    except ConfigError as exc:           # found once etcd answered: nothing was started
+        print(f"pxfsd: {exc}", file=sys.stderr)
+        rc = 2
     finally:
         pool.release(roots, cfg.data_dir)
     sys.exit(rc)

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import drop_cache, needs_mounts
+from conftest import ROOT, drop_cache, needs_mounts
 
 pytestmark = needs_mounts
 MiB = 1 << 20
@@ -801,6 +801,155 @@ def test_pxfsd_refuses_foreign_filesystem(tmp_path, etcd_url):
     assert res.returncode == 2
     assert "storage.devices" in res.stderr and "ext4" in res.stderr
     assert not (tmp_path / "fuse").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stray_config(c, tmp_path, **change) -> str:
+    """A config for another pxfsd beside cluster ``c``: node1's, with a
+    directory of its own for everything and free ports, then ``change``."""
+    cfg = json.load(open(c.nodes["node1"]["config"]))
+    (tmp_path / "drive").mkdir(exist_ok=True)
+    cfg.update(node_id="node4", storage={"devices": [str(tmp_path / "drive")]},
+               data_dir=str(tmp_path / "data"), fuse_mountpoint=str(tmp_path / "fuse"),
+               osd_root=str(tmp_path / "osd"), docker_socket="",
+               api_address=f"127.0.0.1:{_free_port()}", data_address=f"127.0.0.1:{_free_port()}")
+    cfg.update(change)
+    path = tmp_path / "stray.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def _run_pxfsd(path: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pxfs.node", "--config", path],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+def _refused(res, key: str, *words: str) -> None:
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"pxfsd: config key {key!r}"), res.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def _mounts_under(path) -> list[str]:
+    return [ln for ln in open("/proc/self/mountinfo") if str(path) in ln]
+
+
+@pytest.fixture
+def stray_dir(tmp_path):
+    """tmp_path, and whatever a stray pxfsd that was not refused (the bug
+    these tests look for) mounted under it is unmounted afterwards."""
+    yield tmp_path
+    targets = sorted({ln.split()[4] for ln in _mounts_under(tmp_path)}, reverse=True)
+    for t in targets:
+        subprocess.run(["umount", "-l", t], capture_output=True)
+    for img in tmp_path.glob("*.img"):
+        for lo in subprocess.run(["losetup", "-n", "-O", "NAME", "-j", str(img)],
+                                 capture_output=True, text=True).stdout.split():
+            subprocess.run(["losetup", "-d", lo], capture_output=True)
+
+
+def test_a_second_pxfsd_under_a_running_nodes_id_is_refused(make_cluster, stray_dir):
+    """Another pxfsd started as node1 (its own devices and ports) would take
+    over node1's record, and its peers would send node1's replica writes
+    to it: it is refused, and node1 stays as it was."""
+    c = make_cluster(2)
+    res = _run_pxfsd(_stray_config(c, stray_dir, node_id="node1"))
+    _refused(res, "node_id", "already running", c.nodes["node1"]["api"])
+    assert _mounts_under(stray_dir) == [] and not (stray_dir / "fuse").exists()
+    nodes = {n["id"]: n for n in c.pxctl("node2", "status")["nodes"]}
+    assert nodes["node1"]["status"] == "Online" and nodes["node1"]["api"] == c.nodes["node1"]["api"]
+    assert "node4" not in nodes
+
+
+def test_a_pool_of_another_node_is_refused(make_cluster, stray_dir):
+    """node1's pool given to node4: refused while node1 runs (two nodes on
+    one set of chunk files), and still refused once node1 has stopped (its
+    replicas are node1's); the pool is left as it was."""
+    c = make_cluster(2, dir_drives=False)
+    drive = json.load(open(c.nodes["node1"]["config"]))["storage"]["devices"][0]
+    path = _stray_config(c, stray_dir, storage={"devices": [drive]})
+    _refused(_run_pxfsd(path), "storage.devices", "in use by another running pxfsd", "node1")
+    c.stop_node("node1")
+    _refused(_run_pxfsd(path), "storage.devices", "pool of node 'node1'")
+    assert _mounts_under(stray_dir) == []
+    assert subprocess.run(["losetup", "-j", drive], capture_output=True, text=True).stdout == ""
+    c.start_node("node1")                     # its own pool is still its own
+    assert {n["id"]: n["status"] for n in c.pxctl("node2", "status")["nodes"]}["node1"] == "Online"
+
+
+@pytest.mark.parametrize("key", ["api_address", "data_address"])
+def test_a_port_in_use_is_refused_and_leaves_nothing(make_cluster, stray_dir, key):
+    c = make_cluster(1)
+    taken = c.nodes["node1"]["api" if key == "api_address" else "data"]
+    taken = taken.split("//")[-1]
+    res = _run_pxfsd(_stray_config(c, stray_dir, **{key: taken}))
+    _refused(res, key, taken, "another process listens there")
+    assert not (stray_dir / "data").exists() and _mounts_under(stray_dir) == []
+    assert [n["id"] for n in c.pxctl("node1", "status")["nodes"]] == ["node1"]
+
+
+def test_a_node_stopped_while_waiting_for_etcd_unmounts_its_pool(stray_dir):
+    """SIGTERM to a node still waiting for etcd: it stops at once and
+    unmounts the pool it mounted (the image's loop device goes with it)."""
+    img = stray_dir / "drive.img"
+    subprocess.run(["truncate", "-s", "512M", str(img)], check=True)
+    cfg = {"clusterid": "w", "kvdb": [f"etcd:http://127.0.0.1:{_free_port()}"],
+           "storage": {"devices": [str(img)]}, "data_dir": str(stray_dir / "data"),
+           "fuse_mountpoint": str(stray_dir / "fuse"), "osd_root": str(stray_dir / "osd"),
+           "api_address": f"127.0.0.1:{_free_port()}",
+           "data_address": f"127.0.0.1:{_free_port()}", "docker_socket": ""}
+    (stray_dir / "c.json").write_text(json.dumps(cfg))
+    log = open(stray_dir / "log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "pxfs.node", "--config", str(stray_dir / "c.json")],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while "waiting for etcd" not in open(stray_dir / "log").read():
+            assert proc.poll() is None and time.monotonic() < deadline, open(stray_dir / "log").read()
+            time.sleep(0.2)
+        assert _mounts_under(stray_dir / "data"), "the pool was not mounted"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0, open(stray_dir / "log").read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            subprocess.run(["umount", "-l", str(stray_dir / "data" / "pools" / "0")],
+                           capture_output=True)
+    assert _mounts_under(stray_dir) == []
+    assert subprocess.run(["losetup", "-j", str(img)], capture_output=True, text=True).stdout == ""
+
+
+def test_a_node_whose_alive_key_vanished_shows_online_again(make_cluster, etcd_server):
+    """A stray process that registered under node1's id and left takes
+    node1's alive key with it; node1, still running, puts it back."""
+    import trio
+
+    from pxfs.meta import keys
+    from pxfs.meta.etcd import EtcdKV
+    c = make_cluster(2)
+    cid = c.pxctl("node1", "status")["cluster_id"]
+
+    async def drop():
+        kv = EtcdKV([etcd_server])
+        try:
+            await kv.delete_prefix(keys.alive_key(cid, "node1"))
+        finally:
+            await kv.close()
+    trio.run(drop)
+
+    def online():
+        return {n["id"]: n["status"] for n in c.pxctl("node2", "status")["nodes"]}["node1"] \
+            == "Online"
+    assert not online()
+    c.wait_for(online, timeout=15, what="node1 Online again")
 
 
 def test_unclean_end_reconciles_in_sync_replicas(make_cluster):

@@ -47,6 +47,7 @@ class Membership:
         self._lost_listeners = []
         self._rejoined_listeners = []
         self.started = time.time()
+        self._since = 0.0               # when the lease held was granted
 
     def on_lease_lost(self, fn) -> None:
         """Register ``async fn(old_lease)`` to run when the lease was lost."""
@@ -85,10 +86,11 @@ class Membership:
         sent = _clock()
         lease = await self.kv.lease_grant(self.ttl)
         rec = dict(self._info_fn(), id=self.node, started=self.started)
+        self._since = time.time()
         try:
             await self.kv.txn([], [
                 Put(keys.node_key(self.cid, self.node), codec.pack_record(rec)),
-                Put(keys.alive_key(self.cid, self.node), codec.pack_record({"since": time.time()}),
+                Put(keys.alive_key(self.cid, self.node), codec.pack_record({"since": self._since}),
                     lease)])
         except MetaError:
             await self.kv.lease_revoke(lease)
@@ -97,9 +99,16 @@ class Membership:
         self._refreshed(sent)
 
     async def publish(self) -> None:
-        """Write the node record (addresses, capacity)."""
+        """Write the node record (addresses, capacity), and the alive key
+        again under the lease held: a stray process that registered under
+        this node's id and left deleted it, and the node would otherwise
+        stay Offline while it runs."""
         rec = dict(self._info_fn(), id=self.node, started=self.started)
-        await self.kv.txn([], [Put(keys.node_key(self.cid, self.node), codec.pack_record(rec))])
+        puts = [Put(keys.node_key(self.cid, self.node), codec.pack_record(rec))]
+        if self.lease:
+            puts.append(Put(keys.alive_key(self.cid, self.node),
+                            codec.pack_record({"since": self._since}), self.lease))
+        await self.kv.txn([], puts)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
         await self._register()
