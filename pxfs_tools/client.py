@@ -24,7 +24,7 @@ class Client:
         try:
             data = resp.json()
         except ValueError:
-            raise ApiError(f"{self.base}{path}: HTTP {resp.status_code}: {resp.text[:200]}") from None
+            raise ApiError(f"{self.base}{path}: HTTP {resp.status_code}: {' '.join(resp.text[:200].split())}") from None
         if resp.status_code >= 400:
             raise ApiError(data.get("error", f"HTTP {resp.status_code}") if isinstance(data, dict)
                            else f"HTTP {resp.status_code}", errno=(data or {}).get("errno", 5))

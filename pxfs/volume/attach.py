@@ -116,6 +116,13 @@ class Attachments:
         return on_failure
 
     # -- attach ----------------------------------------------------------------
+    def _busy_elsewhere(self, name: str, node: str) -> Busy:
+        """The attach refusal, with what a user who knows that node died
+        wants to know: the volume frees itself when that node's lease ends."""
+        return Busy(f"volume {name!r} is attached on node {node} (detach it there; if {node} "
+                    f"is down, its lease ends within {self.membership.ttl} s and the volume can "
+                    "be attached here then)")
+
     async def attach(self, ref: str) -> dict:
         volid = await self.catalog.resolve(ref)
         async with self.lock(volid):
@@ -133,7 +140,7 @@ class Attachments:
             await self._teardown(loc, release=False)
         att = await self.catalog.attachment(volid)
         if att is not None and not (att["node"] == self.node and att["lease"] != self.membership.lease):
-            raise Busy(f"volume {rec['name']!r} is attached on node {att['node']}")
+            raise self._busy_elsewhere(rec["name"], att["node"])
         lease = self.membership.held()
 
         async def body(txn):
@@ -144,7 +151,7 @@ class Attachments:
             if cur is not None:
                 other = codec.unpack_record(cur.value)
                 if other["node"] != self.node:
-                    raise Busy(f"volume {rec['name']!r} is attached on node {other['node']}")
+                    raise self._busy_elsewhere(rec["name"], other["node"])
             r = codec.unpack_record(item.value)
             r["prev_durable"] = r.get("durable", 0)   # the dying attachment's last checkpoint
             r["prev_clean"] = r.get("clean", True)    # did it end with a flushed detach?

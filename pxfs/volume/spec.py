@@ -76,7 +76,8 @@ def parse_size(value: object) -> int:
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([A-Za-z]*)", text)
     if not m or m.group(2).lower() not in _UNITS:
         raise InvalidArgument(f"size {text!r}: expected a number of GiB or a number with "
-                              "a unit M, MiB, G, GiB or T (e.g. 10, 512M, 2G)")
+                              "a unit K, M, G or T (KiB, KB, MiB, MB, ... all mean powers of "
+                              "1024; e.g. 10, 512M, 2G)")
     size = int(decimal.Decimal(m.group(1)) * _UNITS[m.group(2).lower()])
     size -= size % 4096
     if size < MIN_SIZE:
