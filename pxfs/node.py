@@ -413,11 +413,16 @@ def main(argv=None) -> None:
     _keep_io_buffers()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+    fresh = not os.path.exists(cfg.data_dir)
     try:
         _check_ports(cfg)
         os.makedirs(cfg.data_dir, exist_ok=True)
         roots = pool.prepare(cfg.devices, cfg.data_dir, cfg.clusterid, cfg.node_id)
     except ConfigError as exc:
+        if fresh:                   # a refused start leaves no empty data_dir behind
+            for d, _, _ in sorted(os.walk(cfg.data_dir), reverse=True):
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
         print(f"pxfsd: {exc}", file=sys.stderr)
         sys.exit(2)
     try:

@@ -876,6 +876,7 @@ def test_a_pool_of_another_node_is_refused(make_cluster, stray_dir):
     drive = json.load(open(c.nodes["node1"]["config"]))["storage"]["devices"][0]
     path = _stray_config(c, stray_dir, storage={"devices": [drive]})
     _refused(_run_pxfsd(path), "storage.devices", "in use by another running pxfsd", "node1")
+    assert not (stray_dir / "data").exists()
     c.stop_node("node1")
     _refused(_run_pxfsd(path), "storage.devices", "pool of node 'node1'")
     assert _mounts_under(stray_dir) == []
