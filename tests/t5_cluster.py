@@ -1709,6 +1709,35 @@ def test_a_node_started_while_etcd_is_down_waits_for_it(make_cluster):
     assert dd_read(dev, 0, 2) == b"e" * (2 * MiB)
 
 
+def test_unmount_of_a_busy_mount_names_who_holds_it(make_cluster):
+    """A shell sits in the mounted volume and a process has a file open
+    there: the unmount is refused naming both, the volume stays mounted,
+    and it unmounts once they are gone."""
+    c = make_cluster(1)
+    c.pxctl("node1", "volume", "create", "busym", "--size", "128M", "--fs", "ext4")
+    mnt = c.pxctl("node1", "host", "mount", "busym")["mount"]
+    sitter = subprocess.Popen(["sleep", "60"], cwd=mnt)
+    opener = subprocess.Popen([sys.executable, "-c", "import sys; f = open(sys.argv[1], 'w'); "
+                               "print('open', flush=True); sys.stdin.read()",
+                               os.path.join(mnt, "f")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert opener.stdout.readline() == "open\n"
+        res = c.pxctl("node1", "host", "unmount", "busym", check=False)
+        assert res.returncode == 1, res.stderr
+        err = res.stderr.strip()
+        assert len(err.splitlines()) == 1 and "busy" in err, err
+        assert f"{sitter.pid} (sleep)" in err and f"{opener.pid} (python" in err, err
+        assert os.path.ismount(mnt)
+    finally:
+        sitter.kill()
+        sitter.wait()
+        opener.stdin.close()
+        opener.wait(timeout=10)
+    c.pxctl("node1", "host", "unmount", "busym")
+    assert not os.path.ismount(mnt)
+
+
 def test_detach_refuses_a_device_a_process_holds_open(make_cluster):
     """A process (a database on the raw device) holds the volume's block
     device open: detach is refused, naming it, and changes nothing; once it

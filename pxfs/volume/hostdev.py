@@ -96,20 +96,34 @@ def is_mountpoint(path: str) -> bool:
 
 def device_users(dev: str) -> list[str]:
     """"pid (command)" of every other process holding ``dev`` open (a
-    database on the raw device, a dd).  Only the /proc/PID/fd links are
-    read, never stat'ed: a link to a file on a hung mount would hang."""
+    database on the raw device, a dd)."""
+    return _users(lambda target: target == dev, cwd=False)
+
+
+def path_users(path: str) -> list[str]:
+    """"pid (command)" of every other process with a file open, its working
+    directory or its root under ``path`` (what keeps a mount busy)."""
+    path = os.path.realpath(path)
+    return _users(lambda target: target == path or target.startswith(path + "/"), cwd=True)
+
+
+def _users(match, cwd: bool) -> list[str]:
+    """Only the /proc/PID links are read, never stat'ed: a link to a file on
+    a hung mount would hang."""
     out = []
     me = str(os.getpid())
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or pid == me:
             continue
         try:
-            fds = os.listdir(f"/proc/{pid}/fd")
+            links = [f"fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]
         except OSError:             # gone, or not ours to look at
             continue
-        for fd in fds:
+        if cwd:
+            links += ["cwd", "root"]
+        for link in links:
             try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") != dev:
+                if not match(os.readlink(f"/proc/{pid}/{link}")):
                     continue
             except OSError:
                 continue
@@ -281,7 +295,16 @@ async def mount(dev: str, path: str, fs: str) -> None:
 
 
 async def umount(path: str, lazy: bool = False) -> None:
-    await run("umount", *(["-l"] if lazy else []), path)
+    try:
+        await run("umount", *(["-l"] if lazy else []), path)
+    except HostError as exc:
+        if "busy" not in str(exc):
+            raise
+        users = await trio.to_thread.run_sync(path_users, path)
+        if not users:
+            raise
+        raise HostError(f"{exc}; in use by {', '.join(users[:5])}"
+                        + (f" and {len(users) - 5} more" if len(users) > 5 else "")) from None
 
 
 #: ``_IOR('X', 125, __u32)``: ext4's EXT4_IOC_SHUTDOWN and XFS's
