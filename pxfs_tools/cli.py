@@ -122,6 +122,22 @@ def status(click_ctx, host, as_json):
     _run(ctx, lambda: ctx.client.get("/v1/cluster/status"), _render_status)
 
 
+@cli.group("cluster")
+def cluster_group():
+    """Manage the cluster's nodes."""
+
+
+@cluster_group.command("delete")
+@click.argument("node_id")
+@_global_opts
+@click.pass_context
+def cluster_delete(click_ctx, node_id, host, as_json):
+    """Remove an Offline node that holds no replica from the cluster."""
+    ctx = _ctx(click_ctx, host, as_json)
+    _run(ctx, lambda: ctx.client.delete(f"/v1/cluster/nodes/{quote(node_id, safe='')}"),
+         lambda v: click.echo(f"Node {v['node']} successfully removed from the cluster."))
+
+
 # -- volume -------------------------------------------------------------------
 @cli.group("volume")
 def volume():

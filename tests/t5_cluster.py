@@ -1709,6 +1709,39 @@ def test_a_node_started_while_etcd_is_down_waits_for_it(make_cluster):
     assert dd_read(dev, 0, 2) == b"e" * (2 * MiB)
 
 
+def test_cluster_delete_removes_an_offline_node_that_holds_no_replica(make_cluster):
+    """`pxctl cluster delete`: refused for an Online node, for one holding a
+    replica (naming the volume), for an unknown one, and for the node asked
+    itself; an Offline node with no replica goes from the cluster, and
+    registers again if it is started again."""
+    c = make_cluster(3)
+    c.pxctl("node1", "volume", "create", "kept", "--size", "64M", "--repl", "1", "--fs", "none",
+            "--nodes", "node2")
+
+    def nodes():
+        return {n["id"]: n["status"] for n in c.pxctl("node1", "status")["nodes"]}
+
+    def refused(node, *words):
+        res = c.pxctl("node1", "cluster", "delete", node, check=False)
+        assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        for w in words:
+            assert w in res.stderr, res.stderr
+    refused("node3", "node3 is Online")
+    refused("node1", "this node")
+    refused("nosuch", "'nosuch' is not in the cluster")
+    c.stop_node("node2")
+    c.stop_node("node3")
+    c.wait_for(lambda: nodes()["node3"] == "Offline" and nodes()["node2"] == "Offline",
+               what="node2 and node3 Offline")
+    refused("node2", "holds replicas of kept")
+    out = c.pxctl("node1", "cluster", "delete", "node3")
+    assert out == {"node": "node3", "removed": True}
+    assert set(nodes()) == {"node1", "node2"}
+    refused("node3", "not in the cluster")
+    c.start_node("node3")
+    assert nodes()["node3"] == "Online"
+
+
 def test_unmount_of_a_busy_mount_names_who_holds_it(make_cluster):
     """A shell sits in the mounted volume and a process has a file open
     there: the unmount is refused naming both, the volume stays mounted,

@@ -171,6 +171,12 @@ def build_app(node) -> Starlette:
             raise InvalidArgument("path must be a string")
         return await node.unmount(request.path_params["ref"], path)
 
+    async def remove_node(request):
+        await _body(request, set())
+        node_id = request.path_params["node"]
+        await node.catalog.remove_node(node_id)
+        return {"node": node_id, "removed": True}
+
     async def no_route(request: Request, exc: HTTPException) -> JSONResponse:
         if exc.status_code == 405:
             msg = f"{request.method} is not allowed on {request.url.path}"
@@ -186,6 +192,7 @@ def build_app(node) -> Starlette:
     routes = [
         Route("/v1/cluster/status", route(status), methods=["GET"]),
         Route("/v1/cluster/config", route(cluster_config), methods=["GET"]),
+        Route("/v1/cluster/nodes/{node:path}", route(remove_node), methods=["DELETE"]),
         Route("/v1/volumes", route(list_volumes), methods=["GET"]),
         Route("/v1/volumes", route(create), methods=["POST"]),
         Route("/v1/volumes/{ref:path}", route(inspect), methods=["GET"]),

@@ -146,6 +146,32 @@ class Catalog:
                 await self.kv.txn([], [Delete(item.key)])
         return rec
 
+    async def remove_node(self, node: str) -> None:
+        """Forget an Offline node for good (``pxctl cluster delete``).
+        Refused while it is Online, and while it holds a replica of any
+        volume: its data would be missed without a word (delete or move
+        those volumes first).  A node removed and started again registers
+        again."""
+        if node == self.node:
+            raise Busy(f"node {node} is this node; ask another node to remove it once it is "
+                       "stopped")
+        held = sorted(codec.unpack_record(i.value)["name"]
+                      for i in await self.kv.range(keys.vol_prefix(self.cid))
+                      if any(r["node"] == node for r in codec.unpack_record(i.value)["replicas"]))
+        if held:
+            raise Busy(f"node {node} holds replicas of {', '.join(held[:10])}"
+                       + (f" and {len(held) - 10} more" if len(held) > 10 else "")
+                       + "; delete those volumes first")
+
+        async def body(txn):
+            if await txn.get(keys.node_key(self.cid, node)) is None:
+                raise NotFound(f"node {node!r} is not in the cluster")
+            if await txn.get(keys.alive_key(self.cid, node)) is not None:
+                raise Busy(f"node {node} is Online; stop it before removing it from the cluster")
+            txn.delete(keys.node_key(self.cid, node))
+        await run_txn(self.kv, body, what=f"remove node {node}")
+        log.info("removed node %s from the cluster", node)
+
     async def ns_mounts(self, volid: int | None = None) -> list[dict]:
         """The live mounts of shared volumes (each mount process keeps its
         record alive with its own lease)."""
