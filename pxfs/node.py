@@ -148,7 +148,8 @@ class Node:
             desc["io"] = {"reads": s.reads, "writes": s.writes, "bytes_read": s.bytes_read,
                           "bytes_written": s.bytes_written, "flushes": s.flushes,
                           "repairs": s.repairs, "discards": s.discards,
-                          "bytes_discarded": s.bytes_discarded}
+                          "bytes_discarded": s.bytes_discarded, "errors": s.errors,
+                          "last_error": s.last_error, "last_error_at": s.last_error_at}
             # the attachment here fails all I/O (fenced): etcd's view of the
             # volume looks healthy, so say it where the user looks
             if loc.vol.fenced:

@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import sys
+import time
 from urllib.parse import quote
 
 import click
@@ -249,6 +250,10 @@ def _render_inspect(v):
                  ("Writes", io["writes"]), ("Bytes Written", io["bytes_written"])]
         if io.get("discards"):
             rows.append(("Bytes Discarded", io["bytes_discarded"]))
+        if io.get("errors"):
+            ago = max(0, int(time.time() - io.get("last_error_at", 0)))
+            rows.append(("I/O errors", f"{io['errors']}, the last {ago} s ago: "
+                                       f"{io.get('last_error', '')}"))
     w = max(len(k) for k, _ in rows)
     for k, x in rows:
         click.echo(f"{k.ljust(w)} : {x}")

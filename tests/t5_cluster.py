@@ -3,8 +3,10 @@ mount, driven through pxctl as a user would."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import mmap
 import os
 import random
 import re
@@ -1707,6 +1709,36 @@ def test_a_node_started_while_etcd_is_down_waits_for_it(make_cluster):
                timeout=30, what="both nodes online")
     dev = c.pxctl("node1", "host", "attach", "ew")["device"]
     assert dd_read(dev, 0, 2) == b"e" * (2 * MiB)
+
+
+def test_inspect_on_the_attached_node_shows_io_failing_at_once(make_cluster):
+    """The only replica's node dies: etcd still calls it in sync until its
+    lease ends, but the attached node's inspect shows the failed I/O (how
+    many, how long ago, which replica) from the first failure on."""
+    c = make_cluster(2, lease_ttl=10)
+    c.pxctl("node1", "volume", "create", "lone", "--size", "64M", "--repl", "1", "--fs", "none",
+            "--nodes", "node2")
+    dev = c.pxctl("node1", "host", "attach", "lone")["device"]
+    fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+    buf = mmap.mmap(-1, 4096)
+    buf.write(b"x" * 4096)
+    try:
+        os.pwrite(fd, buf, 0)
+        assert "I/O errors" not in c.pxctl("node1", "volume", "inspect", "lone", as_json=False)
+        c.stop_node("node2", kill=True)
+        with pytest.raises(OSError) as ei:
+            os.pwrite(fd, buf, 1 << 20)
+            os.fsync(fd)
+        assert ei.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    v = c.pxctl("node1", "volume", "inspect", "lone")
+    assert v["replicas"][0]["state"] == "in_sync"        # etcd's view, for up to a lease
+    assert v["io"]["errors"] >= 1 and "node2" in v["io"]["last_error"], v["io"]
+    text = c.pxctl("node1", "volume", "inspect", "lone", as_json=False)
+    line = next(ln for ln in text.splitlines() if ln.startswith("I/O errors"))
+    assert re.search(r": \d+, the last \d+ s ago: volume \d+: no in-sync replica took the "
+                     r"write: node2: ", line), line
 
 
 def test_cluster_delete_removes_an_offline_node_that_holds_no_replica(make_cluster):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 
 import trio
 
@@ -52,6 +53,12 @@ class IoStats:
     repairs: int = 0
     discards: int = 0
     bytes_discarded: int = 0
+    #: requests that failed for want of a replica, and the last one's error
+    #: and time: etcd's view of the replicas lags a node's death by up to a
+    #: lease, the attached node knows at once
+    errors: int = 0
+    last_error: str = ""
+    last_error_at: float = 0.0
 
 
 class ReplicatedVolume:
@@ -254,8 +261,15 @@ class ReplicatedVolume:
                 for b in bad:
                     await self._repair(b, node, idx, a0, data, locked)
                 return data[inoff - a0:inoff - a0 + n]
-        raise PxfsError(f"volume {self.volid}: no replica could serve chunk {idx}: "
-                        + "; ".join(map(str, errors)) if errors else "no in-sync replica")
+        raise self._failed(PxfsError(f"volume {self.volid}: no replica could serve chunk {idx}: "
+                                     + "; ".join(map(str, errors)) if errors
+                                     else "no in-sync replica"))
+
+    def _failed(self, exc: PxfsError) -> PxfsError:
+        """Count a request that no replica could serve (shown by inspect)."""
+        self.stats.errors += 1
+        self.stats.last_error, self.stats.last_error_at = str(exc), time.time()
+        return exc
 
     async def _more_readers(self, tried: list[str]) -> list[str]:
         """Shared volumes: another writer may have changed the replica states
@@ -525,7 +539,8 @@ class ReplicatedVolume:
             if not ok:
                 why = "; ".join(f"{n}: {e}" for n, e in failed.items())
                 await self._no_in_sync_took(op, nodes, failed, why)
-                raise PxfsError(f"volume {self.volid}: no in-sync replica took the write: {why}")
+                raise self._failed(PxfsError(
+                    f"volume {self.volid}: no in-sync replica took the write: {why}"))
             still = [n for n in failed if self.states.get(n) in (IN_SYNC, RESYNCING)]
             if still:
                 for n in still:
