@@ -24,6 +24,8 @@ import time
 import click
 import httpx
 
+from pxfs.volume import hostdev
+
 STATE = "cluster.json"
 
 
@@ -319,13 +321,8 @@ def _cleanup_mounts(workdir: str) -> None:
         if len(parts) == 2 and parts[1].strip().startswith(prefix):
             loops.append(parts[0])
     for _ in range(3):
-        mounts = []
-        with open("/proc/self/mounts") as fh:
-            for line in fh:
-                src, tgt = line.split()[:2]
-                tgt = tgt.encode().decode("unicode_escape")
-                if tgt.startswith(prefix) or src in loops:
-                    mounts.append(tgt)
+        mounts = [tgt for src, tgt, _ in hostdev.mounts()
+                  if tgt.startswith(prefix) or src in loops]
         if not mounts:
             break
         for tgt in sorted(mounts, key=len, reverse=True):

@@ -1711,6 +1711,31 @@ def test_a_node_started_while_etcd_is_down_waits_for_it(make_cluster):
     assert dd_read(dev, 0, 2) == b"e" * (2 * MiB)
 
 
+def test_mount_paths_with_utf8_and_spaces_unmount_for_real(make_cluster, tmp_path):
+    """/proc/self/mounts gives a UTF-8 name as its bytes and a space as an
+    octal escape: the unmount must find the mount (it took a mount it did
+    not recognise for one undone by hand, said "unmounted" and let detach
+    pull the device from under a live filesystem)."""
+    c = make_cluster(1)
+    c.pxctl("node1", "volume", "create", "uv8", "--size", "128M", "--fs", "ext4")
+    path = str(tmp_path / "mnt ü é")
+    os.makedirs(path)
+    c.pxctl("node1", "host", "mount", "uv8", "--path", path)
+    assert os.path.ismount(path)
+    with open(os.path.join(path, "f"), "w") as fh:
+        fh.write("kept")
+    assert c.pxctl("node1", "volume", "inspect", "uv8")["mount_path"] == path
+    res = c.pxctl("node1", "host", "detach", "uv8", check=False)
+    assert res.returncode == 1 and "mounted" in res.stderr, res.stderr
+    c.pxctl("node1", "host", "unmount", "uv8")
+    assert not os.path.ismount(path)
+    c.pxctl("node1", "host", "detach", "uv8")
+    c.pxctl("node1", "host", "mount", "uv8", "--path", path)
+    assert open(os.path.join(path, "f")).read() == "kept"
+    c.pxctl("node1", "host", "unmount", "uv8")
+    assert not os.path.ismount(path)
+
+
 def test_inspect_on_the_attached_node_shows_io_failing_at_once(make_cluster):
     """The only replica's node dies: etcd still calls it in sync until its
     lease ends, but the attached node's inspect shows the failed I/O (how

@@ -78,14 +78,25 @@ def loop_backing(dev: str) -> str | None:
         return None
 
 
+_OCTAL = re.compile(rb"\\([0-7]{3})")
+
+
+def _unescape(field: bytes) -> str:
+    """A /proc/self/mounts field as the path it names: the kernel writes
+    space, tab, newline and backslash as octal escapes and every other byte
+    as it is (UTF-8 names included), so decode the escapes on the bytes and
+    the bytes as the file system encoding does (unicode_escape would read
+    each byte of a UTF-8 name as a character of its own)."""
+    return os.fsdecode(_OCTAL.sub(lambda m: bytes([int(m.group(1), 8)]), field))
+
+
 def mounts() -> list[tuple[str, str, str]]:
     """(source, target, fstype) of every mount, octal escapes decoded."""
     out = []
-    with open("/proc/self/mounts") as fh:
+    with open("/proc/self/mounts", "rb") as fh:
         for line in fh:
             f = line.split()
-            dec = [x.encode().decode("unicode_escape") for x in f[:3]]
-            out.append((dec[0], dec[1], dec[2]))
+            out.append((_unescape(f[0]), _unescape(f[1]), _unescape(f[2])))
     return out
 
 
