@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import resource
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import trio
 
@@ -287,6 +289,56 @@ def _check_ports(cfg: config_mod.Config) -> None:
             raise ConfigError(key, f"cannot listen on {host}:{port}: {why}") from None
 
 
+#: in data_dir, flock'ed while the node runs: two nodes on one data_dir
+#: would mount their pools over each other's
+LOCK_FILE = "pxfsd.lock"
+_held: list[int] = []
+
+
+def _lock_data_dir(data_dir: str) -> None:
+    os.makedirs(data_dir, exist_ok=True)
+    fd = os.open(os.path.join(data_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError("data_dir", f"{data_dir} is in use by another running pxfsd (pid "
+                          f"{pid}); give each node a data_dir of its own") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held.append(fd)
+
+
+def _check_fuse_mountpoint(path: str) -> None:
+    """ConfigError if something live is mounted at the node's FUSE mount
+    point: another pxfsd's view (starting over it would unmount that node's
+    volumes as "stale") or anything else.  A FUSE mount whose process died
+    ("not connected") is stale and is cleaned up at start."""
+    real = os.path.realpath(path)
+    fstype = next((t for _, m, t in hostdev.mounts() if m == real), None)
+    if fstype is None:
+        return
+    if not fstype.startswith("fuse"):
+        raise ConfigError("fuse_mountpoint", f"{path} is the mount point of a {fstype} "
+                          "filesystem; give the node a mount point of its own")
+    box: dict = {}
+
+    def probe():
+        try:
+            os.stat(real)
+            box["live"] = True
+        except OSError as exc:
+            box["err"] = exc
+
+    t = threading.Thread(target=probe, daemon=True)   # a paused daemon's mount hangs
+    t.start()
+    t.join(3)
+    if t.is_alive() or box.get("live"):
+        raise ConfigError("fuse_mountpoint", f"{path} is the FUSE mount of a running process "
+                          "(another pxfsd's view?); give each node a mount point of its own")
+
+
 async def _refuse_duplicate(kv, cfg: config_mod.Config) -> None:
     """ConfigError if another running pxfsd is this node already.  Its record
     in etcd names its API; a record whose lease still stands may also be
@@ -327,6 +379,8 @@ async def _until_etcd(kv, cfg: config_mod.Config, sigs) -> bool:
 
 
 async def run_node(cfg: config_mod.Config, roots: list[str]) -> int:
+    """The node, once etcd answers and says no other process is this node;
+    the pools it mounts go into ``roots`` (main unmounts them)."""
     kv = EtcdKV(cfg.kvdb)
     # from the start: a stop while waiting for etcd (or starting) must still
     # unmount the pools (main's finally), not end the process where it is
@@ -335,6 +389,10 @@ async def run_node(cfg: config_mod.Config, roots: list[str]) -> int:
             started = await _until_etcd(kv, cfg, sigs)
             if started:
                 await _refuse_duplicate(kv, cfg)
+                # formatted and claimed only now: a refused start leaves
+                # the devices as they were
+                roots += await trio.to_thread.run_sync(
+                    pool.prepare, cfg.devices, cfg.data_dir, cfg.clusterid, cfg.node_id)
         except BaseException:
             await kv.close()
             raise
@@ -414,25 +472,30 @@ def main(argv=None) -> None:
     _keep_io_buffers()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
-    fresh = not os.path.exists(cfg.data_dir)
+    # every check that needs no etcd first: a refused start touches nothing
     try:
         _check_ports(cfg)
-        os.makedirs(cfg.data_dir, exist_ok=True)
-        roots = pool.prepare(cfg.devices, cfg.data_dir, cfg.clusterid, cfg.node_id)
+        _check_fuse_mountpoint(cfg.fuse_mountpoint)
+        pool.check(cfg.devices)
     except ConfigError as exc:
-        if fresh:                   # a refused start leaves no empty data_dir behind
-            for d, _, _ in sorted(os.walk(cfg.data_dir), reverse=True):
-                with contextlib.suppress(OSError):
-                    os.rmdir(d)
         print(f"pxfsd: {exc}", file=sys.stderr)
         sys.exit(2)
+    fresh = not os.path.exists(cfg.data_dir)
+    roots: list[str] = []           # filled by run_node once the pools are mounted
     try:
+        _lock_data_dir(cfg.data_dir)
         rc = trio.run(run_node, cfg, roots)
-    except ConfigError as exc:           # found once etcd answered: nothing was started
+    except ConfigError as exc:
         print(f"pxfsd: {exc}", file=sys.stderr)
         rc = 2
     finally:
         pool.release(roots, cfg.data_dir)
+    if rc == 2 and fresh:           # a refused start leaves no data_dir behind
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(cfg.data_dir, LOCK_FILE))
+        for d, _, _ in sorted(os.walk(cfg.data_dir), reverse=True):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
     sys.exit(rc)
 
 

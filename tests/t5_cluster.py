@@ -865,6 +865,8 @@ def test_a_second_pxfsd_under_a_running_nodes_id_is_refused(make_cluster, stray_
     res = _run_pxfsd(_stray_config(c, stray_dir, node_id="node1"))
     _refused(res, "node_id", "already running", c.nodes["node1"]["api"])
     assert _mounts_under(stray_dir) == [] and not (stray_dir / "fuse").exists()
+    assert os.listdir(stray_dir / "drive") == [], "the refused node claimed its device"
+    assert not (stray_dir / "data").exists()
     nodes = {n["id"]: n for n in c.pxctl("node2", "status")["nodes"]}
     assert nodes["node1"]["status"] == "Online" and nodes["node1"]["api"] == c.nodes["node1"]["api"]
     assert "node4" not in nodes
@@ -898,9 +900,32 @@ def test_a_port_in_use_is_refused_and_leaves_nothing(make_cluster, stray_dir, ke
     assert [n["id"] for n in c.pxctl("node1", "status")["nodes"]] == ["node1"]
 
 
-def test_a_node_stopped_while_waiting_for_etcd_unmounts_its_pool(stray_dir):
-    """SIGTERM to a node still waiting for etcd: it stops at once and
-    unmounts the pool it mounted (the image's loop device goes with it)."""
+@pytest.mark.parametrize("key", ["fuse_mountpoint", "data_dir"])
+def test_a_fuse_view_or_data_dir_of_a_running_node_is_refused(make_cluster, stray_dir, key):
+    """Another pxfsd given node1's FUSE mount point would unmount node1's
+    volumes as stale; given its data_dir, it would mount its pools over
+    node1's.  Both are refused, and node1's mounted volume stays as it was."""
+    c = make_cluster(1)
+    c.pxctl("node1", "volume", "create", "live", "--size", "128M")
+    mnt = c.pxctl("node1", "host", "mount", "live")["mount"]
+    with open(os.path.join(mnt, "f"), "w") as fh:
+        fh.write("still here")
+    theirs = json.load(open(c.nodes["node1"]["config"]))[key]
+    res = _run_pxfsd(_stray_config(c, stray_dir, **{key: theirs}))
+    _refused(res, key, "running")
+    assert os.path.ismount(mnt) and open(os.path.join(mnt, "f")).read() == "still here"
+    assert os.path.ismount(c.nodes["node1"]["fuse"])
+    v = c.pxctl("node1", "volume", "inspect", "live")
+    assert v["attached_on"] == "node1" and v["mount_path"] == mnt
+    c.pxctl("node1", "host", "unmount", "live")
+    c.pxctl("node1", "host", "mount", "live")          # node1 still works
+    assert open(os.path.join(mnt, "f")).read() == "still here"
+
+
+def test_a_node_waiting_for_etcd_has_mounted_nothing_and_stops_cleanly(stray_dir):
+    """A node waits for etcd before it formats or mounts its pools (etcd may
+    yet say that another process is this node); SIGTERM meanwhile stops it
+    at once, with status 0, leaving nothing mounted or attached."""
     img = stray_dir / "drive.img"
     subprocess.run(["truncate", "-s", "512M", str(img)], check=True)
     cfg = {"clusterid": "w", "kvdb": [f"etcd:http://127.0.0.1:{_free_port()}"],
@@ -917,7 +942,7 @@ def test_a_node_stopped_while_waiting_for_etcd_unmounts_its_pool(stray_dir):
         while "waiting for etcd" not in open(stray_dir / "log").read():
             assert proc.poll() is None and time.monotonic() < deadline, open(stray_dir / "log").read()
             time.sleep(0.2)
-        assert _mounts_under(stray_dir / "data"), "the pool was not mounted"
+        assert _mounts_under(stray_dir) == []
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0, open(stray_dir / "log").read()
     finally:

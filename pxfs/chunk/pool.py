@@ -94,6 +94,25 @@ def _describe(fd: int) -> str:
         return "its owner file is unreadable"
 
 
+def check(devices) -> None:
+    """ConfigError for a device pxfs cannot use, with no side effect: run
+    before anything is started (the devices are formatted and mounted only
+    once the node knows it may start)."""
+    for dev in devices:
+        st = os.stat(dev)
+        if stat.S_ISDIR(st.st_mode):
+            continue
+        if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            raise ConfigError("storage.devices", f"{dev} is neither a block device, a file nor a directory")
+        _refuse_foreign(dev, _blkid(dev))
+
+
+def _refuse_foreign(dev: str, info: dict) -> None:
+    if info.get("TYPE") and info.get("LABEL") != LABEL:
+        raise ConfigError("storage.devices", f"{dev} holds a {info['TYPE']} filesystem that pxfs "
+                          "did not make; wipe it (wipefs -a) to let pxfs use it")
+
+
 def prepare(devices, data_dir: str, clusterid: str | None = None,
             node_id: str | None = None) -> list[str]:
     """Pool roots for the devices; raises ConfigError for unusable devices
@@ -123,9 +142,7 @@ def _prepare_one(n: int, dev: str, data_dir: str, mounted: list[str]) -> str:
     if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
         raise ConfigError("storage.devices", f"{dev} is neither a block device, a file nor a directory")
     info = _blkid(dev)
-    if info.get("TYPE") and info.get("LABEL") != LABEL:
-        raise ConfigError("storage.devices", f"{dev} holds a {info['TYPE']} filesystem that pxfs "
-                          "did not make; wipe it (wipefs -a) to let pxfs use it")
+    _refuse_foreign(dev, info)
     target = os.path.join(data_dir, "pools", str(n))
     os.makedirs(target, exist_ok=True)
     where = _mounted_at(dev)
