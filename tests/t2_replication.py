@@ -922,6 +922,18 @@ async def test_good_requests_before_garbage_are_answered(cluster):
     assert b.server.frames_rejected == 1
 
 
+@pytest.mark.parametrize("rid", [True, -5, -(1 << 63), 1.0])
+async def test_a_request_id_that_is_not_a_u64_closes_the_connection(cluster, rid):
+    b = cluster.nodes["b"]
+    stream = await trio.open_tcp_stream("127.0.0.1", b.port)
+    reader = FrameReader(stream)
+    await stream.send_all(encode({"op": "ping", "id": rid}))
+    with trio.fail_after(5):
+        assert await reader.receive() is None
+    await stream.aclose()
+    assert b.server.frames_rejected == 1
+
+
 async def test_bad_field_is_an_error_reply(cluster):
     peer = cluster.nodes["b"].peer
     with pytest.raises(PxfsError, match="'vol'"):

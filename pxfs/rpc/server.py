@@ -45,7 +45,8 @@ class RpcServer:
                     return
                 rid = msg.get("id")
                 op = msg.get("op")
-                if not isinstance(op, str) or not isinstance(rid, int):
+                if not isinstance(op, str) or not isinstance(rid, int) or isinstance(rid, bool) \
+                        or not 0 <= rid < 1 << 64:
                     self.frames_rejected += 1
                     log.info("closing data connection: request without op/id")
                     return
