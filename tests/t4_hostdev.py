@@ -195,5 +195,8 @@ def test_mounts_may_not_lie_in_or_cover_the_nodes_own_dirs():
     for path in ("/var/lib/pxfs/fuse", "/var/lib/pxfs/fuse/v", "/var/lib/pxfs", "/var/lib", "/var"):
         with pytest.raises(InvalidArgument, match="would lie in or cover"):
             hostdev.refuse_own_dirs(path, own)
-    for path in ("/var/lib/pxfs-other", "/mnt/db", "/var/lib/osd/mounts/v"):
+    for path in ("/var/lib/pxfs-other", "/mnt/db", "/var/lib/osd/mounts/v", "/procs", "/devx"):
         hostdev.refuse_own_dirs(path, own)
+    for path in ("/proc/sys", "/proc", "/sys/fs/cgroup", "/dev/shm/x"):
+        with pytest.raises(InvalidArgument, match="would lie in the kernel's|host's device"):
+            hostdev.refuse_own_dirs(path, own)

@@ -154,9 +154,19 @@ def is_mounted(dev: str, path: str) -> bool:
     return any(s == dev and t == path for s, t, _ in mounts())
 
 
+#: the kernel's own trees: a volume mounted in one hides what the host
+#: and its processes read there (a mount at /proc/sys hid every sysctl)
+SYSTEM_DIRS = {"/proc": "the kernel's process tree", "/sys": "the kernel's sysfs",
+               "/dev": "the host's device tree"}
+
+
 def refuse_own_dirs(path: str, dirs: dict[str, str]) -> None:
     """InvalidArgument if a mount at ``path`` would lie in or cover one of
-    ``dirs`` (path -> what it is): a node's FUSE view, its data directory."""
+    ``dirs`` (path -> what it is): a node's FUSE view, its data directory,
+    or lie in one of the kernel's trees (SYSTEM_DIRS)."""
+    for root, what in SYSTEM_DIRS.items():
+        if path == root or path.startswith(root + "/"):
+            raise InvalidArgument(f"mount path {path!r} would lie in {what} ({root})")
     for root, what in dirs.items():
         root = os.path.normpath(root)
         if path == root or path.startswith(root + "/") or root.startswith(path.rstrip("/") + "/"):
