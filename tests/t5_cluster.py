@@ -261,10 +261,14 @@ def test_concurrent_create_same_name(make_cluster):
 def test_attach_mount_detach_delete(make_cluster):
     c = make_cluster(2)
     c.pxctl("node1", "volume", "create", "v", "--size", "512M", "--repl", "2")
-    # a mount that fails undoes the attach it made
-    res = c.pxctl("node1", "host", "mount", "v", "--path", "/proc", check=False)
-    assert res.returncode == 1 and "already a mount point" in res.stderr
+    # a mount that fails undoes the attach it made (the node's osd_root/mounts
+    # is a mount point of its own: a shared bind mount)
+    res = c.pxctl("node1", "host", "mount", "v", "--path",
+                  os.path.join(c.nodes["node1"]["osd_root"], "mounts"), check=False)
+    assert res.returncode == 1 and "already a mount point" in res.stderr, res.stderr
     assert c.pxctl("node1", "volume", "inspect", "v")["attached_on"] is None
+    res = c.pxctl("node1", "host", "mount", "v", "--path", "/proc", check=False)
+    assert res.returncode == 1 and "kernel's process tree" in res.stderr, res.stderr
     afile = os.path.join(c.workdir, "afile")
     open(afile, "w").close()
     fuse = c.nodes["node1"]["fuse"]
