@@ -325,11 +325,13 @@ def _check_fuse_mountpoint(path: str) -> None:
     box: dict = {}
 
     def probe():
+        # statfs always asks the daemon; a stat may be answered from the
+        # kernel's attribute cache for a while after the daemon died
         try:
-            os.stat(real)
+            os.statvfs(real)
             box["live"] = True
         except OSError as exc:
-            box["err"] = exc
+            box["live"] = exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED)
 
     t = threading.Thread(target=probe, daemon=True)   # a paused daemon's mount hangs
     t.start()
