@@ -99,18 +99,22 @@ def check(devices) -> None:
     before anything is started (the devices are formatted and mounted only
     once the node knows it may start)."""
     for dev in devices:
-        st = os.stat(dev)
-        if stat.S_ISDIR(st.st_mode):
-            continue
-        if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
-            raise ConfigError("storage.devices", f"{dev} is neither a block device, a file nor a directory")
-        _refuse_foreign(dev, _blkid(dev))
+        _usable(dev)
 
 
-def _refuse_foreign(dev: str, info: dict) -> None:
+def _usable(dev: str) -> tuple[os.stat_result, dict | None]:
+    """The device's stat and blkid facts (None for a directory), or
+    ConfigError if pxfs may not use it."""
+    st = os.stat(dev)
+    if stat.S_ISDIR(st.st_mode):
+        return st, None
+    if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        raise ConfigError("storage.devices", f"{dev} is neither a block device, a file nor a directory")
+    info = _blkid(dev)
     if info.get("TYPE") and info.get("LABEL") != LABEL:
         raise ConfigError("storage.devices", f"{dev} holds a {info['TYPE']} filesystem that pxfs "
                           "did not make; wipe it (wipefs -a) to let pxfs use it")
+    return st, info
 
 
 def prepare(devices, data_dir: str, clusterid: str | None = None,
@@ -136,13 +140,9 @@ def _prepare_one(n: int, dev: str, data_dir: str, mounted: list[str]) -> str:
     """Mount (or find) the pool of one device and return its root; a pool
     mounted here is appended to ``mounted`` at once (unmounted again if a
     later device fails)."""
-    st = os.stat(dev)
-    if stat.S_ISDIR(st.st_mode):
-        return dev
-    if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
-        raise ConfigError("storage.devices", f"{dev} is neither a block device, a file nor a directory")
-    info = _blkid(dev)
-    _refuse_foreign(dev, info)
+    st, info = _usable(dev)
+    if info is None:
+        return dev                      # a directory, used as it is
     target = os.path.join(data_dir, "pools", str(n))
     os.makedirs(target, exist_ok=True)
     where = _mounted_at(dev)

@@ -155,9 +155,8 @@ class Catalog:
         if node == self.node:
             raise Busy(f"node {node} is this node; ask another node to remove it once it is "
                        "stopped")
-        held = sorted(codec.unpack_record(i.value)["name"]
-                      for i in await self.kv.range(keys.vol_prefix(self.cid))
-                      if any(r["node"] == node for r in codec.unpack_record(i.value)["replicas"]))
+        recs = [codec.unpack_record(i.value) for i in await self.kv.range(keys.vol_prefix(self.cid))]
+        held = sorted(v["name"] for v in recs if any(r["node"] == node for r in v["replicas"]))
         if held:
             raise Busy(f"node {node} holds replicas of {', '.join(held[:10])}"
                        + (f" and {len(held) - 10} more" if len(held) > 10 else "")
