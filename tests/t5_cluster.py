@@ -271,9 +271,13 @@ def test_attach_mount_detach_delete(make_cluster):
     assert res.returncode == 1 and "kernel's process tree" in res.stderr, res.stderr
     afile = os.path.join(c.workdir, "afile")
     open(afile, "w").close()
+    full = os.path.join(c.workdir, "full")
+    os.mkdir(full)
+    open(os.path.join(full, "keep"), "w").close()
     fuse = c.nodes["node1"]["fuse"]
     data_dir = json.load(open(c.nodes["node1"]["config"]))["data_dir"]
     for path, said in ((afile, "is not a directory"), (afile + "/sub", "cannot make the mount"),
+                       (full, "is not empty"),
                        # the node's own FUSE view (looking at it on the node's
                        # event loop once hung the node), its data, a parent
                        (fuse, "FUSE view"), (fuse + "/v", "FUSE view"),
@@ -282,12 +286,23 @@ def test_attach_mount_detach_delete(make_cluster):
         res = c.pxctl("node1", "host", "mount", "v", "--path", path, check=False)
         assert res.returncode == 1 and said in res.stderr, res.stderr
         assert c.pxctl("node1", "volume", "inspect", "v")["attached_on"] is None
+    assert os.listdir(full) == ["keep"]
     c.pxctl("node1", "volume", "create", "sv", "--shared", "--size", "64M")
     res = c.pxctl("node1", "host", "mount", "sv", "--path", fuse + "/x", check=False)
     assert res.returncode == 1 and "FUSE view" in res.stderr, res.stderr
+    res = c.pxctl("node1", "host", "mount", "sv", "--path", full, check=False)
+    assert res.returncode == 1 and "is not empty" in res.stderr, res.stderr
+    assert os.listdir(full) == ["keep"] and not os.path.ismount(full)
     c.pxctl("node1", "volume", "delete", "sv")
     a = c.pxctl("node1", "host", "attach", "v")
     assert a["device"].startswith("/dev/loop") and os.path.realpath(a["pxd"]) == a["device"]
+    # the FUSE view's files are pxfs's: changing them by hand is refused plainly
+    for change in (lambda: os.symlink("/etc/passwd", fuse + "/x"), lambda: os.mkdir(fuse + "/d"),
+                   lambda: open(fuse + "/new", "w"), lambda: os.unlink(fuse + "/v"),
+                   lambda: os.rename(fuse + "/v", fuse + "/w"), lambda: os.mknod(fuse + "/n")):
+        with pytest.raises(PermissionError):
+            change()
+    assert os.listdir(fuse) == ["v"]
     # a volume is attached on at most one node
     res = c.pxctl("node2", "host", "attach", "v", check=False)
     assert res.returncode == 1 and "attached on node node1" in res.stderr

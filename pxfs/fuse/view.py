@@ -142,6 +142,14 @@ class NodeView(pyfuse3.Operations):
         s.f_namemax = 255
         return s
 
+    # -- the namespace is pxfs's: files come and go with attach and detach ------
+    async def _refuse(self, *args, **kw):
+        """EPERM ("Operation not permitted"), not pyfuse3's default ENOSYS
+        ("Function not implemented"), which reads like a bug in pxfs."""
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    create = mknod = mkdir = symlink = link = unlink = rmdir = rename = _refuse
+
     # -- data ------------------------------------------------------------------
     def _vol(self, ino):
         vol = self._vols.get(ino)

@@ -337,8 +337,9 @@ class Attachments:
             raise InvalidArgument(f"mount path {path!r} must be absolute")
         path = os.path.normpath(path)
         hostdev.refuse_own_dirs(path, self.own_dirs())
-        if await hostdev.probe_path(path) == "other":
-            raise InvalidArgument(f"mount path {path!r} exists and is not a directory")
+        loc = self.local.get(volid)
+        if not (loc and loc.mount == path):     # else _mount answers (idempotent)
+            await hostdev.check_mount_path(path)
         if rec["fs"] == "none":
             raise InvalidArgument(f"volume {rec['name']!r} has --fs none: use its block device")
         attached_here = volid in self.local
@@ -366,8 +367,7 @@ class Attachments:
                 if loc.mount == path:
                     return self._describe(loc)
                 raise Busy(f"volume {loc.name!r} is already mounted at {loc.mount}")
-            if await hostdev.probe_path(path) == "mountpoint":
-                raise Busy(f"{path} is already a mount point")
+            await hostdev.check_mount_path(path)
             found = await hostdev.fs_type(loc.device)
             if not found:
                 zeroed = await loc.vol.never_written()

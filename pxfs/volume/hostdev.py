@@ -16,7 +16,7 @@ import time
 import trio
 
 from ..chunk import loopdev
-from ..errors import HostError, InvalidArgument
+from ..errors import Busy, HostError, InvalidArgument
 
 log = logging.getLogger(__name__)
 PXD_DIR = "/dev/pxd"
@@ -173,8 +173,24 @@ def refuse_own_dirs(path: str, dirs: dict[str, str]) -> None:
             raise InvalidArgument(f"mount path {path!r} would lie in or cover {what} ({root})")
 
 
+async def check_mount_path(path: str) -> None:
+    """Refuse a path a volume cannot be mounted on: not a directory, already
+    a mount point, or a directory with files in it (the mount would hide
+    them, and a user who then deletes the mount's contents believing them
+    to be the old files loses data)."""
+    kind = await probe_path(path)
+    if kind == "mountpoint":
+        raise Busy(f"{path} is already a mount point")
+    if kind == "other":
+        raise InvalidArgument(f"mount path {path!r} exists and is not a directory")
+    if kind == "nonempty":
+        raise InvalidArgument(f"mount path {path!r} is not empty: the mount would hide "
+                              "what is in it; use an empty or new directory")
+
+
 async def probe_path(path: str, timeout: float = 10.0) -> str:
-    """What ``path`` is: "absent", "mountpoint", "dir" or "other".  Looked
+    """What ``path`` is: "absent", "mountpoint", "dir" (empty), "nonempty"
+    (a directory with entries) or "other".  Looked
     at in a worker thread: a path on a hung network filesystem, or one that
     goes through a FUSE mount this very process serves, would otherwise
     stall the node's event loop (and with it its lease).  HostError (EIO)
@@ -184,7 +200,10 @@ async def probe_path(path: str, timeout: float = 10.0) -> str:
             return "absent"
         if not os.path.isdir(path):
             return "other"
-        return "mountpoint" if is_mountpoint(path) else "dir"
+        if is_mountpoint(path):
+            return "mountpoint"
+        with os.scandir(path) as it:
+            return "nonempty" if next(it, None) is not None else "dir"
     with trio.move_on_after(timeout):
         return await trio.to_thread.run_sync(look, abandon_on_cancel=True)
     raise HostError(f"{path} did not answer within {timeout:.0f} s (a hung filesystem?)",

@@ -13,7 +13,7 @@ import sys
 
 import trio
 
-from ..errors import Busy, HostError, InvalidArgument, NotFound
+from ..errors import HostError, InvalidArgument, NotFound
 from . import hostdev
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,7 @@ class SharedMounts:
         if any(m["path"] == path for m in await self.here(rec["id"])):
             return await self.describe(rec)
         hostdev.refuse_own_dirs(path, self._own_dirs())
-        kind = await hostdev.probe_path(path)
-        if kind == "mountpoint":
-            raise Busy(f"{path} is already a mount point")
-        if kind == "other":
-            raise InvalidArgument(f"mount path {path!r} exists and is not a directory")
+        await hostdev.check_mount_path(path)
         await trio.to_thread.run_sync(lambda: os.makedirs(path, exist_ok=True))
         argv = [sys.executable, "-m", "pxfs.mount", str(rec["id"]), path, "-o",
                 f"node={self.api_url},allow_other,default_permissions,x-pxfs-host-mount"]
