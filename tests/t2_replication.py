@@ -212,6 +212,14 @@ async def test_read_fails_when_every_replica_is_corrupt(cluster):
     assert vol.stats.repairs == 0
 
 
+async def test_read_with_no_in_sync_replica_says_so(cluster):
+    vol = cluster.volume(states={n: OUT_OF_SYNC for n in cluster.nodes})
+    with pytest.raises(PxfsError) as info:
+        await vol.read(0, 10)
+    assert str(info.value) == f"volume {VOL}: no replica could serve chunk 0: no in-sync replica"
+    assert vol.stats.errors == 1 and vol.stats.last_error == str(info.value)
+
+
 # -- a replica that fails during a write ------------------------------------------------
 async def test_stopped_replica_reported_before_write_returns(cluster):
     vol = cluster.volume()

@@ -261,9 +261,9 @@ class ReplicatedVolume:
                 for b in bad:
                     await self._repair(b, node, idx, a0, data, locked)
                 return data[inoff - a0:inoff - a0 + n]
+        why = "; ".join(map(str, errors)) if errors else "no in-sync replica"
         raise self._failed(PxfsError(f"volume {self.volid}: no replica could serve chunk {idx}: "
-                                     + "; ".join(map(str, errors)) if errors
-                                     else "no in-sync replica"))
+                                     f"{why}"))
 
     def _failed(self, exc: PxfsError) -> PxfsError:
         """Count a request that no replica could serve (shown by inspect)."""
