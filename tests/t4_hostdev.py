@@ -181,9 +181,11 @@ async def test_a_path_that_does_not_answer_is_an_error_not_a_hang(tmp_path, monk
         n.cancel_scope.cancel()
     release.set()
     assert ticks >= 10
+    (tmp_path / "empty").mkdir()
+    assert await hostdev.probe_path(str(tmp_path / "empty")) == "dir"
     f = tmp_path / "f"
     f.write_text("x")
-    assert await hostdev.probe_path(str(tmp_path)) == "dir"
+    assert await hostdev.probe_path(str(tmp_path)) == "nonempty"
     assert await hostdev.probe_path(str(f)) == "other"
     assert await hostdev.probe_path(str(tmp_path / "nope")) == "absent"
     assert await hostdev.probe_path("/proc") == "mountpoint"
