@@ -1878,7 +1878,8 @@ def test_detach_refuses_a_device_a_process_holds_open(make_cluster):
     closes the device, detach goes on."""
     c = make_cluster(1)
     c.pxctl("node1", "volume", "create", "busy", "--size", "64M", "--fs", "none")
-    dev = c.pxctl("node1", "host", "attach", "busy")["device"]
+    a = c.pxctl("node1", "host", "attach", "busy")
+    dev, pxd = a["device"], a["pxd"]
     holder = subprocess.Popen([sys.executable, "-c", "import os, sys; fd = os.open(sys.argv[1], "
                                "os.O_RDWR); print('open', flush=True); sys.stdin.read()", dev],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -1892,5 +1893,27 @@ def test_detach_refuses_a_device_a_process_holds_open(make_cluster):
     finally:
         holder.stdin.close()
         holder.wait(timeout=10)
+    # a mount made by hand holds the device with no open file to see: what
+    # it has not written back would be thrown away
+    subprocess.run(["mkfs.ext4", "-q", dev], check=True)
+    hand = os.path.join(c.workdir, "hand mnt")
+    os.mkdir(hand)
+    subprocess.run(["mount", pxd, hand], check=True)
+    try:
+        with open(os.path.join(hand, "f"), "w") as fh:
+            fh.write("not yet written back")
+        res = c.pxctl("node1", "host", "detach", "busy", check=False)
+        assert res.returncode == 1 and f"{dev} is mounted at {hand}; unmount" in res.stderr, \
+            res.stderr
+        assert c.pxctl("node1", "volume", "inspect", "busy")["attached_on"] == "node1"
+    finally:
+        subprocess.run(["umount", hand], check=True)
     c.pxctl("node1", "host", "detach", "busy")
     assert _loops_on(c.nodes["node1"]["fuse"]) == []
+    c.pxctl("node1", "host", "attach", "busy")
+    subprocess.run(["mount", "-o", "ro", pxd, hand], check=True)
+    try:
+        assert open(os.path.join(hand, "f")).read() == "not yet written back"
+    finally:
+        subprocess.run(["umount", hand], check=True)
+    c.pxctl("node1", "host", "detach", "busy")

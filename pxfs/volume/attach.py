@@ -433,6 +433,10 @@ class Attachments:
                 if users:       # their next read or write would fail with EIO
                     raise Busy(f"volume {loc.name!r}: {loc.device} is open by "
                                f"{', '.join(users[:5])}; close it first")
+                holders = await trio.to_thread.run_sync(hostdev.device_holders, loc.device)
+                if holders:
+                    raise Busy(f"volume {loc.name!r}: {loc.device} is {', '.join(holders[:5])}; "
+                               "unmount it first")
             out = self._describe(loc)
             await self._teardown(loc, release=True)
             return out

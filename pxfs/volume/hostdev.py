@@ -111,6 +111,34 @@ def device_users(dev: str) -> list[str]:
     return _users(lambda target: target == dev, cwd=False)
 
 
+def device_holders(dev: str) -> list[str]:
+    """What holds ``dev`` without a file descriptor that device_users could
+    see: a mount of it made by hand (``mount /dev/pxd/pxd<ID> /mnt``), or,
+    found by an exclusive open failing, a mount in another mount namespace,
+    a device-mapper or RAID device over it.  Detaching under any of them
+    would throw away what they have not yet written back."""
+    try:
+        rdev = os.stat(dev).st_rdev
+    except OSError:
+        return []
+    want = f"{os.major(rdev)}:{os.minor(rdev)}".encode()
+    out = []
+    with open("/proc/self/mountinfo", "rb") as fh:
+        for line in fh:
+            f = line.split()
+            if len(f) > 4 and f[2] == want:
+                out.append(f"mounted at {_unescape(f[4])}")
+    if out:
+        return out
+    try:
+        os.close(os.open(dev, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            return ["held by the kernel (a mount in another mount namespace, "
+                    "or a device-mapper or RAID device on it)"]
+    return []
+
+
 def path_users(path: str) -> list[str]:
     """"pid (command)" of every other process with a file open, its working
     directory or its root under ``path`` (what keeps a mount busy)."""
