@@ -57,6 +57,7 @@ class Node:
                                           own_dirs=self.attachments.own_dirs)
         self.membership.on_lease_lost(self.attachments.on_lease_lost)
         self.membership.on_rejoined(self.attachments.on_rejoined)
+        self.membership.on_rejoined(self._collect_garbage_on_rejoin)
 
     def info(self) -> dict:
         used, total = self.store.capacity()
@@ -159,10 +160,20 @@ class Node:
         desc["resyncs"] = [h for h in self.resyncer.history if h["volume"] == str(rec["id"])]
         return desc
 
+    async def _collect_garbage_on_rejoin(self, _lease) -> None:
+        try:
+            await self.collect_garbage()
+        except PxfsError as exc:        # the next rejoin or start tries again
+            log.warning("cannot look for chunks of deleted volumes: %s", exc)
+
     async def collect_garbage(self) -> None:
-        """Drop local chunks of volumes deleted while this node was away."""
+        """Drop local chunks of volumes deleted while this node was away (at
+        start, and when it has its lease again after losing it: a delete
+        meanwhile did not wait for it).  The chunks are listed before etcd
+        is read, so a volume made meanwhile cannot be taken for deleted."""
+        held = self.store.volumes()
         known = {int(keys.last_part(i.key)) for i in await self.kv.range(keys.vol_prefix(self.cfg.clusterid))}
-        for volid in self.store.volumes():
+        for volid in held:
             if volid not in known:
                 log.info("removing chunks of deleted volume %d", volid)
                 await self.replica.delete_volume(volid)

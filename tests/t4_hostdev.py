@@ -202,3 +202,31 @@ def test_mounts_may_not_lie_in_or_cover_the_nodes_own_dirs():
     for path in ("/proc/sys", "/proc", "/sys/fs/cgroup", "/dev/shm/x"):
         with pytest.raises(InvalidArgument, match="would lie in the kernel's|host's device"):
             hostdev.refuse_own_dirs(path, own)
+
+
+async def test_mount_points_made_for_a_failed_mount_are_taken_away(tmp_path):
+    (tmp_path / "old").mkdir()
+    made = await hostdev.make_mount_point(str(tmp_path / "old" / "a" / "b"))
+    assert made == [str(tmp_path / "old" / "a"), str(tmp_path / "old" / "a" / "b")]
+    assert os.path.isdir(tmp_path / "old" / "a" / "b")
+    hostdev.remove_made(made)
+    assert os.listdir(tmp_path / "old") == []           # what was there stays
+    assert await hostdev.make_mount_point(str(tmp_path / "old")) == []
+    (tmp_path / "f").write_text("x")
+    from pxfs.errors import HostError
+    with pytest.raises(HostError, match="cannot make the mount point .*Not a directory"):
+        await hostdev.make_mount_point(str(tmp_path / "f" / "a"))
+    # a failure part-way takes back what it made
+    with pytest.raises(HostError, match="File name too long"):
+        await hostdev.make_mount_point(str(tmp_path / "old" / "a" / ("n" * 256)))
+    assert os.listdir(tmp_path / "old") == []
+
+
+def test_mount_paths_with_control_characters_or_too_long_are_refused():
+    from pxfs.errors import InvalidArgument
+    assert hostdev.clean_mount_path("/mnt//db/") == "/mnt/db"
+    for bad, said in (("mnt/db", "must be absolute"), ("/mnt/a\x00b", "control character"),
+                      ("/mnt/a\nb", "control character"), ("/mnt/" + "d" * 256, "255 bytes"),
+                      ("/" + "/".join(["d" * 200] * 21), "at most 4095")):
+        with pytest.raises(InvalidArgument, match=said):
+            hostdev.clean_mount_path(bad)

@@ -131,6 +131,13 @@ def test_bad_create_flags_rejected(make_cluster):
         assert r.status_code == 400 and r.json()["error"], body
     r = httpx.post(c.api("node1") + "/v1/volumes", content=b"{not json")
     assert r.status_code == 400
+    r = httpx.post(c.api("node1") + "/v1/volumes", content=b"[" * 100000)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"], r.text
+    r = httpx.post(c.api("node1") + "/v1/volumes", content=b" " * (2 << 20))
+    assert r.status_code == 400 and "larger than" in r.json()["error"], r.text
+    r = httpx.post(c.api("node1") + "/v1/volumes", json={
+        "name": "a", "labels": {f"k{i}": "v" for i in range(65)}})
+    assert r.status_code == 400 and "65 labels given" in r.json()["error"], r.text
     for body, said in (({"name": True}, "name must be a string"),
                        ({"name": 123}, "name must be a string"),
                        ({"name": "a", "fs": None}, "fs must be a string"),
@@ -277,7 +284,8 @@ def test_attach_mount_detach_delete(make_cluster):
     fuse = c.nodes["node1"]["fuse"]
     data_dir = json.load(open(c.nodes["node1"]["config"]))["data_dir"]
     for path, said in ((afile, "is not a directory"), (afile + "/sub", "cannot make the mount"),
-                       (full, "is not empty"),
+                       (full, "is not empty"), (full + "/new\nline", "control character"),
+                       (c.workdir + "/" + "d" * 256 + "/x", "longer than 255 bytes"),
                        # the node's own FUSE view (looking at it on the node's
                        # event loop once hung the node), its data, a parent
                        (fuse, "FUSE view"), (fuse + "/v", "FUSE view"),
@@ -287,7 +295,14 @@ def test_attach_mount_detach_delete(make_cluster):
         assert res.returncode == 1 and said in res.stderr, res.stderr
         assert c.pxctl("node1", "volume", "inspect", "v")["attached_on"] is None
     assert os.listdir(full) == ["keep"]
+    import httpx
+    r = httpx.post(c.api("node1") + "/v1/volumes/v/mount", json={"path": full + "/a\x00b"})
+    assert r.status_code == 400 and "control character" in r.json()["error"], r.text
+    ins = c.pxctl("node1", "volume", "inspect", "v")
+    assert ins["attached_on"] is None and ins["bytes_used"] == 0, ins      # not formatted
     c.pxctl("node1", "volume", "create", "sv", "--shared", "--size", "64M")
+    r = httpx.post(c.api("node1") + "/v1/volumes/sv/mount", json={"path": full + "/a\x00b"})
+    assert r.status_code == 400 and "control character" in r.json()["error"], r.text
     res = c.pxctl("node1", "host", "mount", "sv", "--path", fuse + "/x", check=False)
     assert res.returncode == 1 and "FUSE view" in res.stderr, res.stderr
     res = c.pxctl("node1", "host", "mount", "sv", "--path", full, check=False)
@@ -1917,3 +1932,32 @@ def test_detach_refuses_a_device_a_process_holds_open(make_cluster):
     finally:
         subprocess.run(["umount", hand], check=True)
     c.pxctl("node1", "host", "detach", "busy")
+
+
+def test_delete_does_not_wait_for_a_paused_replica(make_cluster):
+    """A replica's node is paused (SIGSTOP): etcd still has it Online and
+    its kernel still accepts connections, but it answers nothing.  Delete
+    returns within seconds; the paused node drops the volume's chunks once
+    it runs again and has its lease back."""
+    c = make_cluster(2)
+    c.pxctl("node1", "volume", "create", "pz", "--size", "64M", "--repl", "2", "--fs", "none")
+    dev = c.pxctl("node1", "host", "attach", "pz")["device"]
+    dd_write(dev, b"z", 0, 4)
+    c.pxctl("node1", "host", "detach", "pz")
+    vols2 = os.path.join(c.workdir, "node2", "drive0", "vols")
+    assert os.listdir(vols2)
+    c.signal("node2", signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        c.pxctl("node1", "volume", "delete", "pz")
+        took = time.monotonic() - t0
+        assert took < 15, f"delete waited {took:.1f} s for the paused replica"
+        c.wait_for(lambda: [n["status"] for n in c.pxctl("node1", "status")["nodes"]
+                            if n["id"] == "node2"] == ["Offline"], timeout=30,
+                   what="node2 offline")
+    finally:
+        c.signal("node2", signal.SIGCONT)
+    assert os.listdir(vols2), "nothing should have removed them while node2 was paused"
+    c.wait_for(lambda: os.listdir(vols2) == [], timeout=30,
+               what="node2 dropping the deleted volume's chunks")
+    assert os.listdir(os.path.join(c.workdir, "node1", "drive0", "vols")) == []

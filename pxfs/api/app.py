@@ -40,15 +40,23 @@ def error_response(exc: PxfsError) -> JSONResponse:
                          "kind": type(exc).__name__}, status_code=_STATUS.get(exc.errno, 500))
 
 
+MAX_BODY = 1 << 20      # far above any valid request; read no further
+
+
 async def _body(request: Request, allowed: set[str]) -> dict:
-    raw = await request.body()
+    raw = bytearray()
+    async for piece in request.stream():
+        raw += piece
+        if len(raw) > MAX_BODY:
+            raise InvalidArgument(f"request body is larger than {MAX_BODY} bytes")
+    raw = bytes(raw)
     if not raw:
         return {}
     try:
         body = json.loads(raw, object_pairs_hook=_no_repeats)
     except _Repeated as exc:
         raise InvalidArgument(f"request body gives {exc.args[0]!r} twice") from None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidArgument("request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidArgument("request body must be a JSON object")

@@ -51,7 +51,7 @@ async def _request(request: Request, *fields: str) -> dict:
     raw = await request.body()
     try:
         body = json.loads(raw) if raw.strip() else {}
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):      # [[[[... nested too deep
         raise InvalidArgument("request body is not valid JSON") from None
     if body is None:
         body = {}

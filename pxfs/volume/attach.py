@@ -333,9 +333,7 @@ class Attachments:
         rec, _ = await self.catalog.get(volid)
         if path is None:
             path = os.path.join(self.osd_root, "mounts", rec["name"])
-        if not os.path.isabs(path):
-            raise InvalidArgument(f"mount path {path!r} must be absolute")
-        path = os.path.normpath(path)
+        path = hostdev.clean_mount_path(path)
         hostdev.refuse_own_dirs(path, self.own_dirs())
         loc = self.local.get(volid)
         if not (loc and loc.mount == path):     # else _mount answers (idempotent)
@@ -368,21 +366,29 @@ class Attachments:
                     return self._describe(loc)
                 raise Busy(f"volume {loc.name!r} is already mounted at {loc.mount}")
             await hostdev.check_mount_path(path)
-            found = await hostdev.fs_type(loc.device)
-            if not found:
-                zeroed = await loc.vol.never_written()
-                log.info("formatting %s (%s) with %s%s", loc.name, loc.device, loc.fs,
-                         " (never written: nothing to zero)" if zeroed else "")
-                await hostdev.mkfs(loc.device, loc.fs, loc.name, zeroed=zeroed)
-            elif found != loc.fs:
-                raise HostError(f"volume {loc.name!r} holds {found}, not {loc.fs}")
-            elif found == "ext4":
-                await hostdev.drop_fast_commit(loc.device)
-            await hostdev.mount(loc.device, path, loc.fs)
+            made = await hostdev.make_mount_point(path)
+            try:
+                await self._format_and_mount(loc, path)
+            except BaseException:
+                await trio.to_thread.run_sync(hostdev.remove_made, made)
+                raise
             loc.mount = path
             self._save()
             await self._publish(loc)
             return self._describe(loc)
+
+    async def _format_and_mount(self, loc: Local, path: str) -> None:
+        found = await hostdev.fs_type(loc.device)
+        if not found:
+            zeroed = await loc.vol.never_written()
+            log.info("formatting %s (%s) with %s%s", loc.name, loc.device, loc.fs,
+                     " (never written: nothing to zero)" if zeroed else "")
+            await hostdev.mkfs(loc.device, loc.fs, loc.name, zeroed=zeroed)
+        elif found != loc.fs:
+            raise HostError(f"volume {loc.name!r} holds {found}, not {loc.fs}")
+        elif found == "ext4":
+            await hostdev.drop_fast_commit(loc.device)
+        await hostdev.mount(loc.device, path, loc.fs)
 
     def local_by_ref(self, ref: str):
         """The attachment here named ``ref`` (name or id), or None."""

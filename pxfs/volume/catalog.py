@@ -9,6 +9,8 @@ import logging
 import random
 import time
 
+import trio
+
 from .. import codec
 from ..errors import (AlreadyExists, Busy, Fenced, InvalidArgument, NoSpace, NotFound, PxfsError,
                       TxnConflict)
@@ -21,6 +23,8 @@ from ..namespace.meta import root_ops
 from .spec import VolumeSpec, cos_name
 
 log = logging.getLogger(__name__)
+
+REPLICA_DELETE_WAIT = 5.0       # s a delete waits for a replica to drop its chunks
 
 
 def new_volume_id() -> int:
@@ -128,13 +132,25 @@ class Catalog:
                 raise
         if rec.get("shared"):
             await self.kv.delete_prefix(keys.ns_prefix(self.cid, rec["id"]))
-        for r in rec["replicas"]:
+        # in parallel and briefly: a node that does not answer (offline, or
+        # paused and not yet seen as offline) drops the chunks of volumes
+        # etcd no longer knows when it starts or gets its lease back
+        online = {n["id"] for n in await list_nodes(self.kv, self.cid) if n["online"]}
+
+        async def drop(node: str) -> None:
             try:
-                await self.targets(r["node"]).delete_volume(rec["id"])
+                with trio.move_on_after(REPLICA_DELETE_WAIT):
+                    await self.targets(node).delete_volume(rec["id"])
+                    return
+                log.info("replica data of %s on %s left for its node to remove: no answer "
+                         "within %s s", rec["id"], node, REPLICA_DELETE_WAIT)
             except PxfsError as exc:
-                # an offline node drops the chunks of unknown volumes when it starts
                 log.info("replica data of %s on %s left for its node to remove: %s",
-                         rec["id"], r["node"], exc)
+                         rec["id"], node, exc)
+        async with trio.open_nursery() as nursery:
+            for r in rec["replicas"]:
+                if r["node"] in online:
+                    nursery.start_soon(drop, r["node"])
         for item in await self.kv.range(keys.resync_prefix(self.cid) + f"{rec['id']}/"):
             await self.kv.txn([], [Delete(item.key)])
         # Docker's records of the volume: mounts counted on each node, other names

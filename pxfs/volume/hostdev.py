@@ -188,6 +188,27 @@ SYSTEM_DIRS = {"/proc": "the kernel's process tree", "/sys": "the kernel's sysfs
                "/dev": "the host's device tree"}
 
 
+def clean_mount_path(path: str) -> str:
+    """``path`` normalized, or InvalidArgument before anything is attached,
+    formatted or made: it must be absolute, free of control characters
+    (a NUL cannot reach the kernel; a newline garbles every listing of
+    mounts) and within the kernel's limits (a path it refuses would fail
+    half-way through making its directories)."""
+    if not os.path.isabs(path):
+        raise InvalidArgument(f"mount path {path!r} must be absolute")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in path):
+        raise InvalidArgument(f"mount path {path!r} holds a control character")
+    path = os.path.normpath(path)
+    if len(os.fsencode(path)) >= 4096:
+        raise InvalidArgument(f"mount path is {len(os.fsencode(path))} bytes long; "
+                              "at most 4095 are allowed")
+    for part in path.split("/"):
+        if len(os.fsencode(part)) > 255:
+            raise InvalidArgument(f"mount path component {part[:40]!r}... is longer "
+                                  "than 255 bytes")
+    return path
+
+
 def refuse_own_dirs(path: str, dirs: dict[str, str]) -> None:
     """InvalidArgument if a mount at ``path`` would lie in or cover one of
     ``dirs`` (path -> what it is): a node's FUSE view, its data directory,
@@ -338,14 +359,42 @@ async def _kernel_log(after: float) -> list[str]:
     return out
 
 
+async def make_mount_point(path: str) -> list[str]:
+    """Make ``path`` and its missing parents, before anything is formatted
+    or mounted; returns the directories made, for remove_made to take away
+    again if the mount fails."""
+    def make() -> list[str]:
+        missing, p = [], path
+        while not os.path.lexists(p):
+            missing.append(p)
+            p = os.path.dirname(p)
+        made = []
+        try:
+            for d in reversed(missing):
+                os.mkdir(d)
+                made.append(d)
+        except OSError as exc:
+            remove_made(made)
+            raise HostError(f"cannot make the mount point {path}: {exc.strerror}",
+                            errno=errno.EINVAL) from None
+        return made
+    return await trio.to_thread.run_sync(make)
+
+
+def remove_made(made: list[str]) -> None:
+    """Take away directories make_mount_point made (innermost first) that
+    are still empty."""
+    for d in reversed(made):
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
+
+
 async def mount(dev: str, path: str, fs: str) -> None:
-    """Mount; on failure the error says what the kernel logged about it
-    (mount(8) itself only says to look in dmesg)."""
-    try:
-        await trio.to_thread.run_sync(lambda: os.makedirs(path, exist_ok=True))
-    except OSError as exc:
-        raise HostError(f"cannot make the mount point {path}: {exc.strerror}",
-                        errno=errno.EINVAL) from None
+    """Mount at ``path`` (made by make_mount_point); on failure the error
+    says what the kernel logged about it (mount(8) itself only says to look
+    in dmesg)."""
     # a little before now: dmesg's clock and CLOCK_MONOTONIC differ by a few ms
     since = time.clock_gettime(time.CLOCK_MONOTONIC) - 0.5
     res = await _exec(["mount", "-t", fs, dev, path])

@@ -13,7 +13,7 @@ import sys
 
 import trio
 
-from ..errors import HostError, InvalidArgument, NotFound
+from ..errors import HostError, NotFound
 from . import hostdev
 
 log = logging.getLogger(__name__)
@@ -34,19 +34,18 @@ class SharedMounts:
                 if m["node"] == self.catalog.node and m.get("host") == host]
 
     async def mount(self, rec: dict, path: str | None) -> dict:
-        path = os.path.normpath(path or self.default_path(rec["name"]))
-        if not os.path.isabs(path):
-            raise InvalidArgument(f"mount path {path!r} must be absolute")
+        path = hostdev.clean_mount_path(path or self.default_path(rec["name"]))
         if any(m["path"] == path for m in await self.here(rec["id"])):
             return await self.describe(rec)
         hostdev.refuse_own_dirs(path, self._own_dirs())
         await hostdev.check_mount_path(path)
-        await trio.to_thread.run_sync(lambda: os.makedirs(path, exist_ok=True))
+        made = await hostdev.make_mount_point(path)
         argv = [sys.executable, "-m", "pxfs.mount", str(rec["id"]), path, "-o",
                 f"node={self.api_url},allow_other,default_permissions,x-pxfs-host-mount"]
         with trio.fail_after(60):
             res = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
         if res.returncode:
+            await trio.to_thread.run_sync(hostdev.remove_made, made)
             raise HostError(f"mounting {rec['name']} at {path} failed: "
                             + res.stderr.decode(errors="replace").strip())
         log.info("shared volume %s mounted at %s", rec["name"], path)

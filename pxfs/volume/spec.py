@@ -126,8 +126,14 @@ def check_label(key: object, value: object) -> tuple[str, str]:
     return key, value
 
 
+MAX_LABELS = 64     # keeps a volume's record far below etcd's request limit
+
+
 def labels_from_pairs(pairs) -> tuple[tuple[str, str], ...]:
     out: dict[str, str] = {}
+    pairs = list(pairs)
+    if len(pairs) > MAX_LABELS:
+        raise InvalidArgument(f"{len(pairs)} labels given; a volume takes at most {MAX_LABELS}")
     for k, v in pairs:
         k, v = check_label(k, v)
         if k in out:
