@@ -608,6 +608,16 @@ async def test_a_resync_ends_in_sync_only_while_its_source_is(kv, cid):
     assert [r["state"] for r in out["replicas"]] == ["in_sync", "in_sync"]
 
 
+class IdleReplica:
+    """A replica target that answers and holds nothing (the catalog pings
+    the nodes it places a volume on and asks them to drop a deleted one)."""
+    async def ping(self, timeout=None):
+        pass
+
+    async def delete_volume(self, volid):
+        pass
+
+
 async def test_a_create_whose_commit_went_unanswered_is_not_reported_taken(kv, cid, monkeypatch):
     """etcd committed a create but its answer was lost; the KV client sends
     it again (as EtcdKV does after a connection error), and that copy's
@@ -629,7 +639,7 @@ async def test_a_create_whose_commit_went_unanswered_is_not_reported_taken(kv, c
     monkeypatch.setattr(kv, "commit", commit)
     async with trio.open_nursery() as nursery:
         await start_membership(nursery, kv, cid, "n1")
-        cat = catalog_mod.Catalog(kv, cid, "n1", targets=None)
+        cat = catalog_mod.Catalog(kv, cid, "n1", targets=lambda node: IdleReplica())
         rec = await cat.create(VolumeSpec(name="v"))
         assert lost, "the create never went through the lost answer"
         name = await kv.get(keys.volname_key(cid, "v"))
@@ -649,11 +659,7 @@ async def test_a_delete_whose_commit_went_unanswered_is_done(kv, cid, monkeypatc
     from pxfs.volume.spec import VolumeSpec
     async with trio.open_nursery() as nursery:
         await start_membership(nursery, kv, cid, "n1")
-
-        class NoReplicas:
-            async def delete_volume(self, volid):
-                pass
-        cat = catalog_mod.Catalog(kv, cid, "n1", targets=lambda node: NoReplicas())
+        cat = catalog_mod.Catalog(kv, cid, "n1", targets=lambda node: IdleReplica())
         rec = await cat.create(VolumeSpec(name="v"))
         real = kv.commit
         lost = []

@@ -87,10 +87,21 @@ def test_status_create_list_inspect(make_cluster):
 
 
 def test_repl_limited_by_online_nodes(make_cluster):
-    c = make_cluster(2)
+    c = make_cluster(3)
+    # node3 was killed a moment ago: etcd shows it Online until its lease
+    # runs out, but no replica is placed on it
+    c.stop_node("node3", kill=True)
+    assert [n["status"] for n in c.pxctl("node1", "status")["nodes"] if n["id"] == "node3"] \
+        == ["Online"], "the lease ran out already: the test checks nothing"
+    res = c.pxctl("node1", "volume", "create", "v1", "--nodes", "node3", check=False)
+    assert res.returncode == 1 and "node 'node3' does not answer" in res.stderr, res.stderr
     res = c.pxctl("node1", "volume", "create", "v3", "--repl", "3", check=False)
     assert res.returncode == 1
     assert "only 2 node(s) online" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    c.pxctl("node1", "volume", "create", "v2", "--repl", "2")
+    assert sorted(r["node"] for r in c.pxctl("node1", "volume", "inspect", "v2")["replicas"]) \
+        == ["node1", "node2"]
+    c.pxctl("node1", "volume", "delete", "v2")
     c.stop_node("node2")
     res = c.pxctl("node1", "volume", "create", "v2", "--repl", "2", check=False)
     assert res.returncode == 1 and "only 1 node(s) online" in res.stderr

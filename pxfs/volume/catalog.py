@@ -25,6 +25,7 @@ from .spec import VolumeSpec, cos_name
 log = logging.getLogger(__name__)
 
 REPLICA_DELETE_WAIT = 5.0       # s a delete waits for a replica to drop its chunks
+PING_WAIT = 2.0                 # s a create waits for a replica's node to answer
 
 
 def new_volume_id() -> int:
@@ -63,6 +64,24 @@ class Catalog:
         return rec
 
     # -- create / delete -----------------------------------------------------
+    async def _answering(self, nodes: list[str]) -> set[str]:
+        """Which of ``nodes`` answer a ping on their data port now.  A node
+        killed a moment ago stays Online in etcd until its lease runs out;
+        a volume placed on it would start degraded (or down)."""
+        ok: set[str] = set()
+
+        async def ping(node: str) -> None:
+            with trio.move_on_after(PING_WAIT):
+                try:
+                    await self.targets(node).ping(timeout=PING_WAIT)
+                except PxfsError:
+                    return
+                ok.add(node)
+        async with trio.open_nursery() as nursery:
+            for n in nodes:
+                nursery.start_soon(ping, n)
+        return ok
+
     async def create(self, spec: VolumeSpec) -> dict:
         nodes = await list_nodes(self.kv, self.cid)
         online = [n for n in nodes if n["online"]]
@@ -73,8 +92,15 @@ class Catalog:
                     raise InvalidArgument(f"nodes: no node {n!r} in this cluster")
                 if not known[n]["online"]:
                     raise NoSpace(f"nodes: node {n!r} is offline")
+            answering = await self._answering(list(spec.nodes))
+            for n in spec.nodes:
+                if n not in answering:
+                    raise NoSpace(f"nodes: node {n!r} does not answer on its data port "
+                                  "(down, or stopping)")
             chosen = list(spec.nodes)
         else:
+            answering = await self._answering([n["id"] for n in online])
+            online = [n for n in online if n["id"] in answering]
             if spec.repl > len(online):
                 raise NoSpace(f"cannot create a volume with repl {spec.repl}: only "
                               f"{len(online)} node(s) online")
