@@ -33,9 +33,13 @@ def test_parse_size_units(text, size):
     assert parse_size(text) == size
 
 
-def test_parse_size_rounds_down_to_4k():
-    assert parse_size("100.0001M") == 100 * MiB
-    assert parse_size("100.0001M") % 4096 == 0
+def test_parse_size_rounds_up_to_4k():
+    assert parse_size("100.0001M") == 100 * MiB + 4096
+    assert parse_size("65537K") == 64 * MiB + 4096
+    assert parse_size("100M") == 100 * MiB
+    assert parse_size("0.5G") == 512 * MiB
+    with pytest.raises(InvalidArgument, match="maximum"):
+        parse_size("64.0000001T")
 
 
 @pytest.mark.parametrize("text", ["", "abc", "10X", "10 GB GB", "-1", "-10G", "1e3", "nan",

@@ -78,8 +78,12 @@ def parse_size(value: object) -> int:
         raise InvalidArgument(f"size {text!r}: expected a number of GiB or a number with "
                               "a unit K, M, G or T (KiB, KB, MiB, MB, ... all mean powers of "
                               "1024; e.g. 10, 512M, 2G)")
-    size = int(decimal.Decimal(m.group(1)) * _UNITS[m.group(2).lower()])
-    size -= size % 4096
+    # up to whole 4 KiB blocks: a volume is never smaller than asked for
+    # (as provisioners round a claim up)
+    exact = decimal.Decimal(m.group(1)) * _UNITS[m.group(2).lower()]
+    if exact > MAX_SIZE:        # before any arithmetic on a number of 400 digits
+        raise InvalidArgument(f"size {text!r} is above the maximum of 64 TiB")
+    size = int((exact / 4096).to_integral_value(rounding=decimal.ROUND_CEILING)) * 4096
     if size < MIN_SIZE:
         raise InvalidArgument(f"size {text!r} is below the minimum of 64 MiB")
     if size > MAX_SIZE:
