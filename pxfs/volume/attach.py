@@ -237,6 +237,8 @@ class Attachments:
             await trio.sleep(interval)
             for loc in list(self.local.values()):
                 vol = loc.vol
+                if loc.mount and loc.ready and not (vol.fenced or vol.suspended):
+                    await self._forget_hand_unmount(loc)
                 if vol.fenced or vol.suspended or not loc.ready \
                         or recorded.get(loc.volid) == vol.durable:
                     continue
@@ -245,6 +247,23 @@ class Attachments:
                     recorded[loc.volid] = vol.durable
                 except PxfsError as exc:
                     log.info("checkpoint of %s failed: %s", loc.name, exc)
+
+    async def _forget_hand_unmount(self, loc: Local) -> None:
+        """A mount taken away by hand (``umount /mnt/db``) stops showing in
+        inspect and list within a checkpoint interval, on every node."""
+        if await trio.to_thread.run_sync(hostdev.is_mounted, loc.device, loc.mount):
+            return
+        async with self.lock(loc.volid):
+            if self.local.get(loc.volid) is not loc or not loc.mount \
+                    or await trio.to_thread.run_sync(hostdev.is_mounted, loc.device, loc.mount):
+                return
+            log.info("%s is no longer mounted at %s (unmounted by hand)", loc.name, loc.mount)
+            loc.mount = ""
+            self._save()
+            try:
+                await self._publish(loc)
+            except PxfsError as exc:
+                log.info("cannot record that %s was unmounted: %s", loc.name, exc)
 
     async def _reconcile(self, loc: Local, prev_durable: int) -> None:
         """The previous attachment died: a write (or discard) it never
