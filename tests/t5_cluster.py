@@ -1897,6 +1897,12 @@ def test_unmount_of_a_busy_mount_names_who_holds_it(make_cluster):
         sitter.wait()
         opener.stdin.close()
         opener.wait(timeout=10)
+    # another volume mounted inside it holds it too
+    c.pxctl("node1", "volume", "create", "inner", "--size", "64M")
+    inner = c.pxctl("node1", "host", "mount", "inner", "--path", os.path.join(mnt, "sub"))["mount"]
+    res = c.pxctl("node1", "host", "unmount", "busym", check=False)
+    assert res.returncode == 1 and f"in use by a mount at {inner}" in res.stderr, res.stderr
+    c.pxctl("node1", "host", "unmount", "inner")
     c.pxctl("node1", "host", "unmount", "busym")
     assert not os.path.ismount(mnt)
 

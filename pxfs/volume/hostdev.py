@@ -417,7 +417,11 @@ async def umount(path: str, lazy: bool = False) -> None:
     except HostError as exc:
         if "busy" not in str(exc):
             raise
-        users = await trio.to_thread.run_sync(path_users, path)
+        def holders() -> list[str]:
+            real = os.path.realpath(path)
+            under = [f"a mount at {t}" for _, t, _ in mounts() if t.startswith(real + "/")]
+            return under + path_users(path)
+        users = await trio.to_thread.run_sync(holders)
         if not users:
             raise
         raise HostError(f"{exc}; in use by {', '.join(users[:5])}"
