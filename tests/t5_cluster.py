@@ -814,6 +814,35 @@ def test_clean_stop_keeps_what_a_busy_mount_wrote(make_cluster):
     assert "syncing it, failing its further I/O" in open(c.nodes["node1"]["log"]).read()
 
 
+def test_clean_stop_keeps_what_a_hand_mount_of_the_device_wrote(make_cluster):
+    """The same for a mount the user made by hand of the attached device
+    (``mount /dev/pxd/pxd<ID> /mnt``): pxctl knows no mount path for it,
+    but the stop still writes back what it holds before the device goes."""
+    c = make_cluster(2)
+    c.pxctl("node1", "volume", "create", "hm", "--size", "128M", "--repl", "2", "--fs", "none")
+    a = c.pxctl("node1", "host", "attach", "hm")
+    subprocess.run(["mkfs.ext4", "-q", a["device"]], check=True)
+    hand = os.path.join(c.workdir, "hand")
+    os.mkdir(hand)
+    subprocess.run(["mount", a["pxd"], hand], check=True)
+    try:
+        data = os.urandom(3 * MiB)
+        with open(os.path.join(hand, "f"), "wb") as fh:
+            fh.write(data)                  # into the page cache: no fsync
+        c.stop_node("node1")
+        assert not os.path.ismount(hand)
+    finally:
+        if os.path.ismount(hand):
+            subprocess.run(["umount", "-l", hand])
+    dev2 = c.pxctl("node2", "host", "attach", "hm")["device"]
+    subprocess.run(["mount", "-o", "ro", dev2, hand], check=True)
+    try:
+        assert open(os.path.join(hand, "f"), "rb").read() == data
+    finally:
+        subprocess.run(["umount", hand], check=True)
+    assert f"is still mounted at {hand}" in open(c.nodes["node1"]["log"]).read()
+
+
 def test_restart_leaves_another_nodes_mount_alone(make_cluster, tmp_path):
     """Several nodes on one host: node3 dies with a volume mounted at P, the
     user clears P and mounts the volume through node2 at P again.  When node3

@@ -616,10 +616,26 @@ class Attachments:
                 try:            # one volume's trouble must not leave the others attached
                     if loc.mount:
                         await self._umount(loc, lazy_fallback=True)
+                    if loc.device:
+                        await self._shut_hand_mounts(loc)
                     await self._teardown(loc, release=True)
                 except PxfsError as exc:
                     log.error("could not detach %s at stop: %s", loc.name, exc)
             nursery.cancel_scope.cancel()
+
+    async def _shut_hand_mounts(self, loc: Local) -> None:
+        """Mounts of the device made by hand (or bind mounts left of ours):
+        the device goes with this node, so what they hold in the page cache
+        is written now and their later I/O fails, rather than their writes
+        being lost without a word."""
+        for path in await trio.to_thread.run_sync(hostdev.device_mount_points, loc.device):
+            log.warning("%s (%s) is still mounted at %s: syncing it, failing its further I/O "
+                        "and unmounting it lazily", loc.name, loc.device, path)
+            await hostdev.sync_and_shut(path)
+            try:
+                await hostdev.umount(path, lazy=True)
+            except HostError as exc:
+                log.error("cannot unmount %s: %s", path, exc)
 
     async def _fail_held_io_after(self, grace: float) -> None:
         await trio.sleep(grace)

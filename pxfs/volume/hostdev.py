@@ -111,23 +111,26 @@ def device_users(dev: str) -> list[str]:
     return _users(lambda target: target == dev, cwd=False)
 
 
+def device_mount_points(dev: str) -> list[str]:
+    """Where ``dev`` is mounted in this mount namespace, bind mounts of it
+    included (matched by device number: a mount made through
+    /dev/pxd/pxd<ID> shows that name, not the loop device's)."""
+    try:
+        rdev = os.stat(dev).st_rdev
+    except OSError:
+        return []
+    want = f"{os.major(rdev)}:{os.minor(rdev)}".encode()
+    with open("/proc/self/mountinfo", "rb") as fh:
+        return [_unescape(f[4]) for f in map(bytes.split, fh) if len(f) > 4 and f[2] == want]
+
+
 def device_holders(dev: str) -> list[str]:
     """What holds ``dev`` without a file descriptor that device_users could
     see: a mount of it made by hand (``mount /dev/pxd/pxd<ID> /mnt``), or,
     found by an exclusive open failing, a mount in another mount namespace,
     a device-mapper or RAID device over it.  Detaching under any of them
     would throw away what they have not yet written back."""
-    try:
-        rdev = os.stat(dev).st_rdev
-    except OSError:
-        return []
-    want = f"{os.major(rdev)}:{os.minor(rdev)}".encode()
-    out = []
-    with open("/proc/self/mountinfo", "rb") as fh:
-        for line in fh:
-            f = line.split()
-            if len(f) > 4 and f[2] == want:
-                out.append(f"mounted at {_unescape(f[4])}")
+    out = [f"mounted at {p}" for p in device_mount_points(dev)]
     if out:
         return out
     try:
