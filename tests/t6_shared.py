@@ -12,6 +12,7 @@ import mmap
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -95,6 +96,22 @@ def test_posix_errors_on_a_mount(shared):
                                                                                 errno.ERANGE)
     os.setxattr(f"{m}/d/f", "user.k", b"v")
     assert os.getxattr(f"{m}/d/f", "user.k") == b"v"
+    # no POSIX ACLs: cp -p and cp -a, which try to set a file's mode through a
+    # minimal ACL first, fall back to chmod, and the modes arrive
+    src = os.path.join(c.workdir, "src")
+    os.makedirs(f"{src}/dir")
+    with open(f"{src}/dir/run.sh", "w") as fh:
+        fh.write("#!/bin/sh\n")
+    os.chmod(f"{src}/dir/run.sh", 0o755)
+    os.chmod(f"{src}/dir", 0o751)
+    subprocess.run(["cp", "-a", f"{src}/dir", f"{m}/copied"], check=True)
+    subprocess.run(["cp", "-p", f"{src}/dir/run.sh", f"{m}/run.sh"], check=True)
+    assert stat.S_IMODE(os.stat(f"{m}/copied").st_mode) == 0o751
+    assert stat.S_IMODE(os.stat(f"{m}/copied/run.sh").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(f"{m}/run.sh").st_mode) == 0o755
+    assert err(os.setxattr, f"{m}/run.sh", "system.posix_acl_access", b"\2\0\0\0") \
+        == errno.EOPNOTSUPP
+    assert os.listxattr(f"{m}/run.sh") == []
     # O_APPEND, truncate, sparse files
     with open(f"{m}/log", "ab") as fh:
         fh.write(b"one\n")

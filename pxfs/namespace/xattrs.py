@@ -13,6 +13,12 @@ from .records import XATTR_NAME_MAX, XATTR_SIZE_MAX, ns_error as _err
 from .remembered import FRESH
 
 XATTR_CREATE, XATTR_REPLACE = 1, 2
+#: POSIX ACLs are not kept (the mount does not ask the kernel for ACL
+#: support): stored as plain attributes they would change no permission,
+#: and cp -p / cp -a / mv, which set a file's mode through a minimal ACL
+#: when that works, would leave every file 0600.  Refused, they fall back
+#: to chmod, as on a filesystem mounted with noacl.
+_ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
 
 
 class XattrOps:
@@ -21,6 +27,8 @@ class XattrOps:
     def xkey(self, ino: int, name: bytes) -> str:
         if not name or len(name) > XATTR_NAME_MAX or b"\0" in name:
             raise InvalidArgument("bad extended attribute name", errno=errno.ERANGE)
+        if name in _ACL_NAMES:
+            raise _err(errno.EOPNOTSUPP, "POSIX ACLs are not supported")
         return keys.ns_xattr_key(self.cid, self.volid, ino, name)
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
