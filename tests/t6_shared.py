@@ -112,6 +112,8 @@ def test_posix_errors_on_a_mount(shared):
     assert err(os.setxattr, f"{m}/run.sh", "system.posix_acl_access", b"\2\0\0\0") \
         == errno.EOPNOTSUPP
     assert os.listxattr(f"{m}/run.sh") == []
+    os.symlink("abcdefgh", f"{m}/sl")
+    assert os.lstat(f"{m}/sl").st_size == 8 and os.readlink(f"{m}/sl") == "abcdefgh"
     # O_APPEND, truncate, sparse files
     with open(f"{m}/log", "ab") as fh:
         fh.write(b"one\n")

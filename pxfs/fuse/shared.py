@@ -61,6 +61,8 @@ class SharedFS(pyfuse3.Operations):
         a.st_ino = node.ino
         a.st_mode, a.st_uid, a.st_gid, a.st_nlink = node.mode, node.uid, node.gid, node.nlink
         a.st_size, a.st_rdev = node.size, node.rdev
+        if stat.S_ISLNK(node.mode) and node.target is not None:
+            a.st_size = len(node.target)        # as lstat(2) says; no data blocks
         a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = node.atime, node.mtime, node.ctime
         a.st_blksize = 128 * 1024
         a.st_blocks = -(-node.size // 512)
