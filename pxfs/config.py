@@ -143,6 +143,25 @@ def _check_unused(raw: dict) -> None:
         raise ConfigError("secret.cluster_secret_key", "expected a string")
 
 
+_WILDCARDS = {"0.0.0.0", "::", ""}
+
+
+def _check_socket_path(path: str) -> None:
+    """The node removes a stale socket at ``path`` before it listens there:
+    anything else found there must stay, and the directory must be one the
+    node can make."""
+    if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise ConfigError("docker_socket", f"{path} exists and is not a unix socket")
+    parent = os.path.dirname(path)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    real = os.path.realpath(parent)
+    if not os.path.isdir(real) or real == "/proc" or real.startswith(("/proc/", "/sys/")) \
+            or real == "/sys" or not os.access(real, os.W_OK):
+        raise ConfigError("docker_socket", f"cannot make {path}: {parent} is not a writable "
+                                           "directory")
+
+
 def parse(raw: object, path: str = "") -> Config:
     """Validate a decoded config.json."""
     if not isinstance(raw, dict):
@@ -187,6 +206,9 @@ def parse(raw: object, path: str = "") -> Config:
         raise ConfigError("node_id", "expected 1-63 letters, digits, '.', '_' or '-'")
     api_host, api_port = _address(raw, "api_address", "127.0.0.1:9001", _iface(raw, "mgtiface"))
     data_host, data_port = _address(raw, "data_address", "127.0.0.1:9002", _iface(raw, "dataiface"))
+    if api_port == data_port and (api_host == data_host or {api_host, data_host} & _WILDCARDS):
+        raise ConfigError("data_address", f"{data_host}:{data_port} is api_address's too: the API "
+                                          "and the data port need ports of their own")
     data_dir = _str(raw, "data_dir", "/var/lib/pxfs", absolute=True)
     fuse = _str(raw, "fuse_mountpoint", os.path.join(data_dir, "fuse"), absolute=True)
     osd_root = _str(raw, "osd_root", "/var/lib/osd", absolute=True)
@@ -208,6 +230,8 @@ def parse(raw: object, path: str = "") -> Config:
                           "for no Docker plugin")
     if len(docker_socket.encode()) > 107:
         raise ConfigError("docker_socket", "path too long for a unix socket (at most 107 bytes)")
+    if docker_socket:
+        _check_socket_path(docker_socket)
     return Config(clusterid, endpoints, tuple(devices), node_id, api_host, api_port,
                   data_host, data_port, data_dir, fuse, osd_root, level, ttl, path, docker_socket,
                   tuple(k for k in UNUSED if k in raw))

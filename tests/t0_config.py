@@ -217,6 +217,26 @@ def test_bad_docker_socket(raw, value):
     bad(raw, "docker_socket", docker_socket=value)
 
 
+def test_docker_socket_that_is_not_a_socket_is_refused_and_kept(raw, tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    assert "exists and is not a unix socket" in bad(raw, "docker_socket",
+                                                    docker_socket=str(precious))
+    assert precious.read_text() == "keep me"
+    assert "not a writable directory" in bad(raw, "docker_socket", docker_socket="/proc/nope/x.sock")
+    assert "not a writable directory" in bad(raw, "docker_socket",
+                                             docker_socket=str(precious / "x.sock"))
+    ok = config.parse(dict(raw, docker_socket=str(tmp_path / "new" / "dir" / "pxd.sock")))
+    assert ok.docker_socket.endswith("/new/dir/pxd.sock")
+
+
+@pytest.mark.parametrize("api, data", [("127.0.0.1:9001", "127.0.0.1:9001"),
+                                       ("0.0.0.0:9001", "127.0.0.1:9001"),
+                                       ("127.0.0.2:9001", "0.0.0.0:9001")])
+def test_api_and_data_port_may_not_share_an_address(raw, api, data):
+    assert "api_address's too" in bad(raw, "data_address", api_address=api, data_address=data)
+
+
 def test_docker_socket_empty_means_none(raw):
     assert config.parse(dict(raw, docker_socket="")).docker_socket == ""
 
@@ -314,6 +334,7 @@ PXFSD_BAD = [
     ({"node_id": "n/1"}, "node_id"),
     ({"api_address": "localhost"}, "api_address"),
     ({"data_address": "127.0.0.1:0"}, "data_address"),
+    ({"data_address": "127.0.0.1:9001"}, "data_address"),      # api_address's
     ({"data_dir": "relative/dir"}, "data_dir"),
     ({"fuse_mountpoint": "fuse"}, "fuse_mountpoint"),
     ({"osd_root": "osd"}, "osd_root"),
