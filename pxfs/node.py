@@ -19,10 +19,10 @@ import threading
 
 import trio
 
-from . import __version__, config as config_mod
+from . import __version__, codec, config as config_mod
 from .chunk import pool
 from .chunk.store import ChunkStore
-from .errors import ConfigError, InvalidArgument, MetaError, NotFound, PxfsError
+from .errors import Busy, ConfigError, InvalidArgument, MetaError, NotFound, PxfsError
 from .meta import keys
 from .meta.etcd import EtcdKV
 from .meta.lease import Membership, list_nodes
@@ -107,6 +107,25 @@ class Node:
         if rec.get("shared"):
             return await self.shared_mounts.unmount(rec, path)
         return await self.attachments.unmount(ref, path)
+
+    async def refuse_docker_held(self, ref: str, path: str | None = None) -> None:
+        """An operator's unmount or detach (pxctl, the API) of a volume that
+        Docker's containers use here through the plugin is refused: they
+        would go on writing into the bare directory under the mount.  The
+        plugin's own unmounts do not come this way."""
+        try:
+            rec, _ = await self.catalog.get(ref)
+        except NotFound:
+            return
+        item = await self.kv.get(keys.docker_mount_key(self.cfg.clusterid, self.cfg.node_id,
+                                                       rec["id"]))
+        cur = codec.unpack_record(item.value) if item else {}
+        if not cur.get("ids"):
+            return
+        if path is not None and rec.get("shared") and os.path.normpath(path) != cur.get("path"):
+            return                  # another mount of the shared volume
+        raise Busy(f"volume {rec['name']!r} is in use by {len(cur['ids'])} Docker container "
+                   f"mount(s) on this node at {cur.get('path')}; stop those containers first")
 
     def cluster_config(self) -> dict:
         """What a shared-volume mount process needs to join the cluster."""

@@ -131,6 +131,12 @@ def test_mounts_are_counted_per_id_and_the_last_unmount_detaches(make_cluster):
     ok(c, "node1", "VolumeDriver.Unmount", {"Name": "blk", "ID": "a"})
     assert is_mounted(path)
     assert ok(c, "node1", "VolumeDriver.Path", {"Name": "blk"})["Mountpoint"] == path
+    # an operator cannot pull the volume from under the containers
+    for cmd in (["host", "unmount", "blk"], ["host", "detach", "blk"]):
+        res = c.pxctl("node1", *cmd, check=False)
+        assert res.returncode == 1 and "in use by 1 Docker container mount(s)" in res.stderr, \
+            res.stderr
+    assert is_mounted(path)
     assert ok(c, "node2", "VolumeDriver.Get", {"Name": "blk"})["Volume"]["Mountpoint"] == ""
 
     # a block volume is used on one node at a time, and is not removed while used
@@ -160,6 +166,8 @@ def test_mounts_are_counted_per_id_and_the_last_unmount_detaches(make_cluster):
     with open(os.path.join(p2, "hello")) as fh:
         assert fh.read() == "from node1"
     assert {m["node"] for m in c.pxctl("node1", "volume", "inspect", "sv")["mounts"]} == {"node1", "node2"}
+    res = c.pxctl("node1", "host", "unmount", "sv", "--path", p1, check=False)
+    assert res.returncode == 1 and "Docker container" in res.stderr, res.stderr
     ok(c, "node1", "VolumeDriver.Unmount", {"Name": "sv", "ID": "x"})
     ok(c, "node2", "VolumeDriver.Unmount", {"Name": "sv", "ID": "y"})
     c.wait_for(lambda: c.pxctl("node1", "volume", "inspect", "sv")["mounts"] == [], what="sv unmounted")

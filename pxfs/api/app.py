@@ -163,6 +163,7 @@ def build_app(node) -> Starlette:
 
     async def detach(request):
         await _body(request, set())
+        await node.refuse_docker_held(request.path_params["ref"])
         return await node.attachments.detach(request.path_params["ref"])
 
     async def mount(request):
@@ -177,6 +178,7 @@ def build_app(node) -> Starlette:
         path = body.get("path")
         if path is not None and not isinstance(path, str):
             raise InvalidArgument("path must be a string")
+        await node.refuse_docker_held(request.path_params["ref"], path)
         return await node.unmount(request.path_params["ref"], path)
 
     async def remove_node(request):
