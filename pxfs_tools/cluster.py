@@ -10,6 +10,8 @@ benchmarks; several clusters can run on one machine at once.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import random
@@ -133,7 +135,37 @@ def start_etcd(workdir: str, fast: bool) -> tuple[str, int]:
         if proc.poll() is not None:
             break
         time.sleep(0.1)
+    if proc.poll() is None:         # not healthy in time: it must not live on unowned
+        proc.kill()
+        proc.wait()
     raise click.ClickException(f"etcd did not start; see {workdir}/etcd.log")
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str):
+    """One launcher command at a time per workdir: two ``up``s at once
+    would start two etcds on one data dir, one of them owned by nobody."""
+    fd = os.open(os.path.join(workdir, ".pxfs-cluster.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise click.ClickException(f"another pxfs-cluster command is working in {workdir}; "
+                                       "try again when it is done") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _old_drives(workdir: str) -> list[str]:
+    """Pools an earlier cluster left in ``workdir`` (``down`` keeps them)."""
+    out = []
+    for name in sorted(os.listdir(workdir)):
+        ndir = os.path.join(workdir, name)
+        if name.startswith("node") and os.path.isdir(ndir):
+            out += [os.path.join(ndir, d) for d in ("drive0.img", "drive0", "data")
+                    if os.path.lexists(os.path.join(ndir, d))]
+    return out
 
 
 def _socket_path(ndir: str) -> str:
@@ -184,8 +216,18 @@ def up(count, workdir, drive_size, etcd_url, lease_ttl, fast, dir_drives):
     """Start etcd and N nodes; print the cluster as JSON."""
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    with _workdir_lock(workdir):
+        _up(count, workdir, drive_size, etcd_url, lease_ttl, fast, dir_drives)
+
+
+def _up(count, workdir, drive_size, etcd_url, lease_ttl, fast, dir_drives):
     if os.path.exists(os.path.join(workdir, STATE)):
         raise click.ClickException(f"{workdir} already holds a cluster; run down first")
+    old = _old_drives(workdir)
+    if old:
+        raise click.ClickException(
+            f"{workdir} holds the drives of an earlier cluster ({old[0]}, ...); a new cluster "
+            f"would not take them over: remove them (rm -rf {workdir}) or use another workdir")
     state = {"workdir": workdir, "clusterid": "pxfs-" + secrets.token_hex(4), "nodes": [],
              "etcd_pid": None}
     if etcd_url:
@@ -228,6 +270,8 @@ def up(count, workdir, drive_size, etcd_url, lease_ttl, fast, dir_drives):
             _wait_ready(node)
     except BaseException:
         _down(state)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(workdir, STATE))
         raise
     click.echo(json.dumps(_public(state)))
 
@@ -358,8 +402,9 @@ def down(workdir):
     """Stop every process this cluster started and unmount what it mounted."""
     workdir = os.path.abspath(workdir)
     state = _load(workdir)
-    _down(state)
-    os.unlink(os.path.join(workdir, STATE))
+    with _workdir_lock(workdir):
+        _down(state)
+        os.unlink(os.path.join(workdir, STATE))
 
 
 def main():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import fcntl
 import json
 import mmap
 import os
@@ -2010,3 +2011,31 @@ def test_delete_does_not_wait_for_a_paused_replica(make_cluster):
     c.wait_for(lambda: os.listdir(vols2) == [], timeout=30,
                what="node2 dropping the deleted volume's chunks")
     assert os.listdir(os.path.join(c.workdir, "node1", "drive0", "vols")) == []
+
+
+def _launcher(*args):
+    return subprocess.run([sys.executable, "-m", "pxfs_tools.cluster", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_launcher_refuses_a_workdir_in_use_or_with_old_drives(make_cluster, tmp_path):
+    c = make_cluster(1)
+    res = _launcher("up", "--nodes", "1", "--workdir", c.workdir)
+    assert res.returncode == 1 and "already holds a cluster" in res.stderr, res.stderr
+    res = _launcher("stop-node", "node7", "--workdir", c.workdir)
+    assert res.returncode == 1 and "no node 'node7'" in res.stderr, res.stderr
+    # drives an earlier cluster left (down keeps them): refused before anything starts
+    old = tmp_path / "old"
+    (old / "node1").mkdir(parents=True)
+    (old / "node1" / "drive0.img").write_bytes(b"")
+    res = _launcher("up", "--nodes", "1", "--workdir", str(old))
+    assert res.returncode == 1 and "holds the drives of an earlier cluster" in res.stderr
+    assert sorted(os.listdir(old)) == [".pxfs-cluster.lock", "node1"]
+    # another launcher command working in the same workdir
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    with open(busy / ".pxfs-cluster.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        res = _launcher("up", "--nodes", "1", "--workdir", str(busy))
+    assert res.returncode == 1 and "another pxfs-cluster command" in res.stderr, res.stderr
+    assert sorted(os.listdir(busy)) == [".pxfs-cluster.lock"]
