@@ -20,7 +20,7 @@ import threading
 import trio
 
 from . import __version__, codec, config as config_mod
-from .chunk import pool
+from .chunk import incarnation, pool
 from .chunk.store import ChunkStore
 from .errors import Busy, ConfigError, InvalidArgument, MetaError, NotFound, PxfsError
 from .meta import keys
@@ -438,6 +438,7 @@ async def _run(cfg: config_mod.Config, kv, roots: list[str], sigs) -> int:
     from .fuse import view as fuse_view
     node = Node(cfg, kv, roots)
     await trio.to_thread.run_sync(node.store.sync_pools)
+    node.replica.incarnation = await trio.to_thread.run_sync(incarnation.take, cfg.data_dir, roots)
     node.attachments.recover_stale()
     _clean_fuse_mountpoint(cfg.fuse_mountpoint)
     os.makedirs(os.path.join(cfg.osd_root, "mounts"), exist_ok=True)
@@ -521,6 +522,7 @@ def main(argv=None) -> None:
         print(f"pxfsd: {exc}", file=sys.stderr)
         rc = 2
     finally:
+        incarnation.mark_clean(cfg.data_dir, roots)
         pool.release(roots, cfg.data_dir)
     if rc == 2 and fresh:           # a refused start leaves no data_dir behind
         with contextlib.suppress(OSError):

@@ -972,3 +972,28 @@ def test_a_failed_directory_sync_is_remembered_too(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(PxfsError, match="an earlier sync failed"):
         store.sync(5)
+
+
+def test_incarnation_is_kept_only_when_nothing_can_have_been_lost(tmp_path):
+    import json
+    from pxfs.chunk import incarnation
+    data, roots = tmp_path / "data", [str(tmp_path)]
+    data.mkdir()
+    state = data / incarnation.STATE
+    first = incarnation.take(str(data), roots)
+    assert incarnation.take(str(data), roots) == first        # died; same boot, same mount
+    rec = json.loads(state.read_text())
+    rec["mounts"] = {str(tmp_path): 12345}                      # the pool was mounted again
+    state.write_text(json.dumps(rec))
+    second = incarnation.take(str(data), roots)
+    assert second != first
+    rec = json.loads(state.read_text())
+    rec["boot_id"] = "another boot"                             # the host restarted
+    state.write_text(json.dumps(rec))
+    third = incarnation.take(str(data), roots)
+    assert third != second
+    incarnation.mark_clean(str(data), roots)                   # a clean stop: kept anywhere
+    assert json.loads(state.read_text()) == {"inc": third, "clean": True}
+    assert incarnation.take(str(data), roots) == third
+    state.write_text("{not json")
+    assert incarnation.take(str(data), roots) not in (third, None)

@@ -741,3 +741,32 @@ def test_one_large_direct_append(shared):
         os.close(fd)
     got = open(f"{m1}/f", "rb").read()
     assert got[:4096] == b"h" * 4096 and got[4096:] == bytes(data)
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_a_rolling_restart_of_the_replicas_keeps_a_mount_that_did_not_fsync(shared, how):
+    """A mount wrote without an fsync; then each replica's node restarts in
+    turn (a rolling upgrade: clean stops, or crashes of the process while
+    the host stays up).  Nothing the mount wrote can have been lost: the
+    restarted processes answer under their old incarnation, the mount goes
+    on, every replica stays in sync, and the data is whole."""
+    c, mount = shared
+    c.pxctl("node1", "volume", "create", "rr", "--shared", "--size", "1", "--repl", "2",
+            "--nodes", "node1,node2")
+    m = mount("node3", "rr", os.path.join(c.workdir, "rr"))
+    data = os.urandom(2 * MiB + 5)
+    with open(f"{m}/f", "wb") as fh:
+        fh.write(data)                              # no fsync
+    for n in ("node1", "node2"):
+        c.stop_node(n, kill=how == "kill")
+        c.start_node(n)
+        c.wait_for(lambda: all(r["state"] == "in_sync" for r in
+                               c.pxctl("node3", "volume", "inspect", "rr")["replicas"]),
+                   timeout=60, what=f"rr in sync after {n}'s restart")
+    with open(f"{m}/g", "wb") as fh:
+        fh.write(b"after the restarts")
+        fh.flush()
+        os.fsync(fh.fileno())
+    assert open(f"{m}/f", "rb").read() == data
+    assert all(r["state"] == "in_sync" for r in
+               c.pxctl("node3", "volume", "inspect", "rr")["replicas"])

@@ -885,22 +885,7 @@ class ChunkStore:
         port opens).  The page cache outlives a killed process: writes its
         earlier run took and answered may still be only there, and the
         flushes this process serves cover only the writes it takes itself."""
-        for root in self.roots:
-            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                if _syncfs is None:
-                    os.sync()
-                elif _syncfs(fd) != 0:
-                    raise OSError(ctypes.get_errno(), f"syncfs of {root} failed")
-            finally:
-                os.close(fd)
-            # XFS's syncfs flushes no device cache when it has no metadata to
-            # log; an fsync of a file always does
-            fd = os.open(os.path.join(root, "SYNCED"), os.O_WRONLY | os.O_CREAT, 0o600)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        sync_roots(self.roots)
 
     def capacity(self) -> tuple[int, int]:
         """(used, total) bytes of the pool."""
@@ -930,3 +915,24 @@ class ChunkStore:
         for rfd in self._root_fds.values():
             os.close(rfd)
         self._root_fds.clear()
+
+
+def sync_roots(roots: list[str]) -> None:
+    """Make everything in the pool roots durable; OSError if a pool cannot
+    (its filesystem shut down after an I/O error)."""
+    for root in roots:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _syncfs is None:
+                os.sync()
+            elif _syncfs(fd) != 0:
+                raise OSError(ctypes.get_errno(), f"syncfs of {root} failed")
+        finally:
+            os.close(fd)
+        # XFS's syncfs flushes no device cache when it has no metadata to
+        # log; an fsync of a file always does
+        fd = os.open(os.path.join(root, "SYNCED"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
