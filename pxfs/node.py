@@ -440,6 +440,11 @@ async def _run(cfg: config_mod.Config, kv, roots: list[str], sigs) -> int:
     await trio.to_thread.run_sync(node.store.sync_pools)
     node.replica.incarnation = await trio.to_thread.run_sync(incarnation.take, cfg.data_dir, roots)
     node.attachments.recover_stale()
+    # shared volumes' mounts whose processes died with this node (Docker's
+    # are mounted again below, by the plugin's restore)
+    with trio.move_on_after(10):
+        await trio.to_thread.run_sync(hostdev.drop_dead_fuse_mounts, cfg.osd_root,
+                                      abandon_on_cancel=True)
     _clean_fuse_mountpoint(cfg.fuse_mountpoint)
     os.makedirs(os.path.join(cfg.osd_root, "mounts"), exist_ok=True)
     try:

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import time
 
 import httpx
+import pytest
 
 from conftest import needs_mounts
 
@@ -222,3 +225,43 @@ def test_node_restart_remounts_and_failover_moves_the_volume(make_cluster):
     assert c.pxctl("node1", "volume", "inspect", "db")["attached_on"] == "node2"
     ok(c, "node2", "VolumeDriver.Unmount", {"Name": "db", "ID": "ctr2"})
     ok(c, "node3", "VolumeDriver.Remove", {"Name": "db"})
+
+
+def _mount_process(path: str) -> int:
+    """The pid of the shared-volume mount process serving ``path``."""
+    out = subprocess.run(["pgrep", "-f", f"pxfs.mount .* {path} "], capture_output=True,
+                         text=True).stdout.split()
+    assert len(out) == 1, out
+    return int(out[0])
+
+
+def test_a_node_restart_mounts_a_shared_volume_again_after_its_mount_process_died(make_cluster):
+    """The node and its shared volume's mount process are killed (a host
+    crash of pxfs): the dead FUSE mount is cleared at the restart and the
+    plugin mounts the volume again where the containers have it."""
+    c = make_cluster(2)
+    ok(c, "node1", "VolumeDriver.Create", {"Name": "dsh", "Opts": {"shared": "true", "repl": "2"}})
+    path = ok(c, "node2", "VolumeDriver.Mount", {"Name": "dsh", "ID": "ctr"})["Mountpoint"]
+    with open(os.path.join(path, "f"), "w") as fh:
+        fh.write("kept")
+        fh.flush()
+        os.fsync(fh.fileno())
+    pid = _mount_process(path)
+    c.stop_node("node2", kill=True)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(OSError):
+        os.statvfs(path)                            # ENOTCONN: the mount is dead
+    c.start_node("node2")
+
+    def back():
+        try:
+            return open(os.path.join(path, "f")).read() == "kept"
+        except OSError:
+            return False
+    c.wait_for(back, timeout=30, what="the shared mount restored")
+    assert ok(c, "node2", "VolumeDriver.Path", {"Name": "dsh"})["Mountpoint"] == path
+    ok(c, "node2", "VolumeDriver.Unmount", {"Name": "dsh", "ID": "ctr"})
+    c.wait_for(lambda: not os.path.ismount(path), timeout=30, what="unmounted")
+    # the killed mount process's record goes with its lease
+    c.wait_for(lambda: call(c, "node1", "VolumeDriver.Remove", {"Name": "dsh"})["Err"] == "",
+               timeout=30, what="dsh removed")

@@ -21,6 +21,7 @@ from .. import codec
 from ..errors import Busy, NotFound, PxfsError
 from ..meta import keys
 from ..meta.kv import Delete, Put
+from ..volume import hostdev
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,9 @@ class DockerMounts:
 
     async def _still_mounted(self, rec: dict, cur: dict) -> bool:
         if rec.get("shared"):
-            return any(m["path"] == cur.get("path") for m in await self.node.shared_mounts.here(rec["id"]))
+            # a dead mount process's record outlives it by up to a lease
+            return any(m["path"] == cur.get("path") for m in await self.node.shared_mounts.here(rec["id"])) \
+                and hostdev.is_mountpoint(cur.get("path", ""))
         loc = self.node.attachments.local.get(rec["id"])
         return loc is not None and not loc.vol.fenced and loc.mount == cur.get("path")
 

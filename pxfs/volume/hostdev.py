@@ -111,6 +111,33 @@ def device_users(dev: str) -> list[str]:
     return _users(lambda target: target == dev, cwd=False)
 
 
+def dead_fuse_mounts(under: str) -> list[str]:
+    """FUSE mounts at or below ``under`` whose process is gone (a statfs
+    answers "Transport endpoint is not connected"): a shared volume's mount
+    process killed, or dead with its node.  Call in a worker thread: a
+    FUSE mount that is alive but stuck would not answer."""
+    base = os.path.realpath(under)
+    out = []
+    for _, target, fstype in mounts():
+        if not fstype.startswith("fuse") or not (target == base or target.startswith(base + "/")):
+            continue
+        try:
+            os.statvfs(target)
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                out.append(target)
+    return out
+
+
+def drop_dead_fuse_mounts(under: str) -> list[str]:
+    """Unmount (lazily) the dead FUSE mounts dead_fuse_mounts finds."""
+    gone = dead_fuse_mounts(under)
+    for target in gone:
+        log.warning("unmounting %s: its FUSE process is gone", target)
+        subprocess.run(["umount", "-l", target], capture_output=True)
+    return gone
+
+
 def device_mount_points(dev: str) -> list[str]:
     """Where ``dev`` is mounted in this mount namespace, bind mounts of it
     included (matched by device number: a mount made through

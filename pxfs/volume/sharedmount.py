@@ -29,15 +29,25 @@ class SharedMounts:
         return os.path.join(self.osd_root, "pxns", name)
 
     async def here(self, volid: int) -> list[dict]:
+        """This node's mounts of the volume on this host, but not those of
+        a mount process that is gone (its record stays until its lease
+        runs out)."""
         host = socket.gethostname()
         return [m for m in await self.catalog.ns_mounts(volid)
-                if m["node"] == self.catalog.node and m.get("host") == host]
+                if m["node"] == self.catalog.node and m.get("host") == host
+                and _running(m.get("pid"))]
 
     async def mount(self, rec: dict, path: str | None) -> dict:
         path = hostdev.clean_mount_path(path or self.default_path(rec["name"]))
-        if any(m["path"] == path for m in await self.here(rec["id"])):
-            return await self.describe(rec)
         hostdev.refuse_own_dirs(path, self._own_dirs())
+        # a mount whose process was killed stays until unmounted, and its
+        # record until its lease runs out: neither is a mount to answer with
+        with trio.move_on_after(10):
+            await trio.to_thread.run_sync(hostdev.drop_dead_fuse_mounts, path,
+                                          abandon_on_cancel=True)
+        if any(m["path"] == path and hostdev.is_mountpoint(path)
+               for m in await self.here(rec["id"])):
+            return await self.describe(rec)
         await hostdev.check_mount_path(path)
         made = await hostdev.make_mount_point(path)
         argv = [sys.executable, "-m", "pxfs.mount", str(rec["id"]), path, "-o",
@@ -78,3 +88,16 @@ class SharedMounts:
         return {"id": str(rec["id"]), "name": rec["name"], "shared": True,
                 "mount": path or (mounts[0]["path"] if mounts else ""),
                 "mounts": [m["path"] for m in mounts]}
+
+
+def _running(pid) -> bool:
+    """Whether process ``pid`` of this host runs (a zombie no longer serves
+    its mount)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return True             # a record without a pid: cannot tell, keep it
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
