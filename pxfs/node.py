@@ -54,7 +54,8 @@ class Node:
             fuse_mountpoint=cfg.fuse_mountpoint, state_path=os.path.join(cfg.data_dir, "attached.json"))
         self.resyncer = Resyncer(self.catalog, self.attachments, self.membership)
         self.shared_mounts = SharedMounts(self.catalog, cfg.api_url, cfg.osd_root,
-                                          own_dirs=self.attachments.own_dirs)
+                                          own_dirs=self.attachments.own_dirs,
+                                          log_dir=os.path.join(cfg.data_dir, "mount-logs"))
         self.membership.on_lease_lost(self.attachments.on_lease_lost)
         self.membership.on_rejoined(self.attachments.on_rejoined)
         self.membership.on_rejoined(self._collect_garbage_on_rejoin)

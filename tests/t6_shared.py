@@ -346,6 +346,10 @@ def test_pxctl_host_mount_of_a_shared_volume(shared):
     c.pxctl("node3", "host", "unmount", "hm")
     assert not os.path.ismount(path) and not os.path.ismount(other)
     wait_unmounted(c, "hm")
+    # the mount processes log under the node's data dir
+    data_dir = json.load(open(c.nodes["node3"]["config"]))["data_dir"]
+    log = open(os.path.join(data_dir, "mount-logs", "hm.log")).read()
+    assert f" at {other} through node" in log, log
 
 
 def test_bad_mount_input_changes_nothing(shared):

@@ -20,9 +20,17 @@ log = logging.getLogger(__name__)
 
 
 class SharedMounts:
-    def __init__(self, catalog, api_url: str, osd_root: str, own_dirs=dict):
+    def __init__(self, catalog, api_url: str, osd_root: str, own_dirs=dict, log_dir: str = ""):
         self.catalog, self.api_url, self.osd_root = catalog, api_url, osd_root
         self._own_dirs = own_dirs             # () -> {dir: what}: none mounted in or over
+        self.log_dir = log_dir                # the mount processes' logs, one per volume
+
+    def log_path(self, name: str) -> str:
+        """Where this node's mount processes of volume ``name`` log (why a
+        mount stopped, what it could not do); "" for none."""
+        if not self.log_dir or "," in self.log_dir:      # -o splits on commas
+            return ""
+        return os.path.join(self.log_dir, f"{name}.log")
 
     def default_path(self, name: str) -> str:
         """Where Portworx users look for a shared volume on a node."""
@@ -50,8 +58,11 @@ class SharedMounts:
             return await self.describe(rec)
         await hostdev.check_mount_path(path)
         made = await hostdev.make_mount_point(path)
-        argv = [sys.executable, "-m", "pxfs.mount", str(rec["id"]), path, "-o",
-                f"node={self.api_url},allow_other,default_permissions,x-pxfs-host-mount"]
+        opts = f"node={self.api_url},allow_other,default_permissions,x-pxfs-host-mount"
+        if self.log_path(rec["name"]):
+            await trio.to_thread.run_sync(lambda: os.makedirs(self.log_dir, exist_ok=True))
+            opts += f",log={self.log_path(rec['name'])}"
+        argv = [sys.executable, "-m", "pxfs.mount", str(rec["id"]), path, "-o", opts]
         with trio.fail_after(60):
             res = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
         if res.returncode:
