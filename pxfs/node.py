@@ -438,8 +438,10 @@ async def run_node(cfg: config_mod.Config, roots: list[str]) -> int:
 async def _run(cfg: config_mod.Config, kv, roots: list[str], sigs) -> int:
     from .fuse import view as fuse_view
     node = Node(cfg, kv, roots)
+    prev = await trio.to_thread.run_sync(incarnation.begin, cfg.data_dir)
     await trio.to_thread.run_sync(node.store.sync_pools)
-    node.replica.incarnation = await trio.to_thread.run_sync(incarnation.take, cfg.data_dir, roots)
+    node.replica.incarnation = await trio.to_thread.run_sync(
+        incarnation.take, cfg.data_dir, roots, prev)
     node.attachments.recover_stale()
     # shared volumes' mounts whose processes died with this node (Docker's
     # are mounted again below, by the plugin's restore)

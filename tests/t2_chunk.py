@@ -980,20 +980,35 @@ def test_incarnation_is_kept_only_when_nothing_can_have_been_lost(tmp_path):
     data, roots = tmp_path / "data", [str(tmp_path)]
     data.mkdir()
     state = data / incarnation.STATE
-    first = incarnation.take(str(data), roots)
-    assert incarnation.take(str(data), roots) == first        # died; same boot, same mount
+
+    def start():
+        old = incarnation.begin(str(data))
+        if old:
+            assert json.loads(state.read_text()) == {}     # forfeited until taken
+        return incarnation.take(str(data), roots, old)
+    first = start()
+    assert start() == first                                    # died; same boot, same mount
     rec = json.loads(state.read_text())
     rec["mounts"] = {str(tmp_path): 12345}                      # the pool was mounted again
     state.write_text(json.dumps(rec))
-    second = incarnation.take(str(data), roots)
+    second = start()
     assert second != first
     rec = json.loads(state.read_text())
     rec["boot_id"] = "another boot"                             # the host restarted
     state.write_text(json.dumps(rec))
-    third = incarnation.take(str(data), roots)
+    third = start()
     assert third != second
     incarnation.mark_clean(str(data), roots)                   # a clean stop: kept anywhere
     assert json.loads(state.read_text()) == {"inc": third, "clean": True}
-    assert incarnation.take(str(data), roots) == third
+    assert start() == third
+    # a start that dies in its sync (a write-back error reported to it) leaves
+    # nothing to reuse; nor does a sync error of a running process
+    incarnation.begin(str(data))
+    assert start() != third
+    fourth = start()
+    incarnation.forfeit()
+    incarnation.mark_clean(str(data), roots)       # forfeited: not recorded as clean either
+    assert json.loads(state.read_text()) == {}
+    assert start() != fourth
     state.write_text("{not json")
-    assert incarnation.take(str(data), roots) not in (third, None)
+    assert start() > 0

@@ -82,19 +82,48 @@ def _write(path: str, state: dict) -> None:
         os.close(fd)
 
 
-def take(data_dir: str, roots: list[str]) -> int:
-    """This process's incarnation: the previous one's when nothing it took
-    can have been lost (module doc), else a new one.  Call after the pools
-    were synced, before the data port opens."""
-    global _taken
-    path = os.path.join(data_dir, STATE)
-    now = {"boot_id": _boot_id(), "mounts": _mount_ids(roots)}
+_path: str | None = None        # the state file, once begin() found it
+
+
+def begin(data_dir: str) -> dict:
+    """Read the previous run's state and, before anything is synced,
+    forfeit it on disk: a sync that fails (a write-back error, which the
+    kernel reports once) must leave nothing a later start could reuse,
+    even if this process dies right after.  Returns the old state for
+    take()."""
+    global _path
+    _path = os.path.join(data_dir, STATE)
     try:
-        with open(path) as fh:
+        with open(_path) as fh:
             old = json.load(fh)
     except (OSError, ValueError):
         old = {}
-    inc = old.get("inc") if isinstance(old, dict) else None
+    if old:
+        _write(_path, {})
+    return old if isinstance(old, dict) else {}
+
+
+def forfeit() -> None:
+    """A sync of this process failed: what it took may never reach the
+    disk, and the error is reported only once, so no later process may
+    answer under this number (its own syncs would succeed)."""
+    global _taken
+    _taken = None
+    if _path is not None:
+        try:
+            _write(_path, {})
+        except OSError as exc:
+            log.error("cannot forfeit the replica incarnation: %s", exc)
+
+
+def take(data_dir: str, roots: list[str], old: dict) -> int:
+    """This process's incarnation: the previous one's when nothing it took
+    can have been lost (module doc), else a new one.  Call with begin()'s
+    state, after the pools were synced, before the data port opens."""
+    global _taken
+    path = os.path.join(data_dir, STATE)
+    now = {"boot_id": _boot_id(), "mounts": _mount_ids(roots)}
+    inc = old.get("inc")
     same_cache = bool(now["boot_id"]) and now["mounts"] is not None \
         and old.get("boot_id") == now["boot_id"] and old.get("mounts") == now["mounts"]
     if not (isinstance(inc, int) and not isinstance(inc, bool) and inc > 0
@@ -116,5 +145,6 @@ def mark_clean(data_dir: str, roots: list[str]) -> None:
         sync_roots(roots)
     except OSError as exc:
         log.error("pools not synced at stop (%s): the next start takes a new incarnation", exc)
+        forfeit()
         return
     _write(os.path.join(data_dir, STATE), {"inc": _taken, "clean": True})

@@ -79,8 +79,13 @@ class DockerMounts:
     async def _still_mounted(self, rec: dict, cur: dict) -> bool:
         if rec.get("shared"):
             # a dead mount process's record outlives it by up to a lease
-            return any(m["path"] == cur.get("path") for m in await self.node.shared_mounts.here(rec["id"])) \
-                and hostdev.is_mountpoint(cur.get("path", ""))
+            if not any(m["path"] == cur.get("path")
+                       for m in await self.node.shared_mounts.here(rec["id"])):
+                return False
+            try:
+                return await hostdev.probe_path(cur.get("path", "")) == "mountpoint"
+            except PxfsError:       # a mount that does not answer: leave it be
+                return True
         loc = self.node.attachments.local.get(rec["id"])
         return loc is not None and not loc.vol.fenced and loc.mount == cur.get("path")
 

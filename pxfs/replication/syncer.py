@@ -27,6 +27,7 @@ import time
 
 import trio
 
+from ..chunk import incarnation
 from ..chunk.store import ChunkStore
 from ..errors import PxfsError
 
@@ -156,6 +157,11 @@ class Syncer:
                 self._timed_sync(volid)
             else:                    # keep measuring, so a faster device wins it back
                 await self._run(self._timed_sync, volid)
+        except PxfsError:
+            # the kernel reports a write-back error once: a later process
+            # of this node must not pass for this one (chunk/incarnation.py)
+            await trio.to_thread.run_sync(incarnation.forfeit)
+            raise
         finally:
             del self._syncing[volid]
             ev.set()

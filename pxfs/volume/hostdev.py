@@ -131,10 +131,17 @@ def dead_fuse_mounts(under: str) -> list[str]:
 
 def drop_dead_fuse_mounts(under: str) -> list[str]:
     """Unmount (lazily) the dead FUSE mounts dead_fuse_mounts finds."""
-    gone = dead_fuse_mounts(under)
-    for target in gone:
+    gone = []
+    for target in dead_fuse_mounts(under):
+        try:                # again, just before: a new mount may stand there by now
+            os.statvfs(target)
+            continue
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                continue
         log.warning("unmounting %s: its FUSE process is gone", target)
         subprocess.run(["umount", "-l", target], capture_output=True)
+        gone.append(target)
     return gone
 
 

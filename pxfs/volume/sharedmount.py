@@ -53,8 +53,8 @@ class SharedMounts:
         with trio.move_on_after(10):
             await trio.to_thread.run_sync(hostdev.drop_dead_fuse_mounts, path,
                                           abandon_on_cancel=True)
-        if any(m["path"] == path and hostdev.is_mountpoint(path)
-               for m in await self.here(rec["id"])):
+        if any(m["path"] == path for m in await self.here(rec["id"])) \
+                and await hostdev.probe_path(path) == "mountpoint":
             return await self.describe(rec)
         await hostdev.check_mount_path(path)
         made = await hostdev.make_mount_point(path)
