@@ -19,7 +19,7 @@ import threading
 
 import trio
 
-from . import __version__, codec, config as config_mod
+from . import __version__, config as config_mod
 from .chunk import incarnation, pool
 from .chunk.store import ChunkStore
 from .errors import Busy, ConfigError, InvalidArgument, MetaError, NotFound, PxfsError
@@ -118,9 +118,8 @@ class Node:
             rec, _ = await self.catalog.get(ref)
         except NotFound:
             return
-        item = await self.kv.get(keys.docker_mount_key(self.cfg.clusterid, self.cfg.node_id,
-                                                       rec["id"]))
-        cur = codec.unpack_record(item.value) if item else {}
+        from .docker.mounts import record_of
+        cur = await record_of(self.kv, self.cfg.clusterid, self.cfg.node_id, rec["id"]) or {}
         if not cur.get("ids"):
             return
         if path is not None and rec.get("shared") and os.path.normpath(path) != cur.get("path"):

@@ -26,6 +26,13 @@ from ..volume import hostdev
 log = logging.getLogger(__name__)
 
 
+async def record_of(kv, cid: str, node: str, volid: int) -> dict | None:
+    """The plugin's record of its mounts of ``volid`` on ``node``:
+    {"path", "ids": [Docker mount ids], "mounted", "attached"}, or None."""
+    item = await kv.get(keys.docker_mount_key(cid, node, volid))
+    return codec.unpack_record(item.value) if item else None
+
+
 class DockerMounts:
     def __init__(self, node):
         """``node`` offers catalog, attachments, shared_mounts, mount() and
@@ -42,8 +49,7 @@ class DockerMounts:
 
     # -- records -----------------------------------------------------------------
     async def record(self, volid: int) -> dict | None:
-        item = await self.kv.get(keys.docker_mount_key(self.cid, self.me, volid))
-        return codec.unpack_record(item.value) if item else None
+        return await record_of(self.kv, self.cid, self.me, volid)
 
     async def _store(self, volid: int, rec: dict | None) -> None:
         """Only this node writes its records, under the volume's lock."""

@@ -111,29 +111,19 @@ def device_users(dev: str) -> list[str]:
     return _users(lambda target: target == dev, cwd=False)
 
 
-def dead_fuse_mounts(under: str) -> list[str]:
-    """FUSE mounts at or below ``under`` whose process is gone (a statfs
-    answers "Transport endpoint is not connected"): a shared volume's mount
-    process killed, or dead with its node.  Call in a worker thread: a
-    FUSE mount that is alive but stuck would not answer."""
+def drop_dead_fuse_mounts(under: str) -> list[str]:
+    """Unmount (lazily) the FUSE mounts at or below ``under`` whose process
+    is gone (a statfs answers "Transport endpoint is not connected"): a
+    shared volume's mount process killed, or dead with its node.  Each is
+    looked at right before its unmount: a new mount may stand there by
+    then.  Call in a worker thread: a FUSE mount that is alive but stuck
+    would not answer."""
     base = os.path.realpath(under)
-    out = []
+    gone = []
     for _, target, fstype in mounts():
         if not fstype.startswith("fuse") or not (target == base or target.startswith(base + "/")):
             continue
         try:
-            os.statvfs(target)
-        except OSError as exc:
-            if exc.errno == errno.ENOTCONN:
-                out.append(target)
-    return out
-
-
-def drop_dead_fuse_mounts(under: str) -> list[str]:
-    """Unmount (lazily) the dead FUSE mounts dead_fuse_mounts finds."""
-    gone = []
-    for target in dead_fuse_mounts(under):
-        try:                # again, just before: a new mount may stand there by now
             os.statvfs(target)
             continue
         except OSError as exc:
@@ -260,11 +250,14 @@ def refuse_own_dirs(path: str, dirs: dict[str, str]) -> None:
 
 
 async def check_mount_path(path: str) -> None:
-    """Refuse a path a volume cannot be mounted on: not a directory, already
-    a mount point, or a directory with files in it (the mount would hide
-    them, and a user who then deletes the mount's contents believing them
-    to be the old files loses data)."""
-    kind = await probe_path(path)
+    refuse_mount_kind(path, await probe_path(path))
+
+
+def refuse_mount_kind(path: str, kind: str) -> None:
+    """Refuse a path a volume cannot be mounted on, given what probe_path
+    found: not a directory, already a mount point, or a directory with
+    files in it (the mount would hide them, and a user who then deletes the
+    mount's contents believing them to be the old files loses data)."""
     if kind == "mountpoint":
         raise Busy(f"{path} is already a mount point")
     if kind == "other":

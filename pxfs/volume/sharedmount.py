@@ -53,10 +53,10 @@ class SharedMounts:
         with trio.move_on_after(10):
             await trio.to_thread.run_sync(hostdev.drop_dead_fuse_mounts, path,
                                           abandon_on_cancel=True)
-        if any(m["path"] == path for m in await self.here(rec["id"])) \
-                and await hostdev.probe_path(path) == "mountpoint":
+        kind = await hostdev.probe_path(path)
+        if kind == "mountpoint" and any(m["path"] == path for m in await self.here(rec["id"])):
             return await self.describe(rec)
-        await hostdev.check_mount_path(path)
+        hostdev.refuse_mount_kind(path, kind)
         made = await hostdev.make_mount_point(path)
         opts = f"node={self.api_url},allow_other,default_permissions,x-pxfs-host-mount"
         if self.log_path(rec["name"]):
