@@ -29,6 +29,7 @@ import httpx
 from pxfs.volume import hostdev
 
 STATE = "cluster.json"
+NODE_LOCK_WAIT = 120             # s a stop-node/start-node waits for the command before it
 
 
 def free_ports(n: int) -> list[int]:
@@ -142,16 +143,28 @@ def start_etcd(workdir: str, fast: bool) -> tuple[str, int]:
 
 
 @contextlib.contextmanager
-def _workdir_lock(workdir: str):
+def _workdir_lock(workdir: str, wait: float = 0):
     """One launcher command at a time per workdir: two ``up``s at once
-    would start two etcds on one data dir, one of them owned by nobody."""
-    fd = os.open(os.path.join(workdir, ".pxfs-cluster.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    would start two etcds on one data dir, one of them owned by nobody, and
+    a ``start-node`` beside a ``down`` would leave a node nobody stops.
+    ``up`` and ``down`` refuse at once; ``stop-node``/``start-node`` wait
+    up to ``wait`` seconds for the command before them."""
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise click.ClickException(f"another pxfs-cluster command is working in {workdir}; "
-                                       "try again when it is done") from None
+        fd = os.open(os.path.join(workdir, ".pxfs-cluster.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    except FileNotFoundError:
+        raise click.ClickException(f"no cluster in {workdir} (no such directory)") from None
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise click.ClickException(
+                        f"another pxfs-cluster command is working in {workdir}; "
+                        "try again when it is done") from None
+                time.sleep(0.1)
         yield
     finally:
         os.close(fd)
@@ -302,10 +315,11 @@ def _stop(node: dict, kill: bool) -> None:
 def stop_node(nid, workdir, kill):
     """Stop one node (its drives are kept)."""
     workdir = os.path.abspath(workdir)
-    state = _load(workdir)
-    node = _find(state, nid)
-    _stop(node, kill)
-    _save(workdir, state)
+    with _workdir_lock(workdir, wait=NODE_LOCK_WAIT):
+        state = _load(workdir)
+        node = _find(state, nid)
+        _stop(node, kill)
+        _save(workdir, state)
 
 
 @cli.command("start-node")
@@ -314,13 +328,14 @@ def stop_node(nid, workdir, kill):
 def start_node(nid, workdir):
     """Start a stopped node again with its old drives."""
     workdir = os.path.abspath(workdir)
-    state = _load(workdir)
-    node = _find(state, nid)
-    if _alive(node.get("pid")):
-        raise click.ClickException(f"node {nid} is running (pid {node['pid']})")
-    node["pid"] = _spawn(node)
-    _save(workdir, state)
-    _wait_ready(node)
+    with _workdir_lock(workdir, wait=NODE_LOCK_WAIT):
+        state = _load(workdir)
+        node = _find(state, nid)
+        if _alive(node.get("pid")):
+            raise click.ClickException(f"node {nid} is running (pid {node['pid']})")
+        node["pid"] = _spawn(node)
+        _save(workdir, state)
+        _wait_ready(node)
     click.echo(json.dumps(node))
 
 
@@ -401,8 +416,9 @@ def _down(state: dict) -> None:
 def down(workdir):
     """Stop every process this cluster started and unmount what it mounted."""
     workdir = os.path.abspath(workdir)
-    state = _load(workdir)
+    _load(workdir)                      # a clear error before making a lock file
     with _workdir_lock(workdir):
+        state = _load(workdir)          # again: an ``up`` may have just failed
         _down(state)
         os.unlink(os.path.join(workdir, STATE))
 

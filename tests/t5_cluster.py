@@ -2039,3 +2039,19 @@ def test_launcher_refuses_a_workdir_in_use_or_with_old_drives(make_cluster, tmp_
         res = _launcher("up", "--nodes", "1", "--workdir", str(busy))
     assert res.returncode == 1 and "another pxfs-cluster command" in res.stderr, res.stderr
     assert sorted(os.listdir(busy)) == [".pxfs-cluster.lock"]
+    # a command in the cluster's own workdir: down refuses at once and stops nothing;
+    # stop-node waits for the command before it, then does its work
+    with open(os.path.join(c.workdir, ".pxfs-cluster.lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        res = _launcher("down", "--workdir", c.workdir)
+        assert res.returncode == 1 and "another pxfs-cluster command" in res.stderr, res.stderr
+        c.pxctl("node1", "status")
+        waiting = subprocess.Popen([sys.executable, "-m", "pxfs_tools.cluster", "stop-node",
+                                    "node1", "--workdir", c.workdir],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        assert waiting.poll() is None                   # still waiting for the lock
+        c.pxctl("node1", "status")
+    out, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0, err
+    assert c.pxctl("node1", "status", check=False).returncode != 0   # stopped now
