@@ -146,6 +146,17 @@ def _check_unused(raw: dict) -> None:
 _WILDCARDS = {"0.0.0.0", "::", ""}
 
 
+def _overlap(a: str, b: str) -> bool:
+    """Whether listeners on hosts ``a`` and ``b`` with one port collide:
+    the same host, or a wildcard of the other's family (``::`` and the
+    empty host may be dual-stack, so they collide with anything)."""
+    if a == b or {a, b} & {"::", ""}:
+        return True
+    if "0.0.0.0" in (a, b):
+        return ":" not in (b if a == "0.0.0.0" else a)
+    return False
+
+
 def _check_socket_path(path: str) -> None:
     """The node removes a stale socket at ``path`` before it listens there:
     anything else found there must stay, and the directory must be one the
@@ -206,7 +217,7 @@ def parse(raw: object, path: str = "") -> Config:
         raise ConfigError("node_id", "expected 1-63 letters, digits, '.', '_' or '-'")
     api_host, api_port = _address(raw, "api_address", "127.0.0.1:9001", _iface(raw, "mgtiface"))
     data_host, data_port = _address(raw, "data_address", "127.0.0.1:9002", _iface(raw, "dataiface"))
-    if api_port == data_port and (api_host == data_host or {api_host, data_host} & _WILDCARDS):
+    if api_port == data_port and _overlap(api_host, data_host):
         raise ConfigError("data_address", f"{data_host}:{data_port} is api_address's too: the API "
                                           "and the data port need ports of their own")
     data_dir = _str(raw, "data_dir", "/var/lib/pxfs", absolute=True)

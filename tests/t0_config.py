@@ -232,9 +232,18 @@ def test_docker_socket_that_is_not_a_socket_is_refused_and_kept(raw, tmp_path):
 
 @pytest.mark.parametrize("api, data", [("127.0.0.1:9001", "127.0.0.1:9001"),
                                        ("0.0.0.0:9001", "127.0.0.1:9001"),
-                                       ("127.0.0.2:9001", "0.0.0.0:9001")])
+                                       ("127.0.0.2:9001", "0.0.0.0:9001"),
+                                       ("[::]:9001", "127.0.0.1:9001"),
+                                       ("[::1]:9001", "[::]:9001")])
 def test_api_and_data_port_may_not_share_an_address(raw, api, data):
     assert "api_address's too" in bad(raw, "data_address", api_address=api, data_address=data)
+
+
+@pytest.mark.parametrize("api, data", [("0.0.0.0:9001", "[::1]:9001"),
+                                       ("127.0.0.1:9001", "127.0.0.2:9001")])
+def test_one_port_on_addresses_that_do_not_collide(raw, api, data):
+    cfg = config.parse(dict(raw, api_address=api, data_address=data))
+    assert cfg.api_url.endswith(":9001")
 
 
 def test_docker_socket_empty_means_none(raw):
