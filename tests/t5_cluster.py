@@ -295,7 +295,10 @@ def test_attach_mount_detach_delete(make_cluster):
     open(os.path.join(full, "keep"), "w").close()
     fuse = c.nodes["node1"]["fuse"]
     data_dir = json.load(open(c.nodes["node1"]["config"]))["data_dir"]
-    for path, said in ((afile, "is not a directory"), (afile + "/sub", "cannot make the mount"),
+    os.mkdir(data_dir + "/evil")
+    sneaky = os.path.join(c.workdir, "sneaky")          # a symlink into the data directory
+    os.symlink(data_dir + "/evil", sneaky)
+    for path, said in ((afile, "is not a directory"), (sneaky, "data directory"), (afile + "/sub", "cannot make the mount"),
                        (full, "is not empty"), (full + "/new\nline", "control character"),
                        (c.workdir + "/" + "d" * 256 + "/x", "longer than 255 bytes"),
                        # the node's own FUSE view (looking at it on the node's
@@ -319,6 +322,9 @@ def test_attach_mount_detach_delete(make_cluster):
     assert res.returncode == 1 and "FUSE view" in res.stderr, res.stderr
     res = c.pxctl("node1", "host", "mount", "sv", "--path", full, check=False)
     assert res.returncode == 1 and "is not empty" in res.stderr, res.stderr
+    res = c.pxctl("node1", "host", "mount", "sv", "--path", sneaky, check=False)
+    assert res.returncode == 1 and "data directory" in res.stderr, res.stderr
+    assert not os.path.ismount(data_dir + "/evil")
     assert os.listdir(full) == ["keep"] and not os.path.ismount(full)
     c.pxctl("node1", "volume", "delete", "sv")
     a = c.pxctl("node1", "host", "attach", "v")
@@ -353,11 +359,17 @@ def test_attach_mount_detach_delete(make_cluster):
     assert res.returncode == 1 and "volume 'v' is not attached" in res.stderr
     assert not os.path.exists(a["pxd"])
     # the data is there on another node
-    m2 = c.pxctl("node2", "host", "mount", "v")
-    assert open(os.path.join(m2["mount"], "hello")).read() == "hello pxfs"
+    # mounted through a symlink: recorded where it really is, unmounted by either name
+    real = os.path.join(c.workdir, "real")
+    os.mkdir(real)
+    os.symlink(real, os.path.join(c.workdir, "link"))
+    m2 = c.pxctl("node2", "host", "mount", "v", "--path", os.path.join(c.workdir, "link"))
+    assert m2["mount"] == real and os.path.ismount(real)
+    assert open(os.path.join(c.workdir, "link", "hello")).read() == "hello pxfs"
     ins = c.pxctl("node1", "volume", "inspect", "v")
     assert ins["bytes_used"] > 0 and ins["attached_on"] == "node2"
-    c.pxctl("node2", "host", "unmount", "v")
+    c.pxctl("node2", "host", "unmount", "v", "--path", os.path.join(c.workdir, "link"))
+    assert not os.path.ismount(real)
     c.pxctl("node2", "host", "detach", "v")
     c.pxctl("node2", "volume", "delete", "v")
     assert c.pxctl("node1", "volume", "list") == []

@@ -352,8 +352,9 @@ class Attachments:
         rec, _ = await self.catalog.get(volid)
         if path is None:
             path = os.path.join(self.osd_root, "mounts", rec["name"])
-        path = hostdev.clean_mount_path(path)
-        hostdev.refuse_own_dirs(path, self.own_dirs())
+        path, own = await hostdev.resolve_mount_path(hostdev.clean_mount_path(path),
+                                                     self.own_dirs())
+        hostdev.refuse_own_dirs(path, own)
         loc = self.local.get(volid)
         if not (loc and loc.mount == path):     # else _mount answers (idempotent)
             await hostdev.check_mount_path(path)
@@ -432,7 +433,7 @@ class Attachments:
             loc = self.local.get(volid)
             if loc is None or not loc.mount:
                 raise NotFound(f"volume {ref!r} is not mounted on this node")
-            if path is not None and os.path.normpath(path) != loc.mount:
+            if path is not None and loc.mount not in await hostdev.names_of(path):
                 raise NotFound(f"volume {ref!r} is mounted at {loc.mount}, not at {path}")
             await self._umount(loc)
             self._save()

@@ -236,6 +236,36 @@ def clean_mount_path(path: str) -> str:
     return path
 
 
+async def resolve_mount_path(path: str, dirs: dict[str, str] | None = None,
+                             timeout: float = 10.0) -> tuple[str, dict[str, str]]:
+    """``path`` with its symlinks resolved, and ``dirs`` (path -> what it
+    is) likewise, so that refuse_own_dirs and the mount see where a mount
+    really lands: a symlink must not carry a volume into the node's data
+    directory, and the path recorded must be the one mountinfo shows.  A
+    dir's last component is not looked at (it may be this node's own FUSE
+    view).  In a worker thread, as probe_path."""
+    def real_dir(d: str) -> str:
+        d = os.path.normpath(d)
+        return os.path.join(os.path.realpath(os.path.dirname(d)), os.path.basename(d))
+
+    def look():
+        return os.path.realpath(path), {real_dir(d): what for d, what in (dirs or {}).items()}
+    with trio.move_on_after(timeout):
+        return await trio.to_thread.run_sync(look, abandon_on_cancel=True)
+    raise HostError(f"{path} did not answer within {timeout:.0f} s (a hung filesystem?)",
+                    errno=errno.EIO)
+
+
+async def names_of(path: str, timeout: float = 5.0) -> set[str]:
+    """The paths a user's ``path`` may name a mount by: as given
+    (normalized) and with its symlinks resolved, as mount recorded it.  A
+    path that does not answer (a dead mount behind it) is matched as given."""
+    names = {os.path.normpath(path)}
+    with trio.move_on_after(timeout):
+        names.add(await trio.to_thread.run_sync(os.path.realpath, path, abandon_on_cancel=True))
+    return names
+
+
 def refuse_own_dirs(path: str, dirs: dict[str, str]) -> None:
     """InvalidArgument if a mount at ``path`` would lie in or cover one of
     ``dirs`` (path -> what it is): a node's FUSE view, its data directory,

@@ -46,8 +46,9 @@ class SharedMounts:
                 and _running(m.get("pid"))]
 
     async def mount(self, rec: dict, path: str | None) -> dict:
-        path = hostdev.clean_mount_path(path or self.default_path(rec["name"]))
-        hostdev.refuse_own_dirs(path, self._own_dirs())
+        path, own = await hostdev.resolve_mount_path(
+            hostdev.clean_mount_path(path or self.default_path(rec["name"])), self._own_dirs())
+        hostdev.refuse_own_dirs(path, own)
         # a mount whose process was killed stays until unmounted, and its
         # record until its lease runs out: neither is a mount to answer with
         with trio.move_on_after(10):
@@ -78,7 +79,8 @@ class SharedMounts:
         node are left alone unless named by path."""
         mounts = await self.here(rec["id"])
         if path is not None:
-            mounts = [m for m in mounts if m["path"] == os.path.normpath(path)]
+            names = await hostdev.names_of(path)
+            mounts = [m for m in mounts if m["path"] in names]
         else:
             mounts = [m for m in mounts if m.get("host_mount")]
         if not mounts:
