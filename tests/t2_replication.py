@@ -1226,6 +1226,33 @@ async def test_a_discard_that_empties_a_chunk_deletes_it(cluster):
     assert cluster.failures == []
 
 
+async def test_a_large_discard_visits_only_the_chunks_replicas_hold(cluster):
+    """fstrim of a big thin file system: the whole-chunk part of the range
+    is dropped only where some replica holds a chunk (one lock-stripe run
+    per such window), not 1 MiB at a time over the whole range."""
+    vol = cluster.volume()
+    vol.size = 1 << 40                                      # 1 TiB: a million chunks
+    written = [3, 700, 700 + 1, 900_000]
+    for idx in written:
+        await vol.write(idx * CHUNK_SIZE + 100, pattern(CSUM_BLOCK, idx))
+    await vol.flush()
+    runs = []
+    real = vol._drop_run
+
+    async def counted(run):
+        runs.append((run[0], len(run)))
+        await real(run)
+    vol._drop_run = counted
+    with trio.fail_after(60):
+        await vol.discard(CSUM_BLOCK, vol.size - CSUM_BLOCK)
+    assert runs == [(1, 256), (513, 256), (899_841, 256)], runs
+    for node in cluster.nodes.values():
+        assert node.store.list_chunks(VOL) == {}
+    for idx in written:
+        assert await vol.read(idx * CHUNK_SIZE, CHUNK_SIZE) == bytes(CHUNK_SIZE)
+    assert cluster.failures == []
+
+
 async def test_a_discard_is_durable_at_the_flush_and_survives_a_restart(cluster):
     vol = cluster.volume(states={"a": IN_SYNC, "b": IN_SYNC})
     await vol.write(0, pattern(64 * CSUM_BLOCK))
