@@ -77,7 +77,7 @@ def iface_address(name: str) -> str:
 def parse_kvdb_url(url: object, key: str = "kvdb") -> tuple[str, int]:
     if not isinstance(url, str) or not url:
         raise ConfigError(key, "expected an etcd URL such as 'etcd:http://127.0.0.1:2379'")
-    m = re.fullmatch(r"(?:etcd:)?(?:(?:etcd|https?)://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})/?", url)
+    m = re.fullmatch(r"(?:etcd:)?(?:(?:etcd|https?)://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})/?", url)
     if not m:
         raise ConfigError(key, f"{url!r} is not an etcd URL such as 'etcd:http://127.0.0.1:2379'")
     port = int(m.group(2))
@@ -91,7 +91,7 @@ def _address(raw: dict, key: str, default: str, iface: str | None) -> tuple[str,
     if not isinstance(value, str):
         raise ConfigError(key, "expected 'HOST:PORT', e.g. '127.0.0.1:9001'")
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ConfigError(key, f"{value!r} is not 'HOST:PORT' with a port in 1..65535")
     host = host.strip("[]") or "0.0.0.0"
     try:

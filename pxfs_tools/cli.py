@@ -283,7 +283,9 @@ def volume_inspect(click_ctx, volumes, host, as_json):
     if not data:
         sys.exit(1)
     if ctx.json:
-        click.echo(json.dumps(data[0] if len(data) == 1 else data, indent=2, sort_keys=True))
+        # the shape follows what was asked (one volume: an object; several:
+        # a list of those found), not how many were found
+        click.echo(json.dumps(data[0] if len(volumes) == 1 else data, indent=2, sort_keys=True))
     else:
         for i, v in enumerate(data):
             if i:

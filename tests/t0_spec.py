@@ -188,7 +188,11 @@ def test_spec_unknown_key_refused():
     ("size", "ten", "size 'ten'"),
     ("size", "1M", "below the minimum"),
     ("fs", "btrfs", "fs 'btrfs'"),
-    ("fs", "EXT4", "fs 'EXT4'"),
+    # digits other than ASCII's are not numbers here (Python's int() takes them)
+    ("size", "\uff11\uff10", "size '\uff11\uff10'"),
+    ("repl", "\u0662", "repl '\u0662'"),
+    ("cos", "\u0665", "cos '\u0665'"),
+    ("block_size", "\uff16\uff14", "block_size '\uff16\uff14'"),
     ("block_size", "3", "block_size '3'"),
     ("block_size", "48", "power of two"),
     ("block_size", "2048", "block_size '2048'"),
@@ -329,3 +333,8 @@ def test_rest_labels_and_nodes_are_checked_one_by_one():
     assert spec.labels == (("a", "b"), ("c", "d")) and spec.nodes == ("n1", "n2")
     assert spec_from_options(create_options({"name": "v", "labels": "a=b,c=d"})).labels == \
         (("a", "b"), ("c", "d"))
+
+
+def test_fs_is_taken_in_any_case():
+    assert spec_from_options({"name": "v", "fs": "XFS"}).fs == "xfs"
+    assert spec_from_options({"name": "v", "fs": " Ext4 "}).fs == "ext4"

@@ -179,6 +179,10 @@ def test_bad_create_flags_rejected(make_cluster):
     assert r.status_code == 404 and "no such API endpoint" in r.json()["error"]
     r = httpx.put(c.api("node1") + "/v1/volumes")
     assert r.status_code == 405 and "not allowed" in r.json()["error"]
+    for r in (httpx.get(c.api("node1") + "/v1/volumes/v/attach"),
+              httpx.delete(c.api("node1") + "/v1/volumes/v/mount")):
+        assert r.status_code == 405 and r.headers["allow"] == "POST", r.text
+        assert "not allowed" in r.json()["error"]
     res = c.pxctl("node1", "volume", "inspect", check=False)        # a usage error: one line too
     assert res.returncode == 2 and res.stderr.startswith("pxctl: Missing argument"), res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
@@ -193,6 +197,9 @@ def test_bad_create_flags_rejected(make_cluster):
     assert sv["ha"] == 2 and sv["labels"] == {"x": "y"}
     res = c.pxctl("node1", "volume", "inspect", "lv", "nope", as_json=False, check=False)
     assert res.returncode == 1 and "Name" in res.stdout and "'nope' not found" in res.stderr
+    # -j: several asked, a list (of those found) whatever how many were found
+    res = c.pxctl("node1", "volume", "inspect", "nope", "lv", check=False)
+    assert res.returncode == 1 and [v["name"] for v in json.loads(res.stdout)] == ["lv"]
 
 
 def _traces(c, etcd_server) -> tuple[dict, dict]:

@@ -119,11 +119,19 @@ def create_options(body: dict) -> dict[str, str]:
     return opts
 
 
+_ACTIONS = ("attach", "detach", "mount", "unmount")
+
+
 def build_app(node) -> Starlette:
     """``node`` offers status(), catalog, attachments, describe_all(), inspect()."""
 
     def route(fn):
         async def handler(request: Request):
+            ref = request.path_params.get("ref", "")
+            if fn in (inspect, delete) and ref.rpartition("/")[2] in _ACTIONS and "/" in ref:
+                # GET/DELETE .../v/attach: an action path with the wrong
+                # method, not a volume named 'v/attach' (names hold no '/')
+                raise HTTPException(405, headers={"Allow": "POST"})
             try:
                 return JSONResponse(await fn(request))
             except PxfsError as exc:
@@ -195,7 +203,7 @@ def build_app(node) -> Starlette:
             msg = f"no such API endpoint: {request.method} {request.url.path}"
             code = errno.ENOENT
         return JSONResponse({"error": msg, "errno": code, "kind": "HTTPError"},
-                            status_code=exc.status_code)
+                            status_code=exc.status_code, headers=exc.headers)
 
     # {ref:path}: a reference holding '/' (as in ../x) still reaches the
     # handler, which says that no such volume exists

@@ -40,7 +40,7 @@ class Catalog:
     # -- lookups -------------------------------------------------------------
     async def resolve(self, ref: str | int) -> int:
         ref = str(ref)
-        if ref.isdigit():
+        if ref.isascii() and ref.isdigit():
             return int(ref)
         item = await self.kv.get(keys.volname_key(self.cid, ref))
         if item is None:

@@ -73,7 +73,7 @@ def validate_name(name: object) -> str:
 def parse_size(value: object) -> int:
     """Bytes from '10', '10G', '512MiB', '2T' (a bare number is GiB)."""
     text = str(value).strip()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([A-Za-z]*)", text)
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)", text)   # ASCII digits only
     if not m or m.group(2).lower() not in _UNITS:
         raise InvalidArgument(f"size {text!r}: expected a number of GiB or a number with "
                               "a unit K, M, G or T (KiB, KB, MiB, MB, ... all mean powers of "
@@ -92,7 +92,7 @@ def parse_size(value: object) -> int:
 
 
 def _int_in(key: str, value: str, lo: int, hi: int) -> int:
-    if not re.fullmatch(r"\d+", value.strip()):
+    if not re.fullmatch(r"[0-9]+", value.strip()):
         raise InvalidArgument(f"{key} {value!r}: expected a whole number in {lo}..{hi}")
     n = int(value)
     if not lo <= n <= hi:
@@ -104,7 +104,7 @@ def parse_cos(value: str) -> int:
     named = {"low": 1, "medium": 5, "high": 9}
     if value.strip().lower() in named:
         return named[value.strip().lower()]
-    if not re.fullmatch(r"\d+", value.strip()) or not 1 <= int(value) <= 9:
+    if not re.fullmatch(r"[0-9]+", value.strip()) or not 1 <= int(value) <= 9:
         raise InvalidArgument(f"cos {value!r}: expected low, medium, high or a whole number in 1..9")
     return int(value)
 
@@ -114,8 +114,9 @@ def cos_name(cos: int) -> str:
 
 
 def parse_block_size(value: str) -> int:
-    kib = _int_in("block_size", value, 4, 1024)
-    if kib & (kib - 1):
+    text = value.strip()
+    kib = int(text) if re.fullmatch(r"[0-9]{1,5}", text) else 0
+    if not 4 <= kib <= 1024 or kib & (kib - 1):
         raise InvalidArgument(f"block_size {value!r}: expected a power of two in KiB, 4..1024")
     return kib * 1024
 
@@ -198,9 +199,9 @@ def spec_from_options(options: dict[str, str], name: str | None = None) -> Volum
         elif key == "size":
             fields["size"] = parse_size(value)
         elif key == "fs":
-            if value not in FILESYSTEMS:
+            if value.strip().lower() not in FILESYSTEMS:
                 raise InvalidArgument(f"fs {value!r}: expected one of {', '.join(FILESYSTEMS)}")
-            fields["fs"] = value
+            fields["fs"] = value.strip().lower()
         elif key == "block_size":
             fields["block_size"] = parse_block_size(value)
         elif key == "repl":
