@@ -651,6 +651,26 @@ async def test_a_create_whose_commit_went_unanswered_is_not_reported_taken(kv, c
         nursery.cancel_scope.cancel()
 
 
+async def test_creates_spread_over_nodes_with_the_same_free_space(kv, cid):
+    """A new thin volume uses no space: a row of creates must not all land on
+    the node whose pool happens to have a few bytes more free."""
+    from pxfs.volume import catalog as catalog_mod
+    from pxfs.volume.spec import VolumeSpec
+    async with trio.open_nursery() as nursery:
+        for n in ("n1", "n2", "n3"):
+            await start_membership(nursery, kv, cid, n)
+        cat = catalog_mod.Catalog(kv, cid, "n1", targets=lambda node: IdleReplica())
+        placed = {}
+        for i in range(6):
+            rec = await cat.create(VolumeSpec(name=f"v{i}"))
+            for r in rec["replicas"]:
+                placed[r["node"]] = placed.get(r["node"], 0) + 1
+        assert placed == {"n1": 2, "n2": 2, "n3": 2}, placed
+        rec = await cat.create(VolumeSpec(name="w", repl=2))
+        assert len({r["node"] for r in rec["replicas"]}) == 2
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_delete_whose_commit_went_unanswered_is_done(kv, cid, monkeypatch):
     """The same for a delete: the resend finds the record gone, which is
     this delete's own doing, so it succeeds (and cleans up) instead of

@@ -82,6 +82,14 @@ class Catalog:
                 nursery.start_soon(ping, n)
         return ok
 
+    async def _replica_counts(self) -> dict[str, int]:
+        """node id -> how many volumes have a replica there."""
+        counts: dict[str, int] = {}
+        for item in await self.kv.range(keys.vol_prefix(self.cid)):
+            for r in codec.unpack_record(item.value)["replicas"]:
+                counts[r["node"]] = counts.get(r["node"], 0) + 1
+        return counts
+
     async def create(self, spec: VolumeSpec) -> dict:
         nodes = await list_nodes(self.kv, self.cid)
         online = [n for n in nodes if n["online"]]
@@ -104,9 +112,13 @@ class Catalog:
             if spec.repl > len(online):
                 raise NoSpace(f"cannot create a volume with repl {spec.repl}: only "
                               f"{len(online)} node(s) online")
-            # emptiest pools first; ties broken at random to spread volumes
-            online.sort(key=lambda n: (-(n.get("pool_total", 0) - n.get("pool_used", 0)),
-                                       random.random()))
+            # emptiest pools first (by whole GiB free), then the nodes that
+            # hold the fewest replicas (a new thin volume uses no space, so
+            # free space alone would put a row of creates on one node), then
+            # at random
+            held = await self._replica_counts()
+            online.sort(key=lambda n: (-((n.get("pool_total", 0) - n.get("pool_used", 0)) >> 30),
+                                       held.get(n["id"], 0), random.random()))
             chosen = [n["id"] for n in online[:spec.repl]]
         rec = spec.to_record()
         if spec.shared:
