@@ -106,6 +106,10 @@ class MountClient:
         self.since = time.time()
         self.alive_at = time.monotonic()
         self.on_stale = None
+        #: this mount dropped out of the cluster's view and serves ESTALE for
+        #: good; its record says so, so that list/inspect show it and a
+        #: `host mount` of the path mounts it again instead of answering with it
+        self.stale = False
 
     def alive(self) -> bool:
         """False once this mount may have dropped out of the cluster's view:
@@ -164,7 +168,7 @@ class MountClient:
             rec = codec.pack_record({"node": self.node, "path": self.mountpoint,
                                      "host": socket.gethostname(), "pid": os.getpid(),
                                      "since": self.since, "seen_rev": self.rev,
-                                     "host_mount": self.host_mount})
+                                     "host_mount": self.host_mount, "stale": self.stale})
             await self.kv.txn([], [Put(keys.nsmount_key(self.cid, self.volid, self.client), rec,
                                        self.lease)])
 
@@ -173,8 +177,10 @@ class MountClient:
         ``pxctl volume list`` shows it and delete refuses while it exists."""
         started = False
         while True:
+            told = self.stale
             if not self.alive() and self.on_stale is not None:
                 self.on_stale()               # latched: a late refresh must not undo it
+                self.stale = True
             try:
                 # etcd counts the lease's TTL from when it takes the request:
                 # the time before the call, so that alive() never outlasts it
@@ -182,6 +188,8 @@ class MountClient:
                 if not self.lease or not await self.kv.lease_refresh(self.lease):
                     asked = time.monotonic()
                     self.lease = await self.kv.lease_grant(MOUNT_TTL)
+                    await self.publish()
+                elif self.stale and not told:
                     await self.publish()
                 self.alive_at = asked
             except PxfsError as exc:

@@ -237,7 +237,9 @@ def _render_inspect(v):
             ("State", f"Attached: {v['attached_on']}" if v["attached_on"] else
              v["state"] if v["shared"] else "detached"),
             ("Device Path", v["device_path"] or "-"),
-            ("Mount Path", ", ".join(f"{m['node']}:{m['path']}" for m in v.get("mounts", []))
+            ("Mount Path", ", ".join(f"{m['node']}:{m['path']}"
+                                     + (" (stale: mount again)" if m.get("stale") else "")
+                                     for m in v.get("mounts", []))
              if v["shared"] else v["mount_path"] or "-") or "-",
             ("Labels", ",".join(f"{k}={x}" for k, x in v["labels"].items()) or "-"),
             ("Bytes used", human(v.get("bytes_used"))), ("Attach term", v["term"])]

@@ -583,6 +583,16 @@ def test_mount_that_lost_the_cluster_stops_writing(shared):
     with pytest.raises(OSError) as e:
         open(f"{m}/before", "rb").read()
     assert e.value.errno == errno.ESTALE
+    # list and inspect say so; `pxctl host mount` of its path mounts it again
+    c.wait_for(lambda: any(x["stale"] for x in mounts_of(c, "fz")), what="stale shown")
+    ins = c.pxctl("node1", "volume", "inspect", "fz")
+    assert f"stale, mount again: node3:{m}" in ins["status_text"], ins["status_text"]
+    text = c.pxctl("node1", "volume", "inspect", "fz", as_json=False)
+    assert "(stale: mount again)" in text, text
+    c.pxctl("node3", "host", "mount", "fz", "--path", m)
+    assert open(f"{m}/before", "rb").read() == b"written before"
+    assert not any(x["stale"] for x in mounts_of(c, "fz"))
+    assert len(mounts_of(c, "fz")) == 1
     m2 = mount("node2", "fz", os.path.join(c.workdir, "fz2"))
     assert open(f"{m2}/before", "rb").read() == b"written before"
     with open(f"{m2}/after", "wb") as fh:

@@ -365,6 +365,9 @@ class Catalog:
         if rec["shared"]:
             on = sorted({m["node"] for m in mounts})
             where = f"mounted on {', '.join(on)}" if on else "not mounted"
+            stale = sorted({f"{m['node']}:{m['path']}" for m in mounts if m.get("stale")})
+            if stale:
+                where += f" (stale, mount again: {', '.join(stale)})"
         local = att is not None and att["node"] in [r["node"] for r in rec["replicas"]]
         return {
             "id": str(rec["id"]), "name": rec["name"], "size": rec["size"], "fs": rec["fs"],
@@ -377,6 +380,6 @@ class Catalog:
             "mount_path": att.get("mount", "") if att else "",
             "data_local": local if att else None,
             "term": rec["term"], "gen": rec["gen"], "replicas": replicas,
-            "mounts": [{"node": m["node"], "path": m["path"], "host": m.get("host", "")}
-                       for m in mounts],
+            "mounts": [{"node": m["node"], "path": m["path"], "host": m.get("host", ""),
+                        "stale": bool(m.get("stale"))} for m in mounts],
         }

@@ -55,8 +55,18 @@ class SharedMounts:
             await trio.to_thread.run_sync(hostdev.drop_dead_fuse_mounts, path,
                                           abandon_on_cancel=True)
         kind = await hostdev.probe_path(path)
-        if kind == "mountpoint" and any(m["path"] == path for m in await self.here(rec["id"])):
+        mine = [m for m in await self.here(rec["id"]) if m["path"] == path]
+        if kind == "mountpoint" and mine and not any(m.get("stale") for m in mine):
             return await self.describe(rec)
+        if kind == "mountpoint" and mine:
+            # cut off from etcd for too long, it serves ESTALE for good:
+            # mounting again is what the user asks for
+            log.warning("shared volume %s: the mount at %s is stale; mounting it again",
+                        rec["name"], path)
+            for m in mine:
+                await hostdev.umount(path)
+                await self._wait_gone(rec["id"], m)
+            kind = await hostdev.probe_path(path)
         hostdev.refuse_mount_kind(path, kind)
         made = await hostdev.make_mount_point(path)
         opts = f"node={self.api_url},allow_other,default_permissions,x-pxfs-host-mount"
