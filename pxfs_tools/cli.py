@@ -348,8 +348,11 @@ def host_mount(click_ctx, ref, path, host, as_json):
     """Format on first use and mount a volume on this node."""
     ctx = _ctx(click_ctx, host, as_json)
     body = {"path": os.path.abspath(path)} if path else {}
-    _run(ctx, lambda: ctx.client.post(f"/v1/volumes/{quote(ref, safe='')}/mount", body),
-         lambda v: click.echo(f"Volume {v['name']} successfully mounted at {v['mount']}"))
+    def show(v):
+        click.echo(f"Volume {v['name']} successfully mounted at {v['mount']}")
+        if v.get("warning"):
+            click.echo(f"pxctl: warning: {v['warning']}", err=True)
+    _run(ctx, lambda: ctx.client.post(f"/v1/volumes/{quote(ref, safe='')}/mount", body), show)
 
 
 @host_group.command("unmount")

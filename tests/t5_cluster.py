@@ -385,6 +385,24 @@ def test_attach_mount_detach_delete(make_cluster):
         assert os.listdir(vols) == [], f"chunks of the deleted volume left on {n}"
 
 
+def test_mounting_a_file_system_with_recorded_errors_warns(make_cluster):
+    """ext4 records the errors it met (an I/O error made it read-only); the
+    next mount succeeds silently as far as mount(8) goes: pxctl says so."""
+    c = make_cluster(1)
+    c.pxctl("node1", "volume", "create", "ev", "--size", "256M")
+    path = os.path.join(c.workdir, "ev")
+    m = c.pxctl("node1", "host", "mount", "ev", "--path", path)
+    assert "warning" not in m
+    c.pxctl("node1", "host", "unmount", "ev")
+    dev = c.pxctl("node1", "volume", "inspect", "ev")["device_path"]
+    subprocess.run(["debugfs", "-w", "-R", "ssv state 3", dev], check=True, capture_output=True)
+    res = c.pxctl("node1", "host", "mount", "ev", "--path", path, as_json=False, check=False)
+    assert res.returncode == 0 and "successfully mounted" in res.stdout, res.stderr
+    assert "has recorded errors" in res.stderr and f"e2fsck -f {dev}" in res.stderr, res.stderr
+    c.pxctl("node1", "host", "unmount", "ev")
+    c.pxctl("node1", "host", "detach", "ev")
+
+
 def _loops_on(fuse_dir: str) -> list[str]:
     out = subprocess.run(["losetup", "-n", "-O", "NAME,BACK-FILE", "-l"], capture_output=True,
                          text=True).stdout

@@ -388,16 +388,22 @@ class Attachments:
             await hostdev.check_mount_path(path)
             made = await hostdev.make_mount_point(path)
             try:
-                await self._format_and_mount(loc, path)
+                warning = await self._format_and_mount(loc, path)
             except BaseException:
                 await trio.to_thread.run_sync(hostdev.remove_made, made)
                 raise
             loc.mount = path
             self._save()
             await self._publish(loc)
-            return self._describe(loc)
+            out = self._describe(loc)
+            if warning:
+                log.warning("volume %s: %s", loc.name, warning)
+                out["warning"] = warning
+            return out
 
-    async def _format_and_mount(self, loc: Local, path: str) -> None:
+    async def _format_and_mount(self, loc: Local, path: str) -> str:
+        """Format on first use and mount; a warning for the user, or ''."""
+        warning = ""
         found = await hostdev.fs_type(loc.device)
         if not found:
             zeroed = await loc.vol.never_written()
@@ -408,7 +414,9 @@ class Attachments:
             raise HostError(f"volume {loc.name!r} holds {found}, not {loc.fs}")
         elif found == "ext4":
             await hostdev.drop_fast_commit(loc.device)
+            warning = await hostdev.recorded_errors(loc.device)
         await hostdev.mount(loc.device, path, loc.fs)
+        return warning
 
     def local_by_ref(self, ref: str):
         """The attachment here named ``ref`` (name or id), or None."""

@@ -389,6 +389,20 @@ async def write_journal(dev: str) -> None:
                   "status=none")
 
 
+async def recorded_errors(dev: str) -> str:
+    """What an ext4 superblock on ``dev`` says of errors the kernel met on it
+    before (it goes read-only on an I/O error and records it), as a warning
+    for the user who mounts it again: '' when it is clean.  The mount
+    itself succeeds, and the kernel only says so in its log."""
+    state = await _superblock_field(dev, "Filesystem state") or ""
+    if "error" not in state:
+        return ""
+    count = await _superblock_field(dev, "FS Error count")
+    return (f"the file system on {dev} has recorded errors (state: {state}"
+            + (f", {count} error(s)" if count else "") + "); unmount it and run "
+            f"e2fsck -f {dev} before trusting its contents")
+
+
 async def drop_fast_commit(dev: str) -> bool:
     """Clear ext4's fast_commit on a volume an older pxfs formatted with it
     (see mkfs for why), if its journal is clean; True if it did.  A journal
