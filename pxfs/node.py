@@ -92,6 +92,16 @@ class Node:
                                   "mount` or `mount -t fuse.pxfs`; there is no block device")
         return await self.attachments.attach(ref)
 
+    async def detach(self, ref: str) -> dict:
+        try:
+            rec, _ = await self.catalog.get(ref)
+        except NotFound:        # deleted while cut off: its attachment here may remain
+            rec = {}
+        if rec.get("shared"):
+            raise InvalidArgument(f"volume {rec['name']!r} is shared: it has no block device to "
+                                  "detach; unmount it with `pxctl host unmount`")
+        return await self.attachments.detach(ref)
+
     async def mount(self, ref: str, path: str | None) -> dict:
         rec, _ = await self.catalog.get(ref)
         if rec.get("shared"):

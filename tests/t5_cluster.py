@@ -146,7 +146,7 @@ def test_bad_create_flags_rejected(make_cluster):
     r = httpx.post(c.api("node1") + "/v1/volumes", content=b"[" * 100000)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"], r.text
     r = httpx.post(c.api("node1") + "/v1/volumes", content=b" " * (2 << 20))
-    assert r.status_code == 400 and "larger than" in r.json()["error"], r.text
+    assert r.status_code == 413 and "larger than" in r.json()["error"], r.text
     r = httpx.post(c.api("node1") + "/v1/volumes", json={
         "name": "a", "labels": {f"k{i}": "v" for i in range(65)}})
     assert r.status_code == 400 and "65 labels given" in r.json()["error"], r.text

@@ -338,6 +338,11 @@ def test_pxctl_host_mount_of_a_shared_volume(shared):
     assert open(f"{other}/hello").read() == "hi"
     res = c.pxctl("node1", "host", "attach", "hm", check=False)
     assert res.returncode != 0 and "shared" in res.stderr
+    res = c.pxctl("node3", "host", "detach", "hm", check=False)
+    assert res.returncode == 1 and "is shared: it has no block device" in res.stderr, res.stderr
+    res = c.pxctl("node3", "host", "unmount", "hm", "--path", "/mnt/nope", check=False)
+    assert res.returncode == 1 and f"mounted on this node at {other}, not at /mnt/nope" \
+        in res.stderr, res.stderr
     # a user's own mount through node2 is not node2's to undo
     mine = mount("node2", "hm", os.path.join(c.workdir, "mine"))
     c.pxctl("node2", "host", "unmount", "hm")

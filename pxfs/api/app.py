@@ -31,7 +31,7 @@ from ..volume.spec import check_label, check_node, parse_inline, spec_from_optio
 log = logging.getLogger(__name__)
 
 _STATUS = {errno.EINVAL: 400, errno.ENOENT: 404, errno.EEXIST: 409, errno.EBUSY: 409,
-           errno.ENOSPC: 507, errno.ESTALE: 409, errno.EAGAIN: 503}
+           errno.ENOSPC: 507, errno.ESTALE: 409, errno.EAGAIN: 503, errno.E2BIG: 413}
 _CREATE_FIELDS = {"name", "size", "fs", "block_size", "repl", "cos", "labels", "nodes", "shared", "spec"}
 
 
@@ -48,7 +48,8 @@ async def _body(request: Request, allowed: set[str]) -> dict:
     async for piece in request.stream():
         raw += piece
         if len(raw) > MAX_BODY:
-            raise InvalidArgument(f"request body is larger than {MAX_BODY} bytes")
+            raise InvalidArgument(f"request body is larger than {MAX_BODY} bytes",
+                                  errno=errno.E2BIG)
     raw = bytes(raw)
     if not raw:
         return {}
@@ -172,7 +173,7 @@ def build_app(node) -> Starlette:
     async def detach(request):
         await _body(request, set())
         await node.refuse_docker_held(request.path_params["ref"])
-        return await node.attachments.detach(request.path_params["ref"])
+        return await node.detach(request.path_params["ref"])
 
     async def mount(request):
         body = await _body(request, {"path"})

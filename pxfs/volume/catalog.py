@@ -148,7 +148,9 @@ class Catalog:
         rec, rev = await self.get(ref)
         att = await self.attachment(rec["id"])
         if att is not None:
-            raise Busy(f"volume {rec['name']!r} is attached on {att['node']}; detach it first")
+            raise Busy(f"volume {rec['name']!r} is attached on {att['node']}; detach it there "
+                       f"first (if {att['node']} is down, the attachment goes when its lease "
+                       "ends, within seconds)")
         mounts = await self.ns_mounts(rec["id"])
         if mounts:
             where = ", ".join(sorted({f"{m['node']}:{m['path']}" for m in mounts}))

@@ -90,7 +90,11 @@ class SharedMounts:
         mounts = await self.here(rec["id"])
         if path is not None:
             names = await hostdev.names_of(path)
+            elsewhere = sorted(m["path"] for m in mounts if m["path"] not in names)
             mounts = [m for m in mounts if m["path"] in names]
+            if not mounts and elsewhere:
+                raise NotFound(f"volume {rec['name']!r} is mounted on this node at "
+                               f"{', '.join(elsewhere)}, not at {path}")
         else:
             mounts = [m for m in mounts if m.get("host_mount")]
         if not mounts:
