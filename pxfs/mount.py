@@ -37,6 +37,7 @@ from .namespace.shared import SPAN, SharedVolume
 from .replication.targets import RemoteReplica
 from .replication.volume_io import ReplicatedVolume
 from .rpc.client import PeerBook
+from .volume import hostdev
 
 log = logging.getLogger("pxfs.mount")
 DEFAULT_NODE = "http://127.0.0.1:9001"
@@ -294,6 +295,13 @@ def main(argv=None) -> None:
         why = "is not a directory" if os.path.lexists(mountpoint) else "does not exist"
         print(f"pxfs: mount point {mountpoint} {why}", file=sys.stderr)
         sys.exit(2)
+    # FUSE mounts stack; a second pxfs mount on one path only hides the first
+    real = os.path.realpath(mountpoint)
+    held = [src for src, tgt, fstype in hostdev.mounts() if tgt == real and fstype == "fuse.pxfs"]
+    if held:
+        print(f"pxfs: {mountpoint} is already a pxfs mount (of {held[-1]}); unmount it first",
+              file=sys.stderr)
+        sys.exit(1)
     if not args.foreground:
         sys.exit(_background(args, mountpoint))
     logging.basicConfig(level=logging.INFO, filename=opts["log"],

@@ -345,6 +345,9 @@ def test_pxctl_host_mount_of_a_shared_volume(shared):
         in res.stderr, res.stderr
     # a user's own mount through node2 is not node2's to undo
     mine = mount("node2", "hm", os.path.join(c.workdir, "mine"))
+    again = mount("node2", "hm", mine, check=False)         # FUSE would stack it
+    assert again.returncode != 0 and "already a pxfs mount" in again.stderr, again.stderr
+    assert [m["path"] for m in mounts_of(c, "hm")].count(mine) == 1
     c.pxctl("node2", "host", "unmount", "hm")
     assert os.path.ismount(mine) and open(f"{mine}/hello").read() == "hi"
     subprocess.run(["umount", mine], check=True)
