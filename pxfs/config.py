@@ -150,10 +150,20 @@ def _overlap(a: str, b: str) -> bool:
     """Whether listeners on hosts ``a`` and ``b`` with one port collide:
     the same host, or a wildcard of the other's family (``::`` and the
     empty host may be dual-stack, so they collide with anything)."""
-    if a == b or {a, b} & {"::", ""}:
+    def addr(h):
+        try:
+            ip = ipaddress.ip_address(h.strip("[]"))
+        except ValueError:
+            return None                     # a host name: compared as written
+        return ip.ipv4_mapped or ip if ip.version == 6 else ip
+    x, y = addr(a), addr(b)
+    if a == b or "" in (a, b) or (x is not None and x == y):
         return True
-    if "0.0.0.0" in (a, b):
-        return ":" not in (b if a == "0.0.0.0" else a)
+    for p, q in ((x, y), (y, x)):
+        if p is not None and p.is_unspecified:
+            # '::' may be dual-stack; '0.0.0.0' takes every IPv4 address
+            if p.version == 6 or q is None or q.version == 4:
+                return True
     return False
 
 

@@ -111,6 +111,7 @@ class MountClient:
         #: good; its record says so, so that list/inspect show it and a
         #: `host mount` of the path mounts it again instead of answering with it
         self.stale = False
+        self.fenced = None                    # () -> whether the volume fenced this mount
 
     def alive(self) -> bool:
         """False once this mount may have dropped out of the cluster's view:
@@ -182,6 +183,8 @@ class MountClient:
             if not self.alive() and self.on_stale is not None:
                 self.on_stale()               # latched: a late refresh must not undo it
                 self.stale = True
+            if self.fenced is not None and self.fenced():
+                self.stale = True             # fenced for good, whatever the reason
             try:
                 # etcd counts the lease's TTL from when it takes the request:
                 # the time before the call, so that alive() never outlasts it
@@ -233,6 +236,7 @@ async def serve(source: str, mountpoint: str, opts: dict, ready_fd: int | None,
         with contextlib.suppress(PxfsError):
             sv.check_alive()
     mc.on_stale = stale
+    mc.fenced = lambda: bool(vol.fenced)
     locks = LockService(NsLocks(kv, mc.cid, mc.volid, mc.client, lambda: mc.lease,
                                 lambda: mc.alive() and not vol.fenced), sv)
     fs = fuse_shared.SharedFS(sv, locks)

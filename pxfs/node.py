@@ -132,7 +132,8 @@ class Node:
         cur = await record_of(self.kv, self.cfg.clusterid, self.cfg.node_id, rec["id"]) or {}
         if not cur.get("ids"):
             return
-        if path is not None and rec.get("shared") and os.path.normpath(path) != cur.get("path"):
+        if path is not None and rec.get("shared") and \
+                cur.get("path") not in await hostdev.names_of(path):
             return                  # another mount of the shared volume
         raise Busy(f"volume {rec['name']!r} is in use by {len(cur['ids'])} Docker container "
                    f"mount(s) on this node at {cur.get('path')}; stop those containers first")

@@ -315,6 +315,7 @@ def _stop(node: dict, kill: bool) -> None:
 def stop_node(nid, workdir, kill):
     """Stop one node (its drives are kept)."""
     workdir = os.path.abspath(workdir)
+    _load(workdir)                      # a clear error before making a lock file
     with _workdir_lock(workdir, wait=NODE_LOCK_WAIT):
         state = _load(workdir)
         node = _find(state, nid)
@@ -328,6 +329,7 @@ def stop_node(nid, workdir, kill):
 def start_node(nid, workdir):
     """Start a stopped node again with its old drives."""
     workdir = os.path.abspath(workdir)
+    _load(workdir)                      # a clear error before making a lock file
     with _workdir_lock(workdir, wait=NODE_LOCK_WAIT):
         state = _load(workdir)
         node = _find(state, nid)

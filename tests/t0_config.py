@@ -234,7 +234,9 @@ def test_docker_socket_that_is_not_a_socket_is_refused_and_kept(raw, tmp_path):
                                        ("0.0.0.0:9001", "127.0.0.1:9001"),
                                        ("127.0.0.2:9001", "0.0.0.0:9001"),
                                        ("[::]:9001", "127.0.0.1:9001"),
-                                       ("[::1]:9001", "[::]:9001")])
+                                       ("[::1]:9001", "[::]:9001"),
+                                       ("[::1]:9001", "[0::1]:9001"),        # one address
+                                       ("0.0.0.0:9001", "[::ffff:127.0.0.1]:9001")])
 def test_api_and_data_port_may_not_share_an_address(raw, api, data):
     assert "api_address's too" in bad(raw, "data_address", api_address=api, data_address=data)
 

@@ -100,14 +100,16 @@ class DockerMounts:
         "attached": we made the block attach}."""
         path = self.default_path(rec["name"])
         if rec.get("shared"):
-            await self.node.shared_mounts.mount(rec, path)
-            return {"path": path, "mounted": True, "attached": False}
+            # the path as mounted (symlinks in the osd root resolved): what
+            # _still_mounted and the operator's refusal compare with
+            got = await self.node.shared_mounts.mount(rec, path)
+            return {"path": got.get("mount") or path, "mounted": True, "attached": False}
         loc = self.node.attachments.local.get(rec["id"])
         if loc is not None and loc.mount and not loc.vol.fenced:
             return {"path": loc.mount, "mounted": False, "attached": False}   # an operator's mount
         attached = loc is None
-        await self.node.mount(str(rec["id"]), path)
-        return {"path": path, "mounted": True, "attached": attached}
+        got = await self.node.mount(str(rec["id"]), path)
+        return {"path": got.get("mount") or path, "mounted": True, "attached": attached}
 
     async def unmount(self, rec: dict, mount_id: str) -> None:
         volid = rec["id"]

@@ -55,8 +55,8 @@ class LocalReplica:
     async def list_chunks(self, volid, min_gen):
         return await self._svc.list_chunks(volid, min_gen)
 
-    async def chunk_ids(self, volid) -> set[int]:
-        return set(await self._svc.chunk_ids(volid, 0, 1 << 62))
+    async def chunk_ids(self, volid, start: int = 0, stop: int = 1 << 62) -> set[int]:
+        return {i for i in await self._svc.chunk_ids(volid, start, 1 << 62) if i < stop}
 
     async def drop_chunks(self, volid, first, count, term, timeout=None):
         await self._svc.drop_chunks(volid, first, count, term)
@@ -125,17 +125,16 @@ class RemoteReplica:
     async def list_chunks(self, volid, min_gen):
         return (await self._peer.call("list_chunks", vol=volid, min_gen=min_gen, timeout=30))["chunks"]
 
-    async def chunk_ids(self, volid) -> set[int]:
-        """Every chunk the replica holds, a page at a time."""
+    async def chunk_ids(self, volid, start: int = 0, stop: int = 1 << 62) -> set[int]:
+        """The chunks start..stop-1 the replica holds, a page at a time."""
         out: set[int] = set()
-        start = 0
         while True:
             raw = (await self._peer.call("chunk_ids", vol=volid, start=start,
                                          limit=CHUNK_IDS_PAGE, timeout=30))["ids"]
             page = array.array("Q")
             page.frombytes(raw)
-            out.update(page)
-            if len(page) < CHUNK_IDS_PAGE:
+            out.update(i for i in page if i < stop)
+            if len(page) < CHUNK_IDS_PAGE or page[-1] >= stop - 1:
                 return out
             start = page[-1] + 1
 

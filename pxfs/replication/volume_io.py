@@ -434,8 +434,7 @@ class ReplicatedVolume:
         for node in self.writers():
             try:
                 with trio.fail_after(30):
-                    held.update(i for i in await self._target(node).chunk_ids(self.volid)
-                                if c0 <= i < c1)
+                    held.update(await self._target(node).chunk_ids(self.volid, c0, c1))
             except (PxfsError, trio.TooSlowError):
                 return None
         return sorted(held)

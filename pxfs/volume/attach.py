@@ -352,10 +352,12 @@ class Attachments:
         rec, _ = await self.catalog.get(volid)
         if path is None:
             path = os.path.join(self.osd_root, "mounts", rec["name"])
-        path, own = await hostdev.resolve_mount_path(hostdev.clean_mount_path(path),
-                                                     self.own_dirs())
+        asked = hostdev.clean_mount_path(path)
+        path, own = await hostdev.resolve_mount_path(asked, self.own_dirs())
         hostdev.refuse_own_dirs(path, own)
         loc = self.local.get(volid)
+        if loc and loc.mount == asked:          # recorded before paths were resolved
+            path = asked
         if not (loc and loc.mount == path):     # else _mount answers (idempotent)
             await hostdev.check_mount_path(path)
         if rec["fs"] == "none":

@@ -241,15 +241,16 @@ async def resolve_mount_path(path: str, dirs: dict[str, str] | None = None,
     """``path`` with its symlinks resolved, and ``dirs`` (path -> what it
     is) likewise, so that refuse_own_dirs and the mount see where a mount
     really lands: a symlink must not carry a volume into the node's data
-    directory, and the path recorded must be the one mountinfo shows.  A
-    dir's last component is not looked at (it may be this node's own FUSE
-    view).  In a worker thread, as probe_path."""
-    def real_dir(d: str) -> str:
-        d = os.path.normpath(d)
-        return os.path.join(os.path.realpath(os.path.dirname(d)), os.path.basename(d))
-
+    directory, and the path recorded must be the one mountinfo shows.  In a
+    worker thread, as probe_path."""
     def look():
-        return os.path.realpath(path), {real_dir(d): what for d, what in (dirs or {}).items()}
+        # each dir under its written name and its resolved one (a node's
+        # own FUSE view answers this thread from the node's event loop)
+        own = {}
+        for d, what in (dirs or {}).items():
+            own[os.path.normpath(d)] = what
+            own[os.path.realpath(d)] = what
+        return os.path.realpath(path), own
     with trio.move_on_after(timeout):
         return await trio.to_thread.run_sync(look, abandon_on_cancel=True)
     raise HostError(f"{path} did not answer within {timeout:.0f} s (a hung filesystem?)",

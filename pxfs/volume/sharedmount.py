@@ -63,8 +63,8 @@ class SharedMounts:
             # mounting again is what the user asks for
             log.warning("shared volume %s: the mount at %s is stale; mounting it again",
                         rec["name"], path)
+            await hostdev.umount(path)
             for m in mine:
-                await hostdev.umount(path)
                 await self._wait_gone(rec["id"], m)
             kind = await hostdev.probe_path(path)
         hostdev.refuse_mount_kind(path, kind)
