@@ -143,13 +143,10 @@ def _check_unused(raw: dict) -> None:
         raise ConfigError("secret.cluster_secret_key", "expected a string")
 
 
-_WILDCARDS = {"0.0.0.0", "::", ""}
-
-
 def _overlap(a: str, b: str) -> bool:
     """Whether listeners on hosts ``a`` and ``b`` with one port collide:
-    the same host, or a wildcard of the other's family (``::`` and the
-    empty host may be dual-stack, so they collide with anything)."""
+    the same address, or a wildcard of the other's family (``::`` may be
+    dual-stack, so it collides with anything)."""
     def addr(h):
         try:
             ip = ipaddress.ip_address(h.strip("[]"))
@@ -157,7 +154,7 @@ def _overlap(a: str, b: str) -> bool:
             return None                     # a host name: compared as written
         return ip.ipv4_mapped or ip if ip.version == 6 else ip
     x, y = addr(a), addr(b)
-    if a == b or "" in (a, b) or (x is not None and x == y):
+    if a == b or (x is not None and x == y):
         return True
     for p, q in ((x, y), (y, x)):
         if p is not None and p.is_unspecified:

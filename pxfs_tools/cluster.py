@@ -170,6 +170,15 @@ def _workdir_lock(workdir: str, wait: float = 0):
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _cluster_state(workdir: str, wait: float = 0):
+    """The cluster's state, read under the workdir lock (checked first, so
+    that a directory with no cluster gets a clear error and no lock file)."""
+    _load(workdir)
+    with _workdir_lock(workdir, wait):
+        yield _load(workdir)            # again: an ``up`` may have just failed
+
+
 def _old_drives(workdir: str) -> list[str]:
     """Pools an earlier cluster left in ``workdir`` (``down`` keeps them)."""
     out = []
@@ -315,9 +324,7 @@ def _stop(node: dict, kill: bool) -> None:
 def stop_node(nid, workdir, kill):
     """Stop one node (its drives are kept)."""
     workdir = os.path.abspath(workdir)
-    _load(workdir)                      # a clear error before making a lock file
-    with _workdir_lock(workdir, wait=NODE_LOCK_WAIT):
-        state = _load(workdir)
+    with _cluster_state(workdir, wait=NODE_LOCK_WAIT) as state:
         node = _find(state, nid)
         _stop(node, kill)
         _save(workdir, state)
@@ -329,9 +336,7 @@ def stop_node(nid, workdir, kill):
 def start_node(nid, workdir):
     """Start a stopped node again with its old drives."""
     workdir = os.path.abspath(workdir)
-    _load(workdir)                      # a clear error before making a lock file
-    with _workdir_lock(workdir, wait=NODE_LOCK_WAIT):
-        state = _load(workdir)
+    with _cluster_state(workdir, wait=NODE_LOCK_WAIT) as state:
         node = _find(state, nid)
         if _alive(node.get("pid")):
             raise click.ClickException(f"node {nid} is running (pid {node['pid']})")
@@ -418,9 +423,7 @@ def _down(state: dict) -> None:
 def down(workdir):
     """Stop every process this cluster started and unmount what it mounted."""
     workdir = os.path.abspath(workdir)
-    _load(workdir)                      # a clear error before making a lock file
-    with _workdir_lock(workdir):
-        state = _load(workdir)          # again: an ``up`` may have just failed
+    with _cluster_state(workdir) as state:
         _down(state)
         os.unlink(os.path.join(workdir, STATE))
 

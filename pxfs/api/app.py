@@ -129,7 +129,7 @@ def build_app(node) -> Starlette:
     def route(fn):
         async def handler(request: Request):
             ref = request.path_params.get("ref", "")
-            if fn in (inspect, delete) and ref.rpartition("/")[2] in _ACTIONS and "/" in ref:
+            if fn in (inspect, delete) and "/" in ref and ref.rpartition("/")[2] in _ACTIONS:
                 # GET/DELETE .../v/attach: an action path with the wrong
                 # method, not a volume named 'v/attach' (names hold no '/')
                 raise HTTPException(405, headers={"Allow": "POST"})

@@ -56,9 +56,9 @@ class SharedMounts:
                                           abandon_on_cancel=True)
         kind = await hostdev.probe_path(path)
         mine = [m for m in await self.here(rec["id"]) if m["path"] == path]
-        if kind == "mountpoint" and mine and not any(m.get("stale") for m in mine):
-            return await self.describe(rec)
         if kind == "mountpoint" and mine:
+            if not any(m.get("stale") for m in mine):
+                return await self.describe(rec)
             # cut off from etcd for too long, it serves ESTALE for good:
             # mounting again is what the user asks for
             log.warning("shared volume %s: the mount at %s is stale; mounting it again",
