@@ -471,6 +471,11 @@ async def _run(cfg: config_mod.Config, kv, roots: list[str], sigs) -> int:
         async with trio.open_nursery() as nursery:
             await nursery.start(node.replica.syncer.run)
             await nursery.start(RpcServer(cfg.data_host, cfg.data_port, node.replica.handle).run)
+            with trio.move_on_after(max(2, cfg.lease_ttl)):
+                try:
+                    await node.membership.end_previous_run()
+                except MetaError as exc:
+                    log.info("previous run's lease not revoked (it expires by itself): %s", exc)
             await nursery.start(node.membership.run)
             await nursery.start(node.address_service)
             await nursery.start(node.view.run)

@@ -1425,6 +1425,24 @@ def test_restart_cleans_what_a_crash_left_without_its_fuse_view(make_cluster):
             subprocess.run(["losetup", "-d", dev], capture_output=True)
 
 
+def test_a_restarted_node_lets_go_of_its_old_attachments_at_once(make_cluster):
+    """A node killed and started again undoes its previous run's loop
+    devices, and ends that run's lease with them: another node may attach
+    the volume at once, not only once the old lease expires."""
+    c = make_cluster(2, lease_ttl=30)
+    c.pxctl("node1", "volume", "create", "rs", "--size", "256M", "--repl", "2")
+    c.pxctl("node1", "host", "attach", "rs")
+    c.stop_node("node1", kill=True)
+    t0 = time.monotonic()
+    c.start_node("node1")
+    [vol] = c.pxctl("node2", "volume", "list")
+    assert vol["attached_on"] is None, vol
+    dev = c.pxctl("node2", "host", "attach", "rs")["device"]
+    assert time.monotonic() - t0 < 30, "too slow to tell a revoke from an expiry"
+    assert c.pxctl("node1", "volume", "inspect", "rs")["attached_on"] == "node2"
+    assert dev
+
+
 def test_no_take_back_when_a_replica_was_resynced_meanwhile(make_cluster):
     """node1 is attached, node2's replica out of sync (node3's in sync).
     node1 is paused past its lease; node2 comes back and, the volume looking
