@@ -666,6 +666,30 @@ def test_open_clears_the_mark_of_a_killed_writer(shared):
     assert not any("being written" in p for p in res["problems"]), res
 
 
+def test_delete_drops_the_record_of_a_killed_mount_at_once(shared):
+    """A mount process killed leaves its record until its lease runs out:
+    delete drops it (this host's pid is gone, nothing live at its path)
+    instead of refusing, but still refuses while a live mount stands."""
+    c, mount = shared
+    c.pxctl("node1", "volume", "create", "kd", "--shared", "--size", "64M", "--repl", "1")
+    m1 = mount("node1", "kd", os.path.join(c.workdir, "k1"))
+    m2 = mount("node2", "kd", os.path.join(c.workdir, "k2"))
+    pids = [int(p) for p in subprocess.run(["pgrep", "-f", f"pxfs.mount kd {m1}"],
+                                           capture_output=True, text=True).stdout.split()]
+    assert pids
+    os.kill(pids[0], signal.SIGKILL)
+    killed = time.monotonic()
+    try:
+        res = c.pxctl("node3", "volume", "delete", "kd", check=False)
+        assert res.returncode != 0 and f"node2:{m2}" in res.stderr and m1 not in res.stderr, \
+            res.stderr
+        subprocess.run(["umount", m2], check=True)
+        c.pxctl("node3", "volume", "delete", "kd")
+        assert time.monotonic() - killed < 10, "too slow to tell a drop from an expiry"
+    finally:
+        subprocess.run(["umount", "-l", m1], capture_output=True)
+
+
 def test_stat_sees_deferred_attributes_while_they_are_recorded(shared):
     """fchmod/fchown on an open file are recorded with its size after the
     close; a stat() while that record is on its way to etcd must already

@@ -163,7 +163,8 @@ def build_app(node) -> Starlette:
         return await node.inspect(request.path_params["ref"])
 
     async def delete(request):
-        rec = await node.catalog.delete(request.path_params["ref"])
+        rec = await node.catalog.delete(request.path_params["ref"],
+                                        mount_gone=node.shared_mounts.gone)
         return {"id": str(rec["id"]), "name": rec["name"], "deleted": True}
 
     async def attach(request):

@@ -144,13 +144,18 @@ class Catalog:
         log.info("created volume %s (%d) on %s", spec.name, rec["id"], ",".join(chosen))
         return rec
 
-    async def delete(self, ref: str) -> dict:
+    async def delete(self, ref: str, mount_gone=None) -> dict:
+        """``mount_gone(record)``: whether a shared mount's record is left
+        by a process that is gone; such records are dropped (with their
+        lease) instead of refusing the delete until the lease runs out."""
         rec, rev = await self.get(ref)
         att = await self.attachment(rec["id"])
         if att is not None:
             raise Busy(f"volume {rec['name']!r} is attached on {att['node']}; detach it there "
                        f"first (if {att['node']} is down, the attachment goes when its lease "
                        "ends, within seconds)")
+        if mount_gone is not None:
+            await self._drop_gone_mounts(rec["id"], mount_gone)
         mounts = await self.ns_mounts(rec["id"])
         if mounts:
             where = ", ".join(sorted({f"{m['node']}:{m['path']}" for m in mounts}))
@@ -236,6 +241,18 @@ class Catalog:
             m["volid"] = int(item.key.split("/")[-2])
             out.append(m)
         return out
+
+    async def _drop_gone_mounts(self, volid: int, gone) -> None:
+        for item in await self.kv.range(keys.nsmount_prefix(self.cid, volid)):
+            m = codec.unpack_record(item.value)
+            if not await gone(m):
+                continue
+            log.info("volume %s: dropping the record of the mount at %s:%s, whose process "
+                     "is gone", volid, m.get("node"), m.get("path"))
+            if item.lease:
+                await self.kv.lease_revoke(item.lease)
+            else:
+                await self.kv.txn([], [Delete(item.key)])
 
     # -- replica states ------------------------------------------------------
     async def mark_out_of_sync(self, volid: int, nodes: list[str], term: int,

@@ -135,6 +135,18 @@ def drop_dead_fuse_mounts(under: str) -> list[str]:
     return gone
 
 
+def live_fuse_mount(path: str) -> bool:
+    """Whether a FUSE mount whose process answers stands at ``path``.  Call
+    in a worker thread (a stuck one would not answer)."""
+    if not path or not any(t == path and f.startswith("fuse") for _, t, f in mounts()):
+        return False
+    try:
+        os.statvfs(path)
+    except OSError as exc:
+        return exc.errno != errno.ENOTCONN
+    return True
+
+
 def device_mount_points(dev: str) -> list[str]:
     """Where ``dev`` is mounted in this mount namespace, bind mounts of it
     included (matched by device number: a mount made through

@@ -45,6 +45,17 @@ class SharedMounts:
                 if m["node"] == self.catalog.node and m.get("host") == host
                 and _running(m.get("pid"))]
 
+    async def gone(self, m: dict) -> bool:
+        """Whether a mount record is left by a process of this host that
+        is gone: its pid runs no more and nothing live is mounted at its
+        path (a process in another pid namespace still shows its mount)."""
+        if m.get("host") != socket.gethostname() or _running(m.get("pid")):
+            return False
+        with trio.move_on_after(5):
+            return not await trio.to_thread.run_sync(hostdev.live_fuse_mount, m.get("path", ""),
+                                                     abandon_on_cancel=True)
+        return False            # a mount that does not answer: not known to be gone
+
     async def mount(self, rec: dict, path: str | None) -> dict:
         path, own = await hostdev.resolve_mount_path(
             hostdev.clean_mount_path(path or self.default_path(rec["name"])), self._own_dirs())
