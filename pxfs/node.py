@@ -160,14 +160,23 @@ class Node:
                            "pool_used": n.get("pool_used", 0), "pool_total": n.get("pool_total", 0)}
                           for n in nodes]}
 
-    async def describe_all(self) -> list[dict]:
+    async def _snapshot(self):
+        """The catalog's snapshot, less the shared mounts of this host whose
+        process is gone (their records stay until their lease runs out)."""
         vols, atts, nodes, progress = await self.catalog.snapshot()
+        for key, mounts in progress.items():
+            if key[0] == "mounts":
+                mounts[:] = [m for m in mounts if not await self.shared_mounts.gone(m)]
+        return vols, atts, nodes, progress
+
+    async def describe_all(self) -> list[dict]:
+        vols, atts, nodes, progress = await self._snapshot()
         return [Catalog.describe(v, atts.get(v["id"]), nodes, progress)
                 for v in sorted(vols, key=lambda v: v["ctime"])]
 
     async def inspect(self, ref: str) -> dict:
         rec, _ = await self.catalog.get(ref)
-        vols, atts, nodes, progress = await self.catalog.snapshot()
+        vols, atts, nodes, progress = await self._snapshot()
         desc = Catalog.describe(rec, atts.get(rec["id"]), nodes, progress)
         desc["bytes_used"] = None
         for r in rec["replicas"]:

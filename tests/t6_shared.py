@@ -680,6 +680,9 @@ def test_delete_drops_the_record_of_a_killed_mount_at_once(shared):
     os.kill(pids[0], signal.SIGKILL)
     killed = time.monotonic()
     try:
+        c.wait_for(lambda: not os.path.exists(f"/proc/{pids[0]}"), timeout=5, what="pid gone")
+        [row] = [v for v in c.pxctl("node3", "volume", "list") if v["name"] == "kd"]
+        assert row["status_text"] == "up - mounted on node2", row
         res = c.pxctl("node3", "volume", "delete", "kd", check=False)
         assert res.returncode != 0 and f"node2:{m2}" in res.stderr and m1 not in res.stderr, \
             res.stderr
