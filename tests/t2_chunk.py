@@ -714,6 +714,26 @@ def test_sync_covers_chunks_evicted_while_dirty(tmp_path):
     assert store.read(5, 0, 0, 4096) == b"a" * 4096
 
 
+def test_chunks_evicted_while_dirty_keep_few_descriptors(tmp_path, monkeypatch):
+    """A long run of writes to many chunks with no sync (a mkfs of a huge
+    volume) keeps at most UNSYNCED_MAX evicted descriptors: past that they
+    are synced and closed, and the open files stay bounded."""
+    from pxfs.chunk import store as store_mod
+    monkeypatch.setattr(store_mod, "UNSYNCED_MAX", 8)
+    store = ChunkStore([str(tmp_path)], max_open=4)
+    before = len(os.listdir("/proc/self/fd"))
+    most = 0
+    for idx in range(200):
+        store.write(9, idx, 0, bytes([idx % 251 + 1]) * 4096, 1)
+        most = max(most, len(os.listdir("/proc/self/fd")) - before)
+        assert len(store._unsynced.get(9, ())) < 8
+    assert most <= 4 + 8 + 2, most
+    store.sync(9)
+    assert not store._unsynced.get(9) and not store._dirty.get(9)
+    assert all(store.read(9, idx, 0, 4096) == bytes([idx % 251 + 1]) * 4096
+               for idx in range(200))
+
+
 def test_partly_cached_nowait_read_is_not_a_checksum_error(tmp_path):
     store = ChunkStore([str(tmp_path)])
     data = os.urandom(64 * 1024)

@@ -111,6 +111,12 @@ def _pwrite_all(fd: int, buf, pos: int) -> None:
         raise
 
 
+#: descriptors of evicted dirty chunks kept for their volume's next sync, at
+#: most; past this they are made durable and closed at once (a mkfs of a
+#: huge volume writes to tens of thousands of chunks before its one flush)
+UNSYNCED_MAX = 512
+
+
 class ChunkStore:
     def __init__(self, roots: list[str], max_open: int = 4096):
         self.roots = list(roots)
@@ -200,16 +206,41 @@ class ChunkStore:
                 victims = []
                 while len(self._open) > self._max_open:
                     victims.append(self._open.popitem(last=False)[1])
+        full = set()
         for v in victims:
             with v.lock:
                 if v.dirty:     # the next sync() of its volume flushes and closes it
                     with self._lock:
-                        self._unsynced.setdefault(v.hdr.volid, []).append(v.fd)
+                        kept = self._unsynced.setdefault(v.hdr.volid, [])
+                        kept.append(v.fd)
                         self._dirty[v.hdr.volid].discard(v)
+                        if len(kept) >= UNSYNCED_MAX:
+                            full.add(v.hdr.volid)
                 else:
                     os.close(v.fd)
                 v.fd = -1
+        for volid in full:
+            self._drain_unsynced(volid)
         return ch
+
+    def _drain_unsynced(self, volid: int) -> None:
+        """Make the evicted dirty chunks of ``volid`` durable and close them
+        (in the caller's thread: a chunk is opened in a worker thread).  A
+        failure is kept for the volume's next sync to report."""
+        fds = self._take_unsynced(volid)
+        try:
+            if len(fds) > 2 and _syncfs is not None:
+                if _syncfs(fds[0]) != 0:
+                    raise OSError(ctypes.get_errno(), "syncfs failed")
+                os.fdatasync(fds[0])        # the device cache too (see sync)
+            else:
+                for fd in fds:
+                    os.fdatasync(fd)
+        except OSError as exc:
+            self._sync_failed.setdefault(volid, str(exc))
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def _nocmtime(self, fd: int, d: str) -> int:
         """``fd``, or on an XFS pool a descriptor that leaves timestamps
