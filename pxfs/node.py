@@ -467,6 +467,10 @@ async def _run(cfg: config_mod.Config, kv, roots: list[str], sigs) -> int:
     with trio.move_on_after(10):
         await trio.to_thread.run_sync(hostdev.drop_dead_fuse_mounts, cfg.osd_root,
                                       abandon_on_cancel=True)
+        # and those at paths of their own (host mount --path, mount -t):
+        # a dead pxfs mount is nobody's to keep
+        await trio.to_thread.run_sync(hostdev.drop_dead_fuse_mounts, "/", True,
+                                      abandon_on_cancel=True)
     _clean_fuse_mountpoint(cfg.fuse_mountpoint)
     os.makedirs(os.path.join(cfg.osd_root, "mounts"), exist_ok=True)
     try:

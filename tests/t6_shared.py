@@ -26,6 +26,12 @@ pytestmark = needs_mounts
 MiB = 1 << 20
 
 
+def in_mount_table(path: str) -> bool:
+    """(os.path.ismount is False for a dead FUSE mount: its lstat fails)"""
+    with open("/proc/self/mounts") as fh:
+        return any(line.split()[1] == path for line in fh)
+
+
 def wait_unmounted(c, vol, timeout=20):
     c.wait_for(lambda: mounts_of(c, vol) == [], timeout=timeout, what=f"{vol} unmounted")
 
@@ -689,8 +695,37 @@ def test_delete_drops_the_record_of_a_killed_mount_at_once(shared):
         subprocess.run(["umount", m2], check=True)
         c.pxctl("node3", "volume", "delete", "kd")
         assert time.monotonic() - killed < 10, "too slow to tell a drop from an expiry"
+        assert not in_mount_table(m1)           # its dead FUSE mount went too
     finally:
         subprocess.run(["umount", "-l", m1], capture_output=True)
+
+
+def test_restart_unmounts_dead_shared_mounts_at_paths_of_their_own(shared):
+    """The node and a shared volume's mount process (at a --path outside
+    the osd root) are both killed: the node's next start unmounts the dead
+    mount (it answered "Transport endpoint is not connected")."""
+    c, _ = shared
+    c.pxctl("node1", "volume", "create", "dm", "--shared", "--size", "64M", "--repl", "2")
+    path = os.path.join(c.workdir, "own", "dm")
+    assert c.pxctl("node1", "host", "mount", "dm", "--path", path)["mount"] == path
+    pids = [int(p) for p in subprocess.run(["pgrep", "-f", f"pxfs.mount [0-9]+ {path}"],
+                                           capture_output=True, text=True).stdout.split()]
+    assert pids
+    try:
+        c.stop_node("node1", kill=True)
+        os.kill(pids[0], signal.SIGKILL)
+        c.wait_for(lambda: not os.path.exists(f"/proc/{pids[0]}"), timeout=5, what="pid gone")
+        with pytest.raises(OSError) as err:
+            os.statvfs(path)
+        assert err.value.errno == errno.ENOTCONN
+        assert in_mount_table(path)
+        c.start_node("node1")
+        assert not in_mount_table(path)
+        c.pxctl("node1", "host", "mount", "dm", "--path", path)     # and it mounts again
+        assert in_mount_table(path)
+        c.pxctl("node1", "host", "unmount", "dm", "--path", path)
+    finally:
+        subprocess.run(["umount", "-l", path], capture_output=True)
 
 
 def test_stat_sees_deferred_attributes_while_they_are_recorded(shared):

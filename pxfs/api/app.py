@@ -164,7 +164,7 @@ def build_app(node) -> Starlette:
 
     async def delete(request):
         rec = await node.catalog.delete(request.path_params["ref"],
-                                        mount_gone=node.shared_mounts.gone)
+                                        mount_gone=node.shared_mounts.clear_if_gone)
         return {"id": str(rec["id"]), "name": rec["name"], "deleted": True}
 
     async def attach(request):

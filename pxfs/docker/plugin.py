@@ -116,7 +116,7 @@ class Plugin:
         if busy:
             where = ", ".join(f"{len(ids)} container mount(s) on {n}" for n, ids in sorted(busy.items()))
             raise Busy(f"volume {rec['name']!r} is in use: {where}")
-        await self.catalog.delete(str(rec["id"]), mount_gone=self.node.shared_mounts.gone)
+        await self.catalog.delete(str(rec["id"]), mount_gone=self.node.shared_mounts.clear_if_gone)
         if name != rec["name"] and "=" not in name:
             await self.kv.txn([], [Delete(keys.docker_alias_key(self.cid, name))])
 

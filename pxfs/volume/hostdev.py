@@ -111,17 +111,20 @@ def device_users(dev: str) -> list[str]:
     return _users(lambda target: target == dev, cwd=False)
 
 
-def drop_dead_fuse_mounts(under: str) -> list[str]:
+def drop_dead_fuse_mounts(under: str, shared_only: bool = False) -> list[str]:
     """Unmount (lazily) the FUSE mounts at or below ``under`` whose process
     is gone (a statfs answers "Transport endpoint is not connected"): a
-    shared volume's mount process killed, or dead with its node.  Each is
-    looked at right before its unmount: a new mount may stand there by
-    then.  Call in a worker thread: a FUSE mount that is alive but stuck
-    would not answer."""
-    base = os.path.realpath(under)
+    shared volume's mount process killed, or dead with its node.  With
+    ``shared_only``, shared volumes' mounts only (not a node's view, which
+    a paused node would leave hanging).  Each is looked at right before its
+    unmount: a new mount may stand there by then.  Call in a worker thread:
+    a FUSE mount that is alive but stuck would not answer."""
+    base = os.path.realpath(under).rstrip("/")
     gone = []
-    for _, target, fstype in mounts():
+    for source, target, fstype in mounts():
         if not fstype.startswith("fuse") or not (target == base or target.startswith(base + "/")):
+            continue
+        if shared_only and (fstype != "fuse.pxfs" or source == "pxfs"):
             continue
         try:
             os.statvfs(target)

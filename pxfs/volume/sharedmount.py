@@ -56,6 +56,16 @@ class SharedMounts:
                                                      abandon_on_cancel=True)
         return False            # a mount that does not answer: not known to be gone
 
+    async def clear_if_gone(self, m: dict) -> bool:
+        """Whether the mount of record ``m`` is gone (see gone); its dead
+        FUSE mount, if one is left at the path, is unmounted."""
+        if not await self.gone(m):
+            return False
+        with trio.move_on_after(10):
+            await trio.to_thread.run_sync(hostdev.drop_dead_fuse_mounts, m["path"],
+                                          abandon_on_cancel=True)
+        return True
+
     async def mount(self, rec: dict, path: str | None) -> dict:
         path, own = await hostdev.resolve_mount_path(
             hostdev.clean_mount_path(path or self.default_path(rec["name"])), self._own_dirs())
