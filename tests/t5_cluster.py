@@ -154,10 +154,16 @@ def test_bad_create_flags_rejected(make_cluster):
                        ({"name": 123}, "name must be a string"),
                        ({"name": "a", "fs": None}, "fs must be a string"),
                        ({"name": "a", "repl": True}, "repl must be a whole number"),
-                       ({"name": "a", "size": 1.5}, "size must be a whole number"),
+                       ({"name": "a", "size": -1.5}, "expected a number of GiB"),
+                       ({"name": "a", "size": 1e300}, "above the maximum"),
                        ({"name": "a", "shared": 1}, "shared must be true or false")):
         r = httpx.post(c.api("node1") + "/v1/volumes", json=body)
         assert r.status_code == 400 and said in r.json()["error"], (body, r.text)
+    r = httpx.post(c.api("node1") + "/v1/volumes", content=b'{"name": "a", "size": NaN}')
+    assert r.status_code == 400 and "size must be a number" in r.json()["error"], r.text
+    r = httpx.post(c.api("node1") + "/v1/volumes", json={"name": "half", "size": 1.5})
+    assert r.status_code == 200 and r.json()["size"] == 3 << 29, r.text      # as --size 1.5
+    c.pxctl("node1", "volume", "delete", "half")
     r = httpx.post(c.api("node1") + "/v1/volumes", content=b'{"name": "a", "size": 1, "size": 2}')
     assert r.status_code == 400 and "gives 'size' twice" in r.json()["error"], r.text
     r = httpx.post(c.api("node1") + "/v1/volumes/nope/attach", json={"force": True})

@@ -15,9 +15,11 @@ service and return JSON; errors are ``{"error": message, "errno": n}``.
 
 from __future__ import annotations
 
+import decimal
 import errno
 import json
 import logging
+import math
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -112,8 +114,10 @@ def create_options(body: dict) -> dict[str, str]:
             if not isinstance(value, (bool, str)):
                 raise InvalidArgument("shared must be true or false")
             opts[key] = value if isinstance(value, str) else ("true" if value else "false")
+        elif key == "size" and isinstance(value, float) and math.isfinite(value):
+            opts[key] = format(decimal.Decimal(repr(value)), "f")      # 1.5 as --size 1.5
         elif isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise InvalidArgument("size must be a whole number (GiB) or a string such as '10G'"
+            raise InvalidArgument("size must be a number (GiB) or a string such as '10G'"
                                   if key == "size" else f"{key} must be a whole number or a string")
         else:
             opts[key] = str(value)
