@@ -31,6 +31,7 @@ Try:
   echo hello > $DEMO/mnt/demovol/hello && sync
   pxctl --host $api2 volume list          # any node has the same view
   pxfs-cluster stop-node node1 --workdir $DEMO --kill    # node1 dies...
+  sleep 6                                                  # its lease (5 s) runs out
   pxctl --host $api2 host attach demovol                   # ...node2 takes over
   umount -l $DEMO/mnt/demovol                              # node1's mount died with it
   pxctl --host $api2 host mount demovol --path $DEMO/mnt/demovol   # same data, via node2
