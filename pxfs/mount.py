@@ -169,6 +169,7 @@ class MountClient:
         if self.lease:
             rec = codec.pack_record({"node": self.node, "path": self.mountpoint,
                                      "host": socket.gethostname(), "pid": os.getpid(),
+                                     "where": hostdev.process_place(),
                                      "since": self.since, "seen_rev": self.rev,
                                      "host_mount": self.host_mount, "stale": self.stale})
             await self.kv.txn([], [Put(keys.nsmount_key(self.cid, self.volid, self.client), rec,

@@ -391,15 +391,21 @@ def _check_fuse_mountpoint(path: str) -> None:
                           "(another pxfsd's view?); give each node a mount point of its own")
 
 
-async def _refuse_duplicate(kv, cfg: config_mod.Config) -> None:
+async def _refuse_duplicate(kv, cfg: config_mod.Config):
     """ConfigError if another running pxfsd is this node already.  Its record
     in etcd names its API; a record whose lease still stands may also be
     this node's own last run, killed less than a lease ago: that one no
-    longer answers, so ask the API whose it is."""
+    longer answers, so ask the API whose it is.  Returns the alive key of
+    such a dead run when its record names this process's own data address
+    (Membership.end_previous_run may end its lease), else None."""
     nodes = {n["id"]: n for n in await list_nodes(kv, cfg.clusterid)}
     rec = nodes.get(cfg.node_id)
-    if rec is None or not rec["online"] or not rec.get("api"):
-        return
+    if rec is None or not rec["online"]:
+        return None
+    alive = await kv.get(keys.alive_key(cfg.clusterid, cfg.node_id))
+    previous = alive if rec.get("data") == cfg.data_addr else None
+    if not rec.get("api"):
+        return previous
     import httpx
     try:
         async with httpx.AsyncClient(timeout=3) as http:
@@ -412,6 +418,7 @@ async def _refuse_duplicate(kv, cfg: config_mod.Config) -> None:
                                       f"{rec['api']}); give each node an id of its own")
     except (httpx.HTTPError, ValueError):
         pass                    # nothing (or something else) answers there: a dead run
+    return previous
 
 
 async def _until_etcd(kv, cfg: config_mod.Config, sigs) -> bool:
@@ -439,8 +446,9 @@ async def run_node(cfg: config_mod.Config, roots: list[str]) -> int:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
         try:
             started = await _until_etcd(kv, cfg, sigs)
+            previous = None
             if started:
-                await _refuse_duplicate(kv, cfg)
+                previous = await _refuse_duplicate(kv, cfg)
                 # formatted and claimed only now: a refused start leaves
                 # the devices as they were
                 roots += await trio.to_thread.run_sync(
@@ -451,10 +459,10 @@ async def run_node(cfg: config_mod.Config, roots: list[str]) -> int:
         if not started:
             await kv.close()
             return 0
-        return await _run(cfg, kv, roots, sigs)
+        return await _run(cfg, kv, roots, sigs, previous)
 
 
-async def _run(cfg: config_mod.Config, kv, roots: list[str], sigs) -> int:
+async def _run(cfg: config_mod.Config, kv, roots: list[str], sigs, previous=None) -> int:
     from .fuse import view as fuse_view
     node = Node(cfg, kv, roots)
     prev = await trio.to_thread.run_sync(incarnation.begin, cfg.data_dir)
@@ -486,7 +494,7 @@ async def _run(cfg: config_mod.Config, kv, roots: list[str], sigs) -> int:
             await nursery.start(RpcServer(cfg.data_host, cfg.data_port, node.replica.handle).run)
             with trio.move_on_after(max(2, cfg.lease_ttl)):
                 try:
-                    await node.membership.end_previous_run()
+                    await node.membership.end_previous_run(previous)
                 except MetaError as exc:
                     log.info("previous run's lease not revoked (it expires by itself): %s", exc)
             await nursery.start(node.membership.run)

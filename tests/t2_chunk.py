@@ -734,6 +734,62 @@ def test_chunks_evicted_while_dirty_keep_few_descriptors(tmp_path, monkeypatch):
                for idx in range(200))
 
 
+def test_a_sync_waits_for_a_drain_and_reports_its_failure(tmp_path, monkeypatch):
+    """The evicted chunks a drain is syncing are in no list a sync looks
+    at: the volume is not clean meanwhile, a sync waits for the drain, and
+    a drain that failed makes the next sync fail (and every one after it,
+    a resync's put_chunk notwithstanding once it was reported)."""
+    from pxfs.chunk import incarnation, store as store_mod
+    monkeypatch.setattr(store_mod, "UNSYNCED_MAX", 2)
+    monkeypatch.setattr(incarnation, "forfeit", lambda: None)
+    store = ChunkStore([str(tmp_path)], max_open=1)
+    started, release = threading.Event(), threading.Event()
+    real = os.fdatasync
+    fail = []
+
+    def slow_fdatasync(fd):
+        if threading.current_thread().name == "drainer":
+            started.set()
+            assert release.wait(10)
+            if fail:
+                raise OSError(5, "Input/output error")
+        real(fd)
+    monkeypatch.setattr(store_mod.os, "fdatasync", slow_fdatasync)
+    monkeypatch.setattr(store_mod, "_syncfs", None)
+    store.write(4, 0, 0, b"a" * 4096, 1)
+    store.write(4, 1, 0, b"b" * 4096, 1)            # evicts 0 (one kept)
+    t = threading.Thread(target=store.write, args=(4, 2, 0, b"c" * 4096, 1), name="drainer")
+    t.start()                                       # evicts 1: two kept, drained here
+    assert started.wait(10)
+    assert not store.clean(4) and not store.small_sync(4)
+    done = threading.Event()
+    s = threading.Thread(target=lambda: (store.sync(4), done.set()))
+    s.start()
+    assert not done.wait(0.3)                       # waits for the drain
+    release.set()
+    t.join(10)
+    s.join(10)
+    assert done.is_set() and not store._unsynced.get(4) and not store._draining
+    store.sync(4)                                   # chunk 2, written after the drain
+    assert store.clean(4)
+    # a failed drain: the next sync says so, and the ones after it
+    started.clear()
+    release.clear()
+    fail.append(1)
+    store.write(4, 3, 0, b"d" * 4096, 1)            # evicts 2 (clean: closed)
+    store.write(4, 4, 0, b"e" * 4096, 1)            # evicts 3 (one kept)
+    t = threading.Thread(target=store.write, args=(4, 5, 0, b"f" * 4096, 1), name="drainer")
+    t.start()
+    assert started.wait(10)
+    release.set()
+    t.join(10)
+    assert not store.clean(4)
+    with pytest.raises(PxfsError, match="writing back chunk files failed"):
+        store.sync(4)
+    with pytest.raises(PxfsError, match="an earlier sync failed"):
+        store.sync(4)
+
+
 def test_partly_cached_nowait_read_is_not_a_checksum_error(tmp_path):
     store = ChunkStore([str(tmp_path)])
     data = os.urandom(64 * 1024)

@@ -159,6 +159,8 @@ def test_bad_create_flags_rejected(make_cluster):
                        ({"name": "a", "shared": 1}, "shared must be true or false")):
         r = httpx.post(c.api("node1") + "/v1/volumes", json=body)
         assert r.status_code == 400 and said in r.json()["error"], (body, r.text)
+    r = httpx.post(c.api("node1") + "/v1/volumes", content=b'{"name": "a", "size": 1e400}')
+    assert r.status_code == 400 and "above the maximum" in r.json()["error"], r.text
     r = httpx.post(c.api("node1") + "/v1/volumes", content=b'{"name": "a", "size": NaN}')
     assert r.status_code == 400 and "size must be a number" in r.json()["error"], r.text
     r = httpx.post(c.api("node1") + "/v1/volumes", json={"name": "half", "size": 1.5})

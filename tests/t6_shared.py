@@ -693,6 +693,7 @@ def test_delete_drops_the_record_of_a_killed_mount_at_once(shared):
         assert res.returncode != 0 and f"node2:{m2}" in res.stderr and m1 not in res.stderr, \
             res.stderr
         subprocess.run(["umount", m2], check=True)
+        wait_unmounted(c, "kd")                 # m2's process gone, and its record
         c.pxctl("node3", "volume", "delete", "kd")
         assert time.monotonic() - killed < 10, "too slow to tell a drop from an expiry"
         assert not in_mount_table(m1)           # its dead FUSE mount went too

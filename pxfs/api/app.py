@@ -116,6 +116,8 @@ def create_options(body: dict) -> dict[str, str]:
             opts[key] = value if isinstance(value, str) else ("true" if value else "false")
         elif key == "size" and isinstance(value, float) and math.isfinite(value):
             opts[key] = format(decimal.Decimal(repr(value)), "f")      # 1.5 as --size 1.5
+        elif key == "size" and value == math.inf:                     # 1e400 in JSON
+            raise InvalidArgument("size is above the maximum of 64 TiB")
         elif isinstance(value, bool) or not isinstance(value, (str, int)):
             raise InvalidArgument("size must be a number (GiB) or a string such as '10G'"
                                   if key == "size" else f"{key} must be a whole number or a string")

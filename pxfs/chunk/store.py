@@ -145,6 +145,13 @@ class ChunkStore:
         #: although the data is gone; every sync fails until a resync
         #: replaces the chunks (put_chunk)
         self._sync_failed: dict[int, str] = {}
+        #: volid -> why a drain of its evicted chunks failed, until a sync
+        #: reports it (a resync's put_chunk must not clear it unreported)
+        self._drain_failed: dict[int, str] = {}
+        #: volid -> drains under way: their chunks are in neither _dirty nor
+        #: _unsynced meanwhile, so a sync waits for them (_drained)
+        self._draining: collections.Counter = collections.Counter()
+        self._drained = threading.Condition(self._lock)
         for root in self.roots:
             os.makedirs(os.path.join(root, "vols"), exist_ok=True)
 
@@ -226,8 +233,13 @@ class ChunkStore:
     def _drain_unsynced(self, volid: int) -> None:
         """Make the evicted dirty chunks of ``volid`` durable and close them
         (in the caller's thread: a chunk is opened in a worker thread).  A
-        failure is kept for the volume's next sync to report."""
-        fds = self._take_unsynced(volid)
+        sync meanwhile waits for this one; a failure is kept for the
+        volume's next sync to report."""
+        with self._lock:
+            fds = self._unsynced.pop(volid, [])
+            if not fds:
+                return
+            self._draining[volid] += 1
         try:
             if len(fds) > 2 and _syncfs is not None:
                 if _syncfs(fds[0]) != 0:
@@ -237,10 +249,32 @@ class ChunkStore:
                 for fd in fds:
                     os.fdatasync(fd)
         except OSError as exc:
-            self._sync_failed.setdefault(volid, str(exc))
+            log.error("volume %s: syncing %d evicted chunk files failed: %s", volid, len(fds), exc)
+            from . import incarnation       # (it imports this module)
+            incarnation.forfeit()           # as a failed sync does (syncer.py)
+            with self._lock:
+                self._drain_failed.setdefault(volid, str(exc))
         finally:
             for fd in fds:
                 os.close(fd)
+            with self._lock:
+                self._draining[volid] -= 1
+                if not self._draining[volid]:
+                    del self._draining[volid]
+                self._drained.notify_all()
+
+    def _wait_drained(self, volid: int) -> None:
+        """Until no drain of the volume is under way; raise what one that
+        failed left to report (then every sync fails, as after its own)."""
+        with self._lock:
+            while self._draining.get(volid):
+                self._drained.wait()
+            why = self._drain_failed.pop(volid, None)
+            if why is not None:
+                self._sync_failed[volid] = why
+        if why is not None:
+            raise PxfsError(f"volume {volid}: writing back chunk files failed ({why}); writes "
+                            "since the sync before it may be lost here until a resync")
 
     def _nocmtime(self, fd: int, d: str) -> int:
         """``fd``, or on an XFS pool a descriptor that leaves timestamps
@@ -725,14 +759,16 @@ class ChunkStore:
         """Whether the volume has nothing a sync would flush."""
         with self._lock:
             return (not self._dirty.get(volid) and volid not in self._dirty_dirs
-                    and not self._unsynced.get(volid) and volid not in self._sync_failed)
+                    and not self._unsynced.get(volid) and volid not in self._sync_failed
+                    and not self._draining.get(volid) and volid not in self._drain_failed)
 
     def small_sync(self, volid: int, max_files: int = 2, max_bytes: int = 256 * 1024) -> bool:
         """Whether a sync of the volume now is at most ``max_files``
         fdatasyncs of at most ``max_bytes`` written since the last one (no
         directory to sync, no syncfs): short enough to do without a thread."""
         with self._lock:
-            if volid in self._dirty_dirs or self._unsynced.get(volid):
+            if (volid in self._dirty_dirs or self._unsynced.get(volid)
+                    or self._draining.get(volid) or volid in self._drain_failed):
                 return False
             chunks = self._dirty.get(volid, ())
             return len(chunks) <= max_files and sum(c.dirty_bytes for c in chunks) <= max_bytes
@@ -799,6 +835,8 @@ class ChunkStore:
         finally:
             for _, fd, _ in fds:
                 os.close(fd)
+        # chunks evicted before their turn here may be in a drain's hands
+        self._wait_drained(volid)
         for ch, ranges in punches:
             self._punch(ch, ranges)
 
@@ -847,6 +885,7 @@ class ChunkStore:
 
     def delete_volume(self, volid: int) -> None:
         self._sync_failed.pop(volid, None)
+        self._drain_failed.pop(volid, None)
         for fd in self._take_unsynced(volid):
             os.close(fd)
         self._evict(volid)

@@ -98,19 +98,23 @@ class Membership:
         self.lease = lease
         self._refreshed(sent)
 
-    async def end_previous_run(self) -> None:
+    async def end_previous_run(self, previous) -> None:
         """Revoke the lease of this node's previous process, killed less
         than a TTL ago, and the keys bound to it (its attachments, its
         resync claims): their loop devices and mounts were just undone, so
         the volumes may be attached elsewhere now rather than once the lease
-        expires.  Called at start only, once this process holds what only
-        one process of the node can (its data port, its FUSE view); a
-        previous run that was paused instead is fenced as after an
-        expiry."""
+        expires.  ``previous``: the alive key as it stood when that run was
+        found dead (it did not answer on its API, and its record names the
+        data address this process now holds; this process also holds the
+        data_dir's lock); nothing is revoked unless the key still stands
+        unchanged."""
+        if previous is None or not previous.lease:
+            return
         item = await self.kv.get(keys.alive_key(self.cid, self.node))
-        if item is not None and item.lease:
-            log.info("revoking lease %x of this node's previous run", item.lease)
-            await self.kv.lease_revoke(item.lease)
+        if item is None or (item.lease, item.mod_rev) != (previous.lease, previous.mod_rev):
+            return
+        log.info("revoking lease %x of this node's previous run", item.lease)
+        await self.kv.lease_revoke(item.lease)
 
     async def publish(self) -> None:
         """Write the node record (addresses, capacity), and the alive key

@@ -11,6 +11,7 @@ import os
 import re
 import struct
 import subprocess
+import threading
 import time
 
 import trio
@@ -111,14 +112,35 @@ def device_users(dev: str) -> list[str]:
     return _users(lambda target: target == dev, cwd=False)
 
 
+PROBE_WAIT = 2.0
+
+
+def _dead_fuse(target: str) -> bool:
+    """Whether the FUSE mount at ``target`` lost its process (ENOTCONN);
+    False for one that does not answer within PROBE_WAIT (the probe's
+    thread is left to end when it does)."""
+    box = {}
+
+    def probe():
+        try:
+            os.statvfs(target)
+        except OSError as exc:
+            box["dead"] = exc.errno == errno.ENOTCONN
+    t = threading.Thread(target=probe, daemon=True, name="fuse-probe")
+    t.start()
+    t.join(PROBE_WAIT)
+    return bool(box.get("dead"))
+
+
 def drop_dead_fuse_mounts(under: str, shared_only: bool = False) -> list[str]:
     """Unmount (lazily) the FUSE mounts at or below ``under`` whose process
     is gone (a statfs answers "Transport endpoint is not connected"): a
     shared volume's mount process killed, or dead with its node.  With
     ``shared_only``, shared volumes' mounts only (not a node's view, which
     a paused node would leave hanging).  Each is looked at right before its
-    unmount: a new mount may stand there by then.  Call in a worker thread:
-    a FUSE mount that is alive but stuck would not answer."""
+    unmount: a new mount may stand there by then.  Call in a worker thread;
+    a FUSE mount that is alive but stuck (its process paused) does not
+    answer, and is left alone after ``PROBE_WAIT`` seconds."""
     base = os.path.realpath(under).rstrip("/")
     gone = []
     for source, target, fstype in mounts():
@@ -126,16 +148,25 @@ def drop_dead_fuse_mounts(under: str, shared_only: bool = False) -> list[str]:
             continue
         if shared_only and (fstype != "fuse.pxfs" or source == "pxfs"):
             continue
-        try:
-            os.statvfs(target)
+        if not _dead_fuse(target):
             continue
-        except OSError as exc:
-            if exc.errno != errno.ENOTCONN:
-                continue
         log.warning("unmounting %s: its FUSE process is gone", target)
         subprocess.run(["umount", "-l", target], capture_output=True)
         gone.append(target)
     return gone
+
+
+def process_place() -> str:
+    """Where this process runs, finer than its host name: the boot and
+    the pid and mount namespaces.  Two processes with the same place see
+    each other's pids and mounts (cloned machines share host names)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            boot = fh.read().strip()
+        ns = [os.stat(f"/proc/self/ns/{n}").st_ino for n in ("pid", "mnt")]
+    except OSError:
+        return ""
+    return f"{boot}/{ns[0]}/{ns[1]}"
 
 
 def live_fuse_mount(path: str) -> bool:

@@ -46,10 +46,11 @@ class SharedMounts:
                 and _running(m.get("pid"))]
 
     async def gone(self, m: dict) -> bool:
-        """Whether a mount record is left by a process of this host that
-        is gone: its pid runs no more and nothing live is mounted at its
-        path (a process in another pid namespace still shows its mount)."""
-        if m.get("host") != socket.gethostname() or _running(m.get("pid")):
+        """Whether a mount record is left by a process that ran where this
+        node runs (same boot, pid and mount namespaces) and is gone: its
+        pid runs no more and nothing live is mounted at its path."""
+        place = hostdev.process_place()
+        if not place or m.get("where") != place or _running(m.get("pid")):
             return False
         with trio.move_on_after(5):
             return not await trio.to_thread.run_sync(hostdev.live_fuse_mount, m.get("path", ""),
@@ -62,7 +63,7 @@ class SharedMounts:
         if not await self.gone(m):
             return False
         with trio.move_on_after(10):
-            await trio.to_thread.run_sync(hostdev.drop_dead_fuse_mounts, m["path"],
+            await trio.to_thread.run_sync(hostdev.drop_dead_fuse_mounts, m["path"], True,
                                           abandon_on_cancel=True)
         return True
 
