@@ -111,9 +111,10 @@ def _pwrite_all(fd: int, buf, pos: int) -> None:
         raise
 
 
-#: descriptors of evicted dirty chunks kept for their volume's next sync, at
-#: most; past this they are made durable and closed at once (a mkfs of a
-#: huge volume writes to tens of thousands of chunks before its one flush)
+#: descriptors of evicted dirty chunks kept for their volume's next sync
+#: (all volumes together), at most; past this they are made durable and
+#: closed at once (a mkfs of a huge volume writes to tens of thousands of
+#: chunks before its one flush)
 UNSYNCED_MAX = 512
 
 
@@ -213,16 +214,15 @@ class ChunkStore:
                 victims = []
                 while len(self._open) > self._max_open:
                     victims.append(self._open.popitem(last=False)[1])
-        full = set()
+        full: list[int] = []
         for v in victims:
             with v.lock:
                 if v.dirty:     # the next sync() of its volume flushes and closes it
                     with self._lock:
-                        kept = self._unsynced.setdefault(v.hdr.volid, [])
-                        kept.append(v.fd)
+                        self._unsynced.setdefault(v.hdr.volid, []).append(v.fd)
                         self._dirty[v.hdr.volid].discard(v)
-                        if len(kept) >= UNSYNCED_MAX:
-                            full.add(v.hdr.volid)
+                        if sum(map(len, self._unsynced.values())) >= UNSYNCED_MAX:
+                            full = list(self._unsynced)     # all volumes count
                 else:
                     os.close(v.fd)
                 v.fd = -1
