@@ -470,13 +470,11 @@ async def _run(cfg: config_mod.Config, kv, roots: list[str], sigs, previous=None
     node.replica.incarnation = await trio.to_thread.run_sync(
         incarnation.take, cfg.data_dir, roots, prev)
     node.attachments.recover_stale()
-    # shared volumes' mounts whose processes died with this node (Docker's
-    # are mounted again below, by the plugin's restore)
+    # shared volumes' mounts whose processes died with this node, under its
+    # osd root or at paths of their own (host mount --path, mount -t): a
+    # dead pxfs mount is nobody's to keep (Docker's are mounted again
+    # below, by the plugin's restore)
     with trio.move_on_after(10):
-        await trio.to_thread.run_sync(hostdev.drop_dead_fuse_mounts, cfg.osd_root,
-                                      abandon_on_cancel=True)
-        # and those at paths of their own (host mount --path, mount -t):
-        # a dead pxfs mount is nobody's to keep
         await trio.to_thread.run_sync(hostdev.drop_dead_fuse_mounts, "/", True,
                                       abandon_on_cancel=True)
     _clean_fuse_mountpoint(cfg.fuse_mountpoint)

@@ -32,6 +32,14 @@ def in_mount_table(path: str) -> bool:
         return any(line.split()[1] == path for line in fh)
 
 
+def mount_pids(vol: str, path: str) -> list[int]:
+    """The pids of the mount processes of ``vol`` (a regex: a host mount
+    is given the volume's id) at ``path``."""
+    res = subprocess.run(["pgrep", "-f", f"pxfs.mount {vol} {path}"], capture_output=True,
+                         text=True)
+    return [int(p) for p in res.stdout.split()]
+
+
 def wait_unmounted(c, vol, timeout=20):
     c.wait_for(lambda: mounts_of(c, vol) == [], timeout=timeout, what=f"{vol} unmounted")
 
@@ -240,8 +248,7 @@ def test_fsynced_files_survive_sigkill(shared):
         c.wait_for(lambda: logged() >= n + 10, timeout=60, what="10 more files, degraded")
         assert writer.poll() is None, writer.communicate()
         # the mount dies too, under the running writer, without unmounting
-        pids = [int(p) for p in subprocess.run(["pgrep", "-f", f"pxfs.mount dur {m1}"],
-                                               capture_output=True, text=True).stdout.split()]
+        pids = mount_pids("dur", m1)
         assert pids
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
@@ -583,8 +590,7 @@ def test_mount_that_lost_the_cluster_stops_writing(shared):
     m = mount("node3", "fz", os.path.join(c.workdir, "fz"))
     with open(f"{m}/before", "wb") as fh:
         fh.write(b"written before")
-    pids = [int(p) for p in subprocess.run(["pgrep", "-f", f"pxfs.mount fz {m}"],
-                                           capture_output=True, text=True).stdout.split()]
+    pids = mount_pids("fz", m)
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     time.sleep(7)
@@ -648,8 +654,7 @@ def test_open_clears_the_mark_of_a_killed_writer(shared):
     c.pxctl("node1", "volume", "create", "wk", "--shared", "--size", "1", "--repl", "2")
     m1 = mount("node1", "wk", os.path.join(c.workdir, "w1"))
     m2 = mount("node2", "wk", os.path.join(c.workdir, "w2"))
-    pids = [int(p) for p in subprocess.run(["pgrep", "-f", f"pxfs.mount wk {m1}"],
-                                           capture_output=True, text=True).stdout.split()]
+    pids = mount_pids("wk", m1)
     assert pids
     fd = os.open(f"{m1}/lost", os.O_CREAT | os.O_WRONLY)    # created and marked in etcd
     os.write(fd, b"never recorded")
@@ -680,8 +685,7 @@ def test_delete_drops_the_record_of_a_killed_mount_at_once(shared):
     c.pxctl("node1", "volume", "create", "kd", "--shared", "--size", "64M", "--repl", "1")
     m1 = mount("node1", "kd", os.path.join(c.workdir, "k1"))
     m2 = mount("node2", "kd", os.path.join(c.workdir, "k2"))
-    pids = [int(p) for p in subprocess.run(["pgrep", "-f", f"pxfs.mount kd {m1}"],
-                                           capture_output=True, text=True).stdout.split()]
+    pids = mount_pids("kd", m1)
     assert pids
     os.kill(pids[0], signal.SIGKILL)
     killed = time.monotonic()
@@ -709,8 +713,7 @@ def test_restart_unmounts_dead_shared_mounts_at_paths_of_their_own(shared):
     c.pxctl("node1", "volume", "create", "dm", "--shared", "--size", "64M", "--repl", "2")
     path = os.path.join(c.workdir, "own", "dm")
     assert c.pxctl("node1", "host", "mount", "dm", "--path", path)["mount"] == path
-    pids = [int(p) for p in subprocess.run(["pgrep", "-f", f"pxfs.mount [0-9]+ {path}"],
-                                           capture_output=True, text=True).stdout.split()]
+    pids = mount_pids("[0-9]+", path)
     assert pids
     try:
         c.stop_node("node1", kill=True)

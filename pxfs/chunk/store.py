@@ -53,6 +53,22 @@ FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 
 
+def _sync_fds(fds: list[int]) -> None:
+    """Make the files behind ``fds`` (all on one pool) durable: one syncfs
+    (one journal commit) for more than two, an fdatasync each otherwise."""
+    if len(fds) > 2 and _syncfs is not None:
+        if _syncfs(fds[0]) != 0:
+            raise OSError(ctypes.get_errno(), "syncfs failed")
+        # XFS's syncfs writes the data back but, with no metadata to log,
+        # flushes no device cache; an fdatasync of a file with nothing left
+        # to write does (xfs_file_fsync), so the data is on stable storage,
+        # not only in the disk's write cache
+        os.fdatasync(fds[0])
+    else:
+        for fd in fds:
+            os.fdatasync(fd)
+
+
 def block_crcs(data) -> bytes:
     """The CRC32 of each CSUM_BLOCK of ``data`` (whole blocks), packed as
     the chunk header stores them."""
@@ -241,13 +257,7 @@ class ChunkStore:
                 return
             self._draining[volid] += 1
         try:
-            if len(fds) > 2 and _syncfs is not None:
-                if _syncfs(fds[0]) != 0:
-                    raise OSError(ctypes.get_errno(), "syncfs failed")
-                os.fdatasync(fds[0])        # the device cache too (see sync)
-            else:
-                for fd in fds:
-                    os.fdatasync(fd)
+            _sync_fds(fds)
         except OSError as exc:
             log.error("volume %s: syncing %d evicted chunk files failed: %s", volid, len(fds), exc)
             from . import incarnation       # (it imports this module)
@@ -814,17 +824,8 @@ class ChunkStore:
                     err = ctypes.get_errno()
                     raise OSError(err, f"sync_file_range: {os.strerror(err)}")
                 os.fdatasync(fds[1][1])
-            elif len(fds) > 2 and _syncfs is not None:
-                if _syncfs(fds[0][1]) != 0:
-                    raise OSError(ctypes.get_errno(), "syncfs failed")
-                # XFS's syncfs writes the data back but, with no metadata to
-                # log, flushes no device cache; an fdatasync of a file with
-                # nothing left to write does (xfs_file_fsync), so the data is
-                # on stable storage, not only in the disk's write cache
-                os.fdatasync(fds[0][1])
             else:
-                for _, fd, _ in fds:
-                    os.fdatasync(fd)
+                _sync_fds([fd for _, fd, _ in fds])
             if dir_dirty:               # new chunk files' names
                 d = self._voldir(volid, False)
                 if d:

@@ -154,9 +154,7 @@ class Catalog:
             raise Busy(f"volume {rec['name']!r} is attached on {att['node']}; detach it there "
                        f"first (if {att['node']} is down, the attachment goes when its lease "
                        "ends, within seconds)")
-        if mount_gone is not None:
-            await self._drop_gone_mounts(rec["id"], mount_gone)
-        mounts = await self.ns_mounts(rec["id"])
+        mounts = await self._live_mounts(rec["id"], mount_gone)
         if mounts:
             where = ", ".join(sorted({f"{m['node']}:{m['path']}" for m in mounts}))
             raise Busy(f"volume {rec['name']!r} is mounted ({where}); unmount it first")
@@ -235,24 +233,25 @@ class Catalog:
     async def ns_mounts(self, volid: int | None = None) -> list[dict]:
         """The live mounts of shared volumes (each mount process keeps its
         record alive with its own lease)."""
+        return await self._live_mounts(volid)
+
+    async def _live_mounts(self, volid: int | None, gone=None) -> list[dict]:
+        """ns_mounts; with ``gone``, the records it finds left by a process
+        that is gone are dropped (with their lease) and not returned."""
         out = []
         for item in await self.kv.range(keys.nsmount_prefix(self.cid, volid)):
             m = codec.unpack_record(item.value)
             m["volid"] = int(item.key.split("/")[-2])
+            if gone is not None and await gone(m):
+                log.info("volume %s: dropping the record of the mount at %s:%s, whose "
+                         "process is gone", m["volid"], m.get("node"), m.get("path"))
+                if item.lease:
+                    await self.kv.lease_revoke(item.lease)
+                else:
+                    await self.kv.txn([], [Delete(item.key)])
+                continue
             out.append(m)
         return out
-
-    async def _drop_gone_mounts(self, volid: int, gone) -> None:
-        for item in await self.kv.range(keys.nsmount_prefix(self.cid, volid)):
-            m = codec.unpack_record(item.value)
-            if not await gone(m):
-                continue
-            log.info("volume %s: dropping the record of the mount at %s:%s, whose process "
-                     "is gone", volid, m.get("node"), m.get("path"))
-            if item.lease:
-                await self.kv.lease_revoke(item.lease)
-            else:
-                await self.kv.txn([], [Delete(item.key)])
 
     # -- replica states ------------------------------------------------------
     async def mark_out_of_sync(self, volid: int, nodes: list[str], term: int,

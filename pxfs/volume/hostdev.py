@@ -170,15 +170,10 @@ def process_place() -> str:
 
 
 def live_fuse_mount(path: str) -> bool:
-    """Whether a FUSE mount whose process answers stands at ``path``.  Call
-    in a worker thread (a stuck one would not answer)."""
-    if not path or not any(t == path and f.startswith("fuse") for _, t, f in mounts()):
-        return False
-    try:
-        os.statvfs(path)
-    except OSError as exc:
-        return exc.errno != errno.ENOTCONN
-    return True
+    """Whether a FUSE mount stands at ``path`` whose process has not gone
+    (one that does not answer counts as live)."""
+    return (bool(path) and any(t == path and f.startswith("fuse") for _, t, f in mounts())
+            and not _dead_fuse(path))
 
 
 def device_mount_points(dev: str) -> list[str]:
