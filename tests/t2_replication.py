@@ -4,6 +4,7 @@ Node "a" is local to the volume (LocalReplica); the others are reached over
 the data port (RemoteReplica).  Covers fan-out writes, read repair,
 failure reporting, fencing, incremental resync and garbage on the data port."""
 
+import contextlib
 import logging
 import os
 import random
@@ -790,6 +791,53 @@ async def test_resync_deletes_chunks_gone_from_source(cluster):
                                 term=vol.term)
     assert prog.chunks == 2
     assert cluster.nodes["c"].store.list_chunks(VOL) == {0: 1 << 32}
+
+
+async def test_a_full_stale_replica_gets_space_back_before_the_copies(cluster, tmp_path):
+    """Replica c filled its pool, fell out of sync, and the data was then
+    trimmed away on the others: the resync drops the chunks the source no
+    longer has before it copies anything, so the copy of a chunk written
+    meanwhile fits in the space they gave back (copied first, it failed
+    on the full pool and the resync never got to the drops)."""
+    import subprocess
+    img, small = tmp_path / "small.img", tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["truncate", "-s", "320M", str(img)], check=True)
+    subprocess.run(["mkfs.xfs", "-q", str(img)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(img), str(small)], check=True)
+    try:
+        c = cluster.nodes["c"]
+        await c.stop()
+        c.root = str(small)
+        await c.restart(cluster.nursery)
+        vol = cluster.volume()
+        for i in range(5, 10):
+            await vol.write(i * CHUNK_SIZE, os.urandom(CHUNK_SIZE))
+        await vol.flush()
+        vol.states["c"] = OUT_OF_SYNC
+        vol.set_gen(vol.gen + 1)
+        missed = vol.stamp()
+        await vol.drop(5, 5)                          # trimmed on a and b only
+        new = os.urandom(CHUNK_SIZE // 2)
+        await vol.write(0, new)                       # chunk 0 sorts before them
+        await vol.flush()
+        free = os.statvfs(small).f_bavail * os.statvfs(small).f_frsize
+        subprocess.run(["fallocate", "-l", str(free), str(small / "filler")], check=False)
+        with contextlib.suppress(OSError), open(small / "filler2", "wb") as fh:
+            while True:                               # what fallocate left
+                fh.write(bytes(4096))
+                fh.flush()
+        with pytest.raises(NoSpace):                  # c's pool is full
+            c.store.write(VOL, 20, 0, os.urandom(CHUNK_SIZE), vol.stamp())
+        prog = await resync_replica(VOL, cluster.target("a"), cluster.target("c"),
+                                    missed_from=missed, term=vol.term)
+        assert prog.chunks == 6
+        assert set(c.store.list_chunks(VOL)) == {0}
+        assert c.store.read(VOL, 0, 0, len(new)) == new
+        assert c.store.read(VOL, 5, 0, 4096) == bytes(4096)
+    finally:
+        cluster.nodes["c"].store.close()
+        subprocess.run(["umount", "-l", str(small)], check=True)
 
 
 @pytest.mark.parametrize("source", ["a", "b"])

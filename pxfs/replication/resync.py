@@ -52,7 +52,10 @@ async def resync_replica(volid: int, source, target, *, missed_from: int, term: 
     # Each is looked at again under its lock below, so one written (or
     # dropped) on both meanwhile is copied (or deleted) as it is then.
     gone = await target.chunk_ids(volid) - await source.chunk_ids(volid)
-    todo = sorted(set(src) | set(dst) | gone)
+    # deletions first: a stale replica that filled its pool while it was
+    # out gets the space of the chunks the source trimmed away before any
+    # copy needs room (a copy is written whole beside the old file)
+    todo = sorted(gone) + sorted((set(src) | set(dst)) - gone)
     prog = Progress(total=len(todo) * CHUNK_SIZE)
     if report:
         await report(prog)
