@@ -418,6 +418,54 @@ def _loops_on(fuse_dir: str) -> list[str]:
             if len(line.split()) == 2 and line.split()[1].startswith(fuse_dir)]
 
 
+def test_two_volumes_mounted_at_one_path_at_once(make_cluster, tmp_path):
+    """Two `host mount`s of different volumes at the same path at the same
+    moment: one mounts, the other is refused (they used to both pass the
+    path's checks and stack, and the next unmount took away the wrong
+    one).  An unmount of a volume that something else now covers is
+    refused rather than unmounting that."""
+    import httpx
+    c = make_cluster(1)
+    for vol in ("s1", "s2"):
+        c.pxctl("node1", "volume", "create", vol, "--size", "256M")
+    path = str(tmp_path / "spot")
+    for _ in range(3):
+        answers = {}
+
+        def mount(vol):
+            answers[vol] = httpx.post(c.api("node1") + f"/v1/volumes/{vol}/mount",
+                                      json={"path": path}, timeout=120)
+        threads = [threading.Thread(target=mount, args=(v,)) for v in ("s1", "s2")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        won = [v for v, r in answers.items() if r.status_code == 200]
+        assert len(won) == 1, {v: r.text for v, r in answers.items()}
+        lost = [r for r in answers.values() if r.status_code != 200][0]
+        assert lost.status_code == 409 and ("being mounted" in lost.json()["error"]
+                                            or "already a mount point" in lost.json()["error"]), \
+            lost.text
+        on_path = [m for m in open("/proc/self/mounts").read().splitlines()
+                   if m.split()[1] == path]
+        assert len(on_path) == 1, on_path
+        c.pxctl("node1", "host", "unmount", won[0])
+        assert not os.path.ismount(path)
+        for vol in ("s1", "s2"):
+            c.pxctl("node1", "host", "detach", vol, check=False)
+    c.pxctl("node1", "host", "mount", "s1", "--path", path)
+    subprocess.run(["mount", "-t", "tmpfs", "cover", path], check=True)
+    try:
+        res = c.pxctl("node1", "host", "unmount", "s1", check=False)
+        assert res.returncode == 1 and "cover is mounted over volume 's1'" in res.stderr, \
+            res.stderr
+        assert c.pxctl("node1", "volume", "inspect", "s1")["mount_path"] == path
+    finally:
+        subprocess.run(["umount", path], check=True)
+    c.pxctl("node1", "host", "unmount", "s1")
+    assert not os.path.ismount(path)
+
+
 def test_volume_unmounted_by_hand(make_cluster):
     """A user runs `umount` on the volume's mount path instead of pxctl:
     pxctl unmount and detach still work, and a node stop after it leaves

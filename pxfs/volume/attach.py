@@ -387,13 +387,14 @@ class Attachments:
                 if loc.mount == path:
                     return self._describe(loc)
                 raise Busy(f"volume {loc.name!r} is already mounted at {loc.mount}")
-            await hostdev.check_mount_path(path)
-            made = await hostdev.make_mount_point(path)
-            try:
-                warning = await self._format_and_mount(loc, path)
-            except BaseException:
-                await trio.to_thread.run_sync(hostdev.remove_made, made)
-                raise
+            with hostdev.claim_mount_path(path):
+                await hostdev.check_mount_path(path)
+                made = await hostdev.make_mount_point(path)
+                try:
+                    warning = await self._format_and_mount(loc, path)
+                except BaseException:
+                    await trio.to_thread.run_sync(hostdev.remove_made, made)
+                    raise
             loc.mount = path
             self._save()
             await self._publish(loc)
@@ -490,6 +491,10 @@ class Attachments:
     async def _umount(self, loc: Local, *, lazy_fallback: bool = False) -> None:
         if not self._still_mounted(loc):
             return
+        top = hostdev.top_mount(loc.mount)
+        if top != loc.device:       # umount would take that one away, not ours
+            raise Busy(f"{top} is mounted over volume {loc.name!r} at {loc.mount}; "
+                       "unmount it first")
         try:
             await hostdev.umount(loc.mount)
         except HostError as exc:

@@ -4,6 +4,7 @@ serving the I/O they cause."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -505,6 +506,32 @@ def remove_made(made: list[str]) -> None:
             os.rmdir(d)
         except OSError:
             return
+
+
+#: paths a mount is being made at by this process, from its checks to the
+#: mount itself: two volumes mounted at one path at once would both find
+#: it free and end up stacked, the second hiding the first
+_CLAIMED: set[str] = set()
+
+
+@contextlib.contextmanager
+def claim_mount_path(path: str):
+    """Hold ``path`` for one mount; a second one at the same time is Busy."""
+    if path in _CLAIMED:
+        raise Busy(f"another volume is being mounted at {path}")
+    _CLAIMED.add(path)
+    try:
+        yield
+    finally:
+        _CLAIMED.discard(path)
+
+
+def top_mount(path: str) -> str | None:
+    """The source of the mount at ``path`` that an unmount of it would take
+    away (the last one made there), or None."""
+    path = os.path.realpath(path)
+    found = [s for s, t, _ in mounts() if t == path]
+    return found[-1] if found else None
 
 
 async def mount(dev: str, path: str, fs: str) -> None:

@@ -76,6 +76,10 @@ class SharedMounts:
         with trio.move_on_after(10):
             await trio.to_thread.run_sync(hostdev.drop_dead_fuse_mounts, path,
                                           abandon_on_cancel=True)
+        with hostdev.claim_mount_path(path):
+            return await self._mount_at(rec, path)
+
+    async def _mount_at(self, rec: dict, path: str) -> dict:
         kind = await hostdev.probe_path(path)
         mine = [m for m in await self.here(rec["id"]) if m["path"] == path]
         if kind == "mountpoint" and mine:
