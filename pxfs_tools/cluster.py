@@ -26,7 +26,10 @@ import time
 import click
 import httpx
 
+from pxfs.chunk.pool import MIN_DEVICE
+from pxfs.errors import PxfsError
 from pxfs.volume import hostdev
+from pxfs.volume.spec import parse_size
 
 STATE = "cluster.json"
 NODE_LOCK_WAIT = 120             # s a stop-node/start-node waits for the command before it
@@ -226,10 +229,18 @@ def cli():
     """Run a local pxfs cluster."""
 
 
+def _drive_size(ctx, param, value) -> int:
+    try:
+        return parse_size(value, minimum=MIN_DEVICE)
+    except PxfsError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @cli.command()
 @click.option("--nodes", "count", default=3, type=click.IntRange(1, 9), show_default=True)
 @click.option("--workdir", required=True, type=click.Path(file_okay=False))
-@click.option("--drive-size", default="16G", show_default=True, help="sparse drive file per node")
+@click.option("--drive-size", default="16G", show_default=True, callback=_drive_size,
+              help="sparse drive file per node (a bare number is GiB; at least 300M)")
 @click.option("--etcd", "etcd_url", default=None, help="use this etcd instead of starting one")
 @click.option("--lease-ttl", default=5, type=click.IntRange(2, 60), show_default=True)
 @click.option("--fast/--durable-etcd", default=False, help="start etcd with --unsafe-no-fsync (tests)")
@@ -268,7 +279,7 @@ def _up(count, workdir, drive_size, etcd_url, lease_ttl, fast, dir_drives):
                 os.makedirs(drive, exist_ok=True)
             else:
                 drive = os.path.join(ndir, "drive0.img")
-                subprocess.run(["truncate", "-s", drive_size, drive], check=True)
+                subprocess.run(["truncate", "-s", str(drive_size), drive], check=True)
             api, data = ports[2 * i - 2:2 * i]
             cfg = {"clusterid": state["clusterid"], "kvdb": [f"etcd:{state['etcd']}"],
                    "storage": {"devices": [drive]}, "node_id": nid,

@@ -974,6 +974,15 @@ def test_pxfsd_refuses_foreign_filesystem(tmp_path, etcd_url):
     assert res.returncode == 2
     assert "storage.devices" in res.stderr and "ext4" in res.stderr
     assert not (tmp_path / "fuse").exists()
+    # a blank device too small for the pool's filesystem: one line, not mkfs's usage
+    subprocess.run(["truncate", "-s", "0", str(img)], check=True)
+    subprocess.run(["truncate", "-s", "20M", str(img)], check=True)
+    res = subprocess.run([sys.executable, "-m", "pxfs.node", "--config", str(tmp_path / "c.json")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "holds 20 MiB; a pool device needs at least 300 MiB" in \
+        res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "fuse").exists()
 
 
 def _free_port() -> int:
@@ -2142,6 +2151,12 @@ def test_launcher_refuses_a_workdir_in_use_or_with_old_drives(make_cluster, tmp_
     res = _launcher("up", "--nodes", "1", "--workdir", str(old))
     assert res.returncode == 1 and "holds the drives of an earlier cluster" in res.stderr
     assert sorted(os.listdir(old)) == [".pxfs-cluster.lock", "node1"]
+    # drive sizes that cannot be made or formatted: refused before anything is made
+    for size, said in (("abc", "expected a number"), ("100M", "below the minimum of 300 MiB")):
+        res = _launcher("up", "--nodes", "1", "--workdir", str(tmp_path / "small"),
+                        "--drive-size", size)
+        assert res.returncode == 2 and said in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr and not (tmp_path / "small").exists()
     # another launcher command working in the same workdir
     busy = tmp_path / "busy"
     busy.mkdir()

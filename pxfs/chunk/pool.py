@@ -21,6 +21,8 @@ from . import loopdev
 
 log = logging.getLogger(__name__)
 LABEL = "pxfs-pool"
+#: the smallest device mkfs.xfs formats
+MIN_DEVICE = 300 << 20
 
 
 def _blkid(dev: str) -> dict:
@@ -114,6 +116,15 @@ def _usable(dev: str) -> tuple[os.stat_result, dict | None]:
     if info.get("TYPE") and info.get("LABEL") != LABEL:
         raise ConfigError("storage.devices", f"{dev} holds a {info['TYPE']} filesystem that pxfs "
                           "did not make; wipe it (wipefs -a) to let pxfs use it")
+    if not info.get("TYPE"):                # to be formatted: mkfs.xfs's own minimum
+        fd = os.open(dev, os.O_RDONLY)
+        try:
+            size = os.lseek(fd, 0, os.SEEK_END)
+        finally:
+            os.close(fd)
+        if size < MIN_DEVICE:
+            raise ConfigError("storage.devices", f"{dev} holds {size >> 20} MiB; a pool device "
+                              f"needs at least {MIN_DEVICE >> 20} MiB (or use a directory)")
     return st, info
 
 

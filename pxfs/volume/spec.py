@@ -70,7 +70,7 @@ def validate_name(name: object) -> str:
     return name
 
 
-def parse_size(value: object) -> int:
+def parse_size(value: object, minimum: int = MIN_SIZE) -> int:
     """Bytes from '10', '10G', '512MiB', '2T' (a bare number is GiB)."""
     text = str(value).strip()
     m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)", text)   # ASCII digits only
@@ -84,8 +84,8 @@ def parse_size(value: object) -> int:
     if exact > MAX_SIZE:        # before any arithmetic on a number of 400 digits
         raise InvalidArgument(f"size {text!r} is above the maximum of 64 TiB")
     size = int((exact / 4096).to_integral_value(rounding=decimal.ROUND_CEILING)) * 4096
-    if size < MIN_SIZE:
-        raise InvalidArgument(f"size {text!r} is below the minimum of 64 MiB")
+    if size < minimum:
+        raise InvalidArgument(f"size {text!r} is below the minimum of {minimum >> 20} MiB")
     if size > MAX_SIZE:
         raise InvalidArgument(f"size {text!r} is above the maximum of 64 TiB")
     return size
