@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from pxfs import codec
-from pxfs.errors import MetaError, TxnConflict
+from pxfs.errors import Busy, MetaError, TxnConflict
 from pxfs.meta import keys
 from pxfs.meta.kv import Compare, Delete, Put
 from pxfs.meta.lease import Membership, list_nodes
@@ -591,7 +591,6 @@ async def test_a_slow_node_record_does_not_delay_the_refreshes(kv, cid):
 async def test_a_resync_ends_in_sync_only_while_its_source_is(kv, cid):
     """The replica state etcd keeps is the truth: a resync whose source fell
     out of sync meanwhile may have copied stale chunks, so its end is refused."""
-    from pxfs.errors import Busy
     from pxfs.volume.catalog import Catalog
     cat = Catalog(kv, cid, "n1", targets=None)
     rec = {"id": 7, "name": "v", "term": 1, "gen": 3, "replicas": [
@@ -706,9 +705,40 @@ async def test_a_delete_whose_commit_went_unanswered_is_done(kv, cid, monkeypatc
             await kv.txn([], [Put(item.key, item.value)])     # a new revision
             return got
         monkeypatch.setattr(cat, "get", get_then_change)
-        with pytest.raises(TxnConflict):
+        with pytest.raises(TxnConflict, match="kept changing"):
             await cat.delete("w")
         assert await kv.get(keys.vol_key(cid, rec["id"])) is not None
+        # an attach between the read and the delete: refused as an attached
+        # volume is, naming the node (not "lost its race")
+        calls = []
+
+        async def get_then_attach(ref):
+            got = await real_get(ref)
+            if not calls:
+                calls.append(ref)
+                item = await kv.get(keys.vol_key(cid, rec["id"]))
+                await kv.txn([], [Put(item.key, item.value),
+                                  Put(keys.attach_key(cid, rec["id"]),
+                                      codec.pack_record({"node": "n2", "term": 1}))])
+            return got
+        monkeypatch.setattr(cat, "get", get_then_attach)
+        with pytest.raises(Busy, match="attached on n2; detach it there"):
+            await cat.delete("w")
+        # a change that is not an attach (a checkpoint): the delete looks again and goes on
+        await kv.txn([], [Delete(keys.attach_key(cid, rec["id"]))])
+        calls.clear()
+        changed = []
+
+        async def get_then_checkpoint(ref):
+            got = await real_get(ref)
+            if not changed:
+                changed.append(ref)
+                item = await kv.get(keys.vol_key(cid, rec["id"]))
+                await kv.txn([], [Put(item.key, item.value)])
+            return got
+        monkeypatch.setattr(cat, "get", get_then_checkpoint)
+        assert (await cat.delete("w"))["id"] == rec["id"]
+        assert changed and await kv.get(keys.vol_key(cid, rec["id"])) is None
         nursery.cancel_scope.cancel()
 
 

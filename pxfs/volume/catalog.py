@@ -32,6 +32,12 @@ def new_volume_id() -> int:
     return random.randint(10 ** 17, 10 ** 18 - 1)
 
 
+def _attached(rec: dict, att: dict) -> Busy:
+    return Busy(f"volume {rec['name']!r} is attached on {att.get('node')}; detach it there "
+                f"first (if {att.get('node')} is down, the attachment goes when its lease "
+                "ends, within seconds)")
+
+
 class Catalog:
     def __init__(self, kv: KV, cid: str, node: str, targets):
         self.kv, self.cid, self.node = kv, cid, node
@@ -148,31 +154,37 @@ class Catalog:
         """``mount_gone(record)``: whether a shared mount's record is left
         by a process that is gone; such records are dropped (with their
         lease) instead of refusing the delete until the lease runs out."""
-        rec, rev = await self.get(ref)
-        att = await self.attachment(rec["id"])
-        if att is not None:
-            raise Busy(f"volume {rec['name']!r} is attached on {att['node']}; detach it there "
-                       f"first (if {att['node']} is down, the attachment goes when its lease "
-                       "ends, within seconds)")
-        mounts = await self._live_mounts(rec["id"], mount_gone)
-        if mounts:
-            where = ", ".join(sorted({f"{m['node']}:{m['path']}" for m in mounts}))
-            raise Busy(f"volume {rec['name']!r} is mounted ({where}); unmount it first")
+        for attempt in range(1, 21):
+            rec, rev = await self.get(ref)
+            att = await self.attachment(rec["id"])
+            if att is not None:
+                raise _attached(rec, att)
+            mounts = await self._live_mounts(rec["id"], mount_gone)
+            if mounts:
+                where = ", ".join(sorted({f"{m['node']}:{m['path']}" for m in mounts}))
+                raise Busy(f"volume {rec['name']!r} is mounted ({where}); unmount it first")
 
-        async def body(txn):
-            txn.expect(keys.vol_key(self.cid, rec["id"]), rev)
-            if await txn.get(keys.attach_key(self.cid, rec["id"])):
-                raise Busy(f"volume {rec['name']!r} is attached; detach it first")
-            txn.delete(keys.vol_key(self.cid, rec["id"]))
-            txn.delete(keys.volname_key(self.cid, rec["name"]))
-        try:
-            await run_txn(self.kv, body, tries=1, what="delete volume")
-        except TxnConflict:
-            # the record changed since it was read -- or this very delete
-            # committed and its answer was lost, and the client's resend found
-            # the record gone: then the delete is done, go on cleaning up
-            if await self.kv.get(keys.vol_key(self.cid, rec["id"])) is not None:
-                raise
+            async def body(txn):
+                txn.expect(keys.vol_key(self.cid, rec["id"]), rev)
+                got = await txn.get(keys.attach_key(self.cid, rec["id"]))
+                if got:
+                    raise _attached(rec, codec.unpack_record(got.value))
+                txn.delete(keys.vol_key(self.cid, rec["id"]))
+                txn.delete(keys.volname_key(self.cid, rec["name"]))
+            try:
+                await run_txn(self.kv, body, tries=1, what="delete volume")
+                break
+            except TxnConflict:
+                # the record changed since it was read (an attach, a replica
+                # state, a checkpoint: look again) -- or this very delete
+                # committed and its answer was lost, and the client's resend
+                # found the record gone: then the delete is done
+                if await self.kv.get(keys.vol_key(self.cid, rec["id"])) is None:
+                    break
+                await trio.sleep(random.uniform(0.005, 0.02 * attempt))
+        else:
+            raise TxnConflict(f"volume {rec['name']!r} kept changing while it was being "
+                              "deleted; try again")
         if rec.get("shared"):
             await self.kv.delete_prefix(keys.ns_prefix(self.cid, rec["id"]))
         # in parallel and briefly: a node that does not answer (offline, or
