@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import time
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import click
 
@@ -208,12 +208,18 @@ def _render_list(vols):
 
 
 @volume.command("list")
+@click.option("--name", default=None, help="only the volume of this name")
+@click.option("--label", "-l", default=None, help="only volumes with these labels (k=v,k2=v2)")
+@click.option("--node-id", default=None, help="only volumes with a replica on this node")
 @_global_opts
 @click.pass_context
-def volume_list(click_ctx, host, as_json):
+def volume_list(click_ctx, name, label, node_id, host, as_json):
     """List volumes."""
     ctx = _ctx(click_ctx, host, as_json)
-    _run(ctx, lambda: ctx.client.get("/v1/volumes"), _render_list)
+    query = urlencode([(k, v) for k, v in (("name", name), ("label", label), ("node", node_id))
+                       if v is not None])
+    _run(ctx, lambda: ctx.client.get("/v1/volumes" + (f"?{query}" if query else "")),
+         _render_list)
 
 
 volume.add_command(volume_list, "l")

@@ -2007,7 +2007,29 @@ def test_cluster_delete_removes_an_offline_node_that_holds_no_replica(make_clust
         for w in words:
             assert w in res.stderr, res.stderr
     refused("node3", "node3 is Online")
+    refused("node2", "node2 is Online")         # not only "holds replicas": Online first
     refused("node1", "this node")
+    # `volume list` filters, as Portworx's --name, --label and --node-id
+    c.pxctl("node1", "volume", "create", "lab", "--size", "64M", "--repl", "1", "--fs", "none",
+            "--nodes", "node3", "--label", "app=db,tier=gold")
+
+    def listed(*flags):
+        return [v["name"] for v in c.pxctl("node1", "volume", "list", *flags)]
+    assert listed() == ["kept", "lab"]
+    assert listed("--node-id", "node2") == ["kept"] and listed("--node-id", "node1") == []
+    assert listed("--label", "app=db") == ["lab"] and listed("-l", "app=db,tier=gold") == ["lab"]
+    assert listed("--label", "app=db,tier=silver") == [] and listed("--name", "kept") == ["kept"]
+    assert listed("--name", "kept", "--node-id", "node3") == []
+    text = c.pxctl("node1", "volume", "list", "--label", "tier=gold", as_json=False)
+    assert "lab" in text and "kept" not in text
+    for flags, said in ((("--label", "app"), "expected key=value"),
+                        (("--node-id", "no de"), "not a node id")):
+        res = c.pxctl("node1", "volume", "list", *flags, check=False)
+        assert res.returncode == 1 and said in res.stderr, res.stderr
+    import httpx
+    r = httpx.get(c.api("node1") + "/v1/volumes?nmae=kept")
+    assert r.status_code == 400 and "unknown query parameter 'nmae'" in r.json()["error"]
+    c.pxctl("node1", "volume", "delete", "lab")
     refused("nosuch", "'nosuch' is not in the cluster")
     c.stop_node("node2")
     c.stop_node("node3")

@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ..errors import InvalidArgument, PxfsError
-from ..volume.spec import check_label, check_node, parse_inline, spec_from_options
+from ..volume.spec import check_label, check_node, parse_inline, parse_labels, spec_from_options
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,29 @@ def create_options(body: dict) -> dict[str, str]:
 _ACTIONS = ("attach", "detach", "mount", "unmount")
 
 
+def list_filter(params):
+    """A test for `GET /v1/volumes?name=N&label=k=v,k2=v2&node=ID`: the
+    volume named N, carrying every label given, with a replica on node ID
+    (as `pxctl volume list --name --label --node-id`).  Each at most once;
+    any other parameter is an error, not ignored."""
+    got: dict[str, str] = {}
+    for key, value in params:
+        if key not in ("name", "label", "node"):
+            raise InvalidArgument(f"unknown query parameter {key!r} (name, label and node "
+                                  "filter the list)")
+        if key in got:
+            raise InvalidArgument(f"query parameter {key!r} is given twice")
+        got[key] = value
+    labels = dict(parse_labels(got["label"])) if "label" in got else {}
+    node_id = check_node(got["node"]) if "node" in got else None
+
+    def keep(v: dict) -> bool:
+        return (got.get("name", v["name"]) == v["name"]
+                and all(v["labels"].get(k) == x for k, x in labels.items())
+                and (node_id is None or any(r["node"] == node_id for r in v["replicas"])))
+    return keep
+
+
 def build_app(node) -> Starlette:
     """``node`` offers status(), catalog, attachments, describe_all(), inspect()."""
 
@@ -152,7 +175,8 @@ def build_app(node) -> Starlette:
         return node.cluster_config()
 
     async def list_volumes(request):
-        return await node.describe_all()
+        keep = list_filter(request.query_params.multi_items())
+        return [v for v in await node.describe_all() if keep(v)]
 
     async def create(request):
         body = await _body(request, _CREATE_FIELDS)

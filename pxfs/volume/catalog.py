@@ -226,6 +226,8 @@ class Catalog:
         if node == self.node:
             raise Busy(f"node {node} is this node; ask another node to remove it once it is "
                        "stopped")
+        if await self.kv.get(keys.alive_key(self.cid, node)) is not None:
+            raise Busy(f"node {node} is Online; stop it before removing it from the cluster")
         recs = [codec.unpack_record(i.value) for i in await self.kv.range(keys.vol_prefix(self.cid))]
         held = sorted(v["name"] for v in recs if any(r["node"] == node for r in v["replicas"]))
         if held:
