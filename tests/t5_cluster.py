@@ -801,6 +801,28 @@ def test_fencing_paused_node_cannot_overwrite(make_cluster):
     assert dd_read(dev3, 0, 12) == b"B" * (4 * MiB) + b"A" * (8 * MiB)
 
 
+def test_a_node_fenced_while_mounted_refuses_to_mount_again(make_cluster):
+    """node1 was paused while mounted and node2 took the volume over: back,
+    node1's I/O stops for good.  A `host mount` there used to answer
+    "successfully mounted" (the mount was still there) while every write
+    failed; it is refused, and unmount and detach still clean up."""
+    c = make_cluster(2)
+    c.pxctl("node1", "volume", "create", "fm", "--size", "256M", "--repl", "2")
+    mnt = c.pxctl("node1", "host", "mount", "fm")["mount"]
+    c.signal("node1", signal.SIGSTOP)
+    try:
+        attach_after_failover(c, "node2", "fm", timeout=30)
+    finally:
+        c.signal("node1", signal.SIGCONT)
+    c.wait_for(lambda: c.pxctl("node1", "volume", "inspect", "fm").get("io_stopped"),
+               timeout=30, what="node1 stopping the volume's I/O")
+    res = c.pxctl("node1", "host", "mount", "fm", "--path", mnt, check=False)
+    assert res.returncode == 1 and "I/O stopped on this node" in res.stderr, res.stderr
+    c.pxctl("node1", "host", "unmount", "fm")
+    c.pxctl("node1", "host", "detach", "fm")
+    assert c.pxctl("node2", "volume", "inspect", "fm")["attached_on"] == "node2"
+
+
 def test_resync_copies_only_what_changed(make_cluster):
     c = make_cluster(3)
     size_mib = 512

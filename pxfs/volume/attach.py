@@ -383,6 +383,9 @@ class Attachments:
             loc = self.local.get(volid)
             if loc is None:
                 raise NotFound(f"volume {rec['name']!r} is not attached here")
+            if loc.vol.fenced:          # a mount would answer every write with EIO
+                raise Fenced(f"volume {loc.name!r}: I/O stopped on this node ({loc.vol.fenced}); "
+                             "detach it here and attach it again")
             if loc.mount and self._still_mounted(loc):
                 if loc.mount == path:
                     return self._describe(loc)
