@@ -268,6 +268,7 @@ def _up(count, workdir, drive_size, etcd_url, lease_ttl, fast, dir_drives):
     else:
         state["etcd"], state["etcd_pid"] = start_etcd(workdir, fast)
     _save(workdir, state)
+    made: list[str] = []
     try:
         ports = free_ports(2 * count)           # all at once: distinct across nodes
         for i in range(1, count + 1):
@@ -279,7 +280,12 @@ def _up(count, workdir, drive_size, etcd_url, lease_ttl, fast, dir_drives):
                 os.makedirs(drive, exist_ok=True)
             else:
                 drive = os.path.join(ndir, "drive0.img")
-                subprocess.run(["truncate", "-s", str(drive_size), drive], check=True)
+                made.append(drive)
+                res = subprocess.run(["truncate", "-s", str(drive_size), drive],
+                                     capture_output=True, text=True)
+                if res.returncode:
+                    raise click.ClickException(f"cannot make the drive {drive}: "
+                                               + " ".join(res.stderr.split()))
             api, data = ports[2 * i - 2:2 * i]
             cfg = {"clusterid": state["clusterid"], "kvdb": [f"etcd:{state['etcd']}"],
                    "storage": {"devices": [drive]}, "node_id": nid,
@@ -305,6 +311,11 @@ def _up(count, workdir, drive_size, etcd_url, lease_ttl, fast, dir_drives):
         _down(state)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(workdir, STATE))
+        # a cluster that never came up holds no data: its drives would only
+        # make the next `up` in this workdir refuse
+        for drive in made:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(drive)
         raise
     click.echo(json.dumps(_public(state)))
 
