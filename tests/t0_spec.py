@@ -338,3 +338,11 @@ def test_rest_labels_and_nodes_are_checked_one_by_one():
 def test_fs_is_taken_in_any_case():
     assert spec_from_options({"name": "v", "fs": "XFS"}).fs == "xfs"
     assert spec_from_options({"name": "v", "fs": " Ext4 "}).fs == "ext4"
+
+
+def test_a_huge_size_is_not_echoed_whole():
+    from pxfs.volume.spec import parse_size
+    with pytest.raises(InvalidArgument, match="above the maximum") as exc:
+        parse_size("9" * 300)
+    assert len(str(exc.value)) < 120
+    assert parse_size("0" * 60 + "1G") == 1 << 30           # a long but valid number still parses

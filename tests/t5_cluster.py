@@ -2044,6 +2044,8 @@ def test_cluster_delete_removes_an_offline_node_that_holds_no_replica(make_clust
     assert listed("--label", "app=db") == ["lab"] and listed("-l", "app=db,tier=gold") == ["lab"]
     assert listed("--label", "app=db,tier=silver") == [] and listed("--name", "kept") == ["kept"]
     assert listed("--name", "kept", "--node-id", "node3") == []
+    kept_id = c.pxctl("node1", "volume", "inspect", "kept")["id"]
+    assert listed("--name", kept_id) == ["kept"]                # a name or an id, as elsewhere
     text = c.pxctl("node1", "volume", "list", "--label", "tier=gold", as_json=False)
     assert "lab" in text and "kept" not in text
     for flags, said in ((("--label", "app"), "expected key=value"),
@@ -2053,6 +2055,8 @@ def test_cluster_delete_removes_an_offline_node_that_holds_no_replica(make_clust
     import httpx
     r = httpx.get(c.api("node1") + "/v1/volumes?nmae=kept")
     assert r.status_code == 400 and "unknown query parameter 'nmae'" in r.json()["error"]
+    r = httpx.get(c.api("node1") + "/v1/volumes?name=")
+    assert r.status_code == 400 and "'name' is empty" in r.json()["error"], r.text
     c.pxctl("node1", "volume", "delete", "lab")
     refused("nosuch", "'nosuch' is not in the cluster")
     c.stop_node("node2")

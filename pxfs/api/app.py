@@ -131,7 +131,7 @@ _ACTIONS = ("attach", "detach", "mount", "unmount")
 
 def list_filter(params):
     """A test for `GET /v1/volumes?name=N&label=k=v,k2=v2&node=ID`: the
-    volume named N, carrying every label given, with a replica on node ID
+    volume named (or numbered) N, carrying every label given, with a replica on node ID
     (as `pxctl volume list --name --label --node-id`).  Each at most once;
     any other parameter is an error, not ignored."""
     got: dict[str, str] = {}
@@ -141,12 +141,14 @@ def list_filter(params):
                                   "filter the list)")
         if key in got:
             raise InvalidArgument(f"query parameter {key!r} is given twice")
+        if not value:
+            raise InvalidArgument(f"query parameter {key!r} is empty")
         got[key] = value
     labels = dict(parse_labels(got["label"])) if "label" in got else {}
     node_id = check_node(got["node"]) if "node" in got else None
 
     def keep(v: dict) -> bool:
-        return (got.get("name", v["name"]) == v["name"]
+        return (got.get("name", v["name"]) in (v["name"], v["id"])
                 and all(v["labels"].get(k) == x for k, x in labels.items())
                 and (node_id is None or any(r["node"] == node_id for r in v["replicas"])))
     return keep

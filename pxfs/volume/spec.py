@@ -73,21 +73,23 @@ def validate_name(name: object) -> str:
 def parse_size(value: object, minimum: int = MIN_SIZE) -> int:
     """Bytes from '10', '10G', '512MiB', '2T' (a bare number is GiB)."""
     text = str(value).strip()
+    # no use echoing a number of 300 digits
+    shown = text if len(text) <= 40 else text[:20] + "..." + text[-8:]
     m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)", text)   # ASCII digits only
     if not m or m.group(2).lower() not in _UNITS:
-        raise InvalidArgument(f"size {text!r}: expected a number of GiB or a number with "
+        raise InvalidArgument(f"size {shown!r}: expected a number of GiB or a number with "
                               "a unit K, M, G or T (KiB, KB, MiB, MB, ... all mean powers of "
                               "1024; e.g. 10, 512M, 2G)")
     # up to whole 4 KiB blocks: a volume is never smaller than asked for
     # (as provisioners round a claim up)
     exact = decimal.Decimal(m.group(1)) * _UNITS[m.group(2).lower()]
     if exact > MAX_SIZE:        # before any arithmetic on a number of 400 digits
-        raise InvalidArgument(f"size {text!r} is above the maximum of 64 TiB")
+        raise InvalidArgument(f"size {shown!r} is above the maximum of 64 TiB")
     size = int((exact / 4096).to_integral_value(rounding=decimal.ROUND_CEILING)) * 4096
     if size < minimum:
-        raise InvalidArgument(f"size {text!r} is below the minimum of {minimum >> 20} MiB")
+        raise InvalidArgument(f"size {shown!r} is below the minimum of {minimum >> 20} MiB")
     if size > MAX_SIZE:
-        raise InvalidArgument(f"size {text!r} is above the maximum of 64 TiB")
+        raise InvalidArgument(f"size {shown!r} is above the maximum of 64 TiB")
     return size
 
 
