@@ -425,17 +425,18 @@ def test_two_volumes_mounted_at_one_path_at_once(make_cluster, tmp_path):
     one).  An unmount of a volume that something else now covers is
     refused rather than unmounting that."""
     import httpx
-    c = make_cluster(1)
+    c = make_cluster(2)
     for vol in ("s1", "s2"):
         c.pxctl("node1", "volume", "create", vol, "--size", "256M")
     path = str(tmp_path / "spot")
-    for _ in range(3):
+    # through one node, then through two nodes of the same host
+    for via in (("node1", "node1"),) * 2 + (("node1", "node2"),) * 2:
         answers = {}
 
-        def mount(vol):
-            answers[vol] = httpx.post(c.api("node1") + f"/v1/volumes/{vol}/mount",
+        def mount(vol, node):
+            answers[vol] = httpx.post(c.api(node) + f"/v1/volumes/{vol}/mount",
                                       json={"path": path}, timeout=120)
-        threads = [threading.Thread(target=mount, args=(v,)) for v in ("s1", "s2")]
+        threads = [threading.Thread(target=mount, args=(v, n)) for v, n in zip(("s1", "s2"), via)]
         for t in threads:
             t.start()
         for t in threads:
@@ -449,10 +450,11 @@ def test_two_volumes_mounted_at_one_path_at_once(make_cluster, tmp_path):
         on_path = [m for m in open("/proc/self/mounts").read().splitlines()
                    if m.split()[1] == path]
         assert len(on_path) == 1, on_path
-        c.pxctl("node1", "host", "unmount", won[0])
+        c.pxctl(via[("s1", "s2").index(won[0])], "host", "unmount", won[0])
         assert not os.path.ismount(path)
         for vol in ("s1", "s2"):
-            c.pxctl("node1", "host", "detach", vol, check=False)
+            for node in set(via):
+                c.pxctl(node, "host", "detach", vol, check=False)
     c.pxctl("node1", "host", "mount", "s1", "--path", path)
     subprocess.run(["mount", "-t", "tmpfs", "cover", path], check=True)
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import re
@@ -512,18 +513,32 @@ def remove_made(made: list[str]) -> None:
 #: mount itself: two volumes mounted at one path at once would both find
 #: it free and end up stacked, the second hiding the first
 _CLAIMED: set[str] = set()
+#: the same between processes (several nodes on one host): one lock file
+#: per path, flock'ed while the mount is made; left in place (tiny, on tmpfs)
+CLAIM_DIR = "/run/pxfs/mount-paths"
 
 
 @contextlib.contextmanager
 def claim_mount_path(path: str):
-    """Hold ``path`` for one mount; a second one at the same time is Busy."""
+    """Hold ``path`` for one mount; a second one at the same time (in this
+    process or another node's on the host) is Busy."""
     if path in _CLAIMED:
         raise Busy(f"another volume is being mounted at {path}")
-    _CLAIMED.add(path)
+    os.makedirs(CLAIM_DIR, exist_ok=True)
+    name = hashlib.sha256(os.fsencode(path)).hexdigest()[:32]
+    fd = os.open(os.path.join(CLAIM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(f"another volume is being mounted at {path}") from None
+        _CLAIMED.add(path)
+        try:
+            yield
+        finally:
+            _CLAIMED.discard(path)
     finally:
-        _CLAIMED.discard(path)
+        os.close(fd)
 
 
 def top_mount(path: str) -> str | None:
