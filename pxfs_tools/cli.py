@@ -36,9 +36,24 @@ def human(n: int | None) -> str:
     return str(n)
 
 
+def _timeout() -> float:
+    """Seconds to wait for a node's answer: PXCTL_TIMEOUT, default 120 (a
+    first mount of a large volume formats it before answering)."""
+    raw = os.environ.get("PXCTL_TIMEOUT", "").strip()
+    if not raw:
+        return 120.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 86400:
+        raise click.UsageError(f"PXCTL_TIMEOUT {raw!r}: expected a number of seconds in (0, 86400]")
+    return value
+
+
 class Ctx:
     def __init__(self, host: str, as_json: bool):
-        self.client = Client(host)
+        self.client = Client(host, timeout=_timeout())
         self.json = as_json
 
     def out(self, data, text_fn):

@@ -14,11 +14,15 @@ class ApiError(PxfsError):
 class Client:
     def __init__(self, base: str, timeout: float = 120.0):
         self.base = base.rstrip("/")
+        self.timeout = timeout
         self._http = httpx.Client(timeout=timeout)
 
     def request(self, method: str, path: str, body: dict | None = None):
         try:
             resp = self._http.request(method, self.base + path, json=body)
+        except httpx.TimeoutException:
+            raise ApiError(f"pxfs node at {self.base} did not answer within {self.timeout:g} s "
+                           "(PXCTL_TIMEOUT)", errno=110) from None
         except httpx.HTTPError as exc:
             raise ApiError(f"cannot reach pxfs node at {self.base}: {exc}") from None
         try:

@@ -2233,3 +2233,23 @@ def test_launcher_refuses_a_workdir_in_use_or_with_old_drives(make_cluster, tmp_
     out, err = waiting.communicate(timeout=60)
     assert waiting.returncode == 0, err
     assert c.pxctl("node1", "status", check=False).returncode != 0   # stopped now
+
+
+def test_pxctl_gives_up_on_a_silent_node_after_pxctl_timeout():
+    """A node that takes the connection and never answers (paused): pxctl
+    waits PXCTL_TIMEOUT seconds, not its 120 s default, and says so; a bad
+    value is a usage error."""
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(4)
+        url = f"http://127.0.0.1:{lsock.getsockname()[1]}"
+        argv = [sys.executable, os.path.join(ROOT, "pxctl"), "--host", url, "status"]
+        t0 = time.monotonic()
+        res = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=60,
+                             env={**os.environ, "PXCTL_TIMEOUT": "1.5"})
+        took = time.monotonic() - t0
+    assert res.returncode == 1 and "did not answer within 1.5 s" in res.stderr, res.stderr
+    assert took < 10, took
+    res = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=60,
+                         env={**os.environ, "PXCTL_TIMEOUT": "-1"})
+    assert res.returncode == 2 and "PXCTL_TIMEOUT '-1'" in res.stderr, res.stderr
