@@ -710,33 +710,25 @@ async def test_a_delete_whose_commit_went_unanswered_is_done(kv, cid, monkeypatc
         assert await kv.get(keys.vol_key(cid, rec["id"])) is not None
         # an attach between the read and the delete: refused as an attached
         # volume is, naming the node (not "lost its race")
-        calls = []
+        def get_then_once(*puts):
+            done = []
 
-        async def get_then_attach(ref):
-            got = await real_get(ref)
-            if not calls:
-                calls.append(ref)
-                item = await kv.get(keys.vol_key(cid, rec["id"]))
-                await kv.txn([], [Put(item.key, item.value),
-                                  Put(keys.attach_key(cid, rec["id"]),
-                                      codec.pack_record({"node": "n2", "term": 1}))])
-            return got
-        monkeypatch.setattr(cat, "get", get_then_attach)
+            async def get(ref):
+                got = await real_get(ref)
+                if not done:
+                    done.append(ref)
+                    item = await kv.get(keys.vol_key(cid, rec["id"]))
+                    await kv.txn([], [Put(item.key, item.value), *puts])
+                return got
+            return get, done
+        monkeypatch.setattr(cat, "get", get_then_once(
+            Put(keys.attach_key(cid, rec["id"]), codec.pack_record({"node": "n2", "term": 1})))[0])
         with pytest.raises(Busy, match="attached on n2; detach it there"):
             await cat.delete("w")
         # a change that is not an attach (a checkpoint): the delete looks again and goes on
         await kv.txn([], [Delete(keys.attach_key(cid, rec["id"]))])
-        calls.clear()
-        changed = []
-
-        async def get_then_checkpoint(ref):
-            got = await real_get(ref)
-            if not changed:
-                changed.append(ref)
-                item = await kv.get(keys.vol_key(cid, rec["id"]))
-                await kv.txn([], [Put(item.key, item.value)])
-            return got
-        monkeypatch.setattr(cat, "get", get_then_checkpoint)
+        get, changed = get_then_once()
+        monkeypatch.setattr(cat, "get", get)
         assert (await cat.delete("w"))["id"] == rec["id"]
         assert changed and await kv.get(keys.vol_key(cid, rec["id"])) is None
         nursery.cancel_scope.cancel()

@@ -803,28 +803,6 @@ def test_fencing_paused_node_cannot_overwrite(make_cluster):
     assert dd_read(dev3, 0, 12) == b"B" * (4 * MiB) + b"A" * (8 * MiB)
 
 
-def test_a_node_fenced_while_mounted_refuses_to_mount_again(make_cluster):
-    """node1 was paused while mounted and node2 took the volume over: back,
-    node1's I/O stops for good.  A `host mount` there used to answer
-    "successfully mounted" (the mount was still there) while every write
-    failed; it is refused, and unmount and detach still clean up."""
-    c = make_cluster(2)
-    c.pxctl("node1", "volume", "create", "fm", "--size", "256M", "--repl", "2")
-    mnt = c.pxctl("node1", "host", "mount", "fm")["mount"]
-    c.signal("node1", signal.SIGSTOP)
-    try:
-        attach_after_failover(c, "node2", "fm", timeout=30)
-    finally:
-        c.signal("node1", signal.SIGCONT)
-    c.wait_for(lambda: c.pxctl("node1", "volume", "inspect", "fm").get("io_stopped"),
-               timeout=30, what="node1 stopping the volume's I/O")
-    res = c.pxctl("node1", "host", "mount", "fm", "--path", mnt, check=False)
-    assert res.returncode == 1 and "I/O stopped on this node" in res.stderr, res.stderr
-    c.pxctl("node1", "host", "unmount", "fm")
-    c.pxctl("node1", "host", "detach", "fm")
-    assert c.pxctl("node2", "volume", "inspect", "fm")["attached_on"] == "node2"
-
-
 def test_resync_copies_only_what_changed(make_cluster):
     c = make_cluster(3)
     size_mib = 512
@@ -1463,9 +1441,9 @@ def test_a_node_stopped_while_cut_off_from_etcd_stops_in_time(make_cluster):
 
 def test_a_node_taken_over_while_mounted_is_cleaned_up_through_pxctl(make_cluster):
     """node1 is paused with the volume mounted; node2 takes it over.  When
-    node1 wakes up its attachment is gone: a new attach there is refused
-    while the old mount is still in place, and pxctl unmount/detach clear
-    it without touching node2's attachment."""
+    node1 wakes up its attachment is gone: a new attach or mount there is
+    refused while the old mount is still in place, and pxctl unmount/detach
+    clear it without touching node2's attachment."""
     c = make_cluster(3)
     c.pxctl("node1", "volume", "create", "tm", "--size", "256M", "--repl", "2",
             "--nodes", "node1,node2")
@@ -1479,6 +1457,11 @@ def test_a_node_taken_over_while_mounted_is_cleaned_up_through_pxctl(make_cluste
                timeout=30, what="node1 learning it lost the volume")
     res = c.pxctl("node1", "host", "attach", "tm", check=False)
     assert res.returncode == 1 and "still mounted" in res.stderr, res.stderr
+    # a mount there used to answer "successfully mounted" while every write failed
+    c.wait_for(lambda: c.pxctl("node1", "volume", "inspect", "tm").get("io_stopped"),
+               timeout=30, what="node1 stopping the volume's I/O")
+    res = c.pxctl("node1", "host", "mount", "tm", "--path", mnt1, check=False)
+    assert res.returncode == 1 and "I/O stopped on this node" in res.stderr, res.stderr
     c.pxctl("node1", "host", "unmount", "tm")
     assert not os.path.ismount(mnt1)
     c.pxctl("node1", "host", "detach", "tm")
