@@ -10,8 +10,8 @@ import time
 import pytest
 
 from pxfs import CHUNK_SIZE, CSUM_BLOCK
-from pxfs.chunk.layout import HEADER_SIZE, NBLOCKS
-from pxfs.chunk.store import ChunkStore, block_crcs
+from pxfs.chunk.layout import HEADER_SIZE, NBLOCKS, block_crcs
+from pxfs.chunk.store import ChunkStore
 from pxfs.errors import ChecksumError, InvalidArgument, PxfsError
 
 from conftest import drop_cache
@@ -198,13 +198,13 @@ def test_crc_helper_matches_zlib():
 def test_block_crcs_match_the_per_block_reference(monkeypatch):
     import array
     import zlib
-    from pxfs.chunk import _crc, store as store_mod
+    from pxfs.chunk import _crc, layout
     data = os.urandom(CHUNK_SIZE)
     want = array.array("I", [zlib.crc32(data[i:i + CSUM_BLOCK])
                              for i in range(0, CHUNK_SIZE, CSUM_BLOCK)]).tobytes()
     assert block_crcs(data) == want
     with monkeypatch.context() as m:            # the fallback when _crc is not built
-        m.setattr(store_mod, "_c_block_crcs", None)
+        m.setattr(layout, "_c_block_crcs", None)
         assert block_crcs(data) == want
     assert block_crcs(bytearray(data[:CSUM_BLOCK])) == want[:4]
     assert block_crcs(b"") == b""
@@ -741,7 +741,7 @@ def test_a_sync_waits_for_a_drain_and_reports_its_failure(tmp_path, monkeypatch)
     at: the volume is not clean meanwhile, a sync waits for the drain, and
     a drain that failed makes the next sync fail (and every one after it,
     a resync's put_chunk notwithstanding once it was reported)."""
-    from pxfs.chunk import incarnation, store as store_mod
+    from pxfs.chunk import fileio, incarnation, store as store_mod
     monkeypatch.setattr(store_mod, "UNSYNCED_MAX", 2)
     monkeypatch.setattr(incarnation, "forfeit", lambda: None)
     store = ChunkStore([str(tmp_path)], max_open=1)
@@ -756,8 +756,8 @@ def test_a_sync_waits_for_a_drain_and_reports_its_failure(tmp_path, monkeypatch)
             if fail:
                 raise OSError(5, "Input/output error")
         real(fd)
-    monkeypatch.setattr(store_mod.os, "fdatasync", slow_fdatasync)
-    monkeypatch.setattr(store_mod, "_syncfs", None)
+    monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
+    monkeypatch.setattr(fileio, "syncfs", None)
     store.write(4, 0, 0, b"a" * 4096, 1)
     store.write(4, 1, 0, b"b" * 4096, 1)            # evicts 0 (one kept)
     t = threading.Thread(target=store.write, args=(4, 2, 0, b"c" * 4096, 1), name="drainer")
@@ -860,7 +860,7 @@ def test_two_file_sync_flushes_once_and_is_complete(tmp_path, monkeypatch):
     own fdatasync.  The pool image taken right after each sync (a crash at
     that moment, with everything the device acknowledged) holds every
     write, with checksums that match."""
-    import pxfs.chunk.store as store_mod
+    from pxfs.chunk import fileio
     img, mnt = tmp_path / "pool.img", tmp_path / "pool"
     mnt.mkdir()
     subprocess.run(["truncate", "-s", "300M", str(img)], check=True)
@@ -874,10 +874,10 @@ def test_two_file_sync_flushes_once_and_is_complete(tmp_path, monkeypatch):
         store = ChunkStore([str(mnt)])
         stores = [store]
         calls = []
-        real_fdatasync, real_sfr = os.fdatasync, store_mod._sync_file_range
+        real_fdatasync, real_sfr = os.fdatasync, fileio.sync_file_range
         monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append("fdatasync"),
                                                           real_fdatasync(fd))[1])
-        monkeypatch.setattr(store_mod, "_sync_file_range",
+        monkeypatch.setattr(fileio, "sync_file_range",
                             lambda *a: (calls.append("sync_file_range"), real_sfr(*a))[1])
 
         def sync():

@@ -28,7 +28,7 @@ import os
 import secrets
 import struct
 
-from .store import sync_roots
+from .fileio import sync_roots
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,15 @@ from __future__ import annotations
 
 import array
 import struct
+import zlib
 
 from .. import CHUNK_SIZE, CSUM_BLOCK
+from ..errors import InvalidArgument
+
+try:        # the C helper (setup.py builds it): CRCs at ~13 GB/s without the GIL
+    from ._crc import block_crcs as _c_block_crcs
+except ImportError:         # not built: zlib.crc32 per block, same results
+    _c_block_crcs = None
 
 MAGIC = b"PXCH"
 FORMAT = 2                 # 2: 64-bit idx (shared volumes key file data by inode)
@@ -31,6 +38,31 @@ _FIXED_V1 = struct.Struct("<4sHHQIIQ")     # format 1: 32-bit idx, still read
 BITMAP_OFF = 64
 CRC_OFF = BITMAP_OFF + NBLOCKS // 8
 META_END = CRC_OFF + 4 * NBLOCKS
+
+
+MAX_IDX = (1 << 64) - 1
+MAX_VOLID = (1 << 64) - 1
+
+
+def check_range(off: int, size: int) -> None:
+    if off < 0 or size < 0 or off + size > CHUNK_SIZE:
+        raise InvalidArgument(f"range {off}+{size} outside a chunk")
+
+
+def check_id(volid: int, idx: int) -> None:
+    if not 0 <= volid <= MAX_VOLID or not 0 <= idx <= MAX_IDX:
+        raise InvalidArgument(f"chunk id {volid}/{idx} out of range")
+
+
+def block_crcs(data) -> bytes:
+    """The CRC32 of each CSUM_BLOCK of ``data`` (whole blocks), packed as
+    the chunk header stores them."""
+    if _c_block_crcs is not None:
+        return _c_block_crcs(data, CSUM_BLOCK)
+    mv = memoryview(data)
+    crc = zlib.crc32
+    return array.array("I", [crc(mv[i:i + CSUM_BLOCK])
+                             for i in range(0, len(mv), CSUM_BLOCK)]).tobytes()
 
 
 class Header:

@@ -3,81 +3,37 @@
 Blocking calls; the replication layer runs them in worker threads, except
 the ones that never wait for the disk (``nowait``/``inline`` reads and
 writes, ``prefetch``, ``start_writeback``), which it makes on the trio
-thread.  Each
-CSUM_BLOCK is checked against its CRC32 on every read (``_crc.c`` computes
-them without the GIL when it is built).  Layout on a pool
-root::
+thread.  Each CSUM_BLOCK is checked against its CRC32 on every read
+(``_crc.c`` computes them without the GIL when it is built).  Layout on a
+pool root::
 
     <root>/vols/<volid>/TERM            highest attach term seen (fencing)
     <root>/vols/<volid>/<idx:08x>.chk   chunk files (see layout.py)
 
 A volume's chunks live on one root of the pool (the emptiest at first write).
+This module holds the open chunk files and the block reads and writes;
+durability.py what a sync does, wholechunks.py the copies and terms.
 """
 
 from __future__ import annotations
 
 import array
 import collections
-import ctypes
-import ctypes.util
 import errno
 import logging
 import os
 import shutil
 import threading
-import zlib
 
-from .. import CHUNK_SIZE, CSUM_BLOCK
+from .. import CSUM_BLOCK
 from ..errors import ChecksumError, InvalidArgument, NoSpace, PxfsError
-from . import xfs
-from .layout import HEADER_SIZE, NBLOCKS, Header
-
-try:        # the C helper (setup.py builds it): CRCs at ~13 GB/s without the GIL
-    from ._crc import block_crcs as _c_block_crcs
-except ImportError:         # not built: zlib.crc32 per block, same results
-    _c_block_crcs = None
+from . import fileio, xfs
+from .durability import Durability
+from .layout import HEADER_SIZE, NBLOCKS, Header, block_crcs, check_id, check_range
+from .wholechunks import WholeChunks
 
 log = logging.getLogger(__name__)
 ZERO_BLOCK = bytes(CSUM_BLOCK)
-try:
-    _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    _syncfs = _libc.syncfs
-    _sync_file_range = _libc.sync_file_range
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong,
-                                 ctypes.c_uint]
-    _fallocate = _libc.fallocate
-    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-except (OSError, AttributeError):
-    _syncfs = _sync_file_range = _fallocate = None
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
-SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
-
-
-def _sync_fds(fds: list[int]) -> None:
-    """Make the files behind ``fds`` (all on one pool) durable: one syncfs
-    (one journal commit) for more than two, an fdatasync each otherwise."""
-    if len(fds) > 2 and _syncfs is not None:
-        if _syncfs(fds[0]) != 0:
-            raise OSError(ctypes.get_errno(), "syncfs failed")
-        # XFS's syncfs writes the data back but, with no metadata to log,
-        # flushes no device cache; an fdatasync of a file with nothing left
-        # to write does (xfs_file_fsync), so the data is on stable storage,
-        # not only in the disk's write cache
-        os.fdatasync(fds[0])
-    else:
-        for fd in fds:
-            os.fdatasync(fd)
-
-
-def block_crcs(data) -> bytes:
-    """The CRC32 of each CSUM_BLOCK of ``data`` (whole blocks), packed as
-    the chunk header stores them."""
-    if _c_block_crcs is not None:
-        return _c_block_crcs(data, CSUM_BLOCK)
-    mv = memoryview(data)
-    crc = zlib.crc32
-    return array.array("I", [crc(mv[i:i + CSUM_BLOCK])
-                             for i in range(0, len(mv), CSUM_BLOCK)]).tobytes()
 
 
 class _Chunk:
@@ -96,37 +52,6 @@ class _Chunk:
         self.punch: list[tuple[int, int]] = []
 
 
-MAX_IDX = (1 << 64) - 1
-MAX_VOLID = (1 << 64) - 1
-
-
-def _check_range(off: int, size: int) -> None:
-    if off < 0 or size < 0 or off + size > CHUNK_SIZE:
-        raise InvalidArgument(f"range {off}+{size} outside a chunk")
-
-
-def _check_id(volid: int, idx: int) -> None:
-    if not 0 <= volid <= MAX_VOLID or not 0 <= idx <= MAX_IDX:
-        raise InvalidArgument(f"chunk id {volid}/{idx} out of range")
-
-
-def _pwrite_all(fd: int, buf, pos: int) -> None:
-    """pwrite every byte: a short write (the pool filled up half-way) goes
-    on, so it ends in the error that stopped it, never in silence.  That
-    error carries ``written``: how many bytes went in before it."""
-    view = memoryview(buf)
-    done = 0
-    try:
-        while view:
-            n = os.pwrite(fd, view, pos)
-            if n <= 0:
-                raise OSError(errno.EIO, "pwrite wrote nothing")
-            view, pos, done = view[n:], pos + n, done + n
-    except OSError as exc:
-        exc.written = done
-        raise
-
-
 #: descriptors of evicted dirty chunks kept for their volume's next sync
 #: (all volumes together), at most; past this they are made durable and
 #: closed at once (a mkfs of a huge volume writes to tens of thousands of
@@ -134,7 +59,7 @@ def _pwrite_all(fd: int, buf, pos: int) -> None:
 UNSYNCED_MAX = 512
 
 
-class ChunkStore:
+class ChunkStore(Durability, WholeChunks):
     def __init__(self, roots: list[str], max_open: int = 4096):
         self.roots = list(roots)
         self._open: collections.OrderedDict[tuple[int, int], _Chunk] = collections.OrderedDict()
@@ -246,46 +171,6 @@ class ChunkStore:
             self._drain_unsynced(volid)
         return ch
 
-    def _drain_unsynced(self, volid: int) -> None:
-        """Make the evicted dirty chunks of ``volid`` durable and close them
-        (in the caller's thread: a chunk is opened in a worker thread).  A
-        sync meanwhile waits for this one; a failure is kept for the
-        volume's next sync to report."""
-        with self._lock:
-            fds = self._unsynced.pop(volid, [])
-            if not fds:
-                return
-            self._draining[volid] += 1
-        try:
-            _sync_fds(fds)
-        except OSError as exc:
-            log.error("volume %s: syncing %d evicted chunk files failed: %s", volid, len(fds), exc)
-            from . import incarnation       # (it imports this module)
-            incarnation.forfeit()           # as a failed sync does (syncer.py)
-            with self._lock:
-                self._drain_failed.setdefault(volid, str(exc))
-        finally:
-            for fd in fds:
-                os.close(fd)
-            with self._lock:
-                self._draining[volid] -= 1
-                if not self._draining[volid]:
-                    del self._draining[volid]
-                self._drained.notify_all()
-
-    def _wait_drained(self, volid: int) -> None:
-        """Until no drain of the volume is under way; raise what one that
-        failed left to report (then every sync fails, as after its own)."""
-        with self._lock:
-            while self._draining.get(volid):
-                self._drained.wait()
-            why = self._drain_failed.pop(volid, None)
-            if why is not None:
-                self._sync_failed[volid] = why
-        if why is not None:
-            raise PxfsError(f"volume {volid}: writing back chunk files failed ({why}); writes "
-                            "since the sync before it may be lost here until a resync")
-
     def _nocmtime(self, fd: int, d: str) -> int:
         """``fd``, or on an XFS pool a descriptor that leaves timestamps
         alone, so buffered RWF_NOWAIT writes are not refused (xfs.py)."""
@@ -374,8 +259,8 @@ class ChunkStore:
         (RWF_NOWAIT), else BlockingIOError and nothing changed.  With
         ``inline``, BlockingIOError only if the chunk is not open, is busy
         or the range is not whole blocks (nothing that reads or opens)."""
-        _check_id(volid, idx)
-        _check_range(off, len(data))
+        check_id(volid, idx)
+        check_range(off, len(data))
         if not data:
             return
         first, last = off // CSUM_BLOCK, (off + len(data) - 1) // CSUM_BLOCK
@@ -413,7 +298,7 @@ class ChunkStore:
                 if nowait:
                     self._write_nowait(ch.fd, buf, HEADER_SIZE + start)
                 else:
-                    _pwrite_all(ch.fd, buf, HEADER_SIZE + start)
+                    fileio.pwrite_all(ch.fd, buf, HEADER_SIZE + start)
                 if fresh:
                     ch.meta_dirty = True        # its block is allocated now
                 hdr.mark_range(first, crcs)
@@ -439,7 +324,7 @@ class ChunkStore:
         disk before the header does, and a crash would then leave blocks
         whose checksum no longer matches.  A chunk left with no written
         block is deleted.  Whether the chunk is gone (or was never there)."""
-        _check_id(volid, idx)
+        check_id(volid, idx)
         if not 0 <= first <= last < NBLOCKS:
             raise InvalidArgument(f"blocks {first}..{last} outside a chunk")
         try:
@@ -517,7 +402,7 @@ class ChunkStore:
             raise
         if n < len(buf):        # the page cache took only part: finish the rest now
             try:
-                _pwrite_all(fd, memoryview(buf)[n:], pos + n)
+                fileio.pwrite_all(fd, memoryview(buf)[n:], pos + n)
             except OSError as exc:
                 exc.written = n + getattr(exc, "written", 0)
                 raise
@@ -578,8 +463,8 @@ class ChunkStore:
         """``nowait``: from the page cache only, else BlockingIOError;
         ``inline``: BlockingIOError only if the chunk is not open or busy
         (the read itself may wait for the disk)."""
-        _check_id(volid, idx)
-        _check_range(off, size)
+        check_id(volid, idx)
+        check_range(off, size)
         if size == 0:
             return b""
         ch = self._locked(volid, idx, False, nowait or inline)
@@ -602,8 +487,8 @@ class ChunkStore:
         into the page cache (POSIX_FADV_WILLNEED: it submits the reads and
         does not wait for them); False if the chunk is not open or busy
         (nothing asked)."""
-        _check_id(volid, idx)
-        _check_range(off, size)
+        check_id(volid, idx)
+        check_range(off, size)
         if size == 0:
             return False
         try:
@@ -621,342 +506,6 @@ class ChunkStore:
             return False
         finally:
             ch.lock.release()
-
-    def get_chunk(self, volid: int, idx: int) -> tuple[int, bytes, bytes] | None:
-        """(gen, bitmap, data) of a whole chunk, verified; None if absent."""
-        _check_id(volid, idx)
-        ch = self._locked(volid, idx, False)
-        if ch is None:
-            return None
-        try:
-            data = self._read_blocks(ch, 0, NBLOCKS - 1, verify=True)
-            return ch.hdr.gen, bytes(ch.hdr.bitmap), data
-        except OSError as exc:
-            raise self._oserror(exc) from exc
-        finally:
-            ch.lock.release()
-
-    def put_chunk(self, volid: int, idx: int, gen: int, bitmap: bytes | None, data: bytes | None) -> None:
-        """Replace a whole chunk (resync).  ``data`` None deletes it."""
-        _check_id(volid, idx)
-        # a resync began: the chunks a failed sync may have lost are among
-        # the ones it copies (stamped since the last good flush)
-        self._sync_failed.pop(volid, None)
-        d = self._voldir(volid, True)
-        path = os.path.join(d, f"{idx:08x}.chk")
-        # Evicting and replacing happen under the open lock: a thread that
-        # opened the chunk between the two would keep (and write to) a
-        # descriptor of the file that is being replaced.
-        if data is None:
-            with self._open_lock:
-                self._evict(volid, idx)
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-            self._fsync_dir(d)
-            return
-        if len(data) != CHUNK_SIZE or bitmap is None or len(bitmap) != NBLOCKS // 8:
-            raise InvalidArgument("whole chunk expected")
-        hdr = Header(volid, idx, gen, bitmap)
-        tmp = path + ".tmp"
-        try:
-            self._write_file(tmp, hdr, data)
-            with self._open_lock:
-                self._evict(volid, idx)
-                os.rename(tmp, path)
-        except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise self._oserror(exc) from exc
-        self._fsync_dir(d)
-
-    @staticmethod
-    def _write_file(tmp: str, hdr: Header, data: bytes) -> None:
-        """A whole chunk file at ``tmp``, on stable storage."""
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            crcs = array.array("I", block_crcs(data))
-            for blk in range(NBLOCKS):
-                if hdr.written(blk):
-                    hdr.crcs[blk] = crcs[blk]
-                    os.pwrite(fd, data[blk * CSUM_BLOCK:(blk + 1) * CSUM_BLOCK],
-                              HEADER_SIZE + blk * CSUM_BLOCK)
-            os.pwrite(fd, hdr.pack(), 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def drop_chunks(self, volid: int, first: int, count: int) -> int:
-        """Delete chunks first..first+count-1 (a shared volume's file that
-        went or shrank); the number that existed."""
-        _check_id(volid, first)
-        _check_id(volid, first + max(count, 1) - 1)
-        d = self._voldir(volid, False)
-        if d is None or count <= 0:
-            return 0
-        gone = 0
-        for idx in range(first, first + count):
-            self._evict(volid, idx)
-            try:
-                os.unlink(os.path.join(d, f"{idx:08x}.chk"))
-                gone += 1
-            except FileNotFoundError:
-                pass
-        if gone:
-            self._fsync_dir(d)
-        return gone
-
-    def list_chunks(self, volid: int, min_gen: int = 0) -> dict[int, int]:
-        """{idx: gen} of this volume's chunks whose gen >= min_gen."""
-        d = self._voldir(volid, False)
-        out = {}
-        if d is None:
-            return out
-        for name in os.listdir(d):
-            if not name.endswith(".chk"):
-                continue
-            idx = int(name[:-4], 16)
-            with self._lock:
-                ch = self._open.get((volid, idx))
-            if ch is not None:
-                gen = ch.hdr.gen
-            else:
-                try:
-                    with open(os.path.join(d, name), "rb") as fh:
-                        gen = Header.read_gen(fh.read(64))
-                except FileNotFoundError:
-                    continue                    # deleted meanwhile
-                except Exception as exc:        # noqa: BLE001 - any damage
-                    # a header that cannot be read may hide any stamp: list
-                    # it, so that a resync replaces it rather than keep it
-                    log.warning("chunk %d/%s: unreadable header (%s); listed for resync",
-                                volid, name, exc)
-                    gen = min_gen
-            if gen >= min_gen:
-                out[idx] = gen
-        return out
-
-    def chunk_ids(self, volid: int, start: int = 0, limit: int = 1 << 30) -> list[int]:
-        """The sorted indices of this volume's chunks from ``start`` on, at
-        most ``limit`` (names only: no header is read)."""
-        d = self._voldir(volid, False)
-        if d is None:
-            return []
-        ids = sorted(i for i in (int(n[:-4], 16) for n in os.listdir(d)
-                                 if n.endswith(".chk")) if i >= start)
-        return ids[:limit]
-
-    def start_writeback(self, volid: int) -> None:
-        """Start writing back the volume's dirty chunk files without waiting
-        (sync_file_range): a later sync finds the pages on their way.  Only
-        chunks whose lock is free; nothing here may block for long."""
-        if _sync_file_range is None:
-            return
-        with self._lock:
-            chunks = list(self._dirty.get(volid, ()))
-        for ch in chunks[:2]:
-            if ch.lock.acquire(blocking=False):
-                try:
-                    if ch.fd >= 0:
-                        _sync_file_range(ch.fd, 0, 0, SYNC_FILE_RANGE_WRITE)
-                finally:
-                    ch.lock.release()
-
-    def clean(self, volid: int) -> bool:
-        """Whether the volume has nothing a sync would flush."""
-        with self._lock:
-            return (not self._dirty.get(volid) and volid not in self._dirty_dirs
-                    and not self._unsynced.get(volid) and volid not in self._sync_failed
-                    and not self._draining.get(volid) and volid not in self._drain_failed)
-
-    def small_sync(self, volid: int, max_files: int = 2, max_bytes: int = 256 * 1024) -> bool:
-        """Whether a sync of the volume now is at most ``max_files``
-        fdatasyncs of at most ``max_bytes`` written since the last one (no
-        directory to sync, no syncfs): short enough to do without a thread."""
-        with self._lock:
-            if (volid in self._dirty_dirs or self._unsynced.get(volid)
-                    or self._draining.get(volid) or volid in self._drain_failed):
-                return False
-            chunks = self._dirty.get(volid, ())
-            return len(chunks) <= max_files and sum(c.dirty_bytes for c in chunks) <= max_bytes
-
-    def sync(self, volid: int) -> None:
-        """Make every write to this volume so far durable.
-
-        The chunk locks are held only to pick the dirty files (their fds are
-        dup'ed), not during the flush, so writes go on meanwhile.  Several
-        dirty files are flushed with one syncfs (one journal commit) instead
-        of one fdatasync each.
-        """
-        why = self._sync_failed.get(volid)
-        if why is not None:
-            raise PxfsError(f"volume {volid}: an earlier sync failed ({why}); writes since "
-                            "the sync before it may be lost here until a resync")
-        with self._lock:
-            chunks = list(self._dirty.pop(volid, ()))
-            dir_dirty = volid in self._dirty_dirs
-            self._dirty_dirs.discard(volid)
-        fds = []                # (chunk, dup'ed fd, metadata to log?)
-        punches = []            # (chunk, ranges its header, synced now, unmarks)
-        for ch in chunks:
-            with ch.lock:
-                if ch.fd >= 0 and ch.dirty:
-                    fds.append((ch, os.dup(ch.fd), ch.meta_dirty))
-                    ch.dirty, ch.dirty_bytes, ch.meta_dirty = False, 0, False
-                    if ch.punch:
-                        punches.append((ch, ch.punch))
-                        ch.punch = []
-        # after the loop: a chunk evicted meanwhile moved its fd here under its lock
-        fds += [(None, fd, True) for fd in self._take_unsynced(volid)]
-        fds.sort(key=lambda e: e[2])          # files with nothing to log first
-        try:
-            if len(fds) == 2 and not fds[0][2] and _sync_file_range is not None:
-                # Two files (a commit's data and journal blocks), one device
-                # cache flush: a file that only overwrote blocks it holds
-                # has no metadata to log, so writing its pages back and
-                # waiting is enough before the other's fdatasync, whose
-                # flush then covers both.  Two fdatasyncs would flush twice.
-                if _sync_file_range(fds[0][1], 0, 0, SYNC_FILE_RANGE_WAIT_BEFORE
-                                    | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER):
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"sync_file_range: {os.strerror(err)}")
-                os.fdatasync(fds[1][1])
-            else:
-                _sync_fds([fd for _, fd, _ in fds])
-            if dir_dirty:               # new chunk files' names
-                d = self._voldir(volid, False)
-                if d:
-                    self._fsync_dir(d)
-        except OSError as exc:
-            self._sync_failed[volid] = str(exc)
-            raise self._oserror(exc) from exc
-        finally:
-            for _, fd, _ in fds:
-                os.close(fd)
-        # chunks evicted before their turn here may be in a drain's hands
-        self._wait_drained(volid)
-        for ch, ranges in punches:
-            self._punch(ch, ranges)
-
-    def _punch(self, ch: _Chunk, ranges: list[tuple[int, int]]) -> None:
-        """Give back the space of the blocks in ``ranges`` that are still
-        unwritten (a write may have taken some again since the trim).  A
-        block trimmed again since the sync began is left to the next sync:
-        a write between the two trims may have put a header that marks it
-        written on the disk, and only that next sync makes it unmarked
-        there again.  Best effort: a crash before it, or a pool without
-        hole punching, only keeps the space allocated; the blocks read as
-        zeros either way."""
-        if _fallocate is None or not self.punch_holes:
-            return
-        with ch.lock:
-            if ch.fd < 0:
-                return                  # evicted: the space stays
-            pending = ch.punch
-
-            def keep(b: int) -> bool:
-                return ch.hdr.written(b) or any(f <= b <= t for f, t in pending)
-
-            for first, last in ranges:
-                blk = first
-                while blk <= last:
-                    if keep(blk):
-                        blk += 1
-                        continue
-                    end = blk
-                    while end < last and not keep(end + 1):
-                        end += 1
-                    if _fallocate(ch.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                                  HEADER_SIZE + blk * CSUM_BLOCK,
-                                  (end - blk + 1) * CSUM_BLOCK):
-                        err = ctypes.get_errno()
-                        if err in (errno.EOPNOTSUPP, errno.ENOSYS):
-                            self.punch_holes = False
-                            return
-                        log.info("cannot give back the space of trimmed blocks: %s",
-                                 os.strerror(err))
-                    blk = end + 1
-
-    def _take_unsynced(self, volid: int) -> list[int]:
-        with self._lock:
-            return self._unsynced.pop(volid, [])
-
-    def delete_volume(self, volid: int) -> None:
-        self._sync_failed.pop(volid, None)
-        self._drain_failed.pop(volid, None)
-        for fd in self._take_unsynced(volid):
-            os.close(fd)
-        self._evict(volid)
-        d = self._voldir(volid, False)
-        self._voldirs.pop(volid, None)
-        if d:
-            shutil.rmtree(d, ignore_errors=True)
-
-    def usage(self, volid: int) -> int:
-        d = self._voldir(volid, False)
-        if d is None:
-            return 0
-        total = 0
-        with os.scandir(d) as it:
-            for e in it:
-                if e.name.endswith(".chk"):
-                    total += e.stat().st_blocks * 512
-        return total
-
-    # -- fencing term ------------------------------------------------------
-    def get_term(self, volid: int) -> int:
-        d = self._voldir(volid, False)
-        if d is None:
-            return 0
-        try:
-            with open(os.path.join(d, "TERM")) as fh:
-                return int(fh.read().strip() or 0)
-        except FileNotFoundError:
-            return 0
-
-    def set_term(self, volid: int, term: int) -> None:
-        try:
-            self._set_term(volid, term)
-        except OSError as exc:
-            raise self._oserror(exc) from exc
-
-    def _set_term(self, volid: int, term: int) -> None:
-        d = self._voldir(volid, True)
-        text = f"{term:020d}\n".encode()
-        try:
-            # in place: one sector, written whole or not at all, and no block
-            # to allocate, so a replica whose pool is full can still be fenced
-            # (not over an older, shorter form: its size would change too)
-            fd = os.open(os.path.join(d, "TERM"), os.O_WRONLY)
-        except FileNotFoundError:
-            fd = -1
-        if fd >= 0 and os.fstat(fd).st_size != len(text):
-            os.close(fd)
-            fd = -1
-        if fd >= 0:
-            try:
-                _pwrite_all(fd, text, 0)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            return
-        tmp = os.path.join(d, "TERM.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.rename(tmp, os.path.join(d, "TERM"))
-        self._fsync_dir(d)
-
-    def sync_pools(self) -> None:
-        """Make everything in the pools durable (at start, before the data
-        port opens).  The page cache outlives a killed process: writes its
-        earlier run took and answered may still be only there, and the
-        flushes this process serves cover only the writes it takes itself."""
-        sync_roots(self.roots)
 
     def capacity(self) -> tuple[int, int]:
         """(used, total) bytes of the pool."""
@@ -986,24 +535,3 @@ class ChunkStore:
         for rfd in self._root_fds.values():
             os.close(rfd)
         self._root_fds.clear()
-
-
-def sync_roots(roots: list[str]) -> None:
-    """Make everything in the pool roots durable; OSError if a pool cannot
-    (its filesystem shut down after an I/O error)."""
-    for root in roots:
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            if _syncfs is None:
-                os.sync()
-            elif _syncfs(fd) != 0:
-                raise OSError(ctypes.get_errno(), f"syncfs of {root} failed")
-        finally:
-            os.close(fd)
-        # XFS's syncfs flushes no device cache when it has no metadata to
-        # log; an fsync of a file always does
-        fd = os.open(os.path.join(root, "SYNCED"), os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

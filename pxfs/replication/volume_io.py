@@ -25,7 +25,7 @@ import time
 import trio
 
 from .. import CHUNK_SIZE, CSUM_BLOCK
-from ..chunk.store import block_crcs
+from ..chunk.layout import block_crcs
 from ..errors import ChecksumError, Fenced, InvalidArgument, PeerUnavailable, PxfsError
 from .syncer import FlushPattern
 
