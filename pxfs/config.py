@@ -106,7 +106,8 @@ def _address(raw: dict, key: str, default: str, iface: str | None) -> tuple[str,
 def _str(raw: dict, key: str, default: str | None = None, *, absolute=False) -> str:
     value = raw.get(key, default)
     if value is None:
-        raise ConfigError(key, "is required")
+        raise ConfigError(key, "is required" if default is None else
+                          f"expected a non-empty string (leave the key out for {default!r})")
     if not isinstance(value, str) or not value:
         raise ConfigError(key, "expected a non-empty string")
     if absolute and not os.path.isabs(value):
@@ -180,6 +181,44 @@ def _check_socket_path(path: str) -> None:
                                            "directory")
 
 
+def _check_dir(key: str, path: str) -> None:
+    """ConfigError unless ``path`` is a directory, or can be made as one
+    (its nearest existing parent a directory outside /proc and /sys).  A
+    dead FUSE mount ("not connected") passes: the node cleans it up."""
+    real = os.path.realpath(path)
+    for special in ("/proc", "/sys", "/dev"):
+        if real == special or real.startswith(special + "/"):
+            raise ConfigError(key, f"{path} lies in {special}, which holds the kernel's files, "
+                                   "not pxfs's")
+    probe = path
+    while True:
+        try:
+            st = os.stat(probe)
+        except FileNotFoundError:
+            parent = os.path.dirname(probe)
+            if parent == probe:
+                return
+            probe = parent
+            continue
+        except NotADirectoryError:
+            parent = os.path.dirname(probe)
+            while parent != probe and not os.path.isfile(parent):
+                probe, parent = parent, os.path.dirname(parent)
+            raise ConfigError(key, f"cannot make {path}: {parent} is a file") from None
+        except OSError as exc:
+            if probe == path:
+                return                      # a dead mount there: cleaned up at start
+            raise ConfigError(key, f"cannot use {path}: {probe}: {exc.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise ConfigError(key, f"{path} is a file, not a directory" if probe == path
+                              else f"cannot make {path}: {probe} is a file")
+        return
+
+
+def _inside(inner: str, outer: str) -> bool:
+    return (os.path.normpath(inner) + "/").startswith(os.path.normpath(outer) + "/")
+
+
 def parse(raw: object, path: str = "") -> Config:
     """Validate a decoded config.json."""
     if not isinstance(raw, dict):
@@ -205,6 +244,9 @@ def parse(raw: object, path: str = "") -> Config:
     storage = raw.get("storage")
     if not isinstance(storage, dict):
         raise ConfigError("storage", "is required: an object with a 'devices' list")
+    extra = sorted(set(storage) - {"devices"})
+    if extra:
+        raise ConfigError(f"storage.{extra[0]}", "unknown key; 'storage' takes only 'devices'")
     devices = storage.get("devices")
     if not isinstance(devices, list) or not devices:
         raise ConfigError("storage.devices", "expected a non-empty list of device, image-file or directory paths")
@@ -231,9 +273,16 @@ def parse(raw: object, path: str = "") -> Config:
     fuse = _str(raw, "fuse_mountpoint", os.path.join(data_dir, "fuse"), absolute=True)
     osd_root = _str(raw, "osd_root", "/var/lib/osd", absolute=True)
     for outer, okey in ((data_dir, "data_dir"), (fuse, "fuse_mountpoint")):
-        if (os.path.normpath(osd_root) + "/").startswith(os.path.normpath(outer) + "/"):
+        if _inside(osd_root, outer):
             raise ConfigError("osd_root", f"must not lie in {okey} ({outer}): volumes are "
                                           "mounted under it")
+    if _inside(data_dir, fuse):
+        # the node's own view would hide its pools and lock file: every
+        # look at them would wait for the node itself
+        raise ConfigError("fuse_mountpoint", f"must not be data_dir or hold it ({data_dir}): "
+                                             "the node's FUSE view is mounted there")
+    for key, value in (("data_dir", data_dir), ("fuse_mountpoint", fuse), ("osd_root", osd_root)):
+        _check_dir(key, value)
     level = raw.get("log_level", "info")
     if level not in _LEVELS:
         raise ConfigError("log_level", "expected one of " + ", ".join(_LEVELS))

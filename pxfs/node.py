@@ -346,8 +346,12 @@ _held: list[int] = []
 
 
 def _lock_data_dir(data_dir: str) -> None:
-    os.makedirs(data_dir, exist_ok=True)
-    fd = os.open(os.path.join(data_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        fd = os.open(os.path.join(data_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o644)
+    except OSError as exc:              # (config.py checked the path; it changed since)
+        raise ConfigError("data_dir", f"cannot use {data_dir}: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -370,8 +374,8 @@ def _check_fuse_mountpoint(path: str) -> None:
     if fstype is None:
         return
     if not fstype.startswith("fuse"):
-        raise ConfigError("fuse_mountpoint", f"{path} is the mount point of a {fstype} "
-                          "filesystem; give the node a mount point of its own")
+        raise ConfigError("fuse_mountpoint", f"{path} is the mount point of another filesystem "
+                          f"({fstype}); give the node a mount point of its own")
     box: dict = {}
 
     def probe():

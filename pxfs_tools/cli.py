@@ -72,14 +72,31 @@ def _run(ctx: Ctx, fn, render):
     ctx.out(data, render)
 
 
+def _single(ctx, param, values):
+    """The one value of an option that takes one: given twice, which one
+    was meant is a guess (the API and inline specs refuse a repeat too)."""
+    if len(values) > 1:
+        raise click.BadParameter(f"given {len(values)} times ({', '.join(map(repr, values))}); "
+                                 "give it once", ctx=ctx, param=param)
+    return values[0] if values else None
+
+
+def once(*decls, **kw):
+    """click.option for a value that may be given only once."""
+    return click.option(*decls, multiple=True, callback=_single, **kw)
+
+
 def _global_opts(f):
     f = click.option("-j", "--json", "as_json", is_flag=True, default=None, help="machine-readable output")(f)
-    f = click.option("--host", default=None, help="node API URL (env PXCTL_HOST)")(f)
+    f = once("--host", help="node API URL (env PXCTL_HOST)")(f)
     return f
 
 
 def _ctx(click_ctx, host, as_json) -> Ctx:
     parent = click_ctx.find_object(dict) or {}
+    if "" in (host, parent.get("host")):
+        raise click.BadParameter("expected a node's API URL such as http://127.0.0.1:9001, "
+                                 "not an empty string", param_hint="'--host'")
     host = host or parent.get("host") or os.environ.get("PXCTL_HOST") or DEFAULT_HOST
     if as_json is None:
         as_json = parent.get("json", False)
@@ -88,7 +105,7 @@ def _ctx(click_ctx, host, as_json) -> Ctx:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-j", "--json", "as_json", is_flag=True, help="machine-readable output")
-@click.option("--host", default=None, help="node API URL (env PXCTL_HOST, default http://127.0.0.1:9001)")
+@once("--host", help="node API URL (env PXCTL_HOST, default http://127.0.0.1:9001)")
 @click.pass_context
 def cli(ctx, as_json, host):
     """pxfs control."""
@@ -165,13 +182,13 @@ cli.add_command(volume, "v")
 
 @volume.command("create")
 @click.argument("name")
-@click.option("-s", "--size", default=None, help="size, GiB by default; units M, MiB, G, GiB, T (default 1)")
-@click.option("--fs", default=None, help="ext4, xfs or none (default ext4)")
-@click.option("-b", "--block_size", default=None, help="block size in KiB (default 32)")
-@click.option("-r", "--repl", default=None, help="replication factor 1..3 (default 1)")
-@click.option("--cos", "--io_priority", "cos", default=None, help="class of service 1..9 or low/medium/high")
+@once("-s", "--size", help="size, GiB by default; units M, MiB, G, GiB, T (default 1)")
+@once("--fs", help="ext4, xfs or none (default ext4)")
+@once("-b", "--block_size", help="block size in KiB (default 32)")
+@once("-r", "--repl", help="replication factor 1..3 (default 1)")
+@once("--cos", "--io_priority", "cos", help="class of service 1..9 or low/medium/high")
 @click.option("-l", "--label", multiple=True, help="labels k=v,k2=v2 (may be repeated)")
-@click.option("--nodes", default=None, help="pin replicas: node ids n1,n2")
+@once("--nodes", help="pin replicas: node ids n1,n2")
 @click.option("--shared", is_flag=True, default=False, help="shared namespace volume")
 @_global_opts
 @click.pass_context
@@ -223,14 +240,16 @@ def _render_list(vols):
 
 
 @volume.command("list")
-@click.option("--name", default=None, help="only the volume of this name")
-@click.option("--label", "-l", default=None, help="only volumes with these labels (k=v,k2=v2)")
-@click.option("--node-id", default=None, help="only volumes with a replica on this node")
+@once("--name", help="only the volume of this name")
+@click.option("--label", "-l", multiple=True, help="only volumes with all these labels (k=v,k2=v2; "
+              "may be repeated)")
+@once("--node-id", help="only volumes with a replica on this node")
 @_global_opts
 @click.pass_context
 def volume_list(click_ctx, name, label, node_id, host, as_json):
     """List volumes."""
     ctx = _ctx(click_ctx, host, as_json)
+    label = ",".join(label) if label else None
     query = urlencode([(k, v) for k, v in (("name", name), ("label", label), ("node", node_id))
                        if v is not None])
     _run(ctx, lambda: ctx.client.get("/v1/volumes" + (f"?{query}" if query else "")),
@@ -362,7 +381,7 @@ def host_detach(click_ctx, ref, host, as_json):
 
 @host_group.command("mount")
 @click.argument("ref")
-@click.option("--path", default=None, help="mount point (default <osd root>/mounts/<name>)")
+@once("--path", help="mount point (default <osd root>/mounts/<name>)")
 @_global_opts
 @click.pass_context
 def host_mount(click_ctx, ref, path, host, as_json):
@@ -378,7 +397,7 @@ def host_mount(click_ctx, ref, path, host, as_json):
 
 @host_group.command("unmount")
 @click.argument("ref")
-@click.option("--path", default=None, help="only the mount at this path (shared volumes: one "
+@once("--path", help="only the mount at this path (shared volumes: one "
               "of the node's mounts)")
 @_global_opts
 @click.pass_context

@@ -212,6 +212,42 @@ def test_osd_root_may_not_lie_in_the_data_dir(raw, tmp_path):
     assert config.parse(dict(raw, osd_root=str(tmp_path / "data-osd"))).osd_root
 
 
+def test_fuse_mountpoint_may_not_hide_the_data_dir(raw, tmp_path):
+    """The node's FUSE view over its own data_dir would make every look at
+    its pools wait for the node itself (it hung at start)."""
+    assert "data_dir" in bad(raw, "fuse_mountpoint", fuse_mountpoint=raw["data_dir"])
+    bad(dict(raw, data_dir=str(tmp_path / "v" / "data")), "fuse_mountpoint",
+        fuse_mountpoint=str(tmp_path / "v"))
+    assert config.parse(dict(raw, fuse_mountpoint=str(tmp_path / "data" / "view")))
+
+
+@pytest.mark.parametrize("key", ["data_dir", "fuse_mountpoint", "osd_root"])
+def test_directories_that_cannot_be_made(raw, tmp_path, key):
+    """A file where a directory goes, a path under a file, or one in /proc,
+    /sys or /dev: refused by name, not a traceback once the node starts."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = dict(raw, fuse_mountpoint=str(tmp_path / "view"))
+    assert "is a file" in bad(base, key, **{key: str(afile)})
+    assert "afile is a file" in bad(base, key, **{key: str(afile / "sub" / "dir")})
+    assert "/proc" in bad(base, key, **{key: "/proc/pxfs-qa"})
+    assert "/sys" in bad(base, key, **{key: "/sys/pxfs-qa"})
+    assert afile.read_text() == "x"
+    assert config.parse(dict(base, **{key: str(tmp_path / "new" / "deep")}))
+
+
+def test_null_for_a_key_with_a_default(raw):
+    """null is not "the default": the message says how to get that."""
+    with pytest.raises(ConfigError, match="leave the key out for '/var/lib/osd'") as ei:
+        config.parse(dict(raw, osd_root=None))
+    assert ei.value.key == "osd_root"
+
+
+def test_unknown_key_in_storage(raw):
+    assert "only 'devices'" in bad(raw, "storage.journal",
+                                   storage=dict(raw["storage"], journal="/dev/sdc"))
+
+
 @pytest.mark.parametrize("value", ["run/pxd.sock", 5, ["/x"], "/" + "s" * 120])
 def test_bad_docker_socket(raw, value):
     bad(raw, "docker_socket", docker_socket=value)
@@ -347,6 +383,8 @@ PXFSD_BAD = [
     ({"data_address": "127.0.0.1:0"}, "data_address"),
     ({"data_address": "127.0.0.1:9001"}, "data_address"),      # api_address's
     ({"data_dir": "relative/dir"}, "data_dir"),
+    ({"data_dir": "/proc/pxfs-qa"}, "data_dir"),
+    ({"fuse_mountpoint": "/sys/pxfs-qa"}, "fuse_mountpoint"),
     ({"fuse_mountpoint": "fuse"}, "fuse_mountpoint"),
     ({"osd_root": "osd"}, "osd_root"),
     ({"log_level": "loud"}, "log_level"),

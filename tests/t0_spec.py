@@ -290,6 +290,30 @@ def test_inline_bad_value_reported():
         parse_inline("name=v,repl=7")
 
 
+def test_inline_values_trimmed_like_keys():
+    assert parse_inline(" name=i15 , size=1 ,repl= 2") == VolumeSpec(name="i15", size=GiB, repl=2)
+
+
+def test_long_bad_values_are_not_echoed_whole():
+    """A 100 KB label or option in an error message is cut in the middle."""
+    for opts in ({"name": "v", "labels": "a=" + "x" * 100000},
+                 {"name": "v", "labels": "k" * 100000},
+                 {"name": "v", "cos": "9" * 5000}, {"name": "v", "repl": "2" * 5000},
+                 {"name": "v", "fs": "z" * 5000}):
+        with pytest.raises(InvalidArgument) as ei:
+            spec_from_options(opts)
+        assert len(str(ei.value)) < 300 and "..." in str(ei.value), str(ei.value)[:300]
+    with pytest.raises(InvalidArgument, match="has no name=|unknown volume option") as ei:
+        parse_inline("size=1,x" + "y" * 10000 + "=1")
+    assert len(str(ei.value)) < 300
+
+
+def test_label_of_the_wrong_type_says_so():
+    from pxfs.volume.spec import labels_from_pairs
+    with pytest.raises(InvalidArgument, match="label 'a': keys and values must be strings"):
+        labels_from_pairs([("a", 1)])
+
+
 def test_mount_options():
     from pxfs.mount import DEFAULT_NODE, parse_options
     o = parse_options("_netdev,node=http://10.0.0.1:9001/,ro,allow_other,default_permissions,noatime")

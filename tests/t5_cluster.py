@@ -369,6 +369,7 @@ def test_attach_mount_detach_delete(make_cluster):
     assert res.returncode == 1 and "not at /mnt/elsewhere" in res.stderr
     assert os.path.ismount(m["mount"])
     c.pxctl("node1", "host", "unmount", "v", "--path", m["mount"])
+    assert not os.path.exists(m["mount"])       # the default mount point is pxfs's
     c.pxctl("node1", "host", "detach", "v")
     res = c.pxctl("node1", "host", "detach", "v", check=False)
     assert res.returncode == 1 and "volume 'v' is not attached" in res.stderr
@@ -2042,6 +2043,26 @@ def test_cluster_delete_removes_an_offline_node_that_holds_no_replica(make_clust
     assert r.status_code == 400 and "unknown query parameter 'nmae'" in r.json()["error"]
     r = httpx.get(c.api("node1") + "/v1/volumes?name=")
     assert r.status_code == 400 and "'name' is empty" in r.json()["error"], r.text
+    # repeated --label: all of them, as one k=v,k2=v2 list; a scalar flag
+    # given twice is refused rather than the last one taken
+    assert listed("-l", "app=db", "-l", "tier=gold") == ["lab"]
+    assert listed("-l", "app=db", "-l", "tier=silver") == []
+    for flags in (("--name", "kept", "--name", "lab"), ("--node-id", "node2", "--node-id", "node3")):
+        res = c.pxctl("node1", "volume", "list", *flags, check=False)
+        assert res.returncode == 2 and "given 2 times" in res.stderr, res.stderr
+    res = c.pxctl("node1", "volume", "create", "twice", "-s", "1", "-s", "2", check=False)
+    assert res.returncode == 2 and "'--size': given 2 times" in res.stderr, res.stderr
+    # only the list takes query parameters; DELETE takes no body
+    for method, path in (("POST", "/v1/volumes/lab/attach?node=node2"),
+                         ("DELETE", "/v1/volumes/lab?force=1"), ("GET", "/v1/cluster/status?x=1"),
+                         ("POST", "/v1/volumes?name=zzz")):
+        r = httpx.request(method, c.api("node1") + path, json={"name": "zzz", "size": 1} if
+                          path.startswith("/v1/volumes?") else None)
+        assert r.status_code == 400 and "unknown query parameter" in r.json()["error"], r.text
+    r = httpx.request("DELETE", c.api("node1") + "/v1/volumes/lab", json={"force": True})
+    assert r.status_code == 400 and "takes no fields" in r.json()["error"], r.text
+    assert listed() == ["kept", "lab"] and c.pxctl("node1", "volume", "inspect", "lab")[
+        "attached_on"] is None
     c.pxctl("node1", "volume", "delete", "lab")
     refused("nosuch", "'nosuch' is not in the cluster")
     c.stop_node("node2")

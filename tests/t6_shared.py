@@ -366,6 +366,8 @@ def test_pxctl_host_mount_of_a_shared_volume(shared):
     subprocess.run(["umount", mine], check=True)
     c.pxctl("node3", "host", "unmount", "hm")
     assert not os.path.ismount(path) and not os.path.ismount(other)
+    # the default mount point goes with its mount; a path given stays
+    assert not os.path.exists(path) and os.path.isdir(other)
     wait_unmounted(c, "hm")
     # the mount processes log under the node's data dir
     data_dir = json.load(open(c.nodes["node3"]["config"]))["data_dir"]

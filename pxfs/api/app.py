@@ -165,6 +165,11 @@ def build_app(node) -> Starlette:
                 # method, not a volume named 'v/attach' (names hold no '/')
                 raise HTTPException(405, headers={"Allow": "POST"})
             try:
+                if request.query_params and fn is not list_volumes:
+                    # (POST .../attach?node=node2 reads as if it chose the node)
+                    name = next(iter(request.query_params))
+                    raise InvalidArgument(f"unknown query parameter {name!r}: only GET "
+                                          "/v1/volumes takes any")
                 return JSONResponse(await fn(request))
             except PxfsError as exc:
                 return error_response(exc)
@@ -195,6 +200,7 @@ def build_app(node) -> Starlette:
         return await node.inspect(request.path_params["ref"])
 
     async def delete(request):
+        await _body(request, set())
         rec = await node.catalog.delete(request.path_params["ref"],
                                         mount_gone=node.shared_mounts.clear_if_gone)
         return {"id": str(rec["id"]), "name": rec["name"], "deleted": True}

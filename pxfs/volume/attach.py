@@ -509,6 +509,11 @@ class Attachments:
                         "unmounting it lazily", loc.mount, exc)
             await hostdev.sync_and_shut(loc.mount)
             await hostdev.umount(loc.mount, lazy=True)
+        else:
+            # the default mount point is pxfs's: it goes with the mount (an
+            # empty directory per volume ever mounted piled up in the osd root)
+            if loc.mount == os.path.join(self.osd_root, "mounts", loc.name):
+                hostdev.remove_made([loc.mount])
         loc.mount = ""
         self._save()
 

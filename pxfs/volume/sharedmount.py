@@ -128,6 +128,8 @@ class SharedMounts:
         for m in mounts:
             await hostdev.umount(m["path"])
             await self._wait_gone(rec["id"], m)
+            if m["path"] == self.default_path(rec["name"]):
+                hostdev.remove_made([m["path"]])       # pxfs's own directory, as for block
         return await self.describe(rec)
 
     async def _wait_gone(self, volid: int, m: dict) -> None:

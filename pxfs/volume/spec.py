@@ -70,35 +70,41 @@ def validate_name(name: object) -> str:
     return name
 
 
+def _shown(value: object) -> str:
+    """``value`` quoted for an error message, its middle cut when long: no
+    use echoing a number of 300 digits or a label of 100 KB."""
+    text = str(value)
+    return repr(text if len(text) <= 40 else text[:20] + "..." + text[-8:])
+
+
 def parse_size(value: object, minimum: int = MIN_SIZE) -> int:
     """Bytes from '10', '10G', '512MiB', '2T' (a bare number is GiB)."""
     text = str(value).strip()
-    # no use echoing a number of 300 digits
-    shown = text if len(text) <= 40 else text[:20] + "..." + text[-8:]
+    shown = _shown(text)
     m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)", text)   # ASCII digits only
     if not m or m.group(2).lower() not in _UNITS:
-        raise InvalidArgument(f"size {shown!r}: expected a number of GiB or a number with "
+        raise InvalidArgument(f"size {shown}: expected a number of GiB or a number with "
                               "a unit K, M, G or T (KiB, KB, MiB, MB, ... all mean powers of "
                               "1024; e.g. 10, 512M, 2G)")
     # up to whole 4 KiB blocks: a volume is never smaller than asked for
     # (as provisioners round a claim up)
     exact = decimal.Decimal(m.group(1)) * _UNITS[m.group(2).lower()]
     if exact > MAX_SIZE:        # before any arithmetic on a number of 400 digits
-        raise InvalidArgument(f"size {shown!r} is above the maximum of 64 TiB")
+        raise InvalidArgument(f"size {shown} is above the maximum of 64 TiB")
     size = int((exact / 4096).to_integral_value(rounding=decimal.ROUND_CEILING)) * 4096
     if size < minimum:
-        raise InvalidArgument(f"size {shown!r} is below the minimum of {minimum >> 20} MiB")
+        raise InvalidArgument(f"size {shown} is below the minimum of {minimum >> 20} MiB")
     if size > MAX_SIZE:
-        raise InvalidArgument(f"size {shown!r} is above the maximum of 64 TiB")
+        raise InvalidArgument(f"size {shown} is above the maximum of 64 TiB")
     return size
 
 
 def _int_in(key: str, value: str, lo: int, hi: int) -> int:
-    if not re.fullmatch(r"[0-9]+", value.strip()):
-        raise InvalidArgument(f"{key} {value!r}: expected a whole number in {lo}..{hi}")
+    if not re.fullmatch(r"[0-9]{1,18}", value.strip()):     # (int() of 5000 digits raises)
+        raise InvalidArgument(f"{key} {_shown(value)}: expected a whole number in {lo}..{hi}")
     n = int(value)
     if not lo <= n <= hi:
-        raise InvalidArgument(f"{key} {value!r}: expected a whole number in {lo}..{hi}")
+        raise InvalidArgument(f"{key} {_shown(value)}: expected a whole number in {lo}..{hi}")
     return n
 
 
@@ -106,8 +112,8 @@ def parse_cos(value: str) -> int:
     named = {"low": 1, "medium": 5, "high": 9}
     if value.strip().lower() in named:
         return named[value.strip().lower()]
-    if not re.fullmatch(r"[0-9]+", value.strip()) or not 1 <= int(value) <= 9:
-        raise InvalidArgument(f"cos {value!r}: expected low, medium, high or a whole number in 1..9")
+    if not re.fullmatch(r"[0-9]{1,18}", value.strip()) or not 1 <= int(value) <= 9:
+        raise InvalidArgument(f"cos {_shown(value)}: expected low, medium, high or a whole number in 1..9")
     return int(value)
 
 
@@ -119,17 +125,18 @@ def parse_block_size(value: str) -> int:
     text = value.strip()
     kib = int(text) if re.fullmatch(r"[0-9]{1,5}", text) else 0
     if not 4 <= kib <= 1024 or kib & (kib - 1):
-        raise InvalidArgument(f"block_size {value!r}: expected a power of two in KiB, 4..1024")
+        raise InvalidArgument(f"block_size {_shown(value)}: expected a power of two in KiB, 4..1024")
     return kib * 1024
 
 
 def check_label(key: object, value: object) -> tuple[str, str]:
     """One label; keys and values are what Kubernetes allows, so they never
     hold the separators of the k=v,k2=v2 form."""
-    if not isinstance(key, str) or not isinstance(value, str) or not _LABEL_RE.match(key) \
-            or not re.fullmatch(r"[A-Za-z0-9_./-]{0,63}", value):
-        raise InvalidArgument(f"label {f'{key}={value}'!r}: expected key=value of letters, digits "
-                              "and _ . / - (keys up to 63, values up to 63 characters)")
+    if not isinstance(key, str) or not isinstance(value, str):
+        raise InvalidArgument(f"label {_shown(key)}: keys and values must be strings")
+    if not _LABEL_RE.match(key) or not re.fullmatch(r"[A-Za-z0-9_./-]{0,63}", value):
+        raise InvalidArgument(f"label {_shown(f'{key}={value}')}: expected key=value of letters, "
+                              "digits and _ . / - (keys up to 63, values up to 63 characters)")
     return key, value
 
 
@@ -144,7 +151,7 @@ def labels_from_pairs(pairs) -> tuple[tuple[str, str], ...]:
     for k, v in pairs:
         k, v = check_label(k, v)
         if k in out:
-            raise InvalidArgument(f"label {k!r} given twice")
+            raise InvalidArgument(f"label {_shown(k)} given twice")
         out[k] = v
     return tuple(sorted(out.items()))
 
@@ -154,14 +161,14 @@ def parse_labels(value: str, sep: str = ",") -> tuple[tuple[str, str], ...]:
     for part in value.split(sep):
         k, eq, v = part.partition("=")
         if not eq:
-            raise InvalidArgument(f"label {part!r}: expected key=value")
+            raise InvalidArgument(f"label {_shown(part)}: expected key=value")
         pairs.append((k.strip(), v.strip()))
     return labels_from_pairs(pairs)
 
 
 def check_node(node: object) -> str:
     if not isinstance(node, str) or not _NODE_RE.match(node):
-        raise InvalidArgument(f"nodes: {node!r} is not a node id")
+        raise InvalidArgument(f"nodes: {_shown(node)} is not a node id")
     return node
 
 
@@ -169,7 +176,7 @@ def parse_nodes(value: str, sep: str = ";") -> tuple[str, ...]:
     nodes = tuple(check_node(n.strip()) for n in value.split(sep))
     if len(set(nodes)) != len(nodes):
         shown = ",".join(nodes)
-        raise InvalidArgument(f"nodes {shown!r}: a node is named twice")
+        raise InvalidArgument(f"nodes {shown}: a node is named twice")
     return nodes
 
 
@@ -179,7 +186,7 @@ def parse_bool(key: str, value: str) -> bool:
         return True
     if v in ("false", "no", "off", "0"):
         return False
-    raise InvalidArgument(f"{key} {value!r}: expected true or false")
+    raise InvalidArgument(f"{key} {_shown(value)}: expected true or false")
 
 
 def spec_from_options(options: dict[str, str], name: str | None = None) -> VolumeSpec:
@@ -189,20 +196,20 @@ def spec_from_options(options: dict[str, str], name: str | None = None) -> Volum
     for raw_key, value in options.items():
         key = ALIASES.get(raw_key.strip().lower(), raw_key.strip().lower())
         if key not in KEYWORDS:
-            raise InvalidArgument(f"unknown volume option {raw_key!r}; known: "
+            raise InvalidArgument(f"unknown volume option {_shown(raw_key)}; known: "
                                   + ", ".join(KEYWORDS + tuple(ALIASES)))
         if key in seen:
             raise InvalidArgument(f"volume option {key!r} given twice")
         seen.add(key)
         if not isinstance(value, str):
-            raise InvalidArgument(f"volume option {raw_key!r} must be a string")
+            raise InvalidArgument(f"volume option {_shown(raw_key)} must be a string")
         if key == "name":
             fields["name"] = validate_name(value)
         elif key == "size":
             fields["size"] = parse_size(value)
         elif key == "fs":
             if value.strip().lower() not in FILESYSTEMS:
-                raise InvalidArgument(f"fs {value!r}: expected one of {', '.join(FILESYSTEMS)}")
+                raise InvalidArgument(f"fs {_shown(value)}: expected one of {', '.join(FILESYSTEMS)}")
             fields["fs"] = value.strip().lower()
         elif key == "block_size":
             fields["block_size"] = parse_block_size(value)
@@ -246,11 +253,11 @@ def parse_inline(text: str) -> VolumeSpec:
     for part in text.split(","):
         key, eq, value = part.partition("=")
         if not eq or not key.strip():
-            raise InvalidArgument(f"inline spec part {part!r} is not key=value")
+            raise InvalidArgument(f"inline spec part {_shown(part)} is not key=value")
         key = ALIASES.get(key.strip().lower(), key.strip().lower())
         if key in options:
             raise InvalidArgument(f"inline spec gives {key!r} twice")
-        options[key] = value
+        options[key] = value.strip()
     if "name" not in options:
-        raise InvalidArgument(f"inline spec {text!r} has no name=")
+        raise InvalidArgument(f"inline spec {_shown(text)} has no name=")
     return spec_from_options(options)
