@@ -1806,14 +1806,17 @@ def test_discards_inside_chunks_give_space_back_after_the_flush(make_cluster):
     assert dd_read(dev, 0, 8) == bytes(data)
 
 
-@pytest.mark.parametrize("how", ["killed", "paused"])
+@pytest.mark.parametrize("how", ["killed", "paused", "paused briefly"])
 def test_a_resync_orphaned_by_its_attached_node_starts_over(make_cluster, how):
     """node1 (attached, holding no replica) is resyncing node2's replica
     from node3 when it dies, or pauses past its lease: the volume is
     detached and node2's replica is left marked resyncing with nobody
-    copying.  node2 must start over by itself and end in sync, with every
-    byte written, without an attach; a paused node1 that wakes up after
-    that must not take the volume back (its term is old now) nor write."""
+    copying.  node2 must start over by itself (after a grace of 4 leases)
+    and end in sync, with every byte written, without an attach; a paused
+    node1 that wakes up after that must not take the volume back (its term
+    is old now) nor write.  Woken within the grace, node1 takes its
+    attachment back, the application's I/O goes on, and node1 resyncs
+    node2 itself."""
     c = make_cluster(3)
     c.pxctl("node1", "volume", "create", "orph", "--size", "256M", "--repl", "2", "--fs",
             "none", "--nodes", "node2,node3")
@@ -1831,13 +1834,24 @@ def test_a_resync_orphaned_by_its_attached_node_starts_over(make_cluster, how):
                    timeout=30, what="node2 resyncing")
         if how == "killed":
             c.stop_node("node1", kill=True)
+        elif how == "paused briefly":
+            c.signal("node1", signal.SIGSTOP)
+            paused.append("node1")
+            c.wait_for(lambda: {n["id"]: n["status"] for n in c.pxctl("node2", "status")[
+                "nodes"]}["node1"] == "Offline", timeout=30, what="node1's lease gone")
+            time.sleep(2)
+            c.signal("node1", signal.SIGCONT)
+            paused.clear()
+            c.wait_for(lambda: "still attached here after the lease loss"
+                       in open(c.nodes["node1"]["log"]).read(), timeout=30,
+                       what="node1 taking its attachment back")
         else:
             # node1 sleeps past its lease: node2 starts over (its own copy
             # stalls on node3 too); node1 wakes up while it copies
             c.signal("node1", signal.SIGSTOP)
             paused.append("node1")
             c.wait_for(lambda: "stopped with its runner" in open(c.nodes["node2"]["log"]).read(),
-                       timeout=30, what="node2 starting over")
+                       timeout=45, what="node2 starting over")
             c.signal("node1", signal.SIGCONT)
             paused.clear()
             c.wait_for(lambda: "attached elsewhere" in open(c.nodes["node1"]["log"]).read(),
@@ -1848,7 +1862,13 @@ def test_a_resync_orphaned_by_its_attached_node_starts_over(make_cluster, how):
         os.kill(c.pid("node3"), signal.SIGCONT)
     c.wait_for(lambda: replica_states(c, "node2", "orph")["node2"] == "in_sync",
                timeout=60, what="node2 in sync again without an attach")
-    assert "stopped with its runner" in open(c.nodes["node2"]["log"]).read()
+    if how == "paused briefly":
+        assert "stopped with its runner" not in open(c.nodes["node2"]["log"]).read()
+        dd_write(dev, b"after the pause", 100, 1)          # still attached, I/O goes on
+        assert c.pxctl("node1", "volume", "inspect", "orph")["attached_on"] == "node1"
+        c.pxctl("node1", "host", "detach", "orph")
+    else:
+        assert "stopped with its runner" in open(c.nodes["node2"]["log"]).read()
     if how == "paused":
         with pytest.raises(OSError):
             dd_write(dev, b"stale", 0, 1)
@@ -1859,6 +1879,8 @@ def test_a_resync_orphaned_by_its_attached_node_starts_over(make_cluster, how):
     first, later = ((p * (MiB // len(p) + 1))[:MiB] for p in (b"first pass",
                                                             b"while node2 was out"))
     assert data == first * 16 + later * 64
+    if how == "paused briefly":
+        assert dd_read(dev, 100, 1) == (b"after the pause" * (MiB // 15 + 1))[:MiB]
 
 
 def test_inspect_says_when_the_attachment_here_stopped_its_io(make_cluster):

@@ -600,8 +600,9 @@ class Attachments:
                 raise NotFound(f"volume {loc.name!r} vanished")
             rec = codec.unpack_record(item.value)
             if rec["term"] != term:
-                raise Fenced(f"volume {loc.name!r} was attached elsewhere (term {rec['term']} > "
-                             f"{term})")
+                raise Fenced(f"volume {loc.name!r} was attached elsewhere, or a resync this "
+                             "node ran was started over by its replica's node, while this node "
+                             f"was away (term {rec['term']} > {term})")
             theirs = {r["node"]: r["state"] for r in rec["replicas"]}
             if settled(theirs) != settled(vol.states) or any(
                     st == RESYNCING and vol.states.get(n) != RESYNCING for n, st in theirs.items()):

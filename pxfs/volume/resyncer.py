@@ -33,6 +33,11 @@ class Resyncer:
         #: (its source down, the target's pool full) is retried after 1, 2,
         #: 4 ... 30 s, not every scan
         self._backoff: dict[tuple[int, str], tuple[float, float]] = {}
+        #: volid -> when its replica here was first seen resyncing with the
+        #: volume attached nowhere (see _orphaned)
+        self._orphan_seen: dict[int, float] = {}
+        #: how long such a replica waits for its runner to come back
+        self.orphan_grace = 4.0 * getattr(membership, "ttl", 5)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
         async with trio.open_nursery() as nursery:
@@ -49,13 +54,17 @@ class Resyncer:
         known = {rec["id"] for rec in vols}
         for key in [k for k in self._backoff if k[0] not in known]:
             del self._backoff[key]                # deleted volumes
+        orphans: set[int] = set()
         for rec in vols:
             att = atts.get(rec["id"])
             for r in rec["replicas"]:
                 key = (rec["id"], r["node"])
                 if (r["state"] == RESYNCING and r["node"] == self.node and not att
                         and key not in self.running):
-                    await self._orphaned(rec)
+                    orphans.add(rec["id"])
+                    seen = self._orphan_seen.setdefault(rec["id"], trio.current_time())
+                    if trio.current_time() - seen >= self.orphan_grace:
+                        await self._orphaned(rec)
                     continue
                 if r["state"] != OUT_OF_SYNC or key in self.running:
                     continue
@@ -73,6 +82,8 @@ class Resyncer:
                 elif not att and r["node"] == self.node and not extra.get(("mounts", rec["id"])):
                     self.running.add(key)
                     nursery.start_soon(self._guard, key, self._offline, rec["id"])
+        for volid in set(self._orphan_seen) - orphans:
+            del self._orphan_seen[volid]      # taken back, attached again, or started over
 
     async def _orphaned(self, rec: dict) -> None:
         """This node's replica is marked resyncing, the volume is attached
@@ -83,7 +94,13 @@ class Resyncer:
         writes it took meanwhile too.  The attach term goes up with it: the
         runner may only be paused, its lease gone with its attach key, and
         must not take the volume back (nor mark this replica in sync) when
-        it wakes up while this node copies."""
+        it wakes up while this node copies.
+
+        Called only once the replica has been left so for ``orphan_grace``
+        (4 leases): a runner paused for a few seconds past its lease takes
+        its attachment back when it wakes (attach.py, _retake) and its
+        application's I/O goes on; started over at once, its I/O failed
+        for good (the term it holds is old now)."""
         try:
             await self.catalog.set_replica_state(rec["id"], self.node, OUT_OF_SYNC,
                                                  expect_state=RESYNCING, require_detached=True,
