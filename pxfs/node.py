@@ -196,6 +196,9 @@ class Node:
             # volume looks healthy, so say it where the user looks
             if loc.vol.fenced:
                 desc["io_stopped"] = loc.vol.fenced
+                # its own device and mount, still here (the paths above are
+                # the new owner's, if any)
+                desc["stopped_here"] = {"device": loc.device, "mount": loc.mount}
         desc["resyncs"] = [h for h in self.resyncer.history if h["volume"] == str(rec["id"])]
         return desc
 

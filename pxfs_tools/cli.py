@@ -284,8 +284,13 @@ def _render_inspect(v):
             ("Labels", ",".join(f"{k}={x}" for k, x in v["labels"].items()) or "-"),
             ("Bytes used", human(v.get("bytes_used"))), ("Attach term", v["term"])]
     if v.get("io_stopped"):
-        rows.append(("I/O", f"STOPPED on this node ({v['io_stopped']}); detach and attach "
-                            "again"))
+        here = v.get("stopped_here") or {}
+        where = ", ".join(x for x in (here.get("device"), here.get("mount") and
+                                      f"mounted at {here['mount']}") if x)
+        rows.append(("I/O", f"STOPPED on this node ({v['io_stopped']})"
+                            + (f"; still here: {where}" if where else "")
+                            + ("; unmount, detach" if here.get("mount") else "; detach")
+                            + " and attach again"))
     if v.get("io"):
         io = v["io"]
         rows += [("Reads", io["reads"]), ("Bytes Read", io["bytes_read"]),

@@ -1461,6 +1461,9 @@ def test_a_node_taken_over_while_mounted_is_cleaned_up_through_pxctl(make_cluste
     # a mount there used to answer "successfully mounted" while every write failed
     c.wait_for(lambda: c.pxctl("node1", "volume", "inspect", "tm").get("io_stopped"),
                timeout=30, what="node1 stopping the volume's I/O")
+    # its own device and mount, not only the new owner's paths
+    text = c.pxctl("node1", "volume", "inspect", "tm", as_json=False)
+    assert f"mounted at {mnt1}; unmount, detach and attach again" in text, text
     res = c.pxctl("node1", "host", "mount", "tm", "--path", mnt1, check=False)
     assert res.returncode == 1 and "I/O stopped on this node" in res.stderr, res.stderr
     c.pxctl("node1", "host", "unmount", "tm")
@@ -1905,7 +1908,8 @@ def test_inspect_says_when_the_attachment_here_stopped_its_io(make_cluster):
     ins = c.pxctl("node1", "volume", "inspect", "st")
     assert "failed on every in-sync replica" in ins["io_stopped"], ins
     text = c.pxctl("node1", "volume", "inspect", "st", as_json=False)
-    assert "STOPPED on this node" in text, text
+    assert "STOPPED on this node" in text and f"still here: {dev}; detach and attach" in text, \
+        text
     c.pxctl("node1", "host", "detach", "st")
     dev = c.pxctl("node1", "host", "attach", "st")["device"]
     assert "io_stopped" not in c.pxctl("node1", "volume", "inspect", "st")

@@ -42,11 +42,19 @@ class Resyncer:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
         async with trio.open_nursery() as nursery:
             task_status.started()
+            said, failed = -1e9, 0          # an etcd outage: a line per 30 s, not per scan
             while True:
                 try:
                     await self._scan(nursery)
+                    if failed:
+                        log.info("resync scans work again (%d failed)", failed)
+                    failed = 0
                 except PxfsError as exc:
-                    log.warning("resync scan failed: %s", exc)
+                    failed += 1
+                    if trio.current_time() - said >= 30:
+                        said = trio.current_time()
+                        log.warning("resync scan failed: %s%s", exc, f" ({failed} in a row)"
+                                    if failed > 1 else "")
                 await trio.sleep(self.interval)
 
     async def _scan(self, nursery) -> None:
