@@ -582,7 +582,7 @@ async def umount(path: str, lazy: bool = False) -> None:
         users = await trio.to_thread.run_sync(holders)
         if not users:
             raise
-        raise HostError(f"{exc}; in use by {', '.join(users[:5])}"
+        raise HostError(f"{str(exc).rstrip('.')}; in use by {', '.join(users[:5])}"
                         + (f" and {len(users) - 5} more" if len(users) > 5 else "")) from None
 
 
