@@ -146,10 +146,21 @@ class Node:
 
     # -- views for the API ---------------------------------------------------
     async def status(self) -> dict:
-        nodes = await self.refresh_addresses()
+        """This node and the cluster; with etcd not answering, this node's
+        own part and why the cluster's is missing (status "etcd
+        unreachable"), rather than only etcd's error."""
+        problem = ""
+        try:
+            with trio.fail_after(5):
+                nodes = await self.refresh_addresses()
+        except (MetaError, trio.TooSlowError) as exc:
+            nodes = []
+            problem = f"etcd at {', '.join(f'{h}:{p}' for h, p in self.cfg.kvdb)} does not " \
+                      f"answer ({str(exc) or 'no answer in 5 s'})"
         used, total = self.store.capacity()
         return {"cluster_id": self.cfg.clusterid, "node_id": self.cfg.node_id,
-                "status": "operational", "version": __version__,
+                "status": "etcd unreachable" if problem else "operational",
+                "problem": problem, "version": __version__,
                 "this_node": {"id": self.cfg.node_id, "api": self.cfg.api_url,
                               "data": self.cfg.data_addr, "pools": [
                                   {"root": r, "io_priority": "LOW"} for r in self.roots],

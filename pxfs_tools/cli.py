@@ -115,7 +115,10 @@ def cli(ctx, as_json, host):
 # -- status -------------------------------------------------------------------
 def _render_status(s):
     me = s["this_node"]
-    click.echo("Status: PX is operational")
+    if s.get("problem"):
+        click.echo(f"Status: PX is not operational: {s['problem']}")
+    else:
+        click.echo("Status: PX is operational")
     click.echo(f"Node ID: {me['id']}")
     click.echo(f"\tAPI: {me['api']}  Data: {me['data']}")
     click.echo(f"\tLocal Storage Pool: {len(me['pools'])} pool")
@@ -126,6 +129,9 @@ def _render_status(s):
         click.echo(f"\t0:{i + 1}\t{d}")
     click.echo("Cluster Summary")
     click.echo(f"\tCluster ID: {s['cluster_id']}")
+    if s.get("problem"):
+        click.echo("\tthe nodes are unknown while etcd does not answer")
+        return
     rows = [("ID", "API", "DATA", "USED", "CAPACITY", "STATUS")]
     used = total = 0
     for n in s["nodes"]:

@@ -1376,6 +1376,10 @@ def test_io_waits_out_an_etcd_outage(make_cluster, outage):
         # lost when the keepalive's calls time out (~10 s)
         c.wait_for(lambda: "lost its etcd lease" in open(c.nodes["node1"]["log"]).read(),
                    timeout=40, what="node1 finding its lease lost")
+        if outage == "pause":   # status tells of the node itself, and why not of the rest
+            text = c.pxctl("node2", "status", as_json=False)
+            assert "Status: PX is not operational: etcd at" in text, text
+            assert "Node ID: node2" in text and "nodes are unknown" in text, text
         time.sleep(1 if outage == "pause" else 4)      # a failed rejoin or two
     finally:
         if outage == "pause":
