@@ -302,7 +302,8 @@ def test_two_agents_share_a_workspace(shared, tmp_path):
     m1 = mount("node1", "jenkins", os.path.join(c.workdir, "j1"))
     m2 = mount("node2", "jenkins", os.path.join(c.workdir, "j2"))
     src = tmp_path / "src"
-    _make_tree(str(src), 600)
+    nfiles = 400
+    _make_tree(str(src), nfiles)
     tarball = tmp_path / "src.tar"
     with tarfile.open(tarball, "w") as tf:
         tf.add(src, arcname="src")
@@ -335,7 +336,7 @@ def test_two_agents_share_a_workspace(shared, tmp_path):
                                  capture_output=True, text=True)
             assert res.returncode == 0, res.stdout[:2000]
             pyc = [f for _, _, fs in os.walk(f"{m}/{agent}/src") for f in fs if f.endswith(".pyc")]
-            assert len(pyc) == 600
+            assert len(pyc) == nfiles
 
 
 def test_pxctl_host_mount_of_a_shared_volume(shared):

@@ -201,7 +201,7 @@ def test_pxfs_behaves_like_ext4(make_cluster, tmp_path):
     try:
         run_state_machine_as_test(
             machine(mnt, str(ref)),
-            settings=settings(max_examples=int(os.environ.get("PXFS_MODEL_EXAMPLES", 60)),
+            settings=settings(max_examples=int(os.environ.get("PXFS_MODEL_EXAMPLES", 45)),
                               stateful_step_count=40, deadline=None,
                               suppress_health_check=list(HealthCheck)))
     finally:
