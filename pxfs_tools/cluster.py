@@ -5,6 +5,8 @@ benchmarks; several clusters can run on one machine at once.
     pxfs-cluster up --nodes 3 --workdir DIR      prints {"etcd", "nodes": [...]}
     pxfs-cluster stop-node ID --workdir DIR [--kill]
     pxfs-cluster start-node ID --workdir DIR
+    pxfs-cluster stop-etcd --workdir DIR [--kill]
+    pxfs-cluster start-etcd --workdir DIR
     pxfs-cluster down --workdir DIR
 """
 
@@ -113,10 +115,11 @@ def _public(state: dict) -> dict:
             "nodes": [{k: n.get(k) for k in keys} for n in state["nodes"]]}
 
 
-def start_etcd(workdir: str, fast: bool) -> tuple[str, int]:
+def start_etcd(workdir: str, fast: bool) -> tuple[str, int, list[str]]:
+    """A new etcd for the cluster: (client URL, pid, the argv that starts
+    it again on the same ports and data, see start-etcd)."""
     cport, pport = free_ports(2)
     url, peer = f"http://127.0.0.1:{cport}", f"http://127.0.0.1:{pport}"
-    log = open(os.path.join(workdir, "etcd.log"), "ab")
     argv = ["etcd", "--name", "pxfs-etcd", "--data-dir", os.path.join(workdir, "etcd"),
             "--listen-client-urls", url, "--advertise-client-urls", url,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
@@ -125,6 +128,12 @@ def start_etcd(workdir: str, fast: bool) -> tuple[str, int]:
             "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1"]
     if fast:
         argv.append("--unsafe-no-fsync")
+    return url, _run_etcd(workdir, argv, url), argv
+
+
+def _run_etcd(workdir: str, argv: list[str], url: str) -> int:
+    """Start etcd with ``argv`` and wait until it is healthy; its pid."""
+    log = open(os.path.join(workdir, "etcd.log"), "ab")
     try:
         proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
     except FileNotFoundError:
@@ -134,7 +143,7 @@ def start_etcd(workdir: str, fast: bool) -> tuple[str, int]:
         while time.monotonic() < deadline:
             try:
                 if http.get(url + "/health").status_code == 200:
-                    return url, proc.pid
+                    return proc.pid
             except httpx.HTTPError:
                 pass
             if proc.poll() is not None:
@@ -273,7 +282,7 @@ def _up(count, workdir, drive_size, etcd_url, lease_ttl, fast, dir_drives):
     if etcd_url:
         state["etcd"] = etcd_url
     else:
-        state["etcd"], state["etcd_pid"] = start_etcd(workdir, fast)
+        state["etcd"], state["etcd_pid"], state["etcd_argv"] = start_etcd(workdir, fast)
     _save(workdir, state)
     made: list[str] = []
     try:
@@ -357,6 +366,48 @@ def stop_node(nid, workdir, kill):
         node = _find(state, nid)
         _stop(node, kill)
         _save(workdir, state)
+
+
+def _own_etcd(state: dict) -> list[str]:
+    argv = state.get("etcd_argv")
+    if not argv:
+        raise click.ClickException("this cluster uses an etcd the launcher did not start "
+                                   f"({state['etcd']}): stop and start it where it runs")
+    return argv
+
+
+@cli.command("stop-etcd")
+@click.option("--workdir", required=True)
+@click.option("--kill", is_flag=True, help="SIGKILL instead of SIGTERM")
+def stop_etcd(workdir, kill):
+    """Stop the cluster's etcd (its data is kept; start-etcd starts it
+    again), to see what the nodes do without it."""
+    workdir = os.path.abspath(workdir)
+    with _cluster_state(workdir, wait=NODE_LOCK_WAIT) as state:
+        _own_etcd(state)
+        pid = state.get("etcd_pid")
+        if not _alive(pid):
+            raise click.ClickException("etcd is not running; start-etcd starts it")
+        os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
+        if not _wait_exit(pid, 10):
+            os.kill(pid, signal.SIGKILL)
+            _wait_exit(pid, 5)
+        state["etcd_pid"] = None
+        _save(workdir, state)
+
+
+@cli.command("start-etcd")
+@click.option("--workdir", required=True)
+def start_etcd_cmd(workdir):
+    """Start the cluster's etcd again, on its old ports and data."""
+    workdir = os.path.abspath(workdir)
+    with _cluster_state(workdir, wait=NODE_LOCK_WAIT) as state:
+        argv = _own_etcd(state)
+        if _alive(state.get("etcd_pid")):
+            raise click.ClickException(f"etcd is running (pid {state['etcd_pid']})")
+        state["etcd_pid"] = _run_etcd(workdir, argv, state["etcd"])
+        _save(workdir, state)
+    click.echo(json.dumps({"etcd": state["etcd"], "pid": state["etcd_pid"]}))
 
 
 @cli.command("start-node")

@@ -1353,6 +1353,15 @@ with open(log, "w") as out:
 """
 
 
+def _runs(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 @pytest.mark.parametrize("outage", ["pause", "restart"])
 def test_io_waits_out_an_etcd_outage(make_cluster, outage):
     """etcd stops answering for longer than the nodes' leases (paused, or
@@ -1361,9 +1370,7 @@ def test_io_waits_out_an_etcd_outage(make_cluster, outage):
     failing it, and when etcd is back (nobody took the volume meanwhile)
     takes its attachment back and goes on.  Every node survives."""
     c = make_cluster(3, own_etcd=True)
-    state = os.path.join(c.workdir, "cluster.json")
-    etcd_pid = json.load(open(state))["etcd_pid"]
-    etcd_argv = open(f"/proc/{etcd_pid}/cmdline", "rb").read().split(b"\0")[:-1]
+    etcd_pid = json.load(open(os.path.join(c.workdir, "cluster.json")))["etcd_pid"]
     c.pxctl("node1", "volume", "create", "eo", "--size", "256M", "--repl", "2",
             "--nodes", "node1,node2")
     mnt = c.pxctl("node1", "host", "mount", "eo")["mount"]
@@ -1371,7 +1378,11 @@ def test_io_waits_out_an_etcd_outage(make_cluster, outage):
     w = subprocess.Popen([sys.executable, "-c", WRITE_LOOP, os.path.join(mnt, "f"), log, "26"])
     try:
         time.sleep(2)
-        os.kill(etcd_pid, signal.SIGSTOP if outage == "pause" else signal.SIGKILL)
+        if outage == "pause":
+            os.kill(etcd_pid, signal.SIGSTOP)
+        else:
+            res = c.cli("stop-etcd", "--kill")
+            assert res.returncode == 0 and not _runs(etcd_pid), res.stderr
         # I/O is held from ~2 s (the lease clock); the lease (3 s) is found
         # lost when the keepalive's calls time out (~10 s)
         c.wait_for(lambda: "lost its etcd lease" in open(c.nodes["node1"]["log"]).read(),
@@ -1384,13 +1395,12 @@ def test_io_waits_out_an_etcd_outage(make_cluster, outage):
     finally:
         if outage == "pause":
             os.kill(etcd_pid, signal.SIGCONT)
-        else:
-            with open(os.path.join(c.workdir, "etcd2.log"), "ab") as out:
-                etcd = subprocess.Popen(etcd_argv, stdout=out, stderr=out,
-                                        start_new_session=True)
-            st = json.load(open(state))
-            st["etcd_pid"] = etcd.pid           # so that `down` stops it
-            json.dump(st, open(state, "w"))
+        else:               # on its old ports and data: `down` stops this one
+            res = c.cli("start-etcd")
+            assert res.returncode == 0, res.stderr
+            st = json.load(open(os.path.join(c.workdir, "cluster.json")))
+            assert json.loads(res.stdout) == {"etcd": st["etcd"], "pid": st["etcd_pid"]}
+            assert st["etcd_pid"] != etcd_pid and _runs(st["etcd_pid"])
         w.wait(timeout=120)
     lines = open(log).read().split("\n")[:-1]
     assert lines and not [x for x in lines if x.startswith("error")], lines
@@ -2230,6 +2240,9 @@ def test_launcher_refuses_a_workdir_in_use_or_with_old_drives(make_cluster, tmp_
     assert res.returncode == 1 and "already holds a cluster" in res.stderr, res.stderr
     res = _launcher("stop-node", "node7", "--workdir", c.workdir)
     assert res.returncode == 1 and "no node 'node7'" in res.stderr, res.stderr
+    for cmd in ("stop-etcd", "start-etcd"):     # the test session's etcd is not its own
+        res = _launcher(cmd, "--workdir", c.workdir)
+        assert res.returncode == 1 and "did not start" in res.stderr, res.stderr
     # drives an earlier cluster left (down keeps them): refused before anything starts
     old = tmp_path / "old"
     (old / "node1").mkdir(parents=True)
