@@ -445,8 +445,10 @@ async def test_held_directories_are_given_up_when_idle(kv, cid, ns, monkeypatch)
         await n.start(ns.serve_recalls)
         await trio.sleep(0.2)
         assert d.ino in ns.marked                  # still busy
+        # the mark goes from memory first, then from etcd: wait for both
+        # before the release is cancelled with the nursery
         with trio.fail_after(10):
-            while ns.marked:
+            while ns.marked or (await NsMeta(kv, cid, VOL, "n3").getattr(d.ino)).writer:
                 await trio.sleep(0.1)
         n.cancel_scope.cancel()
     assert not ns.marked
