@@ -58,6 +58,11 @@ class Config:
         return f"http://{_urlhost(self.api_host)}:{self.api_port}"
 
     @property
+    def kvdb_text(self) -> str:
+        """The etcd endpoints as messages name them."""
+        return ", ".join(f"{h}:{p}" for h, p in self.kvdb)
+
+    @property
     def data_addr(self) -> str:
         return f"{self.data_host}:{self.data_port}"
 
@@ -183,7 +188,7 @@ def _check_socket_path(path: str) -> None:
 
 def _check_dir(key: str, path: str) -> None:
     """ConfigError unless ``path`` is a directory, or can be made as one
-    (its nearest existing parent a directory outside /proc and /sys).  A
+    (its nearest existing parent a directory), outside /proc, /sys and /dev.  A
     dead FUSE mount ("not connected") passes: the node cleans it up."""
     real = os.path.realpath(path)
     for special in ("/proc", "/sys", "/dev"):

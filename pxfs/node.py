@@ -155,8 +155,8 @@ class Node:
                 nodes = await self.refresh_addresses()
         except (MetaError, trio.TooSlowError) as exc:
             nodes = []
-            problem = f"etcd at {', '.join(f'{h}:{p}' for h, p in self.cfg.kvdb)} does not " \
-                      f"answer ({str(exc) or 'no answer in 5 s'})"
+            why = str(exc) or "no answer in 5 s"
+            problem = f"etcd at {self.cfg.kvdb_text} does not answer ({why})"
         used, total = self.store.capacity()
         return {"cluster_id": self.cfg.clusterid, "node_id": self.cfg.node_id,
                 "status": "etcd unreachable" if problem else "operational",
@@ -332,8 +332,8 @@ async def _wait_for_etcd(kv, cfg: config_mod.Config) -> None:
         except (MetaError, trio.TooSlowError) as exc:
             if trio.current_time() - said >= 30:
                 said = trio.current_time()
-                log.warning("waiting for etcd at %s: %s", ", ".join(
-                    f"{h}:{p}" for h, p in cfg.kvdb), str(exc) or "no answer in 10 s")
+                log.warning("waiting for etcd at %s: %s", cfg.kvdb_text,
+                            str(exc) or "no answer in 10 s")
         await trio.sleep(wait)
         wait = min(5.0, wait * 2)
 
