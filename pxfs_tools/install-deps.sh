@@ -31,4 +31,4 @@ for cmd in pxfsd pxfs-cluster pxctl pxfs pxfs-fsck; do
     ln -sf "$VENV/bin/$cmd" "/usr/local/bin/$cmd"
 done
 echo "pxfs installed in $VENV: pxctl, pxfsd, pxfs-cluster, pxfs and pxfs-fsck in /usr/local/bin;"
-echo "tests: $VENV/bin/python -m pytest tests"
+echo "tests: $VENV/bin/python -m pytest -n 2 tests"

@@ -20,6 +20,33 @@ from pxfs_tools.cluster import free_ports
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+#: Machine-wide: a test marked ``loops_alone`` (one that needs the next free
+#: loop device to stay free until its node takes it) runs while no other test
+#: of any xdist worker runs; every other test holds this lock shared.
+LOOPS_LOCK = "/tmp/pxfs-tests-loops.lock"
+
+
+@pytest.fixture(autouse=True)
+def _loop_devices(request):
+    import fcntl
+    alone = request.node.get_closest_marker("loops_alone") is not None
+    main = os.open(LOOPS_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    turn = os.open(LOOPS_LOCK + ".turn", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        # the turnstile: a test waiting to run alone lets no new test in
+        # while it waits for those running to end
+        fcntl.flock(turn, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(main, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            if not alone:
+                fcntl.flock(turn, fcntl.LOCK_UN)
+        yield
+    finally:
+        os.close(main)
+        os.close(turn)
+
+
 @pytest.fixture(scope="session")
 def etcd_server():
     """(host, port) of a throw-away etcd (Debian's etcd-server)."""
