@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+import urllib.parse
 from urllib.parse import quote, urlencode
 
 import click
@@ -92,12 +93,35 @@ def _global_opts(f):
     return f
 
 
+def _url_problem(url: str) -> str | None:
+    """What is wrong with a node API URL (None: nothing), said before any
+    request: httpx would call a port of 99999 "connection refused"."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:       # a port out of range or not a number, a bad [v6]
+        return f"not a URL ({exc})"
+    if parts.scheme not in ("http", "https"):
+        return "no http:// or https:// scheme"
+    if not parts.hostname:
+        return "no host name"
+    if port == 0:
+        return "port 0"
+    return None
+
+
 def _ctx(click_ctx, host, as_json) -> Ctx:
     parent = click_ctx.find_object(dict) or {}
     if "" in (host, parent.get("host")):
         raise click.BadParameter("expected a node's API URL such as http://127.0.0.1:9001, "
                                  "not an empty string", param_hint="'--host'")
-    host = host or parent.get("host") or os.environ.get("PXCTL_HOST") or DEFAULT_HOST
+    given = host or parent.get("host")
+    host = given or os.environ.get("PXCTL_HOST") or DEFAULT_HOST
+    problem = _url_problem(host)
+    if problem:
+        raise click.BadParameter(f"{problem} in {host!r}; expected a node's API URL such as "
+                                 "http://127.0.0.1:9001",
+                                 param_hint="'--host'" if given else "PXCTL_HOST")
     if as_json is None:
         as_json = parent.get("json", False)
     return Ctx(host, as_json)

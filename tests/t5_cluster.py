@@ -2302,3 +2302,24 @@ def test_pxctl_gives_up_on_a_silent_node_after_pxctl_timeout():
     res = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=60,
                          env={**os.environ, "PXCTL_TIMEOUT": "-1"})
     assert res.returncode == 2 and "PXCTL_TIMEOUT '-1'" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("flag, url, said", [
+    (True, "http://127.0.0.1:99999", "not a URL (Port out of range"),
+    (True, "127.0.0.1:9001", "no http:// or https:// scheme"),
+    (True, "http://:9001", "no host name"),
+    (True, "http://127.0.0.1:0", "port 0"),
+    (True, "http://[::1", "not a URL"),
+    (False, "http://x:abc", "not a URL (Port could not be cast"),
+])
+def test_pxctl_refuses_a_bad_node_url_before_asking(flag, url, said):
+    """A node URL that cannot be one is a usage error naming where it came
+    from (--host or PXCTL_HOST); a port of 99999 used to be reported as
+    "connection refused"."""
+    env = {**os.environ, "PXCTL_HOST": url} if not flag else dict(os.environ)
+    argv = [sys.executable, os.path.join(ROOT, "pxctl")] + (["--host", url] if flag else [])
+    res = subprocess.run(argv + ["volume", "list"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=60, env=env)
+    where = "'--host'" if flag else "PXCTL_HOST"
+    assert res.returncode == 2 and f"Invalid value for {where}: {said}" in res.stderr, res.stderr
+    assert "connection refused" not in res.stderr.lower(), res.stderr
