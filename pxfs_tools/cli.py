@@ -107,6 +107,9 @@ def _url_problem(url: str) -> str | None:
         return "no host name"
     if port == 0:
         return "port 0"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        # glued in front of every API path, it made "no such API endpoint"
+        return "a path, query or fragment after the port"
     return None
 
 

@@ -2310,6 +2310,7 @@ def test_pxctl_gives_up_on_a_silent_node_after_pxctl_timeout():
     (True, "http://:9001", "no host name"),
     (True, "http://127.0.0.1:0", "port 0"),
     (True, "http://[::1", "not a URL"),
+    (True, "http://127.0.0.1:9001/v1?x=1", "a path, query or fragment"),
     (False, "http://x:abc", "not a URL (Port could not be cast"),
 ])
 def test_pxctl_refuses_a_bad_node_url_before_asking(flag, url, said):
