@@ -37,18 +37,38 @@ STATE = "cluster.json"
 NODE_LOCK_WAIT = 120             # s a stop-node/start-node waits for the command before it
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports below the kernel's ephemeral range,
-    so that no outgoing connection (which takes an ephemeral port) can grab
-    one before its server binds it; all are held until all are found."""
+def _port_range() -> tuple[int, int]:
+    """Where free_ports looks: ``PXFS_PORT_RANGE=LOW-HIGH`` (launchers that
+    run side by side, such as the test workers, each take their own range,
+    so that neither picks a port the other has just found free but whose
+    node has not bound it yet), else 10000 up to the kernel's ephemeral
+    range."""
+    spec = os.environ.get("PXFS_PORT_RANGE")
+    if spec:
+        try:
+            lo, hi = (int(x) for x in spec.split("-"))
+        except ValueError:
+            lo = hi = 0
+        if not 1024 <= lo < hi <= 65535:
+            raise click.ClickException(f"PXFS_PORT_RANGE {spec!r}: expected LOW-HIGH within "
+                                       "1024-65535, such as 10000-20000")
+        return lo, hi
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
             low = int(fh.read().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768
+    return 10000, max(low, 12000)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports below the kernel's ephemeral range,
+    so that no outgoing connection (which takes an ephemeral port) can grab
+    one before its server binds it; all are held until all are found."""
+    lo, hi = _port_range()
     held, ports = [], []
     try:
-        for port in random.sample(range(10000, max(low, 10001 + 4 * n)), k=min(4000, low - 10000)):
+        for port in random.sample(range(lo, hi), k=min(4000, hi - lo)):
             s = socket.socket()
             try:
                 s.bind(("127.0.0.1", port))

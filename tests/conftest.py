@@ -19,6 +19,14 @@ from pxfs_tools.cluster import free_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Each xdist worker picks its clusters' ports from a range of its own (the
+# launchers inherit it): a port found free by one worker's launcher stays
+# unbound until its node starts, and the other worker could pick it meanwhile.
+if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
+    _nth = int(os.environ["PYTEST_XDIST_WORKER"][2:])
+    _span = 22000 // max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["PXFS_PORT_RANGE"] = f"{10000 + _nth * _span}-{10000 + (_nth + 1) * _span}"
+
 
 #: Machine-wide: a test marked ``loops_alone`` (one that needs the next free
 #: loop device to stay free until its node takes it) runs while no other test
