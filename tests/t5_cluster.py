@@ -2324,3 +2324,29 @@ def test_pxctl_refuses_a_bad_node_url_before_asking(flag, url, said):
     where = "'--host'" if flag else "PXCTL_HOST"
     assert res.returncode == 2 and f"Invalid value for {where}: {said}" in res.stderr, res.stderr
     assert "connection refused" not in res.stderr.lower(), res.stderr
+
+
+def test_launcher_takes_its_ports_from_pxfs_port_range(etcd_url, tmp_path):
+    """PXFS_PORT_RANGE bounds the ports a cluster gets; a bad one is refused
+    before anything starts."""
+    env = {**os.environ}
+    for bad in ("abc", "20000-10000", "80-2000", "10000-70000"):
+        env["PXFS_PORT_RANGE"] = bad
+        res = subprocess.run([sys.executable, "-m", "pxfs_tools.cluster", "up", "--nodes", "1",
+                              "--workdir", str(tmp_path / "bad"), "--dir-drives"],
+                             capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+        assert res.returncode == 1 and f"PXFS_PORT_RANGE {bad!r}" in res.stderr, res.stderr
+        assert not os.path.exists(tmp_path / "bad" / "cluster.json")
+    lo = int(os.environ.get("PXFS_PORT_RANGE", "10000-").split("-")[0])
+    env["PXFS_PORT_RANGE"] = f"{lo + 7}-{lo + 47}"
+    wd = str(tmp_path / "good")
+    res = subprocess.run([sys.executable, "-m", "pxfs_tools.cluster", "up", "--nodes", "2",
+                          "--workdir", wd, "--dir-drives", "--etcd", etcd_url],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    try:
+        assert res.returncode == 0, res.stderr
+        out = json.loads(res.stdout)
+        ports = [int(n[k].rpartition(":")[2]) for n in out["nodes"] for k in ("api", "data")]
+        assert len(set(ports)) == 4 and all(lo + 7 <= p < lo + 47 for p in ports), ports
+    finally:
+        _launcher("down", "--workdir", wd)
