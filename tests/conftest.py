@@ -28,18 +28,19 @@ if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
     os.environ["PXFS_PORT_RANGE"] = f"{10000 + _nth * _span}-{10000 + (_nth + 1) * _span}"
 
 
-#: Machine-wide: a test marked ``loops_alone`` (one that needs the next free
-#: loop device to stay free until its node takes it) runs while no other test
-#: of any xdist worker runs; every other test holds this lock shared.
-LOOPS_LOCK = "/tmp/pxfs-tests-loops.lock"
+#: Machine-wide: a test marked ``alone`` runs while no other test of any
+#: xdist worker runs; every other test holds this lock shared.  For tests
+#: whose machine-wide state another worker's test would change: the next
+#: free loop device, or a dead FUSE mount (any node's start unmounts those).
+ALONE_LOCK = "/tmp/pxfs-tests-alone.lock"
 
 
 @pytest.fixture(autouse=True)
-def _loop_devices(request):
+def _alone_or_together(request):
     import fcntl
-    alone = request.node.get_closest_marker("loops_alone") is not None
-    main = os.open(LOOPS_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    turn = os.open(LOOPS_LOCK + ".turn", os.O_RDWR | os.O_CREAT, 0o600)
+    alone = request.node.get_closest_marker("alone") is not None
+    main = os.open(ALONE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    turn = os.open(ALONE_LOCK + ".turn", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         # the turnstile: a test waiting to run alone lets no new test in
         # while it waits for those running to end

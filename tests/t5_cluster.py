@@ -646,7 +646,7 @@ def _leave_write_through(tmp_path) -> str:
     return dev
 
 
-@pytest.mark.loops_alone
+@pytest.mark.alone
 def test_attach_restores_flushes_on_a_write_through_loop_device(make_cluster, write_through_loop):
     dev = write_through_loop
     c = make_cluster(1)
@@ -659,7 +659,7 @@ def test_attach_restores_flushes_on_a_write_through_loop_device(make_cluster, wr
     assert "drops flushes" in log
 
 
-@pytest.mark.loops_alone
+@pytest.mark.alone
 def test_pool_image_loop_device_keeps_flushes(tmp_path, write_through_loop):
     from pxfs.chunk import pool
     img = tmp_path / "drive.img"

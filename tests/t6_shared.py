@@ -708,6 +708,7 @@ def test_delete_drops_the_record_of_a_killed_mount_at_once(shared):
         subprocess.run(["umount", "-l", m1], capture_output=True)
 
 
+@pytest.mark.alone     # another worker's node start would unmount the dead mount
 def test_restart_unmounts_dead_shared_mounts_at_paths_of_their_own(shared):
     """The node and a shared volume's mount process (at a --path outside
     the osd root) are both killed: the node's next start unmounts the dead

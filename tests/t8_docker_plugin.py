@@ -235,6 +235,7 @@ def _mount_process(path: str) -> int:
     return int(out[0])
 
 
+@pytest.mark.alone     # another worker's node start would unmount the dead mount
 def test_a_node_restart_mounts_a_shared_volume_again_after_its_mount_process_died(make_cluster):
     """The node and its shared volume's mount process are killed (a host
     crash of pxfs): the dead FUSE mount is cleared at the restart and the
