@@ -17,8 +17,7 @@ import json
 import os
 import sys
 import time
-import urllib.parse
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import click
 
@@ -97,7 +96,7 @@ def _url_problem(url: str) -> str | None:
     """What is wrong with a node API URL (None: nothing), said before any
     request: httpx would call a port of 99999 "connection refused"."""
     try:
-        parts = urllib.parse.urlsplit(url)
+        parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:       # a port out of range or not a number, a bad [v6]
         return f"not a URL ({exc})"

@@ -62,9 +62,10 @@ def _port_range() -> tuple[int, int]:
 
 
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports below the kernel's ephemeral range,
-    so that no outgoing connection (which takes an ephemeral port) can grab
-    one before its server binds it; all are held until all are found."""
+    """``n`` distinct free loopback ports from _port_range (by default below
+    the kernel's ephemeral range, so that no outgoing connection, which
+    takes an ephemeral port, can grab one before its server binds it); all
+    are held until all are found."""
     lo, hi = _port_range()
     held, ports = [], []
     try:
@@ -363,15 +364,18 @@ def _find(state, nid):
     raise click.ClickException(f"no node {nid!r} in this cluster")
 
 
-def _stop(node: dict, kill: bool) -> None:
-    pid = node.get("pid")
-    if not _alive(pid):
-        node["pid"] = None
-        return
+def _terminate(pid: int, kill: bool, grace: float) -> None:
+    """SIGTERM (or SIGKILL) ``pid``; SIGKILL it if it lives ``grace`` s on."""
     os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
-    if not _wait_exit(pid, 5 if kill else 60):
+    if not _wait_exit(pid, grace):
         os.kill(pid, signal.SIGKILL)
         _wait_exit(pid, 10)
+
+
+def _stop(node: dict, kill: bool) -> None:
+    pid = node.get("pid")
+    if _alive(pid):
+        _terminate(pid, kill, 5 if kill else 60)
     node["pid"] = None
 
 
@@ -408,10 +412,7 @@ def stop_etcd(workdir, kill):
         pid = state.get("etcd_pid")
         if not _alive(pid):
             raise click.ClickException("etcd is not running; start-etcd starts it")
-        os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
-        if not _wait_exit(pid, 10):
-            os.kill(pid, signal.SIGKILL)
-            _wait_exit(pid, 5)
+        _terminate(pid, kill, 10)
         state["etcd_pid"] = None
         _save(workdir, state)
 
@@ -512,9 +513,7 @@ def _down(state: dict) -> None:
             pass
     _cleanup_mounts(state["workdir"])
     if state.get("etcd_pid") and _alive(state["etcd_pid"]):
-        os.kill(state["etcd_pid"], signal.SIGTERM)
-        if not _wait_exit(state["etcd_pid"], 10):
-            os.kill(state["etcd_pid"], signal.SIGKILL)
+        _terminate(state["etcd_pid"], False, 10)
     state["etcd_pid"] = None
 
 

@@ -3,6 +3,7 @@ and local clusters of real pxfsd processes started with pxfs-cluster."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -37,7 +38,6 @@ ALONE_LOCK = "/tmp/pxfs-tests-alone.lock"
 
 @pytest.fixture(autouse=True)
 def _alone_or_together(request):
-    import fcntl
     alone = request.node.get_closest_marker("alone") is not None
     main = os.open(ALONE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     turn = os.open(ALONE_LOCK + ".turn", os.O_RDWR | os.O_CREAT, 0o600)
