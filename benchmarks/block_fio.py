@@ -3,6 +3,10 @@
 
   (a) ext4 on a loop device (--direct-io=on) over a sparse file on the local
       disk: the baseline;
+  (p) the same over a sparse file in a bare pyfuse3 passthrough of a
+      directory on the local disk (benchmarks/passthroughfs.py): what any
+      Python FUSE filesystem on this machine pays before doing anything of
+      its own, for scale;
   (b) ext4 on a pxfs volume with repl=1, mounted on node1 of a local 3-node
       cluster (``pxfs-cluster up``, image-file drives; ``--drives dir``:
       directories on the local disk's filesystem);
@@ -17,8 +21,8 @@ Jobs (files inside each mounted filesystem, direct=1):
   randwrite  4 KiB random write, psync, fsync after every write         IOPS
   randread   4 KiB random read, libaio QD16 (caches dropped first)      IOPS
 
-Every job runs ``--rounds`` times (default 3) on each target, the targets
-one right after the other within a round: a figure is the median of its
+Every job runs ``--rounds`` times (default 3) on each target (in the order
+a, p, b, c), the targets one right after the other within a round: a figure is the median of its
 rounds, a ratio the median of each round's ratio, so that a ratio compares
 figures taken seconds apart (a small VM's speed drifts within minutes).
 
@@ -85,7 +89,9 @@ JOBS = [
      "time_based": True, "drop_caches": True},
 ]
 JOB_KEYS = [j["key"] for j in JOBS]
-TARGETS = {"a": "ext4-loop (a)", "b": "pxfs repl=1 (b)", "c": "pxfs repl=2 (c)"}
+TARGETS = {"a": "ext4-loop (a)", "p": "passthrough (p)", "b": "pxfs repl=1 (b)",
+           "c": "pxfs repl=2 (c)"}
+ORDER = "apbc"
 DATAFILE = "fio-bench.dat"
 
 
@@ -236,7 +242,7 @@ class Bench:
         self.workdir = os.path.abspath(args.workdir)
         self.cluster_dir = os.path.join(self.workdir, "cluster")
         self.base_dir = os.path.join(self.workdir, "baseline")
-        self.mnt = {t: os.path.join(self.workdir, "mnt", t) for t in "abc"}
+        self.mnt = {t: os.path.join(self.workdir, "mnt", t) for t in ORDER}
         self.vol_gib = max(2, math.ceil(args.size * 1.25 / GiB) + 1)
         self.loopdev: str | None = None
         self.base_mounted = False
@@ -244,7 +250,11 @@ class Bench:
         self.cluster_started = False
         self.volumes: dict[str, str] = {}       # target -> volume name
         self.mounted: dict[str, str] = {}       # target -> mount path (pxfs)
-        self.results: dict = {t: {} for t in "abc"}
+        self.results: dict = {t: {} for t in ORDER}
+        self.pt_dir = os.path.join(self.workdir, "passthrough")
+        self.pt_proc: subprocess.Popen | None = None
+        self.pt_loopdev: str | None = None
+        self.pt_mounted = False
         self.info: dict = {}
         self.profiles: dict = {}
         self.anomalies: dict[str, list[str]] = {}
@@ -260,16 +270,50 @@ class Bench:
         # baseline's fsyncs would be free (pxfs insists on the same for its own)
         insist_write_back(self.loopdev)
         log(f"(a) baseline: {img} on {self.loopdev} (direct-io), {self.vol_gib} GiB")
-        # the same mkfs options pxfs uses for its never-written volumes
-        # (pxfs/volume/hostdev.py); the fresh sparse file reads as zeros too
-        run(["mkfs.ext4", "-q", "-F", "-L", "bench-base", "-E",
-             "nodiscard,lazy_itable_init=1,assume_storage_prezeroed=1",
-             *self.args.baseline_mkfs_opts.split(), self.loopdev], timeout=300)
-        trio.run(write_journal, self.loopdev)      # as pxfs does after that mkfs
+        self._format_like_pxfs(self.loopdev, "bench-base")
         os.makedirs(self.mnt["a"], exist_ok=True)
         opts = ["-o", self.args.baseline_mount_opts] if self.args.baseline_mount_opts else []
         run(["mount", "-t", "ext4", *opts, self.loopdev, self.mnt["a"]])
         self.base_mounted = True
+
+    def _format_like_pxfs(self, dev: str, label: str) -> None:
+        # the same mkfs options pxfs uses for its never-written volumes
+        # (pxfs/volume/hostdev.py); a fresh sparse file reads as zeros too
+        run(["mkfs.ext4", "-q", "-F", "-L", label, "-E",
+             "nodiscard,lazy_itable_init=1,assume_storage_prezeroed=1",
+             *self.args.baseline_mkfs_opts.split(), dev], timeout=300)
+        trio.run(write_journal, dev)      # as pxfs does after that mkfs
+
+    def setup_passthrough(self) -> None:
+        """(p): the baseline's setup, with its image file in a bare pyfuse3
+        passthrough mount (benchmarks/passthroughfs.py) of a directory on
+        the local disk."""
+        src, mnt = os.path.join(self.pt_dir, "src"), os.path.join(self.pt_dir, "fuse")
+        os.makedirs(src, exist_ok=True)
+        os.makedirs(mnt, exist_ok=True)
+        run(["truncate", "-s", f"{self.vol_gib}G", os.path.join(src, "disk.img")])
+        self.pt_proc = subprocess.Popen(
+            [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                          "passthroughfs.py"), src, mnt],
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.pt_dir, "log"), "w"))
+        for _ in range(100):
+            if os.path.ismount(mnt):
+                break
+            if self.pt_proc.poll() is not None:
+                raise RuntimeError(f"passthroughfs.py exited ({self.pt_proc.returncode}); "
+                                   f"see {self.pt_dir}/log")
+            time.sleep(0.1)
+        else:
+            raise RuntimeError(f"passthroughfs.py did not mount {mnt}")
+        img = os.path.join(mnt, "disk.img")
+        self.pt_loopdev = run(["losetup", "--find", "--show", "--direct-io=on", img]).strip()
+        insist_write_back(self.pt_loopdev)
+        log(f"(p) passthrough: {img} on {self.pt_loopdev} (direct-io), {self.vol_gib} GiB")
+        self._format_like_pxfs(self.pt_loopdev, "bench-pt")
+        os.makedirs(self.mnt["p"], exist_ok=True)
+        opts = ["-o", self.args.baseline_mount_opts] if self.args.baseline_mount_opts else []
+        run(["mount", "-t", "ext4", *opts, self.pt_loopdev, self.mnt["p"]])
+        self.pt_mounted = True
 
     def setup_cluster(self) -> None:
         os.makedirs(self.cluster_dir, exist_ok=True)
@@ -542,6 +586,20 @@ class Bench:
                 run([*PXFS_CLUSTER, "down", "--workdir", self.cluster_dir], timeout=180, check=False)
             except Exception as exc:           # noqa: BLE001
                 log(f"  cleanup: pxfs-cluster down: {exc}")
+        if self.pt_mounted:
+            run(["umount", self.mnt["p"]], check=False, timeout=120)
+            self.pt_mounted = False
+        if self.pt_loopdev:
+            run(["losetup", "-d", self.pt_loopdev], check=False, timeout=60)
+            self.pt_loopdev = None
+        if self.pt_proc is not None:
+            run(["umount", os.path.join(self.pt_dir, "fuse")], check=False, timeout=60)
+            try:
+                self.pt_proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.pt_proc.kill()
+                self.pt_proc.wait()
+            self.pt_proc = None
         if self.base_mounted:
             run(["umount", self.mnt["a"]], check=False, timeout=120)
             self.base_mounted = False
@@ -704,8 +762,11 @@ def round_ratios(results: dict, target: str, key: str) -> list[float]:
 
 def table(bench: Bench) -> str:
     res = bench.results
-    head = ["job", "unit", TARGETS["a"], TARGETS["b"], "ratio b/a", TARGETS["c"], "ratio c/a",
-            "c/a per round"]
+    shown = [t for t in "pbc" if t in bench.args.targets]
+    head = ["job", "unit", TARGETS["a"]]
+    for t in shown:
+        head += [TARGETS[t], f"ratio {t}/a"]
+    head.append("c/a per round")
     rows = [head]
 
     def val(t, k):
@@ -715,7 +776,6 @@ def table(bench: Bench) -> str:
     for job in JOBS:
         if job["key"] not in bench.args.jobs:
             continue
-        a, b, c = (val(t, job["key"]) for t in "abc")
         fmt = (lambda v: "-" if v is None else f"{v:.1f}") if job["unit"] == "MiB/s" else \
               (lambda v: "-" if v is None else f"{v:.0f}")
 
@@ -724,8 +784,10 @@ def table(bench: Bench) -> str:
             return f"{statistics.median(rs):.2f}" if rs else "-"
         mark = (lambda t, txt: txt + " !" if bench.anomalies.get(t) and txt != "-" else txt)
         per_round = " ".join(f"{x:.2f}" for x in round_ratios(res, "c", job["key"])) or "-"
-        rows.append([job["label"], job["unit"], mark("a", fmt(a)), mark("b", fmt(b)), ratio("b"),
-                     mark("c", fmt(c)), ratio("c"), per_round])
+        row = [job["label"], job["unit"], mark("a", fmt(val("a", job["key"])))]
+        for t in shown:
+            row += [mark(t, fmt(val(t, job["key"]))), ratio(t)]
+        rows.append(row + [per_round])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [" | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
@@ -762,7 +824,8 @@ def main(argv=None) -> int:
                     help="work directory on the local disk (default: a new /var/tmp/pxfs-bench-*)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     ap.add_argument("--json-file", metavar="FILE", help="also write the JSON results to FILE")
-    ap.add_argument("--targets", default="abc", help="subset of a,b,c to run (default abc)")
+    ap.add_argument("--targets", default=ORDER,
+                    help=f"subset of a,p,b,c to run (default {ORDER}; the ratios need a)")
     ap.add_argument("--jobs", default=",".join(JOB_KEYS),
                     help=f"subset of {','.join(JOB_KEYS)} (default all)")
     ap.add_argument("--placement", choices=("local", "auto"), default="local",
@@ -792,7 +855,7 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline-mount-opts", default="", help="mount -o options for (a)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, fio output)")
     args = ap.parse_args(argv)
-    args.targets = "".join(t for t in "abc" if t in args.targets)
+    args.targets = "".join(t for t in ORDER if t in args.targets)
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
     args.jobs = [k for k in JOB_KEYS if k in args.jobs.split(",")]
@@ -830,6 +893,8 @@ def main(argv=None) -> int:
     try:
         if "a" in args.targets:
             bench.setup_baseline()
+        if "p" in args.targets:
+            bench.setup_passthrough()
         if "b" in args.targets or "c" in args.targets:
             bench.setup_cluster()
             bench.settle()
@@ -866,9 +931,9 @@ def main(argv=None) -> int:
 
     out = {"info": bench.info, "results": bench.results, "profiles": bench.profiles,
            "complete": ok, "cleanup_problems": problems, "anomalies": bench.anomalies,
-           "ratios": {k: {f"{t}/a": statistics.median(rs) for t in "bc"
+           "ratios": {k: {f"{t}/a": statistics.median(rs) for t in "pbc"
                           if (rs := round_ratios(bench.results, t, k))} for k in args.jobs},
-           "ratios_per_round": {k: {f"{t}/a": round_ratios(bench.results, t, k) for t in "bc"}
+           "ratios_per_round": {k: {f"{t}/a": round_ratios(bench.results, t, k) for t in "pbc"}
                                 for k in args.jobs}}
     if args.json_file:
         with open(args.json_file, "w") as fh:

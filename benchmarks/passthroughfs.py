@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
 """A bare pyfuse3 passthrough of a directory: the ceiling for any Python FUSE
-filesystem on this machine, used as a baseline by shared_meta.py.
+filesystem on this machine, used as a baseline by shared_meta.py and
+block_fio.py (an image file under it, loop-attached like a pxfs volume).
 
     /opt/pxfs/bin/python benchmarks/passthroughfs.py SOURCE MOUNTPOINT
 
 Every request is one system call on SOURCE, done on the trio thread; no
-caching beyond the kernel's one-second attribute and entry caches.
+caching beyond the kernel's one-second attribute and entry caches.  A file
+opened with O_DIRECT (a direct-I/O loop device's image) is served without
+the page cache of the mount, as pxfs serves its block volumes, and opened
+buffered on SOURCE: pyfuse3's buffers are not aligned for O_DIRECT there.
 """
 
 from __future__ import annotations
@@ -117,8 +121,8 @@ class Passthrough(pyfuse3.Operations):
         return self._attr(path)
 
     async def open(self, inode, flags, ctx):
-        fd = self._do(os.open, self._path(inode), flags & ~os.O_CREAT)
-        return pyfuse3.FileInfo(fh=fd)
+        fd = self._do(os.open, self._path(inode), flags & ~(os.O_CREAT | os.O_DIRECT))
+        return pyfuse3.FileInfo(fh=fd, direct_io=bool(flags & os.O_DIRECT))
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         path = os.path.join(self._path(parent_inode), os.fsdecode(name))
@@ -135,7 +139,7 @@ class Passthrough(pyfuse3.Operations):
         pass
 
     async def fsync(self, fh, datasync):
-        await trio.to_thread.run_sync(os.fsync, fh)
+        self._do(os.fdatasync if datasync else os.fsync, fh)
 
     async def release(self, fh):
         os.close(fh)
