@@ -19,7 +19,7 @@ import threading
 
 import trio
 
-from . import __version__, config as config_mod
+from . import __version__, codec, config as config_mod
 from .chunk import incarnation, pool
 from .chunk.store import ChunkStore
 from .errors import Busy, ConfigError, InvalidArgument, MetaError, NotFound, PxfsError
@@ -33,6 +33,7 @@ from .rpc.server import RpcServer
 from .volume.attach import Attachments
 from .volume import hostdev
 from .volume.catalog import Catalog
+from .volume.haupdate import HaUpdate
 from .volume.resyncer import Resyncer
 from .volume.sharedmount import SharedMounts
 
@@ -53,6 +54,7 @@ class Node:
             self.catalog, self.membership, self.view, osd_root=cfg.osd_root,
             fuse_mountpoint=cfg.fuse_mountpoint, state_path=os.path.join(cfg.data_dir, "attached.json"))
         self.resyncer = Resyncer(self.catalog, self.attachments, self.membership)
+        self.ha = HaUpdate(self.catalog, self.attachments)
         self.shared_mounts = SharedMounts(self.catalog, cfg.api_url, cfg.osd_root,
                                           own_dirs=self.attachments.own_dirs,
                                           log_dir=os.path.join(cfg.data_dir, "mount-logs"))
@@ -219,16 +221,27 @@ class Node:
         except PxfsError as exc:        # the next rejoin or start tries again
             log.warning("cannot look for chunks of deleted volumes: %s", exc)
 
-    async def collect_garbage(self) -> None:
+    async def collect_garbage(self, removed: bool = False) -> None:
         """Drop local chunks of volumes deleted while this node was away (at
         start, and when it has its lease again after losing it: a delete
         meanwhile did not wait for it).  The chunks are listed before etcd
-        is read, so a volume made meanwhile cannot be taken for deleted."""
+        is read, so a volume made meanwhile cannot be taken for deleted.
+
+        ``removed``: also of volumes whose replica here was removed while
+        this node was away (ha-update).  Only at start, before the data
+        port opens: a replica is added only on a node that answers there,
+        and its copy must not be taken for what was left by a removal."""
         held = self.store.volumes()
-        known = {int(keys.last_part(i.key)) for i in await self.kv.range(keys.vol_prefix(self.cfg.clusterid))}
+        holders = {}
+        for i in await self.kv.range(keys.vol_prefix(self.cfg.clusterid)):
+            rec = codec.unpack_record(i.value)
+            holders[rec["id"]] = {r["node"] for r in rec["replicas"]}
         for volid in held:
-            if volid not in known:
+            if volid not in holders:
                 log.info("removing chunks of deleted volume %d", volid)
+                await self.replica.delete_volume(volid)
+            elif removed and self.cfg.node_id not in holders[volid]:
+                log.info("removing chunks of volume %d: its replica here was removed", volid)
                 await self.replica.delete_volume(volid)
 
 
@@ -505,6 +518,7 @@ async def _run(cfg: config_mod.Config, kv, roots: list[str], sigs, previous=None
                     os.path.join(cfg.osd_root, "mounts"), exc.stderr.decode(errors="replace").strip())
     fuse_view.mount(node.view, cfg.fuse_mountpoint)
     try:
+        await node.collect_garbage(removed=True)
         async with trio.open_nursery() as nursery:
             await nursery.start(node.replica.syncer.run)
             await nursery.start(RpcServer(cfg.data_host, cfg.data_port, node.replica.handle).run)
@@ -517,7 +531,6 @@ async def _run(cfg: config_mod.Config, kv, roots: list[str], sigs, previous=None
             await nursery.start(node.address_service)
             await nursery.start(node.view.run)
             nursery.start_soon(fuse_view.serve)
-            await node.collect_garbage()
             await nursery.start(node.resyncer.run)
             await nursery.start(node.attachments.checkpoint_service)
             if cfg.docker_socket:

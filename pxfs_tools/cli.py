@@ -388,6 +388,43 @@ def volume_delete(click_ctx, ref, host, as_json):
          lambda v: click.echo(f"Volume {v['name']} successfully deleted."))
 
 
+def _repl(click_ctx, param, values):
+    value = _single(click_ctx, param, values)
+    if value is None:
+        raise click.BadParameter("is required: the number of replicas wanted, one more or one "
+                                 "fewer than now")
+    if not value.isascii() or not value.isdigit():
+        raise click.BadParameter(f"{value!r} is not a whole number")
+    return int(value)
+
+
+def _render_ha(v):
+    name = v["volume"]["name"]
+    if v["action"] == "add":
+        click.echo(f"Replication update started successfully: a replica of {name} is being "
+                   f"copied to {v['node']} (`pxctl volume inspect {name}` shows its progress).")
+    else:
+        click.echo(f"Replication update done: the replica of {name} on {v['node']} was removed.")
+
+
+@volume.command("ha-update")
+@click.argument("ref")
+@click.option("-r", "--repl", multiple=True, callback=_repl,
+              help="replicas wanted: one more (a copy is made) or one fewer than now")
+@once("--node", help="the node to add the replica on, or to remove it from (default: pxfs "
+                     "chooses)")
+@_global_opts
+@click.pass_context
+def volume_ha_update(click_ctx, ref, repl, node, host, as_json):
+    """Add or remove one replica of a volume.  An added replica is copied
+    from an in-sync one while the volume stays in use."""
+    ctx = _ctx(click_ctx, host, as_json)
+    body = {"repl": repl}
+    if node is not None:
+        body["node"] = node
+    _run(ctx, lambda: ctx.client.post(f"/v1/volumes/{quote(ref, safe='')}/ha", body), _render_ha)
+
+
 # -- host ---------------------------------------------------------------------
 @cli.group("host")
 def host_group():

@@ -126,7 +126,7 @@ def create_options(body: dict) -> dict[str, str]:
     return opts
 
 
-_ACTIONS = ("attach", "detach", "mount", "unmount")
+_ACTIONS = ("attach", "detach", "mount", "unmount", "ha")
 
 
 def list_filter(params):
@@ -229,6 +229,14 @@ def build_app(node) -> Starlette:
         await node.refuse_docker_held(request.path_params["ref"], path)
         return await node.unmount(request.path_params["ref"], path)
 
+    async def ha_update(request):
+        body = await _body(request, {"repl", "node"})
+        if "repl" not in body:
+            raise InvalidArgument("repl is required: the number of replicas wanted (one more "
+                                  "or one fewer than now)")
+        done = await node.ha.update(request.path_params["ref"], body["repl"], body.get("node"))
+        return dict(done, volume=await node.inspect(request.path_params["ref"]))
+
     async def remove_node(request):
         await _body(request, set())
         node_id = request.path_params["node"]
@@ -259,5 +267,6 @@ def build_app(node) -> Starlette:
         Route("/v1/volumes/{ref:path}/detach", route(detach), methods=["POST"]),
         Route("/v1/volumes/{ref:path}/mount", route(mount), methods=["POST"]),
         Route("/v1/volumes/{ref:path}/unmount", route(unmount), methods=["POST"]),
+        Route("/v1/volumes/{ref:path}/ha", route(ha_update), methods=["POST"]),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: no_route})

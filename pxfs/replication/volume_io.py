@@ -147,6 +147,13 @@ class ReplicatedVolume:
                 return False
         return True
 
+    def forget_replica(self, node: str) -> None:
+        """The replica on ``node`` left the volume (ha-update): no write goes
+        there from now on.  The caller holds the state lock."""
+        self.states.pop(node, None)
+        self._incs.pop(node, None)
+        self._unflushed.pop(node, None)
+
     def fence_local(self, why: str) -> None:
         if not self.fenced:
             log.warning("volume %s fenced on this node: %s", self.volid, why)

@@ -96,6 +96,16 @@ class Catalog:
                 counts[r["node"]] = counts.get(r["node"], 0) + 1
         return counts
 
+    async def placement_order(self, nodes: list[dict]) -> list[dict]:
+        """``nodes`` (records of nodes that answer) in the order new
+        replicas go to them: emptiest pools first (by whole GiB free), then
+        the nodes that hold the fewest replicas (a new thin volume uses no
+        space, so free space alone would put a row of creates on one
+        node), then at random."""
+        held = await self._replica_counts()
+        return sorted(nodes, key=lambda n: (-((n.get("pool_total", 0) - n.get("pool_used", 0)) >> 30),
+                                            held.get(n["id"], 0), random.random()))
+
     async def create(self, spec: VolumeSpec) -> dict:
         nodes = await list_nodes(self.kv, self.cid)
         online = [n for n in nodes if n["online"]]
@@ -118,14 +128,7 @@ class Catalog:
             if spec.repl > len(online):
                 raise NoSpace(f"cannot create a volume with repl {spec.repl}: only "
                               f"{len(online)} node(s) online")
-            # emptiest pools first (by whole GiB free), then the nodes that
-            # hold the fewest replicas (a new thin volume uses no space, so
-            # free space alone would put a row of creates on one node), then
-            # at random
-            held = await self._replica_counts()
-            online.sort(key=lambda n: (-((n.get("pool_total", 0) - n.get("pool_used", 0)) >> 30),
-                                       held.get(n["id"], 0), random.random()))
-            chosen = [n["id"] for n in online[:spec.repl]]
+            chosen = [n["id"] for n in await self.placement_order(online)][:spec.repl]
         rec = spec.to_record()
         if spec.shared:
             rec["fs"] = "pxfs"          # a POSIX namespace, not a block image
@@ -233,7 +236,9 @@ class Catalog:
         if held:
             raise Busy(f"node {node} holds replicas of {', '.join(held[:10])}"
                        + (f" and {len(held) - 10} more" if len(held) > 10 else "")
-                       + "; delete those volumes first")
+                       + "; move them off it first (pxctl volume ha-update VOL --repl N "
+                       f"--node {node}, with N one less than now, and back up with another node"
+                       ") or delete those volumes")
 
         async def body(txn):
             if await txn.get(keys.node_key(self.cid, node)) is None:
@@ -331,6 +336,9 @@ class Catalog:
             for r in rec["replicas"]:
                 if r["node"] == source and r["state"] != IN_SYNC:
                     raise Busy(f"the resync source {source} is {r['state']} now")
+            if not any(r["node"] == node for r in rec["replicas"]):
+                # taken off the volume meanwhile (pxctl volume ha-update)
+                raise NotFound(f"volume {volid} has no replica on {node} any more")
             for r in rec["replicas"]:
                 if r["node"] == node:
                     if expect_state is not None and r["state"] != expect_state:
