@@ -884,6 +884,27 @@ def test_node_restart_rejoins(make_cluster):
     assert all(n["status"] == "Online" for n in st["nodes"])
 
 
+def test_a_paused_node_does_not_hold_up_another_nodes_start(make_cluster):
+    """A node's start looks for the loop devices of its image drives.  Asking
+    every loop device for its status (losetup -j) waits on the backing file
+    of each, and the volume attached on a paused node sits on that node's
+    FUSE view: the start hung until the pause ended."""
+    c = make_cluster(3, dir_drives=False)
+    c.pxctl("node1", "volume", "create", "pz", "--size", "64M", "--repl", "1", "--fs", "none",
+            "--nodes", "node1")
+    c.pxctl("node1", "host", "attach", "pz")
+    c.stop_node("node2")
+    c.signal("node1", signal.SIGSTOP)
+    try:
+        t = time.monotonic()
+        c.start_node("node2")
+        assert time.monotonic() - t < 60
+        st = c.pxctl("node2", "status")
+        assert {n["id"]: n["status"] for n in st["nodes"]}["node2"] == "Online"
+    finally:
+        c.signal("node1", signal.SIGCONT)
+
+
 def test_clean_stop_keeps_what_a_busy_mount_wrote(make_cluster):
     """A node is stopped (SIGTERM) while an application still has a file open
     on a volume mounted there: what it wrote before the stop survives, and
