@@ -158,7 +158,8 @@ class Node:
         except (MetaError, trio.TooSlowError) as exc:
             nodes = []
             why = str(exc) or "no answer in 5 s"
-            problem = f"etcd at {self.cfg.kvdb_text} does not answer ({why})"
+            problem = (why if why.startswith("etcd at ")
+                       else f"etcd at {self.cfg.kvdb_text} does not answer ({why})")
         used, total = self.store.capacity()
         return {"cluster_id": self.cfg.clusterid, "node_id": self.cfg.node_id,
                 "status": "etcd unreachable" if problem else "operational",

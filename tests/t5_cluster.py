@@ -1414,6 +1414,11 @@ def test_io_waits_out_an_etcd_outage(make_cluster, outage):
             text = c.pxctl("node2", "status", as_json=False)
             assert "Status: PX is not operational: etcd at" in text, text
             assert "Node ID: node2" in text and "nodes are unknown" in text, text
+        else:                   # a one-line error that says what is wrong
+            res = c.pxctl("node2", "volume", "list", check=False)
+            assert res.returncode == 1 and re.search(
+                r"^pxctl: etcd at \S+ does not answer \(range: connection failed\)$",
+                res.stderr.strip()), res.stderr
         time.sleep(1 if outage == "pause" else 4)      # a failed rejoin or two
     finally:
         if outage == "pause":

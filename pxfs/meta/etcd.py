@@ -32,9 +32,15 @@ if not hasattr(etcd3.watch, "six"):
 
 
 @contextlib.contextmanager
-def map_etcd_errors(what: str):
+def map_etcd_errors(what: str, where: str = "etcd"):
     try:
         yield
+    except (etcd3.exceptions.ConnectionFailedError,
+            etcd3.exceptions.ConnectionTimeoutError) as exc:
+        # the usual case, said as a user reads it: etcd is down or cut off
+        why = "timed out" if isinstance(exc, etcd3.exceptions.ConnectionTimeoutError) \
+            else "connection failed"
+        raise MetaError(f"etcd at {where} does not answer ({what}: {why})") from exc
     except etcd3.exceptions.Etcd3Exception as exc:
         raise MetaError(f"etcd {what} failed: {exc.__class__.__name__} {exc}") from exc
     except grpc.RpcError as exc:
@@ -64,6 +70,7 @@ class EtcdKV:
 
     def __init__(self, endpoints, timeout: float = 5.0):
         self._endpoints = list(endpoints)
+        self._where = ", ".join(f"{h}:{p}" for h, p in self._endpoints)
         self._timeout = timeout
         self._limiter = trio.CapacityLimiter(8)
         # creating a watch can take the client's whole timeout, one at a
@@ -85,7 +92,7 @@ class EtcdKV:
 
     async def _call(self, what, fn, limiter=None):
         def run():
-            with map_etcd_errors(what):
+            with map_etcd_errors(what, self._where):
                 client = self._connect()
                 try:
                     return fn(client)
