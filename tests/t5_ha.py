@@ -4,6 +4,7 @@ in use) or one fewer (its node drops the data), against real nodes and etcd."""
 from __future__ import annotations
 
 import json
+import subprocess
 import os
 import urllib.error
 import urllib.request
@@ -139,3 +140,26 @@ def test_ha_update_refuses_what_it_cannot_do_and_changes_nothing(make_cluster):
         except urllib.error.HTTPError as exc:
             assert exc.code == 400 and said in json.load(exc)["error"], (body, exc.code)
     assert c.pxctl("node1", "volume", "inspect", "rv")["replicas"] == before["replicas"]
+
+
+def test_ha_update_of_a_shared_volume_waits_until_it_is_mounted_nowhere(shared):
+    c, mount = shared
+    c.pxctl("node1", "volume", "create", "sv", "--shared", "--size", "64M", "--repl", "1",
+            "--nodes", "node1")
+    m = mount("node1", "sv", os.path.join(c.workdir, "m"))
+    with open(os.path.join(m, "f"), "wb") as fh:
+        fh.write(b"shared!" * 100000)
+        os.fsync(fh.fileno())
+    res = ha(c, "node2", "sv", "--repl", "2", check=False)
+    assert res.returncode == 1 and "mounted now" in res.stderr, res.stderr
+    assert len(c.pxctl("node1", "volume", "inspect", "sv")["replicas"]) == 1
+    subprocess.run(["umount", m], check=True)
+    c.wait_for(lambda: not c.pxctl("node1", "volume", "inspect", "sv")["mounts"], timeout=30,
+               what="the mount's record gone")
+    ha(c, "node2", "sv", "--repl", "2", "--node", "node2")
+    c.wait_for(lambda: replica_states(c, "node1", "sv") == {"node1": "in_sync",
+                                                             "node2": "in_sync"},
+               timeout=60, what="node2 in sync")
+    c.stop_node("node1")
+    m2 = mount("node3", "sv", os.path.join(c.workdir, "m2"))
+    assert open(os.path.join(m2, "f"), "rb").read() == b"shared!" * 100000

@@ -70,7 +70,7 @@ class Catalog:
         return rec
 
     # -- create / delete -----------------------------------------------------
-    async def _answering(self, nodes: list[str]) -> set[str]:
+    async def answering(self, nodes: list[str]) -> set[str]:
         """Which of ``nodes`` answer a ping on their data port now.  A node
         killed a moment ago stays Online in etcd until its lease runs out;
         a volume placed on it would start degraded (or down)."""
@@ -116,14 +116,14 @@ class Catalog:
                     raise InvalidArgument(f"nodes: no node {n!r} in this cluster")
                 if not known[n]["online"]:
                     raise NoSpace(f"nodes: node {n!r} is offline")
-            answering = await self._answering(list(spec.nodes))
+            answering = await self.answering(list(spec.nodes))
             for n in spec.nodes:
                 if n not in answering:
                     raise NoSpace(f"nodes: node {n!r} does not answer on its data port "
                                   "(down, or stopping)")
             chosen = list(spec.nodes)
         else:
-            answering = await self._answering([n["id"] for n in online])
+            answering = await self.answering([n["id"] for n in online])
             online = [n for n in online if n["id"] in answering]
             if spec.repl > len(online):
                 raise NoSpace(f"cannot create a volume with repl {spec.repl}: only "

@@ -88,7 +88,7 @@ class HaUpdate:
             candidates = [n for n in nodes if n["online"] and n["id"] not in holders]
             if not candidates:
                 raise NoSpace(f"no online node without a replica of {name!r} to add one on")
-        answering = await self.catalog._answering([n["id"] for n in candidates])
+        answering = await self.catalog.answering([n["id"] for n in candidates])
         candidates = [n for n in candidates if n["id"] in answering]
         if not candidates:
             raise NoSpace(f"node {node} does not answer on its data port (down, or stopping)"
