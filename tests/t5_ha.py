@@ -4,8 +4,8 @@ in use) or one fewer (its node drops the data), against real nodes and etcd."""
 from __future__ import annotations
 
 import json
-import subprocess
 import os
+import subprocess
 import urllib.error
 import urllib.request
 
