@@ -352,6 +352,10 @@ def test_rest_labels_and_nodes_are_checked_one_by_one():
         create_options({"name": "v", "labels": {"x": "1,y=2"}})
     with pytest.raises(InvalidArgument, match="not a node id"):
         create_options({"name": "v", "nodes": ["node1;node2"], "repl": 2})
+    for odd in (None, 3, ["n1"]):          # JSON null, a number, a list: said plainly
+        with pytest.raises(InvalidArgument, match="^nodes: each must be a node id, given as a "
+                           "string$"):
+            create_options({"name": "v", "nodes": ["n1", odd]})
     spec = spec_from_options(create_options({"name": "v", "labels": {"a": "b", "c": "d"},
                                              "nodes": ["n1", "n2"]}))
     assert spec.labels == (("a", "b"), ("c", "d")) and spec.nodes == ("n1", "n2")

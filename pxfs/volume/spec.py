@@ -167,7 +167,10 @@ def parse_labels(value: str, sep: str = ",") -> tuple[tuple[str, str], ...]:
 
 
 def check_node(node: object) -> str:
-    if not isinstance(node, str) or not _NODE_RE.match(node):
+    if not isinstance(node, str):
+        # a REST body's null or number: not echoed as Python writes it
+        raise InvalidArgument("nodes: each must be a node id, given as a string")
+    if not _NODE_RE.match(node):
         raise InvalidArgument(f"nodes: {_shown(node)} is not a node id")
     return node
 
