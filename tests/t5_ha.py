@@ -50,13 +50,14 @@ def test_ha_update_adds_a_replica_while_in_use_then_drops_one(make_cluster):
     for i in range(136):
         want = first if i < 96 else bytes(MiB) if i < 120 else during
         assert data[i * MiB:(i + 1) * MiB] == want, f"MiB {i} differs"
-    # one fewer: the dead node's replica goes (chosen first: offline), asked
-    # where the volume is attached
-    res = ha(c, "node3", "hv", "--repl", "1", check=False)
-    assert res.returncode == 1 and "attached on node2" in res.stderr, res.stderr
-    assert "--host http://" in res.stderr, res.stderr
-    out = ha(c, "node2", "hv", "--repl", "1")
+    # one fewer: the dead node's replica goes (chosen first: offline); asked
+    # of node3, the request goes on to node2, where the volume is attached
+    # (and which alone stops writing to it)
+    res = ha(c, "node3", "hv", "--repl", "1", "--node", "node3", check=False)
+    assert res.returncode == 1 and "without an in-sync replica" in res.stderr, res.stderr
+    out = ha(c, "node3", "hv", "--repl", "1")
     assert (out["action"], out["node"]) == ("remove", "node1")
+    assert "hv: replica on node1 removed" in open(c.nodes["node2"]["log"]).read()
     assert [r["node"] for r in out["volume"]["replicas"]] == ["node3"]
     assert out["volume"]["status"] == "up"
     dd_write(dev2, b"after!", 0, 4)

@@ -20,6 +20,7 @@ import errno
 import json
 import logging
 import math
+from urllib.parse import quote
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -27,7 +28,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ..errors import InvalidArgument, PxfsError
+from ..errors import InvalidArgument, PeerUnavailable, PxfsError, from_wire
+from ..volume.haupdate import AttachedElsewhere
 from ..volume.spec import check_label, check_node, parse_inline, parse_labels, spec_from_options
 
 log = logging.getLogger(__name__)
@@ -154,6 +156,26 @@ def list_filter(params):
     return keep
 
 
+_FORWARDED = "x-pxfs-forwarded-by"
+FORWARD_TIMEOUT = 120.0
+
+
+async def _forward(exc, path: str, body: dict) -> dict:
+    """POST ``body`` to the node named by ``exc`` (AttachedElsewhere) and
+    return its answer; its error is raised here as it was raised there."""
+    import httpx
+    try:
+        async with httpx.AsyncClient(timeout=FORWARD_TIMEOUT) as http:
+            res = await http.post(exc.api.rstrip("/") + path, json=body,
+                                  headers={_FORWARDED: "1"})
+        data = res.json()
+    except (httpx.HTTPError, ValueError) as err:
+        raise PeerUnavailable(f"{exc} -- and its API does not answer: {err}") from None
+    if res.status_code == 200:
+        return data
+    raise from_wire(str(data.get("kind", "")), str(data.get("error", res.text)))
+
+
 def build_app(node) -> Starlette:
     """``node`` offers status(), catalog, attachments, describe_all(), inspect()."""
 
@@ -234,8 +256,16 @@ def build_app(node) -> Starlette:
         if "repl" not in body:
             raise InvalidArgument("repl is required: the number of replicas wanted (one more "
                                   "or one fewer than now)")
-        done = await node.ha.update(request.path_params["ref"], body["repl"], body.get("node"))
-        return dict(done, volume=await node.inspect(request.path_params["ref"]))
+        ref = request.path_params["ref"]
+        try:
+            done = await node.ha.update(ref, body["repl"], body.get("node"))
+        except AttachedElsewhere as exc:
+            # a replica of an attached volume is removed by the node it is
+            # attached on: hand the request over once (never on again)
+            if request.headers.get(_FORWARDED) or not exc.api:
+                raise
+            return await _forward(exc, f"/v1/volumes/{quote(ref, safe='')}/ha", body)
+        return dict(done, volume=await node.inspect(ref))
 
     async def remove_node(request):
         await _body(request, set())

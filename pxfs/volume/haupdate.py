@@ -10,8 +10,9 @@ sync, and counts, once the copy is done.
 One fewer: the replica leaves the record, then its node deletes its chunks.
 A volume attached somewhere must stop writing to it first, so the node it
 is attached on makes that change itself, under the volume's state lock (no
-write can then count on the replica being dropped); a write already on its
-way is waited for (under its chunk lock) before the chunks go.  A node that
+write can then count on the replica being dropped; the API hands a request
+made elsewhere over to that node); a write already on its way is waited for
+(under its chunk lock) before the chunks go.  A node that
 is offline drops them when it starts (Node.collect_garbage).
 """
 
@@ -32,6 +33,15 @@ from .catalog import REPLICA_DELETE_WAIT
 log = logging.getLogger(__name__)
 
 MAX_REPL = 3
+
+
+class AttachedElsewhere(Busy):
+    """A removal asked of a node the volume is not attached on: the node it
+    is attached on (``node``, its API URL ``api``) must make it."""
+
+    def __init__(self, msg: str, node: str = "", api: str = ""):
+        super().__init__(msg)
+        self.node, self.api = node, api
 
 
 def check_repl(value) -> int:
@@ -158,9 +168,10 @@ class HaUpdate:
             loc = self.attachments.local.get(rec["id"])
             if att["node"] != self.catalog.node or loc is None:
                 api = (online.get(att["node"]) or {}).get("api", "")
-                raise Busy(f"volume {name!r} is attached on {att['node']}: a replica can only "
-                           f"be removed there (pxctl --host {api or '<its API URL>'} volume "
-                           f"ha-update {name} --repl {len(rec['replicas']) - 1} --node {gone})")
+                raise AttachedElsewhere(
+                    f"volume {name!r} is attached on {att['node']}: a replica can only be "
+                    f"removed there (pxctl --host {api or '<its API URL>'} volume ha-update "
+                    f"{name} --repl {len(rec['replicas']) - 1} --node {gone})", att["node"], api)
             await self._remove_attached_here(rec, gone, loc, online)
         else:
             await self._remove_detached(rec, gone, online)
