@@ -157,7 +157,7 @@ def list_filter(params):
 
 
 _FORWARDED = "x-pxfs-forwarded-by"
-FORWARD_TIMEOUT = 120.0
+FORWARD_TIMEOUT = 60.0      # within pxctl's own wait (PXCTL_TIMEOUT, 120 s)
 
 
 async def _forward(exc, path: str, body: dict) -> dict:
