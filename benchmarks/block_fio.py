@@ -265,24 +265,27 @@ class Bench:
         os.makedirs(self.base_dir, exist_ok=True)
         img = os.path.join(self.base_dir, "disk.img")
         run(["truncate", "-s", f"{self.vol_gib}G", img])
-        self.loopdev = run(["losetup", "--find", "--show", "--direct-io=on", img]).strip()
-        # a loop device left in "write through" mode drops flushes: the
-        # baseline's fsyncs would be free (pxfs insists on the same for its own)
-        insist_write_back(self.loopdev)
-        log(f"(a) baseline: {img} on {self.loopdev} (direct-io), {self.vol_gib} GiB")
-        self._format_like_pxfs(self.loopdev, "bench-base")
-        os.makedirs(self.mnt["a"], exist_ok=True)
-        opts = ["-o", self.args.baseline_mount_opts] if self.args.baseline_mount_opts else []
-        run(["mount", "-t", "ext4", *opts, self.loopdev, self.mnt["a"]])
+        self.loopdev = self._ext4_on_loop(img, "a", "baseline")
         self.base_mounted = True
 
-    def _format_like_pxfs(self, dev: str, label: str) -> None:
+    def _ext4_on_loop(self, img: str, target: str, what: str) -> str:
+        """A direct-I/O loop device over ``img``, formatted as pxfs formats
+        its volumes and mounted at the target's mount point; the device."""
+        dev = run(["losetup", "--find", "--show", "--direct-io=on", img]).strip()
+        # a loop device left in "write through" mode drops flushes: the
+        # baseline's fsyncs would be free (pxfs insists on the same for its own)
+        insist_write_back(dev)
+        log(f"({target}) {what}: {img} on {dev} (direct-io), {self.vol_gib} GiB")
         # the same mkfs options pxfs uses for its never-written volumes
         # (pxfs/volume/hostdev.py); a fresh sparse file reads as zeros too
-        run(["mkfs.ext4", "-q", "-F", "-L", label, "-E",
+        run(["mkfs.ext4", "-q", "-F", "-L", f"bench-{target}", "-E",
              "nodiscard,lazy_itable_init=1,assume_storage_prezeroed=1",
              *self.args.baseline_mkfs_opts.split(), dev], timeout=300)
         trio.run(write_journal, dev)      # as pxfs does after that mkfs
+        os.makedirs(self.mnt[target], exist_ok=True)
+        opts = ["-o", self.args.baseline_mount_opts] if self.args.baseline_mount_opts else []
+        run(["mount", "-t", "ext4", *opts, dev, self.mnt[target]])
+        return dev
 
     def setup_passthrough(self) -> None:
         """(p): the baseline's setup, with its image file in a bare pyfuse3
@@ -305,14 +308,7 @@ class Bench:
             time.sleep(0.1)
         else:
             raise RuntimeError(f"passthroughfs.py did not mount {mnt}")
-        img = os.path.join(mnt, "disk.img")
-        self.pt_loopdev = run(["losetup", "--find", "--show", "--direct-io=on", img]).strip()
-        insist_write_back(self.pt_loopdev)
-        log(f"(p) passthrough: {img} on {self.pt_loopdev} (direct-io), {self.vol_gib} GiB")
-        self._format_like_pxfs(self.pt_loopdev, "bench-pt")
-        os.makedirs(self.mnt["p"], exist_ok=True)
-        opts = ["-o", self.args.baseline_mount_opts] if self.args.baseline_mount_opts else []
-        run(["mount", "-t", "ext4", *opts, self.pt_loopdev, self.mnt["p"]])
+        self.pt_loopdev = self._ext4_on_loop(os.path.join(mnt, "disk.img"), "p", "passthrough")
         self.pt_mounted = True
 
     def setup_cluster(self) -> None:

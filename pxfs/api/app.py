@@ -22,6 +22,7 @@ import logging
 import math
 from urllib.parse import quote
 
+import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -163,7 +164,6 @@ FORWARD_TIMEOUT = 60.0      # within pxctl's own wait (PXCTL_TIMEOUT, 120 s)
 async def _forward(exc, path: str, body: dict) -> dict:
     """POST ``body`` to the node named by ``exc`` (AttachedElsewhere) and
     return its answer; its error is raised here as it was raised there."""
-    import httpx
     try:
         async with httpx.AsyncClient(timeout=FORWARD_TIMEOUT) as http:
             res = await http.post(exc.api.rstrip("/") + path, json=body,

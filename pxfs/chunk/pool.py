@@ -34,31 +34,11 @@ def _blkid(dev: str) -> dict:
     return out
 
 
-def _loops_of(path: str) -> set[str]:
-    """The loop devices backed by file ``path``, from sysfs.  Not ``losetup
-    -j``: it asks every loop device for its status, which looks up each
-    backing file, and one on a FUSE mount whose process is stopped (a
-    paused node's attached volume) hangs it."""
-    out = set()
-    try:
-        names = [n for n in os.listdir("/sys/block") if n.startswith("loop")]
-    except OSError:
-        return out
-    for name in names:
-        try:
-            with open(f"/sys/block/{name}/loop/backing_file") as fh:
-                if fh.read().rstrip("\n") == path:
-                    out.add(f"/dev/{name}")
-        except OSError:
-            continue
-    return out
-
-
 def _mounted_at(dev: str) -> str | None:
     real = os.path.realpath(dev)
     text = subprocess.run(["findmnt", "-n", "-o", "SOURCE,TARGET", "-l"], capture_output=True,
                           text=True).stdout
-    loops = _loops_of(real) if os.path.isfile(real) else set()
+    loops = loopdev.loops_backed_by(real) if os.path.isfile(real) else set()
     for line in text.splitlines():
         parts = line.split(None, 1)
         if len(parts) == 2 and (parts[0] == real or parts[0] in loops):

@@ -19,6 +19,7 @@ import subprocess
 import trio
 
 from .. import codec
+from ..chunk import loopdev
 from ..errors import Busy, ChecksumError, Fenced, HostError, InvalidArgument, NotFound, PxfsError
 from ..meta import keys
 from ..meta.kv import Compare, Delete
@@ -82,7 +83,7 @@ class Attachments:
             dev = ent.get("device") or ""
             if not dev:
                 continue
-            backing = hostdev.loop_backing(dev)
+            backing = loopdev.backing_file(dev)
             # once this node's FUSE mount is gone, its loop devices show
             # their file as "/<volume name>"
             if backing is None or backing.startswith(mine) or backing == "/" + ent.get("name", ""):
@@ -93,7 +94,7 @@ class Attachments:
                 if src == dev:
                     log.warning("unmounting %s (on %s, left by a previous run)", tgt, dev)
                     subprocess.run(["umount", "-l", tgt], check=False)
-            if hostdev.loop_backing(dev):
+            if loopdev.backing_file(dev):
                 log.warning("detaching stale loop device %s", dev)
                 subprocess.run(["losetup", "-d", dev], check=False)
         self.local.clear()

@@ -70,17 +70,6 @@ def loops_backed_by(prefix: str) -> list[str]:
     return out
 
 
-def loop_backing(dev: str) -> str | None:
-    """The file behind loop device ``dev``, None when it has none (or no
-    such device); sysfs, so no subprocess."""
-    name = os.path.basename(dev)
-    try:
-        with open(f"/sys/block/{name}/loop/backing_file") as fh:
-            return fh.read().rstrip("\n")
-    except OSError:
-        return None
-
-
 _OCTAL = re.compile(rb"\\([0-7]{3})")
 
 
